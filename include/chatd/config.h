@@ -1,0 +1,84 @@
+// All configuration, from environment variables only, validated at start-up.
+// docs/configuration.md lists every variable; keep the two in step.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "chatd/status.h"
+
+namespace chatd {
+
+enum class RateAlgorithm { kFixed, kSliding };
+enum class FailureMode { kClosed, kOpen };
+enum class EmbedderKind { kLocal, kOpenAI };
+enum class AuthMode { kOff, kService, kJwt };
+
+struct Config {
+  // Pool
+  int threads = 8;  // CHATD_THREADS: FastCGI threads per worker process
+
+  // HTTP contract
+  size_t max_body_bytes = 64 * 1024;     // CHATD_MAX_BODY_BYTES (nginx client_max_body_size agrees)
+  size_t max_message_bytes = 8 * 1024;   // CHATD_MAX_MESSAGE_BYTES (UTF-8 bytes of "message")
+  int64_t request_deadline_ms = 30000;   // CHATD_REQUEST_DEADLINE_MS: whole request, retries included
+
+  // Model (OpenAI-compatible)
+  std::string openai_base_url = "https://api.openai.com/v1";  // OPENAI_BASE_URL
+  std::string openai_api_key;                                  // OPENAI_API_KEY (may be empty for local servers)
+  std::string model = "gpt-4o-mini";                           // CHATD_MODEL
+  int64_t max_completion_tokens = 512;                         // CHATD_MAX_COMPLETION_TOKENS
+  int64_t llm_connect_timeout_ms = 2000;                       // CHATD_LLM_CONNECT_TIMEOUT_MS
+  int64_t llm_attempt_timeout_ms = 20000;                      // CHATD_LLM_ATTEMPT_TIMEOUT_MS
+  int llm_max_retries = 2;                                     // CHATD_LLM_MAX_RETRIES
+  int64_t llm_backoff_base_ms = 500;                           // CHATD_LLM_BACKOFF_BASE_MS
+  int64_t llm_backoff_max_ms = 8000;                           // CHATD_LLM_BACKOFF_MAX_MS
+
+  // Redis
+  std::string redis_host = "127.0.0.1";  // CHATD_REDIS_HOST
+  int redis_port = 6379;                 // CHATD_REDIS_PORT
+  int64_t redis_timeout_ms = 200;        // CHATD_REDIS_TIMEOUT_MS: connect and each command
+
+  // Rate limit
+  int64_t rate_limit = 30;                           // CHATD_RATE_LIMIT: requests per window
+  int64_t rate_window_s = 60;                        // CHATD_RATE_WINDOW_S
+  RateAlgorithm rate_algorithm = RateAlgorithm::kFixed;  // CHATD_RATE_ALGORITHM: fixed|sliding
+  FailureMode rate_failure_mode = FailureMode::kClosed;  // CHATD_RATE_FAILURE_MODE: closed|open
+
+  // Memory
+  int recent_messages = 4;            // CHATD_RECENT_MESSAGES (even: whole turns)
+  int recall_k = 5;                   // CHATD_RECALL_K
+  std::string chroma_url = "http://127.0.0.1:8000";  // CHATD_CHROMA_URL
+  int64_t chroma_timeout_ms = 1000;   // CHATD_CHROMA_TIMEOUT_MS: per call on the request path
+  int chroma_sync_threshold = 100;    // CHATD_CHROMA_SYNC_THRESHOLD: HNSW persistence for new collections
+  std::string system_prompt = "You are a helpful assistant.";  // CHATD_SYSTEM_PROMPT
+  size_t prompt_budget_bytes = 24 * 1024;  // CHATD_PROMPT_BUDGET_BYTES: memories + recent + new message
+
+  // Embeddings
+  EmbedderKind embedder = EmbedderKind::kLocal;        // CHATD_EMBEDDER: local|openai
+  std::string embedding_model = "text-embedding-3-small";  // CHATD_EMBEDDING_MODEL
+  int embedding_dimensions = 256;     // CHATD_EMBEDDING_DIMENSIONS
+
+  // Background indexer (Redis stream -> Chroma)
+  int64_t index_claim_idle_ms = 30000;  // CHATD_INDEX_CLAIM_IDLE_MS: take over entries a dead worker left
+  int index_batch = 64;                 // CHATD_INDEX_BATCH
+
+  // Access control
+  AuthMode auth_mode = AuthMode::kJwt;  // CHATD_AUTH_MODE: off|service|jwt
+
+  // Observability
+  std::string metrics_path;             // CHATD_METRICS_FILE: shared counters of the pool
+};
+
+// Looks a variable up; returns nullopt when unset. Injected so tests need no
+// real environment.
+using EnvLookup = std::function<std::optional<std::string>(const std::string&)>;
+EnvLookup ProcessEnv();
+
+// Reads and validates every variable. The error names the variable and says why.
+Result<Config> LoadConfig(const EnvLookup& env);
+
+}  // namespace chatd

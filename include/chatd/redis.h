@@ -1,0 +1,88 @@
+// A small, thread-safe Redis client over hiredis.
+//
+// hiredis contexts are not thread-safe and are useless after any error, so the
+// client keeps a pool of connections: a thread borrows one per call, and a
+// connection that saw an error is dropped instead of returned. Reconnection is
+// therefore automatic: the next call dials again.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "chatd/status.h"
+
+struct redisContext;
+
+namespace chatd {
+
+// A reply, copied out of hiredis so callers never touch its structs.
+struct RedisValue {
+  enum class Type { kNil, kInteger, kString, kStatus, kArray, kError };
+  Type type = Type::kNil;
+  int64_t integer = 0;
+  std::string str;  // kString, kStatus, kError
+  std::vector<RedisValue> elements;
+
+  bool is_nil() const { return type == Type::kNil; }
+};
+
+// A Lua script known by its text; the client sends EVALSHA and falls back to
+// EVAL when the server answers NOSCRIPT (after a restart or SCRIPT FLUSH).
+class RedisScript {
+ public:
+  explicit RedisScript(std::string source);
+  const std::string& source() const { return source_; }
+  const std::string& sha1() const { return sha1_; }
+
+ private:
+  std::string source_;
+  std::string sha1_;
+};
+
+struct RedisOptions {
+  std::string host = "127.0.0.1";
+  int port = 6379;
+  int64_t timeout_ms = 200;  // connect and every command
+  size_t max_idle = 64;      // idle connections kept for reuse
+};
+
+class RedisClient {
+ public:
+  explicit RedisClient(RedisOptions options);
+  ~RedisClient();
+  RedisClient(const RedisClient&) = delete;
+  RedisClient& operator=(const RedisClient&) = delete;
+
+  // One command, arguments passed binary-safe. A Redis error reply is returned
+  // as a value of type kError (the connection stays usable); only transport
+  // failures (connect, timeout, protocol) are a non-ok Result (kUnavailable).
+  Result<RedisValue> Command(const std::vector<std::string_view>& argv);
+
+  // Runs a script in one round trip (two only after NOSCRIPT).
+  Result<RedisValue> Eval(const RedisScript& script, const std::vector<std::string_view>& keys,
+                          const std::vector<std::string_view>& args);
+
+  // Several commands in one round trip; replies in order.
+  Result<std::vector<RedisValue>> Pipeline(const std::vector<std::vector<std::string_view>>& commands);
+
+  const RedisOptions& options() const { return options_; }
+
+ private:
+  struct ContextDeleter {
+    void operator()(redisContext* c) const;
+  };
+  using Context = std::unique_ptr<redisContext, ContextDeleter>;
+
+  Result<Context> Borrow();
+  void Return(Context c);
+
+  RedisOptions options_;
+  std::mutex mu_;
+  std::vector<Context> idle_;  // guarded by mu_
+};
+
+}  // namespace chatd

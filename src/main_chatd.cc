@@ -1,0 +1,2 @@
+#include <cstdio>
+int main() { std::fprintf(stderr, "chatd: skeleton\n"); return 1; }
