@@ -3,7 +3,10 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <string_view>
+#include <utility>
+#include <vector>
 
 #include "chatd/status.h"
 
@@ -27,5 +30,17 @@ class RateLimiter {
   // per-process counting.
   virtual Result<RateDecision> Check(std::string_view user_id) = 0;
 };
+
+// Seconds a rejected client should wait: retry_after_ms rounded up, at least 1
+// (a 0 would invite an immediate retry that fails again). For the Retry-After
+// header and the "retryAfter" JSON field.
+int64_t RetryAfterSeconds(const RateDecision& decision);
+
+// The response headers of a decision (draft-ietf-httpapi-ratelimit-headers-10,
+// RFC 6585), in this order:
+//   RateLimit-Policy: "default";q=<limit>;w=<window_s>
+//   RateLimit: "default";r=<remaining>;t=<seconds to reset, rounded up>
+//   Retry-After: <RetryAfterSeconds>        (only when rejected)
+std::vector<std::pair<std::string, std::string>> RateLimitHeaders(const RateDecision& decision);
 
 }  // namespace chatd

@@ -4,6 +4,9 @@
 // client keeps a pool of connections: a thread borrows one per call, and a
 // connection that saw an error is dropped instead of returned. Reconnection is
 // therefore automatic: the next call dials again.
+//
+// hiredis writes with write(2): the process must ignore SIGPIPE before it uses
+// this client, or a write to a connection Redis closed kills it.
 #pragma once
 
 #include <cstdint>
@@ -16,6 +19,7 @@
 #include "chatd/status.h"
 
 struct redisContext;
+struct redisReply;
 
 namespace chatd {
 
@@ -28,7 +32,11 @@ struct RedisValue {
   std::vector<RedisValue> elements;
 
   bool is_nil() const { return type == Type::kNil; }
+  bool is_error() const { return type == Type::kError; }
 };
+
+// Deep copy of a hiredis reply. Exposed for tests.
+RedisValue RedisValueFromReply(const redisReply& reply);
 
 // A Lua script known by its text; the client sends EVALSHA and falls back to
 // EVAL when the server answers NOSCRIPT (after a restart or SCRIPT FLUSH).
@@ -36,7 +44,7 @@ class RedisScript {
  public:
   explicit RedisScript(std::string source);
   const std::string& source() const { return source_; }
-  const std::string& sha1() const { return sha1_; }
+  const std::string& sha1() const { return sha1_; }  // lower-case hex, as SCRIPT LOAD returns it
 
  private:
   std::string source_;
@@ -44,10 +52,10 @@ class RedisScript {
 };
 
 struct RedisOptions {
-  std::string host = "127.0.0.1";
-  int port = 6379;
-  int64_t timeout_ms = 200;  // connect and every command
-  size_t max_idle = 64;      // idle connections kept for reuse
+  std::string host = "127.0.0.1";  // a name, an address, or a Unix socket path (starts with '/')
+  int port = 6379;                 // ignored for a Unix socket
+  int64_t timeout_ms = 200;        // connect and every command
+  size_t max_idle = 64;            // idle connections kept for reuse
 };
 
 class RedisClient {
@@ -59,7 +67,8 @@ class RedisClient {
 
   // One command, arguments passed binary-safe. A Redis error reply is returned
   // as a value of type kError (the connection stays usable); only transport
-  // failures (connect, timeout, protocol) are a non-ok Result (kUnavailable).
+  // failures (connect, timeout, protocol) are a non-ok Result (kUnavailable,
+  // reason "redis_unavailable"). Messages never contain arguments.
   Result<RedisValue> Command(const std::vector<std::string_view>& argv);
 
   // Runs a script in one round trip (two only after NOSCRIPT).
@@ -78,7 +87,13 @@ class RedisClient {
   using Context = std::unique_ptr<redisContext, ContextDeleter>;
 
   Result<Context> Borrow();
+  Result<Context> Connect() const;
   void Return(Context c);
+  // Sends the commands on c and reads one reply each. On a transport error c
+  // must not be returned to the pool.
+  Result<std::vector<RedisValue>> RoundTrip(redisContext* c,
+                                            const std::vector<std::vector<std::string_view>>& commands) const;
+  Status TransportError(const redisContext* c, std::string_view what) const;
 
   RedisOptions options_;
   std::mutex mu_;

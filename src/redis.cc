@@ -1,0 +1,232 @@
+#include "chatd/redis.h"
+
+#include <hiredis/hiredis.h>
+#include <openssl/sha.h>
+#include <poll.h>
+#include <sys/time.h>
+
+#include <algorithm>
+#include <cstring>
+#include <utility>
+
+namespace chatd {
+
+namespace {
+
+struct ReplyDeleter {
+  void operator()(void* reply) const { freeReplyObject(reply); }
+};
+using ReplyPtr = std::unique_ptr<void, ReplyDeleter>;
+
+// SO_RCVTIMEO makes a blocking read fail with EAGAIN; hiredis reports it as this
+// strerror text, which would puzzle whoever reads the log.
+constexpr std::string_view kTimeoutErrstr = "Resource temporarily unavailable";
+constexpr std::string_view kNoScriptPrefix = "NOSCRIPT";
+
+timeval ToTimeval(int64_t ms) {
+  ms = std::max<int64_t>(ms, 1);  // a zero timeval would mean "block forever"
+  timeval tv;
+  tv.tv_sec = static_cast<time_t>(ms / 1000);
+  tv.tv_usec = static_cast<suseconds_t>((ms % 1000) * 1000);
+  return tv;
+}
+
+// An idle connection has nothing to read: readable means Redis closed it (a
+// restart, `timeout` in redis.conf, CLIENT KILL) or sent something we never
+// asked for. Either way it must not carry the next command, because a command
+// sent into a dead socket fails only after it was sent, and then we could not
+// know whether Redis ran it.
+bool LooksHealthy(int fd) {
+  pollfd p{};
+  p.fd = fd;
+  p.events = POLLIN;
+  return ::poll(&p, 1, 0) == 0;
+}
+
+}  // namespace
+
+RedisValue RedisValueFromReply(const redisReply& reply) {
+  RedisValue v;
+  switch (reply.type) {
+    case REDIS_REPLY_NIL:
+      v.type = RedisValue::Type::kNil;
+      break;
+    case REDIS_REPLY_INTEGER:
+      v.type = RedisValue::Type::kInteger;
+      v.integer = reply.integer;
+      break;
+    case REDIS_REPLY_STRING:
+      v.type = RedisValue::Type::kString;
+      v.str.assign(reply.str, reply.len);
+      break;
+    case REDIS_REPLY_STATUS:
+      v.type = RedisValue::Type::kStatus;
+      v.str.assign(reply.str, reply.len);
+      break;
+    case REDIS_REPLY_ERROR:
+      v.type = RedisValue::Type::kError;
+      v.str.assign(reply.str, reply.len);
+      break;
+    case REDIS_REPLY_ARRAY:
+      v.type = RedisValue::Type::kArray;
+      v.elements.reserve(reply.elements);
+      for (size_t i = 0; i < reply.elements; ++i) v.elements.push_back(RedisValueFromReply(*reply.element[i]));
+      break;
+    default:
+      // hiredis 0.14 has no other types; a newer one (RESP3) must not be
+      // mistaken for a nil.
+      v.type = RedisValue::Type::kError;
+      v.str = "ERR unsupported reply type " + std::to_string(reply.type);
+      break;
+  }
+  return v;
+}
+
+RedisScript::RedisScript(std::string source) : source_(std::move(source)) {
+  unsigned char digest[SHA_DIGEST_LENGTH];
+  SHA1(reinterpret_cast<const unsigned char*>(source_.data()), source_.size(), digest);
+  static constexpr char kHex[] = "0123456789abcdef";
+  sha1_.reserve(2 * SHA_DIGEST_LENGTH);
+  for (unsigned char b : digest) {
+    sha1_.push_back(kHex[b >> 4]);
+    sha1_.push_back(kHex[b & 0xf]);
+  }
+}
+
+void RedisClient::ContextDeleter::operator()(redisContext* c) const { redisFree(c); }
+
+RedisClient::RedisClient(RedisOptions options) : options_(std::move(options)) {}
+
+RedisClient::~RedisClient() = default;
+
+Status RedisClient::TransportError(const redisContext* c, std::string_view what) const {
+  std::string detail;
+  if (c == nullptr) {
+    detail = "out of memory";
+  } else if (std::string_view(c->errstr) == kTimeoutErrstr) {
+    detail = "timed out after " + std::to_string(options_.timeout_ms) + " ms";
+  } else if (c->errstr[0] != '\0') {
+    detail = c->errstr;
+  } else {
+    detail = "error " + std::to_string(c->err);
+  }
+  std::string endpoint = options_.host;
+  if (endpoint.empty() || endpoint.front() != '/') endpoint += ":" + std::to_string(options_.port);
+  std::string message = "redis ";
+  message.append(endpoint).append(": ").append(what).append(": ").append(detail);
+  return Unavailable("redis_unavailable", std::move(message));
+}
+
+Result<RedisClient::Context> RedisClient::Connect() const {
+  const timeval tv = ToTimeval(options_.timeout_ms);
+  // hiredis sets TCP_NODELAY itself on TCP connections.
+  redisContext* raw = !options_.host.empty() && options_.host.front() == '/'
+                          ? redisConnectUnixWithTimeout(options_.host.c_str(), tv)
+                          : redisConnectWithTimeout(options_.host.c_str(), options_.port, tv);
+  Context c(raw);
+  if (!c) return TransportError(nullptr, "connect");
+  if (c->err) return TransportError(c.get(), "connect");
+  // The connect timeout does not cover commands: without this a hung Redis
+  // would hold the request thread forever.
+  if (redisSetTimeout(c.get(), tv) != REDIS_OK) return TransportError(c.get(), "set timeout");
+  return c;
+}
+
+Result<RedisClient::Context> RedisClient::Borrow() {
+  for (;;) {
+    Context c;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (idle_.empty()) break;
+      c = std::move(idle_.back());  // the most recently used is the likeliest alive
+      idle_.pop_back();
+    }
+    if (LooksHealthy(c->fd)) return c;
+    // A stale one is freed here, outside the lock; try the next.
+  }
+  return Connect();
+}
+
+void RedisClient::Return(Context c) {
+  if (!c || c->err) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  if (idle_.size() < options_.max_idle) idle_.push_back(std::move(c));
+  // Otherwise c closes it; a parameter outlives the function's locals, so the
+  // close happens after the unlock.
+}
+
+Result<std::vector<RedisValue>> RedisClient::RoundTrip(
+    redisContext* c, const std::vector<std::vector<std::string_view>>& commands) const {
+  std::vector<const char*> ptrs;
+  std::vector<size_t> lens;
+  for (const auto& argv : commands) {
+    ptrs.clear();
+    lens.clear();
+    for (std::string_view arg : argv) {
+      ptrs.push_back(arg.data());
+      lens.push_back(arg.size());
+    }
+    if (redisAppendCommandArgv(c, static_cast<int>(argv.size()), ptrs.data(), lens.data()) != REDIS_OK) {
+      return TransportError(c, "send");
+    }
+  }
+  std::vector<RedisValue> values;
+  values.reserve(commands.size());
+  for (size_t i = 0; i < commands.size(); ++i) {
+    void* raw = nullptr;
+    const int rc = redisGetReply(c, &raw);
+    ReplyPtr reply(raw);
+    if (rc != REDIS_OK || !reply) return TransportError(c, "reply");
+    values.push_back(RedisValueFromReply(*static_cast<const redisReply*>(reply.get())));
+  }
+  return values;
+}
+
+Result<std::vector<RedisValue>> RedisClient::Pipeline(
+    const std::vector<std::vector<std::string_view>>& commands) {
+  for (const auto& argv : commands) {
+    if (argv.empty()) return Internal("redis_empty_command", "internal error: empty redis command");
+  }
+  if (commands.empty()) return std::vector<RedisValue>{};
+  auto c = Borrow();
+  if (!c.ok()) return c.status();
+  auto values = RoundTrip(c->get(), commands);
+  if (!values.ok()) return values.status();  // the connection is dropped with c
+  Return(std::move(*c));
+  return values;
+}
+
+Result<RedisValue> RedisClient::Command(const std::vector<std::string_view>& argv) {
+  auto values = Pipeline({argv});
+  if (!values.ok()) return values.status();
+  return std::move(values->front());
+}
+
+Result<RedisValue> RedisClient::Eval(const RedisScript& script, const std::vector<std::string_view>& keys,
+                                     const std::vector<std::string_view>& args) {
+  const std::string num_keys = std::to_string(keys.size());
+  std::vector<std::string_view> argv;
+  argv.reserve(3 + keys.size() + args.size());
+  argv.push_back("EVALSHA");
+  argv.push_back(script.sha1());
+  argv.push_back(num_keys);
+  argv.insert(argv.end(), keys.begin(), keys.end());
+  argv.insert(argv.end(), args.begin(), args.end());
+
+  auto c = Borrow();
+  if (!c.ok()) return c.status();
+  auto values = RoundTrip(c->get(), {argv});
+  if (!values.ok()) return values.status();
+  const RedisValue& first = values->front();
+  if (first.is_error() && std::string_view(first.str).substr(0, kNoScriptPrefix.size()) == kNoScriptPrefix) {
+    // EVAL also caches the script, so later calls are one round trip again.
+    argv[0] = "EVAL";
+    argv[1] = script.source();
+    values = RoundTrip(c->get(), {argv});
+    if (!values.ok()) return values.status();
+  }
+  Return(std::move(*c));
+  return std::move(values->front());
+}
+
+}  // namespace chatd

@@ -1,0 +1,151 @@
+#include "chatd/redis_rate_limiter.h"
+
+#include <algorithm>
+#include <array>
+
+#include "chatd/user_id.h"
+
+namespace chatd {
+
+namespace {
+
+// Fixed window. KEYS[1]: hash {w = window index, n = admitted in it}.
+// ARGV: limit, window in ms.
+//
+// Windows are aligned to multiples of the window on Redis's clock, and the
+// window index lives inside the one declared key (a per-window key name would
+// depend on TIME, which the caller cannot know to declare it for Cluster).
+// Cheap and simple, but a client can get N at the end of one window and N more
+// at the start of the next: up to 2N within one window's span around a
+// boundary. The sliding log below does not have that flaw.
+//
+// Every write re-arms the TTL to the end of the window, in the same atomic
+// script, so no key can outlive its window; a rejection writes nothing and so
+// costs no quota.
+constexpr char kFixedWindowLua[] = R"lua(
+local limit = tonumber(ARGV[1])
+local window_ms = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = math.floor(now_ms / window_ms)
+local reset_ms = (window + 1) * window_ms - now_ms
+local window_id = string.format('%d', window)
+local state = redis.call('HMGET', KEYS[1], 'w', 'n')
+local count = 0
+if state[1] == window_id then count = tonumber(state[2]) or 0 end
+if count < limit then
+  count = count + 1
+  redis.call('HSET', KEYS[1], 'w', window_id, 'n', count)
+  redis.call('PEXPIRE', KEYS[1], reset_ms)
+  return {1, limit - count, reset_ms, 0}
+end
+if redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], reset_ms) end
+return {0, 0, reset_ms, reset_ms}
+)lua";
+
+// Sliding log. KEYS[1]: sorted set of admissions, scored by Redis time in
+// microseconds. ARGV: limit, window in ms.
+//
+// An admission at s counts while now - window < s <= now, so at most `limit`
+// admissions fall in any rolling window. Members are "<µs>-<seq>", made unique
+// with ZADD NX: two admissions can share a microsecond. The TTL is re-armed to
+// one window on every admission; every entry is at most that old, so the key
+// expires exactly when the log would be empty anyway. Trimming old entries is
+// the only write on a rejection and leaves the TTL in place.
+constexpr char kSlidingLogLua[] = R"lua(
+local key = KEYS[1]
+local limit = tonumber(ARGV[1])
+local window_ms = tonumber(ARGV[2])
+local window_us = window_ms * 1000
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%d', now - window_us))
+local count = redis.call('ZCARD', key)
+local function ms_until_leaves(index)
+  local e = redis.call('ZRANGE', key, index, index, 'WITHSCORES')
+  if e[2] == nil then return 0 end
+  return math.ceil((tonumber(e[2]) + window_us - now) / 1000)
+end
+if count < limit then
+  local now_id = string.format('%d', now)
+  local seq = count
+  while redis.call('ZADD', key, 'NX', now_id, now_id .. '-' .. seq) == 0 do seq = seq + 1 end
+  redis.call('PEXPIRE', key, window_ms)
+  count = count + 1
+  return {1, limit - count, ms_until_leaves(0), 0}
+end
+if redis.call('PTTL', key) == -1 then redis.call('PEXPIRE', key, window_ms) end
+return {0, 0, ms_until_leaves(0), ms_until_leaves(count - limit)}
+)lua";
+
+const RedisScript& FixedWindowScript() {
+  static const RedisScript script(kFixedWindowLua);
+  return script;
+}
+
+const RedisScript& SlidingLogScript() {
+  static const RedisScript script(kSlidingLogLua);
+  return script;
+}
+
+// Error replies that mean "Redis cannot serve now" rather than "our script is
+// wrong": the caller's fail-open/closed policy should decide, not a 500.
+constexpr std::array<std::string_view, 9> kUnavailableErrors = {
+    "LOADING", "BUSY", "MASTERDOWN", "READONLY", "OOM", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS", "MISCONF"};
+
+
+}  // namespace
+
+RedisRateLimiter::RedisRateLimiter(RedisClient& redis, int64_t limit, int64_t window_s, RateAlgorithm algorithm)
+    : redis_(redis),
+      limit_(std::max<int64_t>(limit, 0)),
+      window_s_(std::max<int64_t>(window_s, 1)),
+      algorithm_(algorithm),
+      limit_arg_(std::to_string(limit_)),
+      window_ms_arg_(std::to_string(window_s_ * 1000)) {}
+
+std::string RedisRateLimiter::KeyFor(std::string_view user_id) const {
+  return UserKey(user_id, algorithm_ == RateAlgorithm::kSliding ? kSlidingLogKeySuffix : kFixedWindowKeySuffix);
+}
+
+Result<RateDecision> RedisRateLimiter::Check(std::string_view user_id) {
+  // Keys are injective only for valid ids; the request path has checked, but
+  // a key is not the place to find out it did not.
+  if (!IsValidUserId(user_id)) return InvalidArgument("invalid_user_id", "invalid user id");
+  const std::string key = KeyFor(user_id);
+  const RedisScript& script = algorithm_ == RateAlgorithm::kSliding ? SlidingLogScript() : FixedWindowScript();
+  auto reply = redis_.Eval(script, {key}, {limit_arg_, window_ms_arg_});
+  if (!reply.ok()) return reply.status();
+  return RateDecisionFromReply(*reply, limit_, window_s_);
+}
+
+Result<RateDecision> RateDecisionFromReply(const RedisValue& reply, int64_t limit, int64_t window_s) {
+  if (reply.is_error()) {
+    // Only the error's first word: the rest may quote script internals.
+    const std::string_view code = std::string_view(reply.str).substr(0, reply.str.find(' '));
+    const std::string message = "redis refused the rate-limit script: " + std::string(code);
+    if (std::find(kUnavailableErrors.begin(), kUnavailableErrors.end(), code) != kUnavailableErrors.end()) {
+      return Unavailable("redis_unavailable", message);
+    }
+    return Internal("rate_limiter_script_error", message);
+  }
+  const auto bad_reply = [] {
+    return Internal("rate_limiter_bad_reply", "internal error: unexpected reply from the rate-limit script");
+  };
+  if (reply.type != RedisValue::Type::kArray || reply.elements.size() != 4) return bad_reply();
+  for (const RedisValue& e : reply.elements) {
+    if (e.type != RedisValue::Type::kInteger || e.integer < 0) return bad_reply();
+  }
+  const int64_t allowed = reply.elements[0].integer;
+  if (allowed > 1) return bad_reply();
+  RateDecision d;
+  d.allowed = allowed == 1;
+  d.limit = limit;
+  d.remaining = reply.elements[1].integer;
+  d.reset_ms = reply.elements[2].integer;
+  d.retry_after_ms = reply.elements[3].integer;
+  d.window_s = window_s;
+  return d;
+}
+
+}  // namespace chatd

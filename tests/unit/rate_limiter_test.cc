@@ -1,0 +1,215 @@
+// RedisRateLimiter without a server: the header format, the reading of the
+// script's reply, key names, and the refusals that must not reach Redis. The
+// scripts themselves run against a real Redis in
+// tests/integration/test_rate_limit.py.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <boost/test/unit_test.hpp>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "chatd/redis_rate_limiter.h"
+
+namespace chatd {
+namespace {
+
+using Headers = std::vector<std::pair<std::string, std::string>>;
+
+RateDecision Decision(bool allowed, int64_t remaining, int64_t reset_ms, int64_t retry_after_ms) {
+  RateDecision d;
+  d.allowed = allowed;
+  d.limit = 30;
+  d.remaining = remaining;
+  d.reset_ms = reset_ms;
+  d.retry_after_ms = retry_after_ms;
+  d.window_s = 60;
+  return d;
+}
+
+RedisValue Int(int64_t i) {
+  RedisValue v;
+  v.type = RedisValue::Type::kInteger;
+  v.integer = i;
+  return v;
+}
+
+RedisValue Array(std::vector<RedisValue> elements) {
+  RedisValue v;
+  v.type = RedisValue::Type::kArray;
+  v.elements = std::move(elements);
+  return v;
+}
+
+RedisValue Error(std::string text) {
+  RedisValue v;
+  v.type = RedisValue::Type::kError;
+  v.str = std::move(text);
+  return v;
+}
+
+std::string HeaderValue(const Headers& headers, const std::string& name) {
+  for (const auto& [n, v] : headers) {
+    if (n == name) return v;
+  }
+  return "<absent>";
+}
+
+// A loopback port that refuses connections for as long as the socket lives.
+class RefusingPort {
+ public:
+  RefusingPort() : fd_(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0)) {
+    BOOST_REQUIRE(fd_ >= 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    BOOST_REQUIRE(::bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0);
+    socklen_t len = sizeof(addr);
+    BOOST_REQUIRE(::getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len) == 0);
+    port_ = ntohs(addr.sin_port);
+  }
+  ~RefusingPort() { ::close(fd_); }
+  RefusingPort(const RefusingPort&) = delete;
+  RefusingPort& operator=(const RefusingPort&) = delete;
+  int port() const { return port_; }
+
+ private:
+  int fd_;
+  int port_ = 0;
+};
+
+}  // namespace
+
+BOOST_AUTO_TEST_SUITE(rate_limiter)
+
+BOOST_AUTO_TEST_CASE(headers_of_an_admission) {
+  const Headers h = RateLimitHeaders(Decision(true, 29, 59001, 0));
+  BOOST_REQUIRE_EQUAL(h.size(), 2u);
+  BOOST_TEST(h[0].first == "RateLimit-Policy");
+  BOOST_TEST(h[0].second == "\"default\";q=30;w=60");
+  BOOST_TEST(h[1].first == "RateLimit");
+  BOOST_TEST(h[1].second == "\"default\";r=29;t=60");
+  BOOST_TEST(HeaderValue(h, "Retry-After") == "<absent>");
+}
+
+BOOST_AUTO_TEST_CASE(headers_of_a_rejection) {
+  const Headers h = RateLimitHeaders(Decision(false, 0, 12500, 1500));
+  BOOST_REQUIRE_EQUAL(h.size(), 3u);
+  BOOST_TEST(HeaderValue(h, "RateLimit") == "\"default\";r=0;t=13");
+  BOOST_TEST(HeaderValue(h, "Retry-After") == "2");
+}
+
+BOOST_AUTO_TEST_CASE(reset_seconds_round_up) {
+  const std::vector<std::pair<int64_t, std::string>> cases = {
+      {0, "0"}, {1, "1"}, {999, "1"}, {1000, "1"}, {1001, "2"}, {60000, "60"}};
+  for (const auto& [ms, t] : cases) {
+    BOOST_TEST_CONTEXT("reset_ms=" << ms) {
+      BOOST_TEST(HeaderValue(RateLimitHeaders(Decision(true, 1, ms, 0)), "RateLimit") == "\"default\";r=1;t=" + t);
+    }
+  }
+}
+
+BOOST_AUTO_TEST_CASE(retry_after_is_rounded_up_and_at_least_one_second) {
+  BOOST_TEST(RetryAfterSeconds(Decision(false, 0, 0, 0)) == 1);
+  BOOST_TEST(RetryAfterSeconds(Decision(false, 0, 10, 1)) == 1);
+  BOOST_TEST(RetryAfterSeconds(Decision(false, 0, 10, 1000)) == 1);
+  BOOST_TEST(RetryAfterSeconds(Decision(false, 0, 10, 1001)) == 2);
+  BOOST_TEST(RetryAfterSeconds(Decision(false, 0, 10, 59999)) == 60);
+  BOOST_TEST(HeaderValue(RateLimitHeaders(Decision(false, 0, 0, 0)), "Retry-After") == "1");
+}
+
+BOOST_AUTO_TEST_CASE(reply_of_an_admission_and_of_a_rejection) {
+  auto ok = RateDecisionFromReply(Array({Int(1), Int(29), Int(59001), Int(0)}), 30, 60);
+  BOOST_REQUIRE(ok.ok());
+  BOOST_TEST(ok->allowed);
+  BOOST_TEST(ok->limit == 30);
+  BOOST_TEST(ok->remaining == 29);
+  BOOST_TEST(ok->reset_ms == 59001);
+  BOOST_TEST(ok->retry_after_ms == 0);
+  BOOST_TEST(ok->window_s == 60);
+
+  auto no = RateDecisionFromReply(Array({Int(0), Int(0), Int(4000), Int(4000)}), 30, 60);
+  BOOST_REQUIRE(no.ok());
+  BOOST_TEST(!no->allowed);
+  BOOST_TEST(no->remaining == 0);
+  BOOST_TEST(no->retry_after_ms == 4000);
+}
+
+BOOST_AUTO_TEST_CASE(malformed_replies_are_internal_errors) {
+  const std::vector<RedisValue> bad = {
+      Int(1),                                          // not an array
+      Array({Int(1), Int(29), Int(5)}),                // too short
+      Array({Int(2), Int(29), Int(5), Int(0)}),        // allowed is not 0/1
+      Array({Int(1), Int(-1), Int(5), Int(0)}),        // negative
+      Array({Int(1), RedisValue(), Int(5), Int(0)}),   // nil element
+  };
+  for (size_t i = 0; i < bad.size(); ++i) {
+    BOOST_TEST_CONTEXT("case " << i) {
+      auto r = RateDecisionFromReply(bad[i], 30, 60);
+      BOOST_REQUIRE(!r.ok());
+      BOOST_TEST((r.status().code() == Code::kInternal));
+      BOOST_TEST(r.status().reason() == "rate_limiter_bad_reply");
+    }
+  }
+}
+
+BOOST_AUTO_TEST_CASE(redis_that_cannot_serve_is_unavailable_a_broken_script_is_internal) {
+  auto loading = RateDecisionFromReply(Error("LOADING Redis is loading the dataset in memory"), 30, 60);
+  BOOST_REQUIRE(!loading.ok());
+  BOOST_TEST((loading.status().code() == Code::kUnavailable));
+  BOOST_TEST(loading.status().message().find("LOADING") != std::string::npos);
+  BOOST_TEST(loading.status().message().find("dataset") == std::string::npos);
+
+  auto oom = RateDecisionFromReply(Error("OOM command not allowed when used memory > 'maxmemory'."), 30, 60);
+  BOOST_REQUIRE(!oom.ok());
+  BOOST_TEST((oom.status().code() == Code::kUnavailable));
+
+  auto wrongtype = RateDecisionFromReply(Error("WRONGTYPE Operation against a key holding the wrong kind"), 30, 60);
+  BOOST_REQUIRE(!wrongtype.ok());
+  BOOST_TEST((wrongtype.status().code() == Code::kInternal));
+  BOOST_TEST(wrongtype.status().reason() == "rate_limiter_script_error");
+}
+
+BOOST_AUTO_TEST_CASE(keys_share_the_users_hash_tag_and_differ_per_algorithm) {
+  RedisOptions options;
+  RedisClient client(options);  // never dialled: KeyFor is pure
+  RedisRateLimiter fixed(client, 30, 60, RateAlgorithm::kFixed);
+  RedisRateLimiter sliding(client, 30, 60, RateAlgorithm::kSliding);
+  BOOST_TEST(fixed.KeyFor("alice") == "chat:{alice}:rl:fixed");
+  BOOST_TEST(sliding.KeyFor("alice") == "chat:{alice}:rl:sliding");
+}
+
+BOOST_AUTO_TEST_CASE(invalid_user_id_is_refused_before_any_round_trip) {
+  RefusingPort port;
+  RedisOptions options;
+  options.port = port.port();
+  RedisClient client(options);
+  RedisRateLimiter limiter(client, 30, 60, RateAlgorithm::kFixed);
+  // Had it dialled Redis, the answer would be kUnavailable.
+  for (std::string_view id : {std::string_view(""), std::string_view("a}b"), std::string_view("x{y")}) {
+    auto r = limiter.Check(id);
+    BOOST_REQUIRE(!r.ok());
+    BOOST_TEST((r.status().code() == Code::kInvalidArgument));
+  }
+}
+
+BOOST_AUTO_TEST_CASE(redis_down_is_unavailable_never_a_local_decision) {
+  RefusingPort port;
+  RedisOptions options;
+  options.port = port.port();
+  RedisClient client(options);
+  for (RateAlgorithm algorithm : {RateAlgorithm::kFixed, RateAlgorithm::kSliding}) {
+    RedisRateLimiter limiter(client, 30, 60, algorithm);
+    auto r = limiter.Check("alice");
+    BOOST_REQUIRE(!r.ok());
+    BOOST_TEST((r.status().code() == Code::kUnavailable));
+    BOOST_TEST(r.status().reason() == "redis_unavailable");
+  }
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+}  // namespace chatd

@@ -1,0 +1,489 @@
+// RedisClient against a scripted in-process RESP server (FakeRedis), so the
+// transport behaviour (reuse, drop after errors, timeouts, NOSCRIPT fallback,
+// pipelining) is tested without a real Redis.
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <hiredis/hiredis.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <boost/test/unit_test.hpp>
+#include <condition_variable>
+#include <csignal>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "chatd/redis.h"
+
+namespace chatd {
+namespace {
+
+class Fd {
+ public:
+  explicit Fd(int fd = -1) : fd_(fd) {}
+  ~Fd() { Reset(); }
+  Fd(Fd&& other) noexcept : fd_(other.fd_) { other.fd_ = -1; }
+  Fd& operator=(Fd&& other) noexcept {
+    if (this != &other) {
+      Reset();
+      fd_ = other.fd_;
+      other.fd_ = -1;
+    }
+    return *this;
+  }
+  int get() const { return fd_; }
+  void Reset() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+ private:
+  int fd_;
+};
+
+struct ReaderDeleter {
+  void operator()(redisReader* r) const { redisReaderFree(r); }
+};
+using ReaderPtr = std::unique_ptr<redisReader, ReaderDeleter>;
+
+struct ReplyDeleter {
+  void operator()(void* r) const { freeReplyObject(r); }
+};
+using ReplyPtr = std::unique_ptr<void, ReplyDeleter>;
+
+// A TCP socket on a loopback port chosen by the kernel.
+Fd BoundLoopbackSocket(bool listening, int* port) {
+  Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  BOOST_REQUIRE(fd.get() >= 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  BOOST_REQUIRE(::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0);
+  if (listening) BOOST_REQUIRE(::listen(fd.get(), 64) == 0);
+  socklen_t len = sizeof(addr);
+  BOOST_REQUIRE(::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&addr), &len) == 0);
+  *port = ntohs(addr.sin_port);
+  return fd;
+}
+
+// What the fake server does with one command.
+struct FakeReply {
+  enum class Kind { kSend, kSilence, kHangUp };
+  Kind kind = Kind::kSend;
+  std::string bytes;  // raw RESP, for kSend
+
+  static FakeReply Send(std::string resp) { return {Kind::kSend, std::move(resp)}; }
+  static FakeReply Silence() { return {Kind::kSilence, ""}; }
+  static FakeReply HangUp() { return {Kind::kHangUp, ""}; }
+};
+
+// A single-threaded RESP server on a loopback port. The handler runs on the
+// server thread and sees every command (parsed with hiredis's own reader,
+// since a request is a RESP array of bulk strings).
+class FakeRedis {
+ public:
+  using Handler = std::function<FakeReply(const std::vector<std::string>&)>;
+
+  explicit FakeRedis(Handler handler) : handler_(std::move(handler)) {
+    // The server writes to sockets the client may have closed.
+    std::signal(SIGPIPE, SIG_IGN);
+    listen_ = BoundLoopbackSocket(true, &port_);
+    int pipe_fds[2];
+    BOOST_REQUIRE(::pipe2(pipe_fds, O_CLOEXEC) == 0);
+    wake_read_ = Fd(pipe_fds[0]);
+    wake_write_ = Fd(pipe_fds[1]);
+    thread_ = std::thread([this] { Run(); });
+  }
+
+  ~FakeRedis() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    Wake();
+    thread_.join();
+  }
+
+  int port() const { return port_; }
+
+  int accepted() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return accepted_;
+  }
+
+  std::vector<std::vector<std::string>> commands() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return commands_;
+  }
+
+  // Closes every accepted connection and returns once that is done, as
+  // Redis does on a restart or CLIENT KILL.
+  void HangUpAll() {
+    std::unique_lock<std::mutex> lock(mu_);
+    hang_up_requested_ = true;
+    lock.unlock();
+    Wake();
+    lock.lock();
+    done_.wait(lock, [this] { return !hang_up_requested_; });
+  }
+
+ private:
+  struct Conn {
+    Fd fd;
+    ReaderPtr reader;
+  };
+
+  void Wake() {
+    const char b = 1;
+    BOOST_REQUIRE(::write(wake_write_.get(), &b, 1) == 1);
+  }
+
+  static bool WriteAll(int fd, const std::string& bytes) {
+    size_t off = 0;
+    while (off < bytes.size()) {
+      ssize_t n = ::write(fd, bytes.data() + off, bytes.size() - off);
+      if (n <= 0) return false;
+      off += static_cast<size_t>(n);
+    }
+    return true;
+  }
+
+  // False when the connection must be closed.
+  bool Serve(Conn& conn) {
+    char buf[16384];
+    ssize_t n = ::read(conn.fd.get(), buf, sizeof(buf));
+    if (n <= 0) return false;
+    if (redisReaderFeed(conn.reader.get(), buf, static_cast<size_t>(n)) != REDIS_OK) return false;
+    for (;;) {
+      void* raw = nullptr;
+      if (redisReaderGetReply(conn.reader.get(), &raw) != REDIS_OK) return false;
+      ReplyPtr request(raw);
+      if (!request) return true;  // need more bytes
+      const redisReply* r = static_cast<const redisReply*>(request.get());
+      if (r->type != REDIS_REPLY_ARRAY) return false;
+      std::vector<std::string> argv;
+      for (size_t i = 0; i < r->elements; ++i) argv.emplace_back(r->element[i]->str, r->element[i]->len);
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        commands_.push_back(argv);
+      }
+      FakeReply reply = handler_(argv);
+      if (reply.kind == FakeReply::Kind::kHangUp) return false;
+      if (reply.kind == FakeReply::Kind::kSend && !WriteAll(conn.fd.get(), reply.bytes)) return false;
+    }
+  }
+
+  void Run() {
+    std::vector<Conn> conns;
+    for (;;) {
+      std::vector<pollfd> fds(2 + conns.size());
+      fds[0] = {wake_read_.get(), POLLIN, 0};
+      fds[1] = {listen_.get(), POLLIN, 0};
+      for (size_t i = 0; i < conns.size(); ++i) fds[2 + i] = {conns[i].fd.get(), POLLIN, 0};
+      if (::poll(fds.data(), fds.size(), -1) < 0) continue;
+      if (fds[0].revents != 0) {
+        char b[64];
+        (void)!::read(wake_read_.get(), b, sizeof(b));
+        std::lock_guard<std::mutex> lock(mu_);
+        if (stop_) return;
+        if (hang_up_requested_) {
+          conns.clear();
+          hang_up_requested_ = false;
+          done_.notify_all();
+          continue;  // the pollfds refer to closed connections
+        }
+      }
+      std::vector<Conn> alive;
+      for (size_t i = 0; i < conns.size(); ++i) {
+        if (fds[2 + i].revents == 0 || Serve(conns[i])) alive.push_back(std::move(conns[i]));
+      }
+      conns = std::move(alive);
+      if (fds[1].revents != 0) {
+        Fd fd(::accept4(listen_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+        if (fd.get() >= 0) {
+          conns.push_back(Conn{std::move(fd), ReaderPtr(redisReaderCreate())});
+          std::lock_guard<std::mutex> lock(mu_);
+          ++accepted_;
+        }
+      }
+    }
+  }
+
+  Handler handler_;
+  Fd listen_;
+  Fd wake_read_;
+  Fd wake_write_;
+  int port_ = 0;
+  std::thread thread_;
+  mutable std::mutex mu_;
+  std::condition_variable done_;
+  bool stop_ = false;               // guarded by mu_
+  bool hang_up_requested_ = false;  // guarded by mu_
+  int accepted_ = 0;                // guarded by mu_
+  std::vector<std::vector<std::string>> commands_;  // guarded by mu_
+};
+
+std::string Bulk(const std::string& s) { return "$" + std::to_string(s.size()) + "\r\n" + s + "\r\n"; }
+
+// A tiny Redis: PING, ECHO, INCR (one counter), ERRME (an error reply),
+// SLEEP (never answers), DIE (closes the connection).
+FakeRedis::Handler BasicHandler(std::shared_ptr<std::atomic<int64_t>> counter) {
+  return [counter](const std::vector<std::string>& argv) {
+    const std::string& cmd = argv[0];
+    if (cmd == "PING") return FakeReply::Send("+PONG\r\n");
+    if (cmd == "ECHO" && argv.size() == 2) return FakeReply::Send(Bulk(argv[1]));
+    if (cmd == "INCR") return FakeReply::Send(":" + std::to_string(++*counter) + "\r\n");
+    if (cmd == "ERRME") return FakeReply::Send("-ERR boom\r\n");
+    if (cmd == "SLEEP") return FakeReply::Silence();
+    if (cmd == "DIE") return FakeReply::HangUp();
+    return FakeReply::Send("-ERR unknown command\r\n");
+  };
+}
+
+RedisOptions OptionsFor(int port, int64_t timeout_ms = 2000) {
+  RedisOptions o;
+  o.host = "127.0.0.1";
+  o.port = port;
+  o.timeout_ms = timeout_ms;
+  return o;
+}
+
+RedisValue Parse(const std::string& resp) {
+  ReaderPtr reader(redisReaderCreate());
+  BOOST_REQUIRE(reader);
+  BOOST_REQUIRE(redisReaderFeed(reader.get(), resp.data(), resp.size()) == REDIS_OK);
+  void* raw = nullptr;
+  BOOST_REQUIRE(redisReaderGetReply(reader.get(), &raw) == REDIS_OK);
+  ReplyPtr reply(raw);
+  BOOST_REQUIRE(reply);
+  return RedisValueFromReply(*static_cast<const redisReply*>(reply.get()));
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_SUITE(redis)
+
+BOOST_AUTO_TEST_CASE(script_sha1_is_the_one_redis_computes) {
+  // Redis answers SCRIPT LOAD "return 1" with this digest.
+  BOOST_TEST(RedisScript("return 1").sha1() == "e0e1f9fabfc9d4800c877a703b823ac0578ff8db");
+  BOOST_TEST(RedisScript("").sha1() == "da39a3ee5e6b4b0d3255bfef95601890afd80709");
+  BOOST_TEST(RedisScript("return 1").source() == "return 1");
+}
+
+BOOST_AUTO_TEST_CASE(reply_conversion_covers_every_type_binary_safe) {
+  using namespace std::string_literals;
+  const RedisValue v =
+      Parse("*7\r\n:-42\r\n$3\r\na\0b\r\n$-1\r\n+OK\r\n-ERR bad thing\r\n*-1\r\n*2\r\n$0\r\n\r\n*1\r\n:7\r\n"s);
+  BOOST_REQUIRE(v.type == RedisValue::Type::kArray);
+  BOOST_REQUIRE_EQUAL(v.elements.size(), 7u);
+  BOOST_TEST((v.elements[0].type == RedisValue::Type::kInteger));
+  BOOST_TEST(v.elements[0].integer == -42);
+  BOOST_TEST((v.elements[1].type == RedisValue::Type::kString));
+  BOOST_TEST(v.elements[1].str == std::string("a\0b", 3));
+  BOOST_TEST(v.elements[2].is_nil());
+  BOOST_TEST((v.elements[3].type == RedisValue::Type::kStatus));
+  BOOST_TEST(v.elements[3].str == "OK");
+  BOOST_TEST(v.elements[4].is_error());
+  BOOST_TEST(v.elements[4].str == "ERR bad thing");
+  BOOST_TEST(v.elements[5].is_nil());  // a nil array
+  const RedisValue& nested = v.elements[6];
+  BOOST_REQUIRE(nested.type == RedisValue::Type::kArray);
+  BOOST_REQUIRE_EQUAL(nested.elements.size(), 2u);
+  BOOST_TEST((nested.elements[0].type == RedisValue::Type::kString));
+  BOOST_TEST(nested.elements[0].str.empty());
+  BOOST_REQUIRE_EQUAL(nested.elements[1].elements.size(), 1u);
+  BOOST_TEST(nested.elements[1].elements[0].integer == 7);
+}
+
+BOOST_AUTO_TEST_CASE(refused_connection_is_unavailable_and_never_echoes_arguments) {
+  // Bound but not listening: the kernel refuses connections, and no other
+  // process can take the port meanwhile.
+  int port = 0;
+  Fd held = BoundLoopbackSocket(false, &port);
+  RedisClient client(OptionsFor(port));
+  auto r = client.Command({"SET", "secret-user-text", "v"});
+  BOOST_REQUIRE(!r.ok());
+  BOOST_TEST((r.status().code() == Code::kUnavailable));
+  BOOST_TEST(r.status().reason() == "redis_unavailable");
+  BOOST_TEST(r.status().message().find("connect") != std::string::npos);
+  BOOST_TEST(r.status().message().find(std::to_string(port)) != std::string::npos);
+  BOOST_TEST(r.status().message().find("secret") == std::string::npos);
+}
+
+BOOST_AUTO_TEST_CASE(reuses_one_connection_for_sequential_calls) {
+  auto counter = std::make_shared<std::atomic<int64_t>>(0);
+  FakeRedis server(BasicHandler(counter));
+  RedisClient client(OptionsFor(server.port()));
+  for (int i = 1; i <= 5; ++i) {
+    auto r = client.Command({"INCR", "k"});
+    BOOST_REQUIRE(r.ok());
+    BOOST_TEST(r->integer == i);
+  }
+  auto echo = client.Command({"ECHO", std::string_view("x\0y\r\n", 5)});
+  BOOST_REQUIRE(echo.ok());
+  BOOST_TEST(echo->str == std::string("x\0y\r\n", 5));
+  BOOST_TEST(server.accepted() == 1);
+}
+
+BOOST_AUTO_TEST_CASE(error_reply_is_a_value_and_keeps_the_connection) {
+  auto counter = std::make_shared<std::atomic<int64_t>>(0);
+  FakeRedis server(BasicHandler(counter));
+  RedisClient client(OptionsFor(server.port()));
+  auto r = client.Command({"ERRME"});
+  BOOST_REQUIRE(r.ok());
+  BOOST_TEST(r->is_error());
+  BOOST_TEST(r->str == "ERR boom");
+  BOOST_REQUIRE(client.Command({"PING"}).ok());
+  BOOST_TEST(server.accepted() == 1);
+}
+
+BOOST_AUTO_TEST_CASE(command_timeout_is_unavailable_and_drops_the_connection,
+                     *boost::unit_test::timeout(30)) {
+  auto counter = std::make_shared<std::atomic<int64_t>>(0);
+  FakeRedis server(BasicHandler(counter));
+  RedisClient client(OptionsFor(server.port(), 100));
+  auto r = client.Command({"SLEEP"});
+  BOOST_REQUIRE(!r.ok());
+  BOOST_TEST((r.status().code() == Code::kUnavailable));
+  BOOST_TEST(r.status().message().find("timed out after 100 ms") != std::string::npos);
+  // The late reply would otherwise be read as the answer to the next command.
+  auto next = client.Command({"PING"});
+  BOOST_REQUIRE(next.ok());
+  BOOST_TEST(next->str == "PONG");
+  BOOST_TEST(server.accepted() == 2);
+}
+
+BOOST_AUTO_TEST_CASE(connection_lost_mid_command_is_unavailable_then_redialled) {
+  auto counter = std::make_shared<std::atomic<int64_t>>(0);
+  FakeRedis server(BasicHandler(counter));
+  RedisClient client(OptionsFor(server.port()));
+  BOOST_REQUIRE(client.Command({"PING"}).ok());
+  auto r = client.Command({"DIE"});
+  BOOST_REQUIRE(!r.ok());
+  BOOST_TEST((r.status().code() == Code::kUnavailable));
+  BOOST_REQUIRE(client.Command({"PING"}).ok());
+  BOOST_TEST(server.accepted() == 2);
+}
+
+BOOST_AUTO_TEST_CASE(idle_connection_closed_by_the_server_is_not_used) {
+  auto counter = std::make_shared<std::atomic<int64_t>>(0);
+  FakeRedis server(BasicHandler(counter));
+  RedisClient client(OptionsFor(server.port()));
+  BOOST_REQUIRE(client.Command({"PING"}).ok());
+  server.HangUpAll();  // like a Redis restart between two requests
+  auto r = client.Command({"INCR", "k"});
+  BOOST_REQUIRE(r.ok());
+  BOOST_TEST(r->integer == 1);
+  BOOST_TEST(server.accepted() == 2);
+}
+
+BOOST_AUTO_TEST_CASE(pipeline_returns_replies_in_order_in_one_connection) {
+  auto counter = std::make_shared<std::atomic<int64_t>>(0);
+  FakeRedis server(BasicHandler(counter));
+  RedisClient client(OptionsFor(server.port()));
+  auto r = client.Pipeline({{"ECHO", "a"}, {"ERRME"}, {"INCR", "k"}, {"ECHO", "b"}});
+  BOOST_REQUIRE(r.ok());
+  BOOST_REQUIRE_EQUAL(r->size(), 4u);
+  BOOST_TEST((*r)[0].str == "a");
+  BOOST_TEST((*r)[1].is_error());
+  BOOST_TEST((*r)[2].integer == 1);
+  BOOST_TEST((*r)[3].str == "b");
+  BOOST_TEST(server.accepted() == 1);
+  BOOST_TEST(server.commands().size() == 4u);
+
+  auto empty = client.Pipeline({});
+  BOOST_REQUIRE(empty.ok());
+  BOOST_TEST(empty->empty());
+}
+
+BOOST_AUTO_TEST_CASE(empty_command_is_refused_without_a_round_trip) {
+  auto counter = std::make_shared<std::atomic<int64_t>>(0);
+  FakeRedis server(BasicHandler(counter));
+  RedisClient client(OptionsFor(server.port()));
+  auto r = client.Command({});
+  BOOST_REQUIRE(!r.ok());
+  BOOST_TEST((r.status().code() == Code::kInternal));
+  BOOST_TEST(server.commands().empty());
+}
+
+BOOST_AUTO_TEST_CASE(eval_sends_evalsha_and_falls_back_to_eval_on_noscript) {
+  const RedisScript script("return redis.call('INCR', KEYS[1]) + ARGV[1]");
+  bool loaded = false;  // touched by the server thread only
+  FakeRedis server([&](const std::vector<std::string>& argv) {
+    if (argv[0] == "EVALSHA") {
+      return loaded ? FakeReply::Send(":7\r\n") : FakeReply::Send("-NOSCRIPT No matching script. Please use EVAL.\r\n");
+    }
+    if (argv[0] == "EVAL") {
+      loaded = true;
+      return FakeReply::Send(":7\r\n");
+    }
+    return FakeReply::Send("-ERR unexpected\r\n");
+  });
+  RedisClient client(OptionsFor(server.port()));
+  for (int i = 0; i < 2; ++i) {
+    auto r = client.Eval(script, {"chat:{a}:k"}, {"6"});
+    BOOST_REQUIRE(r.ok());
+    BOOST_TEST(r->integer == 7);
+  }
+  const std::vector<std::vector<std::string>> expected = {
+      {"EVALSHA", script.sha1(), "1", "chat:{a}:k", "6"},
+      {"EVAL", script.source(), "1", "chat:{a}:k", "6"},
+      {"EVALSHA", script.sha1(), "1", "chat:{a}:k", "6"},
+  };
+  BOOST_TEST((server.commands() == expected));
+  BOOST_TEST(server.accepted() == 1);
+}
+
+BOOST_AUTO_TEST_CASE(eval_returns_other_errors_without_retrying) {
+  FakeRedis server([](const std::vector<std::string>&) { return FakeReply::Send("-BUSY script running\r\n"); });
+  RedisClient client(OptionsFor(server.port()));
+  auto r = client.Eval(RedisScript("return 1"), {}, {});
+  BOOST_REQUIRE(r.ok());
+  BOOST_TEST(r->is_error());
+  BOOST_TEST(r->str == "BUSY script running");
+  BOOST_TEST(server.commands().size() == 1u);
+}
+
+BOOST_AUTO_TEST_CASE(max_idle_bounds_the_kept_connections) {
+  auto counter = std::make_shared<std::atomic<int64_t>>(0);
+  FakeRedis server(BasicHandler(counter));
+  RedisOptions options = OptionsFor(server.port());
+  options.max_idle = 0;
+  RedisClient client(options);
+  for (int i = 0; i < 3; ++i) BOOST_REQUIRE(client.Command({"PING"}).ok());
+  BOOST_TEST(server.accepted() == 3);
+}
+
+BOOST_AUTO_TEST_CASE(concurrent_callers_share_the_pool_safely) {
+  auto counter = std::make_shared<std::atomic<int64_t>>(0);
+  FakeRedis server(BasicHandler(counter));
+  RedisClient client(OptionsFor(server.port()));
+  constexpr int kThreads = 8;
+  constexpr int kCalls = 50;
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < kCalls; ++i) {
+        auto r = client.Command({"INCR", "k"});
+        if (!r.ok() || r->type != RedisValue::Type::kInteger) ++failures;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  BOOST_TEST(failures.load() == 0);
+  BOOST_TEST(counter->load() == kThreads * kCalls);
+  BOOST_TEST(server.accepted() <= kThreads);
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+}  // namespace chatd
