@@ -2,6 +2,7 @@
 // each thread reuses its connections (keep-alive, TLS sessions) without locks.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -11,6 +12,10 @@
 #include "chatd/status.h"
 
 namespace chatd {
+
+// A response body above this is refused: every API we call answers in
+// kilobytes, and an unbounded buffer would let one upstream exhaust memory.
+inline constexpr size_t kMaxHttpResponseBytes = 8 * 1024 * 1024;
 
 struct HttpResponse {
   long status = 0;
@@ -26,7 +31,8 @@ struct HttpCall {
   std::string body;
   std::vector<std::string> headers;  // "Name: value"
   int64_t connect_timeout_ms = 2000;
-  int64_t timeout_ms = 10000;  // whole call
+  int64_t timeout_ms = 10000;  // whole call; <= 0 fails at once with kDeadlineExceeded
+  size_t max_response_bytes = kMaxHttpResponseBytes;
 };
 
 class HttpClient {
@@ -37,13 +43,19 @@ class HttpClient {
   HttpClient& operator=(const HttpClient&) = delete;
 
   // Any HTTP status is a response; only transport failures are errors:
-  // kDeadlineExceeded (reason "timeout") or kUnavailable (reason "connect").
+  // kDeadlineExceeded (reason "timeout"), kUnavailable (reason "connect"), or
+  // kUpstream (reason "response_too_large") when the body exceeds
+  // call.max_response_bytes. kInternal for a method other than GET/POST/DELETE.
   Result<HttpResponse> Send(const HttpCall& call);
 
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
+
+// curl_global_init, once per process; call it from main before threads start.
+// Idempotent, and HttpClient calls it too, so forgetting it is not a bug.
+void InitHttpGlobal();
 
 // This thread's client, created on first use.
 HttpClient& ThreadHttpClient();
