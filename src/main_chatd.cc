@@ -1,2 +1,171 @@
+// chatd: one FastCGI worker process. Run under spawn-fcgi + multiwatch, which
+// put the listening socket on fd 0 (docs/deployment.md).
+//
+// Start-up wires the adapters to the chat service, then the main thread waits
+// for SIGTERM/SIGINT/SIGUSR1 (multiwatch forwards a stop as SIGUSR1) and stops
+// everything gracefully: requests in flight finish, idle threads return at once.
+#include <signal.h>
+#include <unistd.h>
+
+#include <climits>
 #include <cstdio>
-int main() { std::fprintf(stderr, "chatd: skeleton\n"); return 1; }
+#include <memory>
+
+#include "chatd/auth.h"
+#include "chatd/chat_service.h"
+#include "chatd/chroma.h"
+#include "chatd/config.h"
+#include "chatd/embeddings.h"
+#include "chatd/fcgi_server.h"
+#include "chatd/http_api.h"
+#include "chatd/health.h"
+#include "chatd/http_client.h"
+#include "chatd/indexer.h"
+#include "chatd/llm.h"
+#include "chatd/log.h"
+#include "chatd/metrics.h"
+#include "chatd/openai_embedder.h"
+#include "chatd/redis.h"
+#include "chatd/redis_memory.h"
+#include "chatd/redis_rate_limiter.h"
+
+namespace {
+
+constexpr int kListenFd = 0;  // where spawn-fcgi puts the socket
+// The indexer blocks on the stream; its connection needs a longer timeout.
+constexpr int64_t kIndexerBlockMs = 500;
+constexpr int64_t kIndexerRedisTimeoutMs = 5000;
+
+std::string ConsumerName() {
+  char host[HOST_NAME_MAX + 1] = {0};
+  if (gethostname(host, sizeof(host) - 1) != 0) std::snprintf(host, sizeof(host), "host");
+  return std::string(host) + "-" + std::to_string(getpid());
+}
+
+std::unique_ptr<chatd::Embedder> MakeEmbedder(const chatd::Config& c) {
+  if (c.embedder == chatd::EmbedderKind::kLocal) {
+    return std::make_unique<chatd::LocalEmbedder>(static_cast<size_t>(c.embedding_dimensions));
+  }
+  chatd::OpenAIEmbedderOptions o;
+  o.base_url = c.openai_base_url;
+  o.api_key = c.openai_api_key;
+  o.model = c.embedding_model;
+  o.dimensions = static_cast<size_t>(c.embedding_dimensions);
+  o.connect_timeout_ms = c.llm_connect_timeout_ms;
+  o.timeout_ms = c.chroma_timeout_ms;  // on the request path: as short as a recall
+  return std::make_unique<chatd::OpenAIEmbedder>(o);
+}
+
+}  // namespace
+
+int main() {
+  using namespace chatd;
+
+  Result<Config> loaded = LoadConfig(ProcessEnv());
+  if (!loaded.ok()) {
+    std::fprintf(stderr, "chatd: configuration error: %s\n", loaded.status().message().c_str());
+    return 2;
+  }
+  const Config& config = *loaded;
+
+  // hiredis and libcurl write to sockets the peer may have closed.
+  signal(SIGPIPE, SIG_IGN);
+  // Every thread inherits this mask; only the main thread takes stop signals.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGUSR1);
+  sigaddset(&stop_signals, SIGHUP);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  InitHttpGlobal();
+
+  RedisOptions redis_options;
+  redis_options.host = config.redis_host;
+  redis_options.port = config.redis_port;
+  redis_options.timeout_ms = config.redis_timeout_ms;
+  RedisClient redis(redis_options);
+  RedisOptions indexer_redis_options = redis_options;
+  indexer_redis_options.timeout_ms = kIndexerRedisTimeoutMs;
+  RedisClient indexer_redis(indexer_redis_options);
+
+  std::unique_ptr<RedisClient> rate_redis_own;
+  if (config.rate_redis_host != config.redis_host || config.rate_redis_port != config.redis_port) {
+    RedisOptions o = redis_options;
+    o.host = config.rate_redis_host;
+    o.port = config.rate_redis_port;
+    rate_redis_own = std::make_unique<RedisClient>(o);
+  }
+  RedisRateLimiter limiter(rate_redis_own ? *rate_redis_own : redis, config.rate_limit, config.rate_window_s,
+                           config.rate_algorithm);
+  RedisShortTermStore recent(redis, config.recent_messages);
+
+  ChromaOptions chroma_options;
+  chroma_options.base_url = config.chroma_url;
+  chroma_options.timeout_ms = config.chroma_timeout_ms;
+  chroma_options.sync_threshold = config.chroma_sync_threshold;
+  ChromaStore chroma(chroma_options);
+
+  std::unique_ptr<Embedder> embedder = MakeEmbedder(config);
+
+  OpenAIChatOptions llm_options;
+  llm_options.base_url = config.openai_base_url;
+  llm_options.api_key = config.openai_api_key;
+  llm_options.model = config.model;
+  llm_options.max_completion_tokens = config.max_completion_tokens;
+  llm_options.max_tokens_field = config.max_tokens_field;
+  llm_options.connect_timeout_ms = config.llm_connect_timeout_ms;
+  llm_options.attempt_timeout_ms = config.llm_attempt_timeout_ms;
+  llm_options.max_retries = config.llm_max_retries;
+  llm_options.backoff_base_ms = config.llm_backoff_base_ms;
+  llm_options.backoff_max_ms = config.llm_backoff_max_ms;
+  OpenAIChat llm(llm_options);
+
+  ChatServiceOptions chat_options;
+  chat_options.rate_failure_mode = config.rate_failure_mode;
+  chat_options.recall_k = static_cast<size_t>(config.recall_k);
+  chat_options.system_prompt = config.system_prompt;
+  chat_options.prompt_budget_bytes = config.prompt_budget_bytes;
+  ChatService chat(limiter, recent, chroma, *embedder, llm, chat_options);
+  Result<std::unique_ptr<Authenticator>> auth = MakeAuthenticator(config.auth_mode, ProcessEnv());
+  if (!auth.ok()) {
+    std::fprintf(stderr, "chatd: configuration error: %s\n", auth.status().message().c_str());
+    return 2;
+  }
+  if (!*auth) LogWarn("auth_off").Str("detail", "CHATD_AUTH_MODE=off: the body's userId is trusted").Emit();
+  Result<std::unique_ptr<Metrics>> metrics = Metrics::Open(config.metrics_path);
+  if (!metrics.ok()) {
+    std::fprintf(stderr, "chatd: %s\n", metrics.status().message().c_str());
+    return 1;
+  }
+  (*metrics)->RegisterWorker();
+  StackHealthProbe health(redis, rate_redis_own.get(), chroma, !config.openai_base_url.empty());
+  HttpApi api(config, chat, auth->get(), metrics->get(), &health);
+
+  IndexerOptions indexer_options;
+  indexer_options.consumer = ConsumerName();
+  indexer_options.batch = config.index_batch;
+  indexer_options.block_ms = kIndexerBlockMs;
+  indexer_options.claim_idle_ms = config.index_claim_idle_ms;
+  Indexer indexer(indexer_redis, chroma, *embedder, indexer_options, metrics->get());
+
+  FcgiServer server(kListenFd, config.threads, config.max_body_bytes,
+                    [&api](const HttpRequest& req, RequestLog& log) { return api.Handle(req, log); },
+                    metrics->get());
+  if (Status s = server.Start(); !s.ok()) {
+    std::fprintf(stderr, "chatd: %s\n", s.message().c_str());
+    return 1;
+  }
+  indexer.Start();
+  LogInfo("start").Int("threads", config.threads).Emit();
+
+  int sig = 0;
+  while (sigwait(&stop_signals, &sig) != 0) {
+  }
+  LogInfo("stopping").Int("signal", sig).Emit();
+  server.Stop();
+  server.Join();
+  indexer.Stop();
+  LogInfo("stopped").Emit();
+  return 0;
+}

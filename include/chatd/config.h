@@ -31,6 +31,7 @@ struct Config {
   std::string openai_api_key;                                  // OPENAI_API_KEY (may be empty for local servers)
   std::string model = "gpt-4o-mini";                           // CHATD_MODEL
   int64_t max_completion_tokens = 512;                         // CHATD_MAX_COMPLETION_TOKENS
+  std::string max_tokens_field = "max_completion_tokens";      // CHATD_MAX_TOKENS_FIELD: or max_tokens
   int64_t llm_connect_timeout_ms = 2000;                       // CHATD_LLM_CONNECT_TIMEOUT_MS
   int64_t llm_attempt_timeout_ms = 20000;                      // CHATD_LLM_ATTEMPT_TIMEOUT_MS
   int llm_max_retries = 2;                                     // CHATD_LLM_MAX_RETRIES
@@ -42,7 +43,11 @@ struct Config {
   int redis_port = 6379;                 // CHATD_REDIS_PORT
   int64_t redis_timeout_ms = 200;        // CHATD_REDIS_TIMEOUT_MS: connect and each command
 
-  // Rate limit
+  // Rate limit. Counters may live in a Redis of their own (default: the
+  // memory Redis); only then does fail-open keep chats going during an outage
+  // of the counter store.
+  std::string rate_redis_host;  // CHATD_RATE_REDIS_HOST, default CHATD_REDIS_HOST
+  int rate_redis_port = 0;      // CHATD_RATE_REDIS_PORT, default CHATD_REDIS_PORT
   int64_t rate_limit = 30;                           // CHATD_RATE_LIMIT: requests per window
   int64_t rate_window_s = 60;                        // CHATD_RATE_WINDOW_S
   RateAlgorithm rate_algorithm = RateAlgorithm::kFixed;  // CHATD_RATE_ALGORITHM: fixed|sliding
@@ -66,8 +71,16 @@ struct Config {
   int64_t index_claim_idle_ms = 30000;  // CHATD_INDEX_CLAIM_IDLE_MS: take over entries a dead worker left
   int index_batch = 64;                 // CHATD_INDEX_BATCH
 
+  // Cleanup of inactive users (chatd-cleanup)
+  int64_t cleanup_inactive_s = 24 * 3600;                // CHATD_CLEANUP_INACTIVE_S
+  std::string archive_dir = "/var/lib/chatd/archive";     // CHATD_ARCHIVE_DIR
+  int cleanup_batch = 100;                               // CHATD_CLEANUP_BATCH
+  int64_t cleanup_lock_ttl_ms = 10 * 60 * 1000;          // CHATD_CLEANUP_LOCK_TTL_MS
+  int64_t cleanup_now_ms = 0;  // CHATD_CLEANUP_NOW_MS: a pretend clock for tests; 0 = Redis TIME
+
   // Access control
-  AuthMode auth_mode = AuthMode::kJwt;  // CHATD_AUTH_MODE: off|service|jwt
+  // Secure by default: "off" must be asked for (make run does, and says so).
+  AuthMode auth_mode = AuthMode::kJwt;  // CHATD_AUTH_MODE: off|service|jwt (details: auth.h)
 
   // Observability
   std::string metrics_path;             // CHATD_METRICS_FILE: shared counters of the pool

@@ -1,0 +1,71 @@
+// The chat use case, top to bottom in one function (ChatService::Chat):
+//   rate limit -> recent memory -> embed -> recall -> prompt -> model -> record.
+// It talks only to the interfaces in rate_limiter.h, memory.h, embeddings.h and
+// llm.h, so it is unit-tested with fakes and knows nothing of Redis, Chroma,
+// curl or FastCGI.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "chatd/clock.h"
+#include "chatd/config.h"
+#include "chatd/embeddings.h"
+#include "chatd/llm.h"
+#include "chatd/memory.h"
+#include "chatd/rate_limiter.h"
+#include "chatd/status.h"
+
+namespace chatd {
+
+struct ChatServiceOptions {
+  FailureMode rate_failure_mode = FailureMode::kClosed;
+  size_t recall_k = 5;
+  std::string system_prompt;
+  size_t prompt_budget_bytes = 24 * 1024;
+};
+
+// What happened along the way, for headers, logs and metrics; filled even when
+// Chat fails.
+struct ChatTrace {
+  std::optional<RateDecision> rate;  // set when the limiter answered
+  bool rate_limiter_failed_open = false;
+  bool recall_degraded = false;      // embedding or long-term store failed
+  int64_t upstream_ms = -1;          // model time, when it was called
+  bool model_failed = false;
+  bool model_timed_out = false;
+  int model_attempts = 0;
+  size_t memories_recalled = 0;
+  size_t recent_used = 0;
+};
+
+struct ChatReply {
+  std::string response;
+  std::string turn_id;
+  int64_t prompt_tokens = 0;
+  int64_t completion_tokens = 0;
+};
+
+class ChatService {
+ public:
+  // Borrows every dependency; they must outlive the service. Thread-safe.
+  ChatService(RateLimiter& limiter, ShortTermStore& recent, LongTermStore& long_term, Embedder& embedder,
+              Llm& llm, ChatServiceOptions options);
+
+  Result<ChatReply> Chat(const std::string& user_id, const std::string& message, Deadline deadline,
+                         ChatTrace& trace);
+
+ private:
+  RateLimiter& limiter_;
+  ShortTermStore& recent_;
+  LongTermStore& long_term_;
+  Embedder& embedder_;
+  Llm& llm_;
+  ChatServiceOptions options_;
+};
+
+// A fresh, unique turn id (128 random bits, hex).
+std::string NewTurnId();
+
+}  // namespace chatd

@@ -1,0 +1,49 @@
+// The HTTP view of a FastCGI request and of our answer, independent of libfcgi
+// so the routing and the contract can be unit-tested without a server.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "chatd/status.h"
+
+namespace chatd {
+
+struct HttpRequest {
+  std::string method;
+  std::string path;  // DOCUMENT_URI: no query string
+  std::string content_type;
+  std::string authorization;
+  std::string request_id;  // nginx's $request_id, or one we made up
+  std::string remote_addr;
+  std::string body;
+  bool body_too_large = false;  // CONTENT_LENGTH above the limit: body not read
+  bool body_unreadable = false;  // bad CONTENT_LENGTH or a short read
+};
+
+struct HttpReply {
+  int status = 200;
+  std::vector<std::pair<std::string, std::string>> headers;
+  std::string body;
+  std::string content_type = "application/json";
+};
+
+// What the access log line needs besides status and latency.
+struct RequestLog {
+  std::string user_id;
+  std::string error_reason;
+  int64_t upstream_ms = -1;  // model time, when the model was called
+  bool recall_degraded = false;
+};
+
+// The one place a Status becomes an HTTP status.
+int HttpStatusFor(Code code);
+const char* HttpReasonPhrase(int status);
+
+// A JSON error reply: {"error": ..., "code": ...} with the mapped status.
+HttpReply ErrorReply(const Status& status);
+
+}  // namespace chatd

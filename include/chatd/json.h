@@ -1,0 +1,39 @@
+// JSON at the request boundary: strict parsing of what clients send and
+// escaping-safe writing of what we answer (RapidJSON, with the traps from
+// shared/notes.md handled: encoding validated, iterative parser, every member
+// type-checked before access).
+#pragma once
+
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "chatd/status.h"
+
+namespace chatd {
+
+struct ChatRequest {
+  std::optional<std::string> user_id;  // absent only when the client left it out
+  std::string message;
+};
+
+// Parses and validates a /api/chat body: an object with a string "message"
+// (non-blank, at most max_message_bytes of UTF-8) and, if present, a string
+// "userId" that satisfies IsValidUserId. Unknown members are ignored; a
+// duplicated userId or message is refused, so no two parsers can disagree on
+// which one counts.
+Result<ChatRequest> ParseChatRequest(std::string_view body, size_t max_message_bytes);
+
+bool IsValidUtf8(std::string_view s);
+
+// Replaces invalid UTF-8 sequences with U+FFFD, for text from upstreams that we
+// must pass on (a model reply) rather than refuse.
+std::string SanitizeUtf8(std::string_view s);
+
+// {"error": message, "code": reason}
+std::string ErrorBody(const Status& status);
+
+// Appends `s` to `out` as a JSON string literal (quotes included).
+void AppendJsonString(std::string& out, std::string_view s);
+
+}  // namespace chatd

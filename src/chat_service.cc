@@ -1,0 +1,115 @@
+#include "chatd/chat_service.h"
+
+#include <random>
+
+#include "chatd/log.h"
+#include "chatd/prompt.h"
+
+namespace chatd {
+
+std::string NewTurnId() {
+  thread_local std::mt19937_64 rng{std::random_device{}()};
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string id(32, '0');
+  uint64_t a = rng(), b = rng();
+  for (int i = 0; i < 16; ++i) {
+    id[i] = kHex[(a >> (i * 4)) & 0xf];
+    id[16 + i] = kHex[(b >> (i * 4)) & 0xf];
+  }
+  return id;
+}
+
+ChatService::ChatService(RateLimiter& limiter, ShortTermStore& recent, LongTermStore& long_term,
+                         Embedder& embedder, Llm& llm, ChatServiceOptions options)
+    : limiter_(limiter),
+      recent_(recent),
+      long_term_(long_term),
+      embedder_(embedder),
+      llm_(llm),
+      options_(std::move(options)) {}
+
+Result<ChatReply> ChatService::Chat(const std::string& user_id, const std::string& message, Deadline deadline,
+                                    ChatTrace& trace) {
+  // 1. Rate limit first: a rejected request costs this one call and nothing more.
+  Result<RateDecision> decision = limiter_.Check(user_id);
+  if (decision.ok()) {
+    trace.rate = *decision;
+    if (!decision->allowed) return Status(Code::kRateLimited, "rate_limited", "Too many requests");
+  } else if (options_.rate_failure_mode == FailureMode::kOpen) {
+    trace.rate_limiter_failed_open = true;  // admitted, logged and counted by the caller
+  } else {
+    return Unavailable("rate_limiter_unavailable", "The rate limiter is unavailable; try again shortly");
+  }
+
+  // 2. Short-term memory. Without it we could neither show the conversation
+  // nor record this turn, so there is no degraded mode.
+  Result<std::vector<Message>> recent = recent_.Recent(user_id);
+  if (!recent.ok()) return Unavailable("memory_unavailable", "Conversation memory is unavailable; try again shortly");
+  trace.recent_used = recent->size();
+
+  // 3+4. Long-term recall; any failure here degrades to short-term memory only.
+  std::vector<float> embedding;
+  std::vector<RecalledMessage> memories;
+  if (options_.recall_k > 0) {
+    auto vectors = embedder_.Embed({message});
+    if (vectors.ok() && vectors->size() == 1) {
+      embedding = std::move((*vectors)[0]);
+      std::vector<std::string> exclude;
+      exclude.reserve(recent->size());
+      for (const auto& m : *recent) exclude.push_back(m.id);
+      auto recalled = long_term_.Recall(user_id, embedding, options_.recall_k, exclude);
+      if (recalled.ok()) {
+        memories = std::move(*recalled);
+      } else {
+        trace.recall_degraded = true;
+        LogWarn("recall_degraded").Str("reason", recalled.status().reason()).Str("user", user_id).Emit();
+      }
+    } else {
+      trace.recall_degraded = true;
+      LogWarn("recall_degraded").Str("reason", vectors.status().reason()).Str("user", user_id).Emit();
+    }
+  }
+  trace.memories_recalled = memories.size();
+
+  // 5. Prompt.
+  PromptInput in;
+  in.system_prompt = &options_.system_prompt;
+  in.memories = &memories;
+  in.recent = &*recent;
+  in.message = &message;
+  in.budget_bytes = options_.prompt_budget_bytes;
+  std::vector<ChatMessage> prompt = BuildPrompt(in);
+
+  // 6. The model. On failure nothing of this turn is stored.
+  auto model_started = SteadyClock::now();
+  Result<LlmReply> reply = llm_.Complete(prompt, deadline);
+  trace.upstream_ms =
+      std::chrono::duration_cast<std::chrono::milliseconds>(SteadyClock::now() - model_started).count();
+  if (!reply.ok()) {
+    trace.model_failed = true;
+    trace.model_timed_out = reply.status().code() == Code::kDeadlineExceeded;
+    return reply.status();
+  }
+  trace.model_attempts = reply->attempts;
+
+  // 7. Record the whole turn atomically; only then do we answer.
+  Turn turn;
+  turn.user_id = user_id;
+  turn.turn_id = NewTurnId();
+  turn.user_message = message;
+  turn.assistant_message = reply->content;
+  turn.user_embedding = std::move(embedding);
+  Status recorded = recent_.RecordTurn(turn);
+  if (!recorded.ok()) {
+    return Unavailable("memory_unavailable", "Conversation memory is unavailable; the turn was not recorded");
+  }
+
+  ChatReply out;
+  out.response = std::move(reply->content);
+  out.turn_id = std::move(turn.turn_id);
+  out.prompt_tokens = reply->prompt_tokens;
+  out.completion_tokens = reply->completion_tokens;
+  return out;
+}
+
+}  // namespace chatd

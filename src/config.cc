@@ -1,0 +1,195 @@
+#include "chatd/config.h"
+
+#include <cerrno>
+#include <cstdlib>
+#include <limits>
+#include <string_view>
+
+namespace chatd {
+
+namespace {
+
+// Each Read* leaves the field at its default when the variable is unset and
+// records the first error it meets, so LoadConfig reads top to bottom.
+class Reader {
+ public:
+  explicit Reader(const EnvLookup& env) : env_(env) {}
+
+  void Int(const char* name, int64_t& out, int64_t min, int64_t max) {
+    auto v = env_(name);
+    if (!v || !status_.ok()) return;
+    errno = 0;
+    char* end = nullptr;
+    long long parsed = std::strtoll(v->c_str(), &end, 10);
+    if (v->empty() || errno != 0 || *end != '\0' || parsed < min || parsed > max) {
+      Fail(name, "must be a whole number from " + std::to_string(min) + " to " + std::to_string(max) +
+                     ", got \"" + *v + "\"");
+      return;
+    }
+    out = parsed;
+  }
+  void Int(const char* name, int& out, int64_t min, int64_t max) {
+    int64_t wide = out;
+    Int(name, wide, min, max);
+    out = static_cast<int>(wide);
+  }
+  void Size(const char* name, size_t& out, int64_t min, int64_t max) {
+    int64_t wide = static_cast<int64_t>(out);
+    Int(name, wide, min, max);
+    out = static_cast<size_t>(wide);
+  }
+
+  void String(const char* name, std::string& out, bool allow_empty) {
+    auto v = env_(name);
+    if (!v || !status_.ok()) return;
+    if (v->empty() && !allow_empty) {
+      Fail(name, "must not be empty");
+      return;
+    }
+    out = *v;
+  }
+
+  void Url(const char* name, std::string& out) {
+    auto v = env_(name);
+    if (!v || !status_.ok()) return;
+    std::string_view s = *v;
+    if (!(s.starts_with("http://") || s.starts_with("https://")) || s.size() < 10) {
+      Fail(name, "must be an http:// or https:// URL, got \"" + *v + "\"");
+      return;
+    }
+    while (!s.empty() && s.back() == '/') s.remove_suffix(1);  // we append paths
+    out = std::string(s);
+  }
+
+  template <typename E>
+  void Enum(const char* name, E& out, std::initializer_list<std::pair<std::string_view, E>> choices) {
+    auto v = env_(name);
+    if (!v || !status_.ok()) return;
+    std::string allowed;
+    for (const auto& [word, value] : choices) {
+      if (*v == word) {
+        out = value;
+        return;
+      }
+      allowed += (allowed.empty() ? "" : ", ") + std::string(word);
+    }
+    Fail(name, "must be one of " + allowed + ", got \"" + *v + "\"");
+  }
+
+  void Fail(const char* name, const std::string& why) {
+    if (status_.ok()) status_ = InvalidArgument("bad_config", std::string(name) + " " + why);
+  }
+
+  const Status& status() const { return status_; }
+
+ private:
+  const EnvLookup& env_;
+  Status status_;
+};
+
+constexpr int64_t kMaxThreads = 1024;
+constexpr int64_t kMaxBodyLimit = 16 * 1024 * 1024;
+constexpr int64_t kMaxTimeoutMs = 10 * 60 * 1000;
+constexpr int64_t kMaxRetries = 5;
+constexpr int64_t kMaxRecent = 100;
+constexpr int64_t kMaxRecall = 100;
+constexpr int64_t kMaxDimensions = 8192;
+constexpr int64_t kMaxTokens = 1 << 20;
+constexpr int64_t kMaxRateLimit = 1'000'000;
+constexpr int64_t kMaxWindowS = 24 * 3600;
+constexpr int64_t kMaxPort = 65535;
+
+}  // namespace
+
+EnvLookup ProcessEnv() {
+  return [](const std::string& name) -> std::optional<std::string> {
+    const char* v = std::getenv(name.c_str());
+    if (v == nullptr) return std::nullopt;
+    return std::string(v);
+  };
+}
+
+Result<Config> LoadConfig(const EnvLookup& env) {
+  Config c;
+  Reader r(env);
+
+  r.Int("CHATD_THREADS", c.threads, 1, kMaxThreads);
+
+  r.Size("CHATD_MAX_BODY_BYTES", c.max_body_bytes, 64, kMaxBodyLimit);
+  r.Size("CHATD_MAX_MESSAGE_BYTES", c.max_message_bytes, 1, kMaxBodyLimit);
+  r.Int("CHATD_REQUEST_DEADLINE_MS", c.request_deadline_ms, 100, kMaxTimeoutMs);
+
+  r.Url("OPENAI_BASE_URL", c.openai_base_url);
+  r.String("OPENAI_API_KEY", c.openai_api_key, /*allow_empty=*/true);
+  r.String("CHATD_MODEL", c.model, false);
+  r.Int("CHATD_MAX_COMPLETION_TOKENS", c.max_completion_tokens, 1, kMaxTokens);
+  r.Enum("CHATD_MAX_TOKENS_FIELD", c.max_tokens_field,
+         {{"max_completion_tokens", std::string("max_completion_tokens")}, {"max_tokens", std::string("max_tokens")}});
+  r.Int("CHATD_LLM_CONNECT_TIMEOUT_MS", c.llm_connect_timeout_ms, 10, kMaxTimeoutMs);
+  r.Int("CHATD_LLM_ATTEMPT_TIMEOUT_MS", c.llm_attempt_timeout_ms, 10, kMaxTimeoutMs);
+  r.Int("CHATD_LLM_MAX_RETRIES", c.llm_max_retries, 0, kMaxRetries);
+  r.Int("CHATD_LLM_BACKOFF_BASE_MS", c.llm_backoff_base_ms, 0, kMaxTimeoutMs);
+  r.Int("CHATD_LLM_BACKOFF_MAX_MS", c.llm_backoff_max_ms, 0, kMaxTimeoutMs);
+
+  r.String("CHATD_REDIS_HOST", c.redis_host, false);
+  r.Int("CHATD_REDIS_PORT", c.redis_port, 1, kMaxPort);
+  r.Int("CHATD_REDIS_TIMEOUT_MS", c.redis_timeout_ms, 1, kMaxTimeoutMs);
+
+  r.String("CHATD_RATE_REDIS_HOST", c.rate_redis_host, false);
+  r.Int("CHATD_RATE_REDIS_PORT", c.rate_redis_port, 1, kMaxPort);
+  r.Int("CHATD_RATE_LIMIT", c.rate_limit, 1, kMaxRateLimit);
+  r.Int("CHATD_RATE_WINDOW_S", c.rate_window_s, 1, kMaxWindowS);
+  r.Enum("CHATD_RATE_ALGORITHM", c.rate_algorithm,
+         {{"fixed", RateAlgorithm::kFixed}, {"sliding", RateAlgorithm::kSliding}});
+  r.Enum("CHATD_RATE_FAILURE_MODE", c.rate_failure_mode,
+         {{"closed", FailureMode::kClosed}, {"open", FailureMode::kOpen}});
+
+  r.Int("CHATD_RECENT_MESSAGES", c.recent_messages, 2, kMaxRecent);
+  r.Int("CHATD_RECALL_K", c.recall_k, 0, kMaxRecall);
+  r.Url("CHATD_CHROMA_URL", c.chroma_url);
+  r.Int("CHATD_CHROMA_TIMEOUT_MS", c.chroma_timeout_ms, 10, kMaxTimeoutMs);
+  r.Int("CHATD_CHROMA_SYNC_THRESHOLD", c.chroma_sync_threshold, 2, 1'000'000);
+  r.String("CHATD_SYSTEM_PROMPT", c.system_prompt, /*allow_empty=*/true);
+  r.Size("CHATD_PROMPT_BUDGET_BYTES", c.prompt_budget_bytes, 256, kMaxBodyLimit);
+
+  r.Enum("CHATD_EMBEDDER", c.embedder, {{"local", EmbedderKind::kLocal}, {"openai", EmbedderKind::kOpenAI}});
+  r.String("CHATD_EMBEDDING_MODEL", c.embedding_model, false);
+  r.Int("CHATD_EMBEDDING_DIMENSIONS", c.embedding_dimensions, 8, kMaxDimensions);
+
+  r.Int("CHATD_INDEX_CLAIM_IDLE_MS", c.index_claim_idle_ms, 100, kMaxTimeoutMs);
+  r.Int("CHATD_INDEX_BATCH", c.index_batch, 1, 1000);
+
+  r.Int("CHATD_CLEANUP_INACTIVE_S", c.cleanup_inactive_s, 0, 10 * 365 * 24 * 3600LL);
+  r.String("CHATD_ARCHIVE_DIR", c.archive_dir, false);
+  r.Int("CHATD_CLEANUP_BATCH", c.cleanup_batch, 1, 10000);
+  r.Int("CHATD_CLEANUP_LOCK_TTL_MS", c.cleanup_lock_ttl_ms, 1000, 24 * 3600 * 1000LL);
+  r.Int("CHATD_CLEANUP_NOW_MS", c.cleanup_now_ms, 0, std::numeric_limits<int64_t>::max() / 2);
+
+  r.Enum("CHATD_AUTH_MODE", c.auth_mode,
+         {{"off", AuthMode::kOff}, {"service", AuthMode::kService}, {"jwt", AuthMode::kJwt}});
+
+  r.String("CHATD_METRICS_FILE", c.metrics_path, /*allow_empty=*/true);
+
+  if (!r.status().ok()) return r.status();
+  if (c.rate_redis_host.empty()) c.rate_redis_host = c.redis_host;
+  if (c.rate_redis_port == 0) c.rate_redis_port = c.redis_port;
+
+  // Cross-field rules.
+  if (c.recent_messages % 2 != 0) {
+    return InvalidArgument("bad_config", "CHATD_RECENT_MESSAGES must be even: the recent list holds whole turns");
+  }
+  if (c.max_message_bytes > c.max_body_bytes) {
+    return InvalidArgument("bad_config", "CHATD_MAX_MESSAGE_BYTES must not exceed CHATD_MAX_BODY_BYTES");
+  }
+  if (c.max_message_bytes >= c.prompt_budget_bytes) {
+    return InvalidArgument("bad_config",
+                           "CHATD_PROMPT_BUDGET_BYTES must exceed CHATD_MAX_MESSAGE_BYTES: the new message "
+                           "always fits");
+  }
+  if (c.llm_backoff_base_ms > c.llm_backoff_max_ms) {
+    return InvalidArgument("bad_config", "CHATD_LLM_BACKOFF_BASE_MS must not exceed CHATD_LLM_BACKOFF_MAX_MS");
+  }
+  return c;
+}
+
+}  // namespace chatd

@@ -1,0 +1,254 @@
+#include "chatd/fcgi_server.h"
+
+#include <fcgiapp.h>
+#include <fcntl.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string_view>
+
+#include "chatd/clock.h"
+#include "chatd/log.h"
+
+namespace chatd {
+
+namespace {
+
+// Longest CONTENT_LENGTH we even try to parse: 20 digits overflow int64 anyway.
+constexpr size_t kMaxContentLengthDigits = 18;
+// Chunk for reading the body; the body itself is capped by max_body_bytes.
+constexpr int kReadChunk = 16 * 1024;
+// After an accept error that is not "someone else took it", pause before
+// retrying so that e.g. EMFILE does not spin a core.
+constexpr int kAcceptErrorPauseMs = 50;
+
+struct FdCloser {
+  int fd;
+  ~FdCloser() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
+std::string Param(FCGX_Request& req, const char* name) {
+  // Copied: libfcgi frees params at the next Accept/Finish.
+  const char* v = FCGX_GetParam(name, req.envp);
+  return v ? std::string(v) : std::string();
+}
+
+// Strict: digits only, no sign, no spaces, bounded.
+bool ParseContentLength(const std::string& s, size_t& out) {
+  if (s.empty() || s.size() > kMaxContentLengthDigits) return false;
+  size_t v = 0;
+  for (char c : s) {
+    if (c < '0' || c > '9') return false;
+    v = v * 10 + static_cast<size_t>(c - '0');
+  }
+  out = v;
+  return true;
+}
+
+std::string MakeRequestId() {
+  thread_local std::mt19937_64 rng{std::random_device{}()};
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string id(32, '0');
+  uint64_t a = rng(), b = rng();
+  for (int i = 0; i < 16; ++i) {
+    id[i] = kHex[(a >> (i * 4)) & 0xf];
+    id[16 + i] = kHex[(b >> (i * 4)) & 0xf];
+  }
+  return id;
+}
+
+void ReadRequest(FCGX_Request& req, size_t max_body, HttpRequest& out) {
+  out.method = Param(req, "REQUEST_METHOD");
+  out.path = Param(req, "DOCUMENT_URI");
+  if (out.path.empty()) {
+    out.path = Param(req, "REQUEST_URI");
+    if (auto q = out.path.find('?'); q != std::string::npos) out.path.resize(q);
+  }
+  out.content_type = Param(req, "CONTENT_TYPE");
+  out.authorization = Param(req, "HTTP_AUTHORIZATION");
+  out.remote_addr = Param(req, "REMOTE_ADDR");
+  out.request_id = Param(req, "REQUEST_ID");
+  if (out.request_id.empty()) out.request_id = MakeRequestId();
+
+  std::string length_text = Param(req, "CONTENT_LENGTH");
+  size_t length = 0;
+  if (!length_text.empty() && !ParseContentLength(length_text, length)) {
+    out.body_unreadable = true;  // never read a body of unknown size
+    return;
+  }
+  if (length > max_body) {
+    out.body_too_large = true;
+    return;
+  }
+  out.body.resize(length);
+  size_t got = 0;
+  while (got < length) {
+    int want = static_cast<int>(std::min<size_t>(length - got, kReadChunk));
+    int n = FCGX_GetStr(out.body.data() + got, want, req.in);
+    if (n <= 0) break;
+    got += static_cast<size_t>(n);
+  }
+  if (got != length) {
+    out.body.clear();
+    out.body_unreadable = true;  // truncated: the client went away mid-body
+  }
+}
+
+void WriteReply(FCGX_Request& req, const HttpReply& reply) {
+  std::string head;
+  head.reserve(256);
+  head.append("Status: ").append(std::to_string(reply.status)).append(" ");
+  head.append(HttpReasonPhrase(reply.status)).append("\r\n");
+  head.append("Content-Type: ").append(reply.content_type).append("\r\n");
+  head.append("Content-Length: ").append(std::to_string(reply.body.size())).append("\r\n");
+  head.append("Cache-Control: no-store\r\n");
+  for (const auto& [name, value] : reply.headers) head.append(name).append(": ").append(value).append("\r\n");
+  head.append("\r\n");
+  // A failed write means nginx went away; there is nobody left to tell.
+  FCGX_PutStr(head.data(), static_cast<int>(head.size()), req.out);
+  FCGX_PutStr(reply.body.data(), static_cast<int>(reply.body.size()), req.out);
+}
+
+}  // namespace
+
+FcgiServer::FcgiServer(int listen_fd, int threads, size_t max_body_bytes, Handler handler, Metrics* metrics)
+    : listen_fd_(listen_fd),
+      threads_(threads),
+      max_body_bytes_(max_body_bytes),
+      handler_(std::move(handler)),
+      metrics_(metrics) {}
+
+FcgiServer::~FcgiServer() {
+  Stop();
+  Join();
+  if (stop_fd_ >= 0) ::close(stop_fd_);
+}
+
+Status FcgiServer::Start() {
+  int type = 0;
+  socklen_t len = sizeof(type);
+  int listening = 0;
+  socklen_t llen = sizeof(listening);
+  if (getsockopt(listen_fd_, SOL_SOCKET, SO_TYPE, &type, &len) != 0 ||
+      getsockopt(listen_fd_, SOL_SOCKET, SO_ACCEPTCONN, &listening, &llen) != 0 || !listening) {
+    return Status(Code::kInternal, "no_listen_socket",
+                  "fd " + std::to_string(listen_fd_) +
+                      " is not a listening socket: run chatd under spawn-fcgi (see docs/deployment.md)");
+  }
+  if (FCGX_Init() != 0) return Internal("fcgi_init", "FCGX_Init failed");
+
+  // Shared with the sibling processes; they all want it non-blocking, and
+  // accepted connections do not inherit the flag on Linux.
+  int flags = fcntl(listen_fd_, F_GETFL);
+  if (flags < 0 || fcntl(listen_fd_, F_SETFL, flags | O_NONBLOCK) != 0) {
+    return Internal("fcntl", std::string("cannot make the listening socket non-blocking: ") + strerror(errno));
+  }
+  stop_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (stop_fd_ < 0) return Internal("eventfd", std::string("eventfd: ") + strerror(errno));
+
+  for (int i = 0; i < threads_; ++i) workers_.emplace_back([this] { ThreadMain(); });
+  return Status::Ok();
+}
+
+void FcgiServer::Stop() {
+  if (stop_fd_ < 0) return;
+  uint64_t one = 1;
+  // The counter stays non-zero, so the eventfd stays readable for every thread.
+  [[maybe_unused]] ssize_t n = ::write(stop_fd_, &one, sizeof(one));
+}
+
+void FcgiServer::Join() {
+  for (auto& t : workers_) {
+    if (t.joinable()) t.join();
+  }
+  workers_.clear();
+}
+
+void FcgiServer::ThreadMain() {
+  FdCloser ep{epoll_create1(EPOLL_CLOEXEC)};
+  if (ep.fd < 0) {
+    LogError("fcgi_thread").Str("error", strerror(errno)).Emit();
+    return;
+  }
+  epoll_event listen_ev{};
+  listen_ev.events = EPOLLIN | EPOLLEXCLUSIVE;
+  listen_ev.data.fd = listen_fd_;
+  epoll_event stop_ev{};
+  stop_ev.events = EPOLLIN;
+  stop_ev.data.fd = stop_fd_;
+  if (epoll_ctl(ep.fd, EPOLL_CTL_ADD, listen_fd_, &listen_ev) != 0 ||
+      epoll_ctl(ep.fd, EPOLL_CTL_ADD, stop_fd_, &stop_ev) != 0) {
+    LogError("fcgi_thread").Str("error", strerror(errno)).Emit();
+    return;
+  }
+
+  FCGX_Request req;
+  if (FCGX_InitRequest(&req, listen_fd_, 0) != 0) {
+    LogError("fcgi_thread").Str("error", "FCGX_InitRequest failed").Emit();
+    return;
+  }
+
+  for (;;) {
+    epoll_event ready[2];
+    int n = epoll_wait(ep.fd, ready, 2, -1);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      LogError("fcgi_thread").Str("error", strerror(errno)).Emit();
+      break;
+    }
+    bool stop = false, incoming = false;
+    for (int i = 0; i < n; ++i) {
+      if (ready[i].data.fd == stop_fd_) stop = true;
+      if (ready[i].data.fd == listen_fd_) incoming = true;
+    }
+    if (stop) break;
+    if (!incoming) continue;
+
+    int rc = FCGX_Accept_r(&req);
+    if (rc < 0) {
+      // Another thread or process took the connection first.
+      if (rc == -EAGAIN || rc == -EWOULDBLOCK || rc == -EINTR) continue;
+      LogWarn("accept_failed").Int("rc", rc).Emit();
+      usleep(kAcceptErrorPauseMs * 1000);
+      continue;
+    }
+
+    in_flight_.fetch_add(1, std::memory_order_relaxed);
+    auto started = SteadyClock::now();
+    HttpRequest http;
+    ReadRequest(req, max_body_bytes_, http);
+    RequestLog log;
+    HttpReply reply = handler_(http, log);
+    WriteReply(req, reply);
+    FCGX_Finish_r(&req);
+    in_flight_.fetch_sub(1, std::memory_order_relaxed);
+
+    auto latency = SteadyClock::now() - started;
+    double latency_ms = std::chrono::duration<double, std::milli>(latency).count();
+    if (metrics_ != nullptr) {
+      metrics_->CountRequest(reply.status, std::chrono::duration_cast<std::chrono::microseconds>(latency).count());
+    }
+    LogLine line = LogInfo("request");
+    line.Str("request_id", http.request_id)
+        .Str("method", http.method)
+        .Str("path", http.path)
+        .Int("status", reply.status)
+        .Num("latency_ms", latency_ms)
+        .Int("upstream_ms", log.upstream_ms)
+        .Str("user", log.user_id);
+    if (!log.error_reason.empty()) line.Str("error", log.error_reason);
+    if (log.recall_degraded) line.Bool("recall_degraded", true);
+    line.Emit();
+  }
+  FCGX_Free(&req, 1);
+}
+
+}  // namespace chatd

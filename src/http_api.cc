@@ -1,0 +1,223 @@
+#include "chatd/http_api.h"
+
+#include <exception>
+
+#include "chatd/json.h"
+#include "chatd/log.h"
+#include "chatd/rate_limiter.h"
+
+namespace chatd {
+
+namespace {
+
+// A worker that has not beaten for this long counts as gone. Workers beat at
+// least every CHATD index loop turn (about a second).
+constexpr int64_t kWorkerAliveMs = 5000;
+
+// Every /api/chat answer names the policy; those that reached the limiter
+// also say what is left (and, rejected, when to come back).
+void AddRateHeaders(const std::string& policy, const ChatTrace& trace, HttpReply& reply) {
+  if (!trace.rate) {
+    reply.headers.emplace_back("RateLimit-Policy", policy);
+    return;
+  }
+  for (auto& h : RateLimitHeaders(*trace.rate)) reply.headers.push_back(std::move(h));
+}
+
+}  // namespace
+
+bool IsJsonContentType(std::string_view content_type) {
+  std::string_view media = content_type.substr(0, content_type.find(';'));
+  while (!media.empty() && (media.back() == ' ' || media.back() == '\t')) media.remove_suffix(1);
+  while (!media.empty() && (media.front() == ' ' || media.front() == '\t')) media.remove_prefix(1);
+  constexpr std::string_view kJson = "application/json";
+  if (media.size() != kJson.size()) return false;
+  for (size_t i = 0; i < kJson.size(); ++i) {
+    char c = media[i];
+    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+    if (c != kJson[i]) return false;
+  }
+  return true;
+}
+
+HttpApi::HttpApi(const Config& config, ChatService& chat, Authenticator* auth, Metrics* metrics,
+                 HealthProbe* health)
+    : config_(config),
+      chat_(chat),
+      auth_(auth),
+      metrics_(metrics),
+      health_(health),
+      rate_policy_("\"default\";q=" + std::to_string(config.rate_limit) + ";w=" +
+                   std::to_string(config.rate_window_s)) {}
+
+HttpReply HttpApi::Handle(const HttpRequest& req, RequestLog& log) {
+  try {
+    if (req.path == "/api/chat") return Chat(req, log);
+    if (req.path == "/api/health") return Health(req);
+    if (req.path == "/metrics") return MetricsText(req);
+    log.error_reason = "not_found";
+    return ErrorReply(Status(Code::kNotFound, "not_found", "No such endpoint"));
+  } catch (const std::exception& e) {
+    LogError("handler_exception").Str("what", e.what()).Emit();
+  } catch (...) {
+    LogError("handler_exception").Str("what", "unknown").Emit();
+  }
+  log.error_reason = "internal";
+  return ErrorReply(Internal("internal", "Internal error"));
+}
+
+HttpReply HttpApi::Chat(const HttpRequest& req, RequestLog& log) {
+  ChatTrace trace;
+  auto fail = [&](const Status& s) {
+    log.error_reason = s.reason();
+    HttpReply reply = ErrorReply(s);
+    AddRateHeaders(rate_policy_, trace, reply);
+    return reply;
+  };
+
+  if (req.method != "POST") {
+    HttpReply reply = fail(Status(Code::kMethodNotAllowed, "method_not_allowed", "Use POST for /api/chat"));
+    reply.headers.emplace_back("Allow", "POST");
+    return reply;
+  }
+  if (req.body_too_large) {
+    return fail(Status(Code::kPayloadTooLarge, "body_too_large",
+                       "The request body is larger than " + std::to_string(config_.max_body_bytes) + " bytes"));
+  }
+  if (req.body_unreadable) return fail(InvalidArgument("invalid_body", "The request body could not be read"));
+  if (!IsJsonContentType(req.content_type)) {
+    return fail(Status(Code::kUnsupportedMediaType, "unsupported_media_type",
+                       "Send the body as JSON with Content-Type: application/json"));
+  }
+
+  // Credentials before the body: rejecting a bad token must stay cheap.
+  Principal principal;
+  if (auth_ != nullptr) {
+    Result<Principal> who = auth_->Authenticate(req);
+    if (!who.ok()) {
+      if (metrics_) Metrics::Add(metrics_->shared().auth_failures);
+      HttpReply reply = fail(who.status());
+      reply.headers.emplace_back("WWW-Authenticate", "Bearer error=\"invalid_token\"");
+      return reply;
+    }
+    principal = std::move(*who);
+  }
+
+  Result<ChatRequest> parsed = ParseChatRequest(req.body, config_.max_message_bytes);
+  if (!parsed.ok()) return fail(parsed.status());
+  if (principal.subject) {
+    // A user token speaks for its subject only; naming anyone else is refused.
+    if (parsed->user_id && *parsed->user_id != *principal.subject) {
+      log.user_id = *principal.subject;
+      return fail(Status(Code::kForbidden, "user_mismatch", "The token does not allow speaking as this userId"));
+    }
+    parsed->user_id = *principal.subject;
+  }
+  if (!parsed->user_id) return fail(InvalidArgument("missing_field", "The field \"userId\" is required"));
+  const std::string& user_id = *parsed->user_id;
+  log.user_id = user_id;
+
+  Deadline deadline = Deadline::In(std::chrono::milliseconds(config_.request_deadline_ms));
+  Result<ChatReply> result = chat_.Chat(user_id, parsed->message, deadline, trace);
+  log.upstream_ms = trace.upstream_ms;
+  log.recall_degraded = trace.recall_degraded;
+  Count(trace, result.ok() ? Status::Ok() : result.status());
+  if (trace.rate_limiter_failed_open) LogWarn("rate_limiter_failed_open").Str("user", user_id).Emit();
+
+  if (!result.ok()) {
+    HttpReply reply = fail(result.status());
+    if (result.status().code() == Code::kRateLimited && trace.rate) {
+      // {"error", "code", "retryAfter"}: splice the number into the object.
+      reply.body.pop_back();
+      reply.body.append(",\"retryAfter\":").append(std::to_string(RetryAfterSeconds(*trace.rate))).append("}");
+    }
+    return reply;
+  }
+
+  HttpReply reply;
+  reply.body.reserve(result->response.size() + 128);
+  reply.body.append("{\"response\":");
+  AppendJsonString(reply.body, result->response);
+  reply.body.append(",\"requestId\":");
+  AppendJsonString(reply.body, req.request_id);
+  reply.body.append(",\"turnId\":");
+  AppendJsonString(reply.body, result->turn_id);
+  reply.body.append("}");
+  AddRateHeaders(rate_policy_, trace, reply);
+  return reply;
+}
+
+void HttpApi::Count(const ChatTrace& trace, const Status& status) {
+  if (metrics_ == nullptr) return;
+  SharedMetrics& m = metrics_->shared();
+  if (status.code() == Code::kRateLimited) Metrics::Add(m.rate_limited);
+  if (trace.rate_limiter_failed_open) Metrics::Add(m.rate_limiter_failed_open);
+  if (trace.recall_degraded) Metrics::Add(m.recall_degraded);
+  if (trace.upstream_ms >= 0) {
+    metrics_->CountModelCall(!trace.model_failed, trace.model_timed_out, trace.upstream_ms * 1000);
+  }
+}
+
+HttpReply HttpApi::Health(const HttpRequest& req) {
+  if (req.method != "GET" && req.method != "HEAD") {
+    HttpReply reply = ErrorReply(Status(Code::kMethodNotAllowed, "method_not_allowed", "Use GET for /api/health"));
+    reply.headers.emplace_back("Allow", "GET, HEAD");
+    return reply;
+  }
+  HttpReply reply;
+  std::vector<DependencyState> deps;
+  if (health_ != nullptr) deps = health_->Check();
+  bool healthy = true;
+  std::string body = "{\"dependencies\":{";
+  std::string down;
+  for (size_t i = 0; i < deps.size(); ++i) {
+    if (i) body.push_back(',');
+    AppendJsonString(body, deps[i].name);
+    body.push_back(':');
+    AppendJsonString(body, deps[i].state);
+    if (!deps[i].healthy) {
+      healthy = false;
+      down += (down.empty() ? "" : ", ") + deps[i].name;
+    }
+  }
+  body.append("}");
+  if (metrics_ != nullptr) body.append(",\"workers\":").append(std::to_string(metrics_->WorkersAlive(kWorkerAliveMs)));
+  body.append(",\"status\":");
+  AppendJsonString(body, healthy ? "ok" : "unavailable");
+  if (!healthy) {
+    body.append(",\"error\":");
+    AppendJsonString(body, "Not available: " + down);
+  }
+  body.append("}");
+  reply.status = healthy ? 200 : 503;
+  reply.body = std::move(body);
+  return reply;
+}
+
+HttpReply HttpApi::MetricsText(const HttpRequest& req) {
+  if (req.method != "GET") {
+    HttpReply reply = ErrorReply(Status(Code::kMethodNotAllowed, "method_not_allowed", "Use GET for /metrics"));
+    reply.headers.emplace_back("Allow", "GET");
+    return reply;
+  }
+  if (metrics_ == nullptr) return ErrorReply(Status(Code::kNotFound, "not_found", "Metrics are off"));
+  std::string extra = "# HELP chatd_workers_alive Worker processes with a recent heartbeat.\n"
+                      "# TYPE chatd_workers_alive gauge\n"
+                      "chatd_workers_alive " + std::to_string(metrics_->WorkersAlive(kWorkerAliveMs)) + "\n";
+  if (health_ != nullptr) {
+    // A scrape may cost a Redis call; a failed one leaves the gauge out
+    // rather than reporting a wrong zero.
+    Result<int64_t> backlog = health_->IndexBacklog();
+    if (backlog.ok()) {
+      extra += "# HELP chatd_index_backlog Recorded turns not yet indexed into Chroma.\n"
+               "# TYPE chatd_index_backlog gauge\n"
+               "chatd_index_backlog " + std::to_string(*backlog) + "\n";
+    }
+  }
+  HttpReply reply;
+  reply.content_type = "text/plain; version=0.0.4; charset=utf-8";
+  reply.body = metrics_->RenderPrometheus(extra);
+  return reply;
+}
+
+}  // namespace chatd

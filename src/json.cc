@@ -1,0 +1,169 @@
+#include "chatd/json.h"
+
+#include <rapidjson/document.h>
+#include <rapidjson/error/en.h>
+
+#include "chatd/user_id.h"
+
+namespace chatd {
+
+namespace {
+
+// Iterative: a deeply nested body must not recurse the stack away. Without
+// kParseStopWhenDoneFlag, bytes after the root value are an error.
+constexpr unsigned kParseFlags = rapidjson::kParseValidateEncodingFlag | rapidjson::kParseIterativeFlag;
+
+// Counts members named `name`; RapidJSON keeps duplicates and FindMember returns
+// the first, while other parsers take the last.
+int CountMembers(const rapidjson::Value& obj, std::string_view name) {
+  int n = 0;
+  for (auto it = obj.MemberBegin(); it != obj.MemberEnd(); ++it) {
+    if (std::string_view(it->name.GetString(), it->name.GetStringLength()) == name) ++n;
+  }
+  return n;
+}
+
+bool IsBlank(std::string_view s) {
+  for (char c : s) {
+    if (c != ' ' && c != '\t' && c != '\n' && c != '\r') return false;
+  }
+  return true;
+}
+
+// Length of the UTF-8 sequence starting at s[i], or 0 when it is invalid
+// (overlong forms, surrogates and code points above U+10FFFF included).
+size_t Utf8SequenceLength(std::string_view s, size_t i) {
+  auto byte = [&](size_t k) { return static_cast<unsigned char>(s[k]); };
+  unsigned char c = byte(i);
+  if (c < 0x80) return 1;
+  size_t len;
+  unsigned char lo = 0x80, hi = 0xBF;
+  if (c >= 0xC2 && c <= 0xDF) {
+    len = 2;
+  } else if (c >= 0xE0 && c <= 0xEF) {
+    len = 3;
+    if (c == 0xE0) lo = 0xA0;
+    if (c == 0xED) hi = 0x9F;  // no UTF-16 surrogates
+  } else if (c >= 0xF0 && c <= 0xF4) {
+    len = 4;
+    if (c == 0xF0) lo = 0x90;
+    if (c == 0xF4) hi = 0x8F;
+  } else {
+    return 0;
+  }
+  if (i + len > s.size()) return 0;
+  if (byte(i + 1) < lo || byte(i + 1) > hi) return 0;
+  for (size_t k = 2; k < len; ++k) {
+    if (byte(i + k) < 0x80 || byte(i + k) > 0xBF) return 0;
+  }
+  return len;
+}
+
+}  // namespace
+
+bool IsValidUtf8(std::string_view s) {
+  for (size_t i = 0; i < s.size();) {
+    size_t n = Utf8SequenceLength(s, i);
+    if (n == 0) return false;
+    i += n;
+  }
+  return true;
+}
+
+std::string SanitizeUtf8(std::string_view s) {
+  std::string out;
+  out.reserve(s.size());
+  for (size_t i = 0; i < s.size();) {
+    size_t n = Utf8SequenceLength(s, i);
+    if (n == 0) {
+      out.append("\xEF\xBF\xBD");
+      ++i;
+    } else {
+      out.append(s.substr(i, n));
+      i += n;
+    }
+  }
+  return out;
+}
+
+Result<ChatRequest> ParseChatRequest(std::string_view body, size_t max_message_bytes) {
+  // Checked up front so a bad byte outside any string is reported as what it is.
+  if (!IsValidUtf8(body)) return InvalidArgument("invalid_utf8", "The request body is not valid UTF-8");
+
+  rapidjson::Document doc;
+  doc.Parse<kParseFlags>(body.data(), body.size());
+  if (doc.HasParseError()) {
+    if (doc.GetParseError() == rapidjson::kParseErrorStringInvalidEncoding) {
+      return InvalidArgument("invalid_utf8", "The request body is not valid UTF-8");
+    }
+    return InvalidArgument("invalid_json", std::string("The request body is not valid JSON: ") +
+                                               rapidjson::GetParseError_En(doc.GetParseError()));
+  }
+  if (!doc.IsObject()) return InvalidArgument("not_an_object", "The request body must be a JSON object");
+
+  for (std::string_view field : {"userId", "message"}) {
+    if (CountMembers(doc, field) > 1) {
+      return InvalidArgument("invalid_json", "The field \"" + std::string(field) + "\" appears more than once");
+    }
+  }
+
+  ChatRequest req;
+  auto msg = doc.FindMember("message");
+  if (msg == doc.MemberEnd()) return InvalidArgument("missing_field", "The field \"message\" is required");
+  if (!msg->value.IsString()) return InvalidArgument("wrong_type", "The field \"message\" must be a string");
+  std::string_view text(msg->value.GetString(), msg->value.GetStringLength());
+  if (IsBlank(text)) return InvalidArgument("empty_message", "The field \"message\" must not be empty");
+  if (text.size() > max_message_bytes) {
+    return InvalidArgument("message_too_long", "The field \"message\" is longer than " +
+                                                   std::to_string(max_message_bytes) + " bytes");
+  }
+  req.message.assign(text);
+
+  auto user = doc.FindMember("userId");
+  if (user != doc.MemberEnd()) {
+    if (!user->value.IsString()) return InvalidArgument("wrong_type", "The field \"userId\" must be a string");
+    std::string_view id(user->value.GetString(), user->value.GetStringLength());
+    if (!IsValidUserId(id)) {
+      return InvalidArgument("invalid_user_id",
+                             "The field \"userId\" must be 1 to 64 characters of letters, digits, '_', '-', "
+                             "'.' or '@'");
+    }
+    req.user_id.emplace(id);
+  }
+  return req;
+}
+
+void AppendJsonString(std::string& out, std::string_view s) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  out.push_back('"');
+  for (char ch : s) {
+    auto c = static_cast<unsigned char>(ch);
+    switch (c) {
+      case '"': out.append("\\\""); break;
+      case '\\': out.append("\\\\"); break;
+      case '\n': out.append("\\n"); break;
+      case '\r': out.append("\\r"); break;
+      case '\t': out.append("\\t"); break;
+      default:
+        if (c < 0x20) {
+          out.append("\\u00");
+          out.push_back(kHex[c >> 4]);
+          out.push_back(kHex[c & 0xf]);
+        } else {
+          out.push_back(ch);
+        }
+    }
+  }
+  out.push_back('"');
+}
+
+std::string ErrorBody(const Status& status) {
+  std::string out = "{\"error\":";
+  AppendJsonString(out, status.message());
+  out.append(",\"code\":");
+  AppendJsonString(out, status.reason());
+  out.push_back('}');
+  return out;
+}
+
+}  // namespace chatd

@@ -1,0 +1,144 @@
+#include <boost/test/unit_test.hpp>
+
+#include "chatd/chat_service.h"
+#include "fakes.h"
+
+using namespace chatd;
+using namespace chatd::testing;
+
+namespace {
+struct ServiceFixture {
+  FakeLimiter limiter;
+  FakeShortTerm recent;
+  FakeLongTerm long_term;
+  FakeEmbedder embedder;
+  FakeLlm llm;
+  ChatServiceOptions options{FailureMode::kClosed, 5, "SYS", 24 * 1024};
+  ChatTrace trace;
+
+  Result<ChatReply> Chat(const std::string& user, const std::string& text) {
+    ChatService service(limiter, recent, long_term, embedder, llm, options);
+    return service.Chat(user, text, Deadline::In(std::chrono::seconds(5)), trace);
+  }
+};
+}  // namespace
+
+BOOST_AUTO_TEST_SUITE(chat_service)
+
+BOOST_FIXTURE_TEST_CASE(a_turn_is_answered_and_recorded_whole, ServiceFixture) {
+  auto r = Chat("alice", "Hi");
+  BOOST_REQUIRE(r.ok());
+  BOOST_TEST(r->response == "reply to Hi");
+  BOOST_REQUIRE_EQUAL(recent.turns.size(), 1u);
+  BOOST_TEST(recent.turns[0].user_message == "Hi");
+  BOOST_TEST(recent.turns[0].assistant_message == "reply to Hi");
+  BOOST_TEST(recent.turns[0].turn_id == r->turn_id);
+  BOOST_TEST(recent.turns[0].user_embedding.size() == 4u);  // computed once, passed on for indexing
+  BOOST_TEST(embedder.calls == 1);
+}
+
+BOOST_FIXTURE_TEST_CASE(a_rejected_request_costs_one_limiter_call_and_nothing_else, ServiceFixture) {
+  limiter.allowed = false;
+  auto r = Chat("alice", "Hi");
+  BOOST_REQUIRE(!r.ok());
+  BOOST_TEST((r.status().code() == Code::kRateLimited));
+  BOOST_TEST(limiter.calls == 1);
+  BOOST_TEST(recent.recent_calls == 0);
+  BOOST_TEST(embedder.calls == 0);
+  BOOST_TEST(long_term.recall_calls == 0);
+  BOOST_TEST(llm.calls == 0);
+  BOOST_REQUIRE(trace.rate.has_value());
+}
+
+BOOST_FIXTURE_TEST_CASE(limiter_down_fails_closed_by_default, ServiceFixture) {
+  limiter.status = Unavailable("redis_unavailable", "down");
+  auto r = Chat("alice", "Hi");
+  BOOST_REQUIRE(!r.ok());
+  BOOST_TEST(r.status().reason() == "rate_limiter_unavailable");
+  BOOST_TEST(llm.calls == 0);
+}
+
+BOOST_FIXTURE_TEST_CASE(limiter_down_fails_open_when_configured, ServiceFixture) {
+  options.rate_failure_mode = FailureMode::kOpen;
+  limiter.status = Unavailable("redis_unavailable", "down");
+  auto r = Chat("alice", "Hi");
+  BOOST_REQUIRE(r.ok());
+  BOOST_TEST(trace.rate_limiter_failed_open);
+}
+
+BOOST_FIXTURE_TEST_CASE(recent_messages_reach_the_model_with_their_roles, ServiceFixture) {
+  BOOST_REQUIRE(Chat("alice", "first").ok());
+  BOOST_REQUIRE(Chat("alice", "second").ok());
+  const auto& p = llm.last_prompt;
+  BOOST_REQUIRE_EQUAL(p.size(), 4u);
+  BOOST_TEST(p[1].role == "user");
+  BOOST_TEST(p[1].content == "first");
+  BOOST_TEST(p[2].role == "assistant");
+  BOOST_TEST(p[2].content == "reply to first");
+  BOOST_TEST(p[3].content == "second");
+}
+
+BOOST_FIXTURE_TEST_CASE(recall_excludes_the_recent_messages, ServiceFixture) {
+  recent.messages["alice"] = {{Role::kUser, "x", 1, "t9:u"}, {Role::kAssistant, "y", 1, "t9:a"}};
+  BOOST_REQUIRE(Chat("alice", "q").ok());
+  BOOST_TEST(long_term.last_exclude == (std::vector<std::string>{"t9:u", "t9:a"}));
+}
+
+BOOST_FIXTURE_TEST_CASE(recalled_memories_are_used_in_the_prompt, ServiceFixture) {
+  RecalledMessage m;
+  m.message = {"t1:u", "alice", "t1", Role::kUser, "my dog is Rex", 1000, {}};
+  long_term.memories.push_back(m);
+  BOOST_REQUIRE(Chat("alice", "what is my dog called?").ok());
+  BOOST_TEST(llm.last_prompt[1].content.find("my dog is Rex") != std::string::npos);
+  BOOST_TEST(trace.memories_recalled == 1u);
+}
+
+BOOST_FIXTURE_TEST_CASE(long_term_failure_degrades_but_answers, ServiceFixture) {
+  long_term.status = Unavailable("chroma_unavailable", "down");
+  auto r = Chat("alice", "Hi");
+  BOOST_REQUIRE(r.ok());
+  BOOST_TEST(trace.recall_degraded);
+  BOOST_TEST(recent.turns.size() == 1u);  // still recorded, indexed later
+}
+
+BOOST_FIXTURE_TEST_CASE(embedder_failure_degrades_and_leaves_embedding_to_the_indexer, ServiceFixture) {
+  embedder.status = Unavailable("embedder_unavailable", "down");
+  auto r = Chat("alice", "Hi");
+  BOOST_REQUIRE(r.ok());
+  BOOST_TEST(trace.recall_degraded);
+  BOOST_TEST(long_term.recall_calls == 0);
+  BOOST_REQUIRE_EQUAL(recent.turns.size(), 1u);
+  BOOST_TEST(recent.turns[0].user_embedding.empty());
+}
+
+BOOST_FIXTURE_TEST_CASE(model_failure_stores_nothing, ServiceFixture) {
+  llm.status = Status(Code::kUpstream, "model_error", "boom");
+  auto r = Chat("alice", "Hi");
+  BOOST_REQUIRE(!r.ok());
+  BOOST_TEST(r.status().reason() == "model_error");
+  BOOST_TEST(recent.turns.empty());
+}
+
+BOOST_FIXTURE_TEST_CASE(short_term_down_is_503_and_the_model_is_not_called, ServiceFixture) {
+  recent.recent_status = Unavailable("redis_unavailable", "down");
+  auto r = Chat("alice", "Hi");
+  BOOST_REQUIRE(!r.ok());
+  BOOST_TEST(r.status().reason() == "memory_unavailable");
+  BOOST_TEST(llm.calls == 0);
+}
+
+BOOST_FIXTURE_TEST_CASE(recording_failure_is_reported_not_hidden, ServiceFixture) {
+  recent.record_status = Unavailable("redis_unavailable", "down");
+  auto r = Chat("alice", "Hi");
+  BOOST_REQUIRE(!r.ok());
+  BOOST_TEST((r.status().code() == Code::kUnavailable));
+}
+
+BOOST_AUTO_TEST_CASE(turn_ids_are_unique_hex) {
+  std::string a = NewTurnId(), b = NewTurnId();
+  BOOST_TEST(a.size() == 32u);
+  BOOST_TEST(a != b);
+  BOOST_TEST(a.find_first_not_of("0123456789abcdef") == std::string::npos);
+}
+
+BOOST_AUTO_TEST_SUITE_END()

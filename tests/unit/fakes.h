@@ -1,0 +1,108 @@
+// In-memory fakes of chatd's own interfaces, for unit tests of the chat service
+// and the HTTP contract. Integration tests use the real adapters instead.
+#pragma once
+
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "chatd/embeddings.h"
+#include "chatd/llm.h"
+#include "chatd/memory.h"
+#include "chatd/rate_limiter.h"
+
+namespace chatd::testing {
+
+class FakeLimiter : public RateLimiter {
+ public:
+  Result<RateDecision> Check(std::string_view) override {
+    ++calls;
+    if (!status.ok()) return status;
+    RateDecision d;
+    d.allowed = allowed;
+    d.limit = 30;
+    d.remaining = allowed ? 29 : 0;
+    d.reset_ms = 1500;
+    d.retry_after_ms = allowed ? 0 : 1500;
+    d.window_s = 60;
+    return d;
+  }
+  bool allowed = true;
+  Status status;
+  int calls = 0;
+};
+
+class FakeShortTerm : public ShortTermStore {
+ public:
+  Result<std::vector<Message>> Recent(std::string_view user) override {
+    ++recent_calls;
+    if (!recent_status.ok()) return recent_status;
+    return messages[std::string(user)];
+  }
+  Status RecordTurn(const Turn& turn) override {
+    if (!record_status.ok()) return record_status;
+    turns.push_back(turn);
+    auto& list = messages[turn.user_id];
+    list.push_back({Role::kUser, turn.user_message, 1, turn.turn_id + ":u"});
+    list.push_back({Role::kAssistant, turn.assistant_message, 1, turn.turn_id + ":a"});
+    while (list.size() > 4) list.erase(list.begin());
+    return Status::Ok();
+  }
+  std::map<std::string, std::vector<Message>> messages;
+  std::vector<Turn> turns;
+  Status recent_status, record_status;
+  int recent_calls = 0;
+};
+
+class FakeLongTerm : public LongTermStore {
+ public:
+  Result<std::vector<RecalledMessage>> Recall(std::string_view, const std::vector<float>&, size_t k,
+                                              const std::vector<std::string>& exclude) override {
+    ++recall_calls;
+    last_exclude = exclude;
+    if (!status.ok()) return status;
+    std::vector<RecalledMessage> out;
+    for (const auto& m : memories) {
+      bool excluded = false;
+      for (const auto& id : exclude) excluded |= (id == m.message.id);
+      if (!excluded && out.size() < k) out.push_back(m);
+    }
+    return out;
+  }
+  Status Upsert(std::string_view, const std::vector<StoredMessage>&) override { return Status::Ok(); }
+  std::vector<RecalledMessage> memories;
+  std::vector<std::string> last_exclude;
+  Status status;
+  int recall_calls = 0;
+};
+
+class FakeEmbedder : public Embedder {
+ public:
+  size_t dimensions() const override { return 4; }
+  Result<std::vector<std::vector<float>>> Embed(const std::vector<std::string>& texts) override {
+    ++calls;
+    if (!status.ok()) return status;
+    return std::vector<std::vector<float>>(texts.size(), std::vector<float>{1, 0, 0, 0});
+  }
+  Status status;
+  int calls = 0;
+};
+
+class FakeLlm : public Llm {
+ public:
+  Result<LlmReply> Complete(const std::vector<ChatMessage>& messages, Deadline) override {
+    ++calls;
+    last_prompt = messages;
+    if (!status.ok()) return status;
+    LlmReply r;
+    r.content = "reply to " + messages.back().content;
+    r.attempts = 1;
+    return r;
+  }
+  std::vector<ChatMessage> last_prompt;
+  Status status;
+  int calls = 0;
+};
+
+}  // namespace chatd::testing

@@ -1,0 +1,114 @@
+#include <boost/test/unit_test.hpp>
+
+#include "chatd/http_api.h"
+#include "fakes.h"
+
+using namespace chatd;
+using namespace chatd::testing;
+
+namespace {
+struct ApiFixture {
+  FakeLimiter limiter;
+  FakeShortTerm recent;
+  FakeLongTerm long_term;
+  FakeEmbedder embedder;
+  FakeLlm llm;
+  Config config;
+  ChatService service{limiter, recent, long_term, embedder, llm, ChatServiceOptions{}};
+  HttpApi api{config, service, nullptr, nullptr, nullptr};
+  RequestLog log;
+
+  HttpReply Post(std::string body, std::string content_type = "application/json") {
+    HttpRequest req;
+    req.method = "POST";
+    req.path = "/api/chat";
+    req.content_type = std::move(content_type);
+    req.body = std::move(body);
+    req.request_id = "rid";
+    return api.Handle(req, log);
+  }
+  static std::string Header(const HttpReply& r, const std::string& name) {
+    for (const auto& [k, v] : r.headers) {
+      if (k == name) return v;
+    }
+    return "<none>";
+  }
+};
+}  // namespace
+
+BOOST_AUTO_TEST_SUITE(http_api)
+
+BOOST_FIXTURE_TEST_CASE(success_is_json_with_response_and_rate_headers, ApiFixture) {
+  HttpReply r = Post(R"({"userId":"alice","message":"Hi"})");
+  BOOST_TEST(r.status == 200);
+  BOOST_TEST(r.body.find(R"("response":"reply to Hi")") != std::string::npos);
+  BOOST_TEST(r.body.find(R"("requestId":"rid")") != std::string::npos);
+  BOOST_TEST(Header(r, "RateLimit-Policy") == "\"default\";q=30;w=60");
+  BOOST_TEST(Header(r, "RateLimit") == "\"default\";r=29;t=2");
+  BOOST_TEST(log.user_id == "alice");
+}
+
+BOOST_FIXTURE_TEST_CASE(other_methods_get_405_with_allow, ApiFixture) {
+  HttpRequest req;
+  req.method = "GET";
+  req.path = "/api/chat";
+  HttpReply r = api.Handle(req, log);
+  BOOST_TEST(r.status == 405);
+  BOOST_TEST(Header(r, "Allow") == "POST");
+  BOOST_TEST(r.body.find("\"code\":\"method_not_allowed\"") != std::string::npos);
+}
+
+BOOST_FIXTURE_TEST_CASE(content_type_must_declare_json, ApiFixture) {
+  BOOST_TEST(Post(R"({"userId":"a","message":"x"})", "text/plain").status == 415);
+  BOOST_TEST(Post(R"({"userId":"a","message":"x"})", "").status == 415);
+  BOOST_TEST(Post(R"({"userId":"a","message":"x"})", "application/jsonx").status == 415);
+  BOOST_TEST(Post(R"({"userId":"a","message":"x"})", "Application/JSON; charset=utf-8").status == 200);
+}
+
+BOOST_FIXTURE_TEST_CASE(oversized_and_unreadable_bodies, ApiFixture) {
+  HttpRequest req;
+  req.method = "POST";
+  req.path = "/api/chat";
+  req.content_type = "application/json";
+  req.body_too_large = true;
+  BOOST_TEST(api.Handle(req, log).status == 413);
+  req.body_too_large = false;
+  req.body_unreadable = true;
+  BOOST_TEST(api.Handle(req, log).status == 400);
+  BOOST_TEST(llm.calls == 0);
+}
+
+BOOST_FIXTURE_TEST_CASE(missing_user_id_is_400, ApiFixture) {
+  HttpReply r = Post(R"({"message":"x"})");
+  BOOST_TEST(r.status == 400);
+  BOOST_TEST(r.body.find("missing_field") != std::string::npos);
+}
+
+BOOST_FIXTURE_TEST_CASE(rate_limited_is_429_with_retry_after, ApiFixture) {
+  limiter.allowed = false;
+  HttpReply r = Post(R"({"userId":"alice","message":"Hi"})");
+  BOOST_TEST(r.status == 429);
+  BOOST_TEST(r.body == R"({"error":"Too many requests","code":"rate_limited","retryAfter":2})");
+  BOOST_TEST(Header(r, "Retry-After") == "2");
+  BOOST_TEST(Header(r, "RateLimit") == "\"default\";r=0;t=2");
+}
+
+BOOST_FIXTURE_TEST_CASE(unknown_paths_are_json_404, ApiFixture) {
+  HttpRequest req;
+  req.method = "GET";
+  req.path = "/nope";
+  HttpReply r = api.Handle(req, log);
+  BOOST_TEST(r.status == 404);
+  BOOST_TEST(r.content_type == "application/json");
+}
+
+BOOST_AUTO_TEST_CASE(every_code_maps_to_one_status) {
+  BOOST_TEST(HttpStatusFor(Code::kInvalidArgument) == 400);
+  BOOST_TEST(HttpStatusFor(Code::kRateLimited) == 429);
+  BOOST_TEST(HttpStatusFor(Code::kUpstream) == 502);
+  BOOST_TEST(HttpStatusFor(Code::kUnavailable) == 503);
+  BOOST_TEST(HttpStatusFor(Code::kDeadlineExceeded) == 504);
+  BOOST_TEST(HttpStatusFor(Code::kInternal) == 500);
+}
+
+BOOST_AUTO_TEST_SUITE_END()

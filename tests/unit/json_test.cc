@@ -1,0 +1,99 @@
+#include <boost/test/unit_test.hpp>
+#include <string>
+
+#include "chatd/json.h"
+
+using namespace chatd;
+
+namespace {
+constexpr size_t kMax = 100;
+std::string ReasonOf(std::string_view body) {
+  auto r = ParseChatRequest(body, kMax);
+  return r.ok() ? "ok" : r.status().reason();
+}
+}  // namespace
+
+BOOST_AUTO_TEST_SUITE(json)
+
+BOOST_AUTO_TEST_CASE(accepts_a_valid_request) {
+  auto r = ParseChatRequest(R"({"userId":"user_1-a.b@c","message":"Hi","extra":[1,2]})", kMax);
+  BOOST_REQUIRE(r.ok());
+  BOOST_TEST(*r->user_id == "user_1-a.b@c");
+  BOOST_TEST(r->message == "Hi");
+}
+
+BOOST_AUTO_TEST_CASE(user_id_may_be_absent_at_parse_time) {
+  auto r = ParseChatRequest(R"({"message":"Hi"})", kMax);
+  BOOST_REQUIRE(r.ok());
+  BOOST_TEST(!r->user_id.has_value());
+}
+
+BOOST_AUTO_TEST_CASE(maps_each_bad_body_to_its_reason) {
+  BOOST_TEST(ReasonOf("") == "invalid_json");
+  BOOST_TEST(ReasonOf("{") == "invalid_json");
+  BOOST_TEST(ReasonOf(R"({"userId":"a","message":"b"} trailing)") == "invalid_json");
+  BOOST_TEST(ReasonOf("[1,2]") == "not_an_object");
+  BOOST_TEST(ReasonOf("\"text\"") == "not_an_object");
+  BOOST_TEST(ReasonOf(R"({"userId":"a"})") == "missing_field");
+  BOOST_TEST(ReasonOf(R"({"userId":"a","message":5})") == "wrong_type");
+  BOOST_TEST(ReasonOf(R"({"userId":7,"message":"x"})") == "wrong_type");
+  BOOST_TEST(ReasonOf(R"({"userId":"a","message":""})") == "empty_message");
+  BOOST_TEST(ReasonOf(R"({"userId":"a","message":" \n\t "})") == "empty_message");
+  BOOST_TEST(ReasonOf(R"({"userId":"","message":"x"})") == "invalid_user_id");
+  BOOST_TEST(ReasonOf(R"({"userId":"a b","message":"x"})") == "invalid_user_id");
+  BOOST_TEST(ReasonOf(R"({"userId":"a/b","message":"x"})") == "invalid_user_id");
+  BOOST_TEST(ReasonOf(R"({"userId":"a{b}","message":"x"})") == "invalid_user_id");
+  BOOST_TEST(ReasonOf("{\"userId\":\"\xc3\xa9\",\"message\":\"x\"}") == "invalid_user_id");
+  BOOST_TEST(ReasonOf(R"({"userId":")" + std::string(65, 'a') + R"(","message":"x"})") == "invalid_user_id");
+  BOOST_TEST(ReasonOf(R"({"userId":")" + std::string(64, 'a') + R"(","message":"x"})") == "ok");
+}
+
+BOOST_AUTO_TEST_CASE(message_length_is_counted_in_utf8_bytes) {
+  std::string at_limit(kMax, 'x');
+  BOOST_TEST(ReasonOf(R"({"userId":"a","message":")" + at_limit + "\"}") == "ok");
+  BOOST_TEST(ReasonOf(R"({"userId":"a","message":")" + at_limit + "y\"}") == "message_too_long");
+  std::string multibyte;
+  for (int i = 0; i < 51; ++i) multibyte += "\xc3\xa9";  // 102 bytes, 51 characters
+  BOOST_TEST(ReasonOf(R"({"userId":"a","message":")" + multibyte + "\"}") == "message_too_long");
+}
+
+BOOST_AUTO_TEST_CASE(invalid_utf8_is_refused_anywhere) {
+  BOOST_TEST(ReasonOf("{\"userId\":\"a\",\"message\":\"\xff\"}") == "invalid_utf8");
+  BOOST_TEST(ReasonOf("{\"userId\":\"a\",\"message\":\"\xc0\xaf\"}") == "invalid_utf8");      // overlong '/'
+  BOOST_TEST(ReasonOf("{\"userId\":\"a\",\"message\":\"\xed\xa0\x80\"}") == "invalid_utf8");  // surrogate
+  BOOST_TEST(ReasonOf("{\"userId\":\"a\",\"message\":\"x\"}\xfe") == "invalid_utf8");
+}
+
+BOOST_AUTO_TEST_CASE(duplicate_fields_are_refused) {
+  BOOST_TEST(ReasonOf(R"({"userId":"a","userId":"b","message":"x"})") == "invalid_json");
+  BOOST_TEST(ReasonOf(R"({"userId":"a","message":"x","message":"y"})") == "invalid_json");
+}
+
+BOOST_AUTO_TEST_CASE(deep_nesting_does_not_crash) {
+  std::string deep(60000, '[');
+  BOOST_TEST(ReasonOf(deep) == "invalid_json");
+  std::string nested = R"({"userId":"a","message":"x","n":)" + std::string(20000, '[') + std::string(20000, ']') + "}";
+  BOOST_TEST(ReasonOf(nested) == "ok");
+}
+
+BOOST_AUTO_TEST_CASE(utf8_validation_and_sanitising) {
+  BOOST_TEST(IsValidUtf8("plain"));
+  BOOST_TEST(IsValidUtf8("\xe2\x82\xac \xf0\x9f\x98\x80"));
+  BOOST_TEST(!IsValidUtf8("\xe2\x82"));
+  BOOST_TEST(!IsValidUtf8("\xf4\x90\x80\x80"));  // above U+10FFFF
+  BOOST_TEST(SanitizeUtf8("a\xffz") == "a\xef\xbf\xbdz");
+  BOOST_TEST(SanitizeUtf8("\xe2\x82\xac") == "\xe2\x82\xac");
+}
+
+BOOST_AUTO_TEST_CASE(strings_are_escaped_for_json) {
+  std::string out;
+  AppendJsonString(out, "q\"b\\n\n\x01");
+  BOOST_TEST(out == "\"q\\\"b\\\\n\\n\\u0001\"");
+}
+
+BOOST_AUTO_TEST_CASE(error_body_has_error_and_code) {
+  BOOST_TEST(ErrorBody(InvalidArgument("empty_message", "Say \"something\"")) ==
+             R"({"error":"Say \"something\"","code":"empty_message"})");
+}
+
+BOOST_AUTO_TEST_SUITE_END()
