@@ -1,0 +1,86 @@
+// chatd-cleanup: archives and removes the memory of users inactive for longer
+// than a threshold, restores an archived user, or forgets one completely.
+//
+// Cost: the activity index (chatd:activity, a sorted set maintained by the
+// record-turn script) is asked for users below the cut-off, in batches; users
+// who are active are never touched. Per archived user the steps are:
+//   1. take the user's cleanup lock (the indexer leaves them alone meanwhile);
+//   2. index their turns still waiting in the stream, so the archive is whole;
+//   3. export the Chroma collection and merge it into the archive file named
+//      by the user's last activity (written durably);
+//   4. delete the collection;
+//   5. one script: if the user's activity is still the one we started from,
+//      delete their Redis keys and activity entry; otherwise they came back
+//      meanwhile and their live memory stays. Either way the stream entries we
+//      archived are acknowledged and the lock is released.
+// Every step is idempotent, so a run killed anywhere and run again finishes
+// the job without losing or duplicating a record (docs/cleanup.md).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "chatd/chroma.h"
+#include "chatd/embeddings.h"
+#include "chatd/redis.h"
+#include "chatd/redis_memory.h"
+#include "chatd/status.h"
+
+namespace chatd {
+
+struct CleanupOptions {
+  int64_t inactive_ms = 24 * 3600 * 1000;
+  std::string archive_dir;
+  int batch = 100;
+  int64_t lock_ttl_ms = 10 * 60 * 1000;
+  int64_t now_ms = 0;  // 0: Redis TIME
+  bool dry_run = false;
+  // Test-only fault injection: "after_lock", "after_export" or
+  // "after_delete_collection" ends the process there with status 137, as a
+  // kill -9 would, so tests can prove a rerun completes the job.
+  std::string crash_at;
+};
+
+struct CleanupSummary {
+  int64_t scanned = 0;   // inactive users looked at
+  int64_t archived = 0;  // archived and removed
+  int64_t returned = 0;  // archived, but came back meanwhile: live memory kept
+  int64_t failed = 0;
+  int64_t records = 0;   // records written to archives
+  double seconds = 0;
+};
+
+class Cleanup {
+ public:
+  Cleanup(RedisClient& redis, ChromaStore& chroma, Embedder& embedder, CleanupOptions options);
+
+  // Archives every inactive user; one failing user does not stop the others.
+  // Prints a JSON progress line per batch on stderr.
+  Result<CleanupSummary> Run();
+  // Brings an archived user's long-term memory back into Chroma, exactly (same
+  // ids, documents, metadata, embeddings), then removes the archive files.
+  // Returns the number of records restored.
+  Result<int64_t> Restore(std::string_view user_id);
+  // Erases everything of a user: Redis keys, queued turns, the collection and
+  // the archives.
+  Status Forget(std::string_view user_id);
+
+ private:
+  enum class Outcome { kArchived, kReturned };
+  Result<Outcome> ArchiveUser(const std::string& user, int64_t last_activity, const std::vector<IndexEntry>& queued,
+                              int64_t& records);
+  Result<int64_t> NowMs();
+  // Turns of these users still in the index stream (one pass over the stream).
+  Result<std::map<std::string, std::vector<IndexEntry>>> QueuedTurns(const std::vector<std::string>& users);
+  void CrashIf(std::string_view point) const;
+
+  RedisClient& redis_;
+  ChromaStore& chroma_;
+  Embedder& embedder_;
+  CleanupOptions options_;
+};
+
+}  // namespace chatd

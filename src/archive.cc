@@ -1,0 +1,267 @@
+#include "chatd/archive.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <rapidjson/document.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <map>
+
+#include "chatd/json.h"
+#include "chatd/user_id.h"
+
+namespace chatd {
+
+namespace {
+
+constexpr std::string_view kFormat = "chatd-archive/1";
+constexpr mode_t kDirMode = 0750;
+constexpr mode_t kFileMode = 0640;  // memories are personal data
+
+Status IoError(const std::string& what, const std::string& path) {
+  return Status(Code::kUnavailable, "archive_io", what + " " + path + ": " + std::strerror(errno));
+}
+
+Status FsyncPath(const std::string& path, int flags) {
+  int fd = ::open(path.c_str(), flags | O_CLOEXEC);
+  if (fd < 0) return IoError("open", path);
+  int rc = ::fsync(fd);
+  ::close(fd);
+  if (rc != 0) return IoError("fsync", path);
+  return Status::Ok();
+}
+
+Status MakeDirs(const std::string& dir) {
+  std::string partial;
+  for (size_t i = 0; i <= dir.size(); ++i) {
+    if (i == dir.size() || (dir[i] == '/' && i > 0)) {
+      partial = dir.substr(0, i);
+      if (::mkdir(partial.c_str(), kDirMode) != 0 && errno != EEXIST) return IoError("mkdir", partial);
+    }
+  }
+  return Status::Ok();
+}
+
+std::string Parent(const std::string& path) {
+  auto slash = path.rfind('/');
+  return slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+}
+
+void AppendFloat(std::string& out, float f) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.9g", static_cast<double>(f));
+  out.append(buf);
+}
+
+}  // namespace
+
+std::string ArchiveUserDir(std::string_view archive_dir, std::string_view user_id) {
+  return std::string(archive_dir) + "/" + ChromaCollectionName(user_id);
+}
+
+std::string ArchivePath(std::string_view archive_dir, std::string_view user_id, int64_t last_activity_ms) {
+  return ArchiveUserDir(archive_dir, user_id) + "/" + std::to_string(last_activity_ms) + ".json";
+}
+
+std::string SerializeArchive(const Archive& a) {
+  std::string out;
+  out.reserve(256 + a.records.size() * 2048);
+  out.append("{\"format\":");
+  AppendJsonString(out, kFormat);
+  out.append(",\"user\":");
+  AppendJsonString(out, a.user_id);
+  out.append(",\"collection\":");
+  AppendJsonString(out, ChromaCollectionName(a.user_id));
+  out.append(",\"last_activity_ms\":").append(std::to_string(a.last_activity_ms));
+  out.append(",\"archived_at_ms\":").append(std::to_string(a.archived_at_ms));
+  out.append(",\"records\":[");
+  for (size_t i = 0; i < a.records.size(); ++i) {
+    const StoredMessage& m = a.records[i];
+    out.append(i ? ",\n" : "\n").append("{\"id\":");
+    AppendJsonString(out, m.id);
+    out.append(",\"document\":");
+    AppendJsonString(out, m.content);
+    out.append(",\"metadata\":{\"role\":");
+    AppendJsonString(out, RoleName(m.role));
+    out.append(",\"ts\":").append(std::to_string(m.ts_ms));
+    out.append(",\"user\":");
+    AppendJsonString(out, m.user_id);
+    out.append(",\"turn\":");
+    AppendJsonString(out, m.turn_id);
+    out.append("},\"embedding\":[");
+    for (size_t k = 0; k < m.embedding.size(); ++k) {
+      if (k) out.push_back(',');
+      AppendFloat(out, m.embedding[k]);
+    }
+    out.append("]}");
+  }
+  out.append("\n]}\n");
+  return out;
+}
+
+Result<Archive> ParseArchive(std::string_view json) {
+  auto bad = [](const std::string& why) { return Status(Code::kInternal, "bad_archive", "archive: " + why); };
+  rapidjson::Document doc;
+  doc.Parse<rapidjson::kParseFullPrecisionFlag | rapidjson::kParseIterativeFlag |
+            rapidjson::kParseValidateEncodingFlag>(json.data(), json.size());
+  if (doc.HasParseError() || !doc.IsObject()) return bad("not a JSON object");
+  auto str = [](const rapidjson::Value& obj, const char* key, std::string& out) {
+    auto it = obj.FindMember(key);
+    if (it == obj.MemberEnd() || !it->value.IsString()) return false;
+    out.assign(it->value.GetString(), it->value.GetStringLength());
+    return true;
+  };
+  auto num = [](const rapidjson::Value& obj, const char* key, int64_t& out) {
+    auto it = obj.FindMember(key);
+    if (it == obj.MemberEnd() || !it->value.IsInt64()) return false;
+    out = it->value.GetInt64();
+    return true;
+  };
+  std::string format;
+  Archive a;
+  if (!str(doc, "format", format) || format != kFormat) return bad("unknown format");
+  if (!str(doc, "user", a.user_id) || !IsValidUserId(a.user_id)) return bad("bad user");
+  if (!num(doc, "last_activity_ms", a.last_activity_ms) || !num(doc, "archived_at_ms", a.archived_at_ms)) {
+    return bad("bad times");
+  }
+  auto records = doc.FindMember("records");
+  if (records == doc.MemberEnd() || !records->value.IsArray()) return bad("no records");
+  for (const auto& r : records->value.GetArray()) {
+    if (!r.IsObject()) return bad("record is not an object");
+    StoredMessage m;
+    std::string role;
+    auto meta = r.FindMember("metadata");
+    auto emb = r.FindMember("embedding");
+    if (!str(r, "id", m.id) || !str(r, "document", m.content) || meta == r.MemberEnd() ||
+        !meta->value.IsObject() || emb == r.MemberEnd() || !emb->value.IsArray()) {
+      return bad("incomplete record");
+    }
+    if (!str(meta->value, "role", role) || !num(meta->value, "ts", m.ts_ms) ||
+        !str(meta->value, "user", m.user_id) || !str(meta->value, "turn", m.turn_id)) {
+      return bad("incomplete metadata");
+    }
+    if (role != "user" && role != "assistant") return bad("bad role");
+    m.role = role == "user" ? Role::kUser : Role::kAssistant;
+    m.embedding.reserve(emb->value.Size());
+    for (const auto& x : emb->value.GetArray()) {
+      if (!x.IsNumber() || !std::isfinite(x.GetDouble())) return bad("bad embedding");
+      m.embedding.push_back(static_cast<float>(x.GetDouble()));
+    }
+    a.records.push_back(std::move(m));
+  }
+  return a;
+}
+
+Status WriteFileDurably(const std::string& path, std::string_view content) {
+  std::string dir = Parent(path);
+  if (Status s = MakeDirs(dir); !s.ok()) return s;
+  std::string tmp = path + ".tmp";
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, kFileMode);
+  if (fd < 0) return IoError("create", tmp);
+  const char* p = content.data();
+  size_t left = content.size();
+  while (left > 0) {
+    ssize_t n = ::write(fd, p, left);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      Status s = IoError("write", tmp);
+      ::close(fd);
+      ::unlink(tmp.c_str());
+      return s;
+    }
+    p += n;
+    left -= static_cast<size_t>(n);
+  }
+  if (::fsync(fd) != 0) {
+    Status s = IoError("fsync", tmp);
+    ::close(fd);
+    return s;
+  }
+  ::close(fd);
+  if (::rename(tmp.c_str(), path.c_str()) != 0) return IoError("rename", tmp);
+  return FsyncPath(dir, O_RDONLY | O_DIRECTORY);
+}
+
+Result<std::string> ReadFile(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return IoError("open", path);
+  std::string out;
+  char buf[1 << 16];
+  for (;;) {
+    ssize_t n = ::read(fd, buf, sizeof(buf));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      Status s = IoError("read", path);
+      ::close(fd);
+      return s;
+    }
+    if (n == 0) break;
+    out.append(buf, static_cast<size_t>(n));
+  }
+  ::close(fd);
+  return out;
+}
+
+Result<std::vector<std::string>> ListArchives(std::string_view archive_dir, std::string_view user_id) {
+  std::string dir = ArchiveUserDir(archive_dir, user_id);
+  std::vector<std::pair<int64_t, std::string>> found;
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) {
+    if (errno == ENOENT) return std::vector<std::string>{};
+    return IoError("opendir", dir);
+  }
+  while (dirent* e = ::readdir(d)) {
+    std::string name = e->d_name;
+    if (name.size() <= 5 || name.substr(name.size() - 5) != ".json") continue;  // skips *.json.tmp
+    std::string stem = name.substr(0, name.size() - 5);
+    if (stem.find_first_not_of("0123456789") != std::string::npos) continue;
+    found.emplace_back(std::stoll(stem), dir + "/" + name);
+  }
+  ::closedir(d);
+  std::sort(found.begin(), found.end());
+  std::vector<std::string> out;
+  for (auto& [ts, path] : found) out.push_back(std::move(path));
+  return out;
+}
+
+Status RemoveArchives(std::string_view archive_dir, std::string_view user_id, const std::vector<std::string>& paths) {
+  std::string user_dir = ArchiveUserDir(archive_dir, user_id);
+  struct stat st {};
+  if (paths.empty() && ::stat(user_dir.c_str(), &st) != 0 && errno == ENOENT) return Status::Ok();  // nothing there
+  for (const std::string& p : paths) {
+    if (::unlink(p.c_str()) != 0 && errno != ENOENT) return IoError("unlink", p);
+  }
+  const std::string& dir = user_dir;
+  // Leftover temporary files of a crashed write go too.
+  if (DIR* d = ::opendir(dir.c_str())) {
+    std::vector<std::string> tmp;
+    while (dirent* e = ::readdir(d)) {
+      std::string name = e->d_name;
+      if (name.size() > 4 && name.substr(name.size() - 4) == ".tmp") tmp.push_back(dir + "/" + name);
+    }
+    ::closedir(d);
+    for (const auto& t : tmp) ::unlink(t.c_str());
+  }
+  if (::rmdir(dir.c_str()) != 0 && errno != ENOENT && errno != ENOTEMPTY) return IoError("rmdir", dir);
+  return FsyncPath(std::string(archive_dir), O_RDONLY | O_DIRECTORY);
+}
+
+std::vector<StoredMessage> MergeById(std::vector<StoredMessage> a, std::vector<StoredMessage> b) {
+  std::map<std::string, StoredMessage> by_id;
+  for (auto& m : a) by_id[m.id] = std::move(m);
+  for (auto& m : b) by_id[m.id] = std::move(m);
+  std::vector<StoredMessage> out;
+  out.reserve(by_id.size());
+  for (auto& [id, m] : by_id) out.push_back(std::move(m));
+  std::stable_sort(out.begin(), out.end(),
+                   [](const StoredMessage& x, const StoredMessage& y) { return x.ts_ms < y.ts_ms; });
+  return out;
+}
+
+}  // namespace chatd

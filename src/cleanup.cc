@@ -1,0 +1,320 @@
+#include "chatd/cleanup.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <set>
+
+#include "chatd/archive.h"
+#include "chatd/clock.h"
+#include "chatd/indexer.h"
+#include "chatd/log.h"
+#include "chatd/redis_rate_limiter.h"
+#include "chatd/user_id.h"
+
+namespace chatd {
+
+namespace {
+
+// Page size when reading the index stream for queued turns.
+constexpr int kStreamPage = 1000;
+// Records per upsert when restoring.
+constexpr size_t kRestoreBatch = 200;
+constexpr int kCrashStatus = 137;  // what a shell reports after kill -9
+
+// KEYS: activity, recent, rl fixed, rl sliding, lock, index stream.
+// ARGV: user, last activity we archived, index group, stream ids to acknowledge.
+// Returns 1 when the user was removed, 0 when they came back meanwhile.
+const RedisScript kFinishArchive(R"lua(
+if #ARGV > 3 then
+  local ids = {}
+  for i = 4, #ARGV do ids[#ids + 1] = ARGV[i] end
+  redis.call('XACK', KEYS[6], ARGV[3], unpack(ids))
+  redis.call('XDEL', KEYS[6], unpack(ids))
+end
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) == tonumber(ARGV[2]) then
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return 1
+end
+redis.call('DEL', KEYS[5])
+return 0
+)lua");
+
+// KEYS: activity, recent, rl fixed, rl sliding, lock, index stream, dead letters.
+// ARGV: user, index group, then stream ids (index stream) ... "|" ... dead-letter ids.
+const RedisScript kForget(R"lua(
+local ids, dead, into = {}, {}, nil
+into = ids
+for i = 3, #ARGV do
+  if ARGV[i] == '|' then into = dead else into[#into + 1] = ARGV[i] end
+end
+if #ids > 0 then
+  redis.call('XACK', KEYS[6], ARGV[2], unpack(ids))
+  redis.call('XDEL', KEYS[6], unpack(ids))
+end
+if #dead > 0 then redis.call('XDEL', KEYS[7], unpack(dead)) end
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('ZREM', KEYS[1], ARGV[1])
+return 1
+)lua");
+
+std::vector<std::string> UserKeys(std::string_view user) {
+  return {RecentKey(user), UserKey(user, kFixedWindowKeySuffix), UserKey(user, kSlidingLogKeySuffix),
+          CleanupLockKey(user)};
+}
+
+Status RedisErrorIf(const Result<RedisValue>& r, std::string_view what) {
+  if (!r.ok()) return r.status();
+  if (r->is_error()) return Unavailable("redis_error", std::string(what) + ": " + r->str);
+  return Status::Ok();
+}
+
+}  // namespace
+
+Cleanup::Cleanup(RedisClient& redis, ChromaStore& chroma, Embedder& embedder, CleanupOptions options)
+    : redis_(redis), chroma_(chroma), embedder_(embedder), options_(std::move(options)) {}
+
+void Cleanup::CrashIf(std::string_view point) const {
+  if (options_.crash_at == point) _exit(kCrashStatus);
+}
+
+Result<int64_t> Cleanup::NowMs() {
+  if (options_.now_ms > 0) return options_.now_ms;
+  Result<RedisValue> t = redis_.Command({"TIME"});
+  if (Status s = RedisErrorIf(t, "TIME"); !s.ok()) return s;
+  if (t->elements.size() != 2) return Unavailable("redis_error", "TIME answered oddly");
+  return std::stoll(t->elements[0].str) * 1000 + std::stoll(t->elements[1].str) / 1000;
+}
+
+Result<std::map<std::string, std::vector<IndexEntry>>> Cleanup::QueuedTurns(const std::vector<std::string>& users) {
+  std::set<std::string> wanted(users.begin(), users.end());
+  std::map<std::string, std::vector<IndexEntry>> out;
+  std::string start = "-";
+  std::string page = std::to_string(kStreamPage);
+  for (;;) {
+    Result<RedisValue> r = redis_.Command({"XRANGE", kIndexStreamKey, start, "+", "COUNT", page});
+    if (Status s = RedisErrorIf(r, "XRANGE"); !s.ok()) return s;
+    std::vector<IndexEntry> entries = ParseIndexEntries(*r);
+    for (auto& e : entries) {
+      if (wanted.count(e.user)) out[e.user].push_back(e);
+    }
+    if (r->elements.size() < static_cast<size_t>(kStreamPage)) break;
+    start = "(" + r->elements.back().elements[0].str;  // exclusive: after the last id seen
+  }
+  return out;
+}
+
+Result<Cleanup::Outcome> Cleanup::ArchiveUser(const std::string& user, int64_t last_activity,
+                                              const std::vector<IndexEntry>& queued, int64_t& records) {
+  std::vector<std::string> keys = UserKeys(user);
+  const std::string& lock = keys[3];
+
+  // 1. The lock pauses the indexer for this user. A lock left by a run that was
+  // killed is simply taken over: every step below is idempotent.
+  std::string ttl = std::to_string(options_.lock_ttl_ms);
+  if (Status s = RedisErrorIf(redis_.Command({"SET", lock, "cleanup", "PX", ttl}), "SET lock"); !s.ok()) return s;
+  CrashIf("after_lock");
+
+  // 2. Turns still queued for indexing go into Chroma first, so the export is whole.
+  if (!queued.empty()) {
+    auto by_user = BuildStoredMessages(queued, embedder_);
+    if (!by_user.ok()) return by_user.status();
+    for (auto& [u, messages] : *by_user) {
+      if (Status s = chroma_.Upsert(u, messages); !s.ok()) return s;
+    }
+  }
+
+  // 3. Export and merge into the archive file of this activity time.
+  std::string path = ArchivePath(options_.archive_dir, user, last_activity);
+  auto exported = chroma_.ExportAll(user);
+  if (!exported.ok()) return exported.status();
+  Archive archive;
+  archive.user_id = user;
+  archive.last_activity_ms = last_activity;
+  archive.archived_at_ms = WallMs();
+  if (access(path.c_str(), F_OK) == 0) {
+    // A previous run got this far (and maybe deleted the collection): keep
+    // what it wrote, add what is new.
+    auto text = ReadFile(path);
+    if (!text.ok()) return text.status();
+    auto previous = ParseArchive(*text);
+    if (!previous.ok()) return previous.status();
+    archive.records = MergeById(std::move(previous->records), std::move(*exported));
+  } else {
+    archive.records = MergeById({}, std::move(*exported));
+  }
+  if (!archive.records.empty()) {
+    if (Status s = WriteFileDurably(path, SerializeArchive(archive)); !s.ok()) return s;
+  }
+  records += static_cast<int64_t>(archive.records.size());
+  CrashIf("after_export");
+
+  // 4. The collection goes.
+  if (Status s = chroma_.DeleteCollection(user); !s.ok()) return s;
+  CrashIf("after_delete_collection");
+
+  // 5. Redis keys, unless the user came back meanwhile.
+  std::string score = std::to_string(last_activity);
+  std::vector<std::string_view> args = {user, score, kIndexGroup};
+  for (const IndexEntry& e : queued) args.push_back(e.stream_id);
+  std::vector<std::string_view> script_keys = {kActivityKey, keys[0], keys[1], keys[2], keys[3], kIndexStreamKey};
+  Result<RedisValue> done = redis_.Eval(kFinishArchive, script_keys, args);
+  if (Status s = RedisErrorIf(done, "finishing the archive"); !s.ok()) return s;
+  return done->integer == 1 ? Outcome::kArchived : Outcome::kReturned;
+}
+
+Result<CleanupSummary> Cleanup::Run() {
+  auto started = SteadyClock::now();
+  CleanupSummary sum;
+  Result<int64_t> now = NowMs();
+  if (!now.ok()) return now.status();
+  std::string cutoff = "(" + std::to_string(*now - options_.inactive_ms);  // strictly older than the threshold
+  std::string batch = std::to_string(options_.batch);
+
+  // Users that stay in the index below the cut-off (failed, or left alone in
+  // a dry run) are skipped by offset; archived ones leave it, and those who
+  // come back move above the cut-off.
+  int64_t offset = 0;
+  for (int batch_no = 1;; ++batch_no) {
+    std::string off = std::to_string(offset);
+    Result<RedisValue> page = redis_.Command(
+        {"ZRANGE", kActivityKey, "-inf", cutoff, "BYSCORE", "LIMIT", off, batch, "WITHSCORES"});
+    if (Status s = RedisErrorIf(page, "ZRANGE"); !s.ok()) return s;
+    if (page->elements.empty()) break;
+
+    std::vector<std::pair<std::string, int64_t>> users;
+    for (size_t i = 0; i + 1 < page->elements.size(); i += 2) {
+      users.emplace_back(page->elements[i].str, std::stoll(page->elements[i + 1].str));
+    }
+    std::vector<std::string> names;
+    for (const auto& [u, ts] : users) names.push_back(u);
+    auto queued = QueuedTurns(names);
+    if (!queued.ok()) return queued.status();
+
+    int64_t batch_archived = 0, batch_failed = 0;
+    for (const auto& [user, last_activity] : users) {
+      ++sum.scanned;
+      if (options_.dry_run) {
+        auto count = chroma_.Count(user);
+        LogInfo("cleanup_would_archive")
+            .Str("user", user)
+            .Int("last_activity_ms", last_activity)
+            .Int("records", count.ok() ? *count : -1)
+            .Int("queued_turns", static_cast<int64_t>((*queued)[user].size()))
+            .Emit();
+        ++offset;
+        continue;
+      }
+      int64_t records = 0;
+      Result<Outcome> outcome = ArchiveUser(user, last_activity, (*queued)[user], records);
+      if (!outcome.ok()) {
+        ++sum.failed;
+        ++batch_failed;
+        ++offset;
+        LogError("cleanup_user_failed")
+            .Str("user", user)
+            .Str("reason", outcome.status().reason())
+            .Str("detail", outcome.status().message())
+            .Emit();
+        continue;
+      }
+      sum.records += records;
+      if (*outcome == Outcome::kArchived) {
+        ++sum.archived;
+        ++batch_archived;
+      } else {
+        ++sum.returned;
+      }
+    }
+    LogInfo("cleanup_batch")
+        .Int("batch", batch_no)
+        .Int("users", static_cast<int64_t>(users.size()))
+        .Int("archived", batch_archived)
+        .Int("failed", batch_failed)
+        .Emit();
+  }
+  sum.seconds = std::chrono::duration<double>(SteadyClock::now() - started).count();
+  return sum;
+}
+
+Result<int64_t> Cleanup::Restore(std::string_view user_id) {
+  std::string user(user_id);
+  auto paths = ListArchives(options_.archive_dir, user);
+  if (!paths.ok()) return paths.status();
+  std::vector<StoredMessage> records;
+  for (const std::string& p : *paths) {
+    auto text = ReadFile(p);
+    if (!text.ok()) return text.status();
+    auto archive = ParseArchive(*text);
+    if (!archive.ok()) return archive.status();
+    if (archive->user_id != user) return Internal("bad_archive", "archive " + p + " belongs to another user");
+    records = MergeById(std::move(records), std::move(archive->records));
+  }
+  if (options_.dry_run) {
+    LogInfo("restore_would_upsert").Str("user", user).Int("records", static_cast<int64_t>(records.size())).Emit();
+    return static_cast<int64_t>(records.size());
+  }
+  for (size_t i = 0; i < records.size(); i += kRestoreBatch) {
+    std::vector<StoredMessage> chunk(records.begin() + static_cast<std::ptrdiff_t>(i),
+                                     records.begin() + static_cast<std::ptrdiff_t>(std::min(records.size(), i + kRestoreBatch)));
+    if (Status s = chroma_.Upsert(user, chunk); !s.ok()) return s;
+  }
+  // Tracked again, so the restored memory is archived again when unused.
+  Result<int64_t> now = NowMs();
+  if (!now.ok()) return now.status();
+  std::string score = std::to_string(*now);
+  if (Status s = RedisErrorIf(redis_.Command({"ZADD", kActivityKey, "NX", score, user}), "ZADD"); !s.ok()) return s;
+  // Only now that Chroma holds every record may the archives go.
+  if (Status s = RemoveArchives(options_.archive_dir, user, *paths); !s.ok()) return s;
+  return static_cast<int64_t>(records.size());
+}
+
+Status Cleanup::Forget(std::string_view user_id) {
+  std::string user(user_id);
+  std::vector<std::string> keys = UserKeys(user);
+  auto paths = ListArchives(options_.archive_dir, user);
+  if (!paths.ok()) return paths.status();
+  auto queued = QueuedTurns({user});
+  if (!queued.ok()) return queued.status();
+
+  // Dead letters of this user (rare; the stream is normally empty).
+  std::vector<std::string> dead_ids;
+  Result<RedisValue> dead = redis_.Command({"XRANGE", kDeadLetterKey, "-", "+"});
+  if (Status s = RedisErrorIf(dead, "XRANGE"); !s.ok()) return s;
+  for (const IndexEntry& e : ParseIndexEntries(*dead)) {
+    if (e.user == user) dead_ids.push_back(e.stream_id);
+  }
+
+  if (options_.dry_run) {
+    auto count = chroma_.Count(user);
+    LogInfo("forget_would_erase")
+        .Str("user", user)
+        .Int("records", count.ok() ? *count : -1)
+        .Int("queued_turns", static_cast<int64_t>((*queued)[user].size()))
+        .Int("archives", static_cast<int64_t>(paths->size()))
+        .Emit();
+    return Status::Ok();
+  }
+
+  // Lock first, so no indexer re-creates the collection while we erase it.
+  std::string ttl = std::to_string(options_.lock_ttl_ms);
+  if (Status s = RedisErrorIf(redis_.Command({"SET", keys[3], "forget", "PX", ttl}), "SET lock"); !s.ok()) return s;
+  if (Status s = chroma_.DeleteCollection(user); !s.ok()) return s;
+  if (Status s = RemoveArchives(options_.archive_dir, user, *paths); !s.ok()) return s;
+
+  std::vector<std::string_view> args = {user, kIndexGroup};
+  for (const IndexEntry& e : (*queued)[user]) args.push_back(e.stream_id);
+  args.push_back("|");
+  for (const std::string& id : dead_ids) args.push_back(id);
+  std::vector<std::string_view> script_keys = {kActivityKey, keys[0], keys[1], keys[2], keys[3], kIndexStreamKey,
+                                               kDeadLetterKey};
+  if (Status s = RedisErrorIf(redis_.Eval(kForget, script_keys, args), "forget"); !s.ok()) return s;
+  // An indexer that was mid-upsert when we locked may have re-created the
+  // collection; its entry stays unacknowledged and is gone from the stream, so
+  // one more delete settles it.
+  return chroma_.DeleteCollection(user);
+}
+
+}  // namespace chatd
