@@ -7,7 +7,12 @@ namespace chatd {
 
 namespace {
 
-bool IsPermanent(const Status& s) { return s.reason() == "dimension_mismatch"; }
+// Retrying helps only when something was down or slow; anything else (a
+// dimension mismatch, a record Chroma refuses) would fail forever.
+bool IsPermanent(const Status& s) {
+  if (s.reason() == "dimension_mismatch") return true;
+  return s.code() != Code::kUnavailable && s.code() != Code::kDeadlineExceeded;
+}
 
 // KEYS: the user's cleanup lock, the index stream. ARGV: group, then ids.
 // Acknowledges only while no cleanup holds the user (see indexer.h).

@@ -1,5 +1,6 @@
 // Long-term memory in Chroma (server `chroma run`, HTTP API v2): one collection
-// per user, cosine space, records addressed by message id.
+// per user (squared-L2 space over unit vectors, which ranks as cosine does),
+// records addressed by message id.
 #pragma once
 
 #include <cstdint>

@@ -59,7 +59,7 @@ BOOST_AUTO_TEST_SUITE(chroma)
 BOOST_AUTO_TEST_CASE(create_collection_request) {
   BOOST_TEST(chroma_json::CreateCollectionRequest("chatd-u-616c696365", "alice", 100) ==
              R"({"name":"chatd-u-616c696365","get_or_create":true,)"
-             R"("configuration":{"hnsw":{"space":"cosine","sync_threshold":100}},)"
+             R"("configuration":{"hnsw":{"space":"l2","sync_threshold":100}},)"
              R"("metadata":{"chatd_user":"alice"}})");
 }
 
