@@ -24,7 +24,7 @@ UNIT_SRCS := $(wildcard tests/unit/*.cc)
 UNIT_OBJS := $(UNIT_SRCS:tests/unit/%.cc=$(BUILD)/obj/unit/%.o)
 BINS      := $(BUILD)/bin/chatd $(BUILD)/bin/chatd-cleanup $(BUILD)/bin/unit_tests
 
-.PHONY: all deps run test asan unit integration bench install uninstall clean
+.PHONY: all deps run test asan unit integration bench install install-chroma uninstall clean
 all: $(BINS)
 
 $(BUILD)/obj/%.o: src/%.cc
@@ -101,6 +101,52 @@ asan:
 
 bench: deps all
 	$(PYTHON) bench/run_bench.py --build $(BUILD)
+
+# ---------------------------------------------------------------------------
+# Installation (docs/deployment.md). PREFIX and DESTDIR as usual; the units and
+# the nginx site get the installed paths.
+PREFIX      ?= /usr/local
+SYSCONFDIR  ?= /etc
+UNITDIR     ?= $(SYSCONFDIR)/systemd/system
+BINDIR      := $(PREFIX)/bin
+LIBDIR      := $(PREFIX)/lib/chatd
+DOCDIR      := $(PREFIX)/share/doc/chatd
+SITE_LISTEN ?= 80
+SITE_SOCKET ?= /run/chatd/chatd.sock
+SITE_MAX_BODY ?= 65536
+SITE_READ_TIMEOUT ?= 40s
+UNITS := chatd.service chroma.service chatd-cleanup.service chatd-cleanup.timer
+
+# The deployment site, rendered from the one template the tests use too.
+nginx/chatd.conf: nginx/chatd-site.conf.in
+	sed -e 's|@LISTEN@|$(SITE_LISTEN)|g' -e 's|@CHATD_SOCKET@|$(SITE_SOCKET)|g' \
+	    -e 's|@MAX_BODY@|$(SITE_MAX_BODY)|g' -e 's|@READ_TIMEOUT@|$(SITE_READ_TIMEOUT)|g' $< > $@
+
+install: $(BUILD)/bin/chatd $(BUILD)/bin/chatd-cleanup nginx/chatd.conf
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(DOCDIR) $(DESTDIR)$(LIBDIR) \
+	  $(DESTDIR)$(SYSCONFDIR)/nginx/sites-available
+	install -d -m 0750 $(DESTDIR)$(SYSCONFDIR)/chatd
+	install -m 0755 $(BUILD)/bin/chatd $(BUILD)/bin/chatd-cleanup $(DESTDIR)$(BINDIR)/
+	for u in $(UNITS); do \
+	  sed -e 's|/usr/local/bin/|$(BINDIR)/|g' -e 's|/usr/local/lib/chatd/|$(LIBDIR)/|g' \
+	      -e 's|/usr/local/share/doc/chatd/|$(DOCDIR)/|g' -e 's|/etc/chatd/|$(SYSCONFDIR)/chatd/|g' \
+	      systemd/$$u > $(DESTDIR)$(UNITDIR)/$$u && chmod 0644 $(DESTDIR)$(UNITDIR)/$$u; \
+	done
+	install -m 0644 nginx/chatd.conf $(DESTDIR)$(SYSCONFDIR)/nginx/sites-available/chatd.conf
+	install -m 0640 systemd/chatd.env.example $(DESTDIR)$(SYSCONFDIR)/chatd/chatd.env.example
+	install -m 0644 requirements-chroma.txt $(DESTDIR)$(LIBDIR)/
+	install -m 0644 README.md docs/*.md $(DESTDIR)$(DOCDIR)/
+
+# Chroma's virtualenv where chroma.service expects it (needs PyPI once).
+install-chroma:
+	$(PYTHON) -m venv $(DESTDIR)$(LIBDIR)/chroma-venv
+	$(DESTDIR)$(LIBDIR)/chroma-venv/bin/pip install -q --disable-pip-version-check -r requirements-chroma.txt
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/chatd $(DESTDIR)$(BINDIR)/chatd-cleanup
+	for u in $(UNITS); do rm -f $(DESTDIR)$(UNITDIR)/$$u; done
+	rm -f $(DESTDIR)$(SYSCONFDIR)/nginx/sites-available/chatd.conf $(DESTDIR)$(SYSCONFDIR)/chatd/chatd.env.example
+	rm -rf $(DESTDIR)$(DOCDIR) $(DESTDIR)$(LIBDIR)
 
 clean:
 	rm -rf build build-asan
