@@ -1,0 +1,1 @@
+"""Test harness of chatd: starts and stops the real stack (see stack.py)."""
