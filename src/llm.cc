@@ -146,6 +146,13 @@ Result<LlmReply> OpenAIChat::Complete(const std::vector<ChatMessage>& messages, 
 
     Result<HttpResponse> resp = ThreadHttpClient().Send(call);
     std::string_view retry_after, retry_after_ms;
+    // curl may give up a millisecond before our clock agrees the deadline
+    // passed: an attempt cut short by the deadline is the deadline's timeout.
+    bool capped_by_deadline = call.timeout_ms == left;
+    if (!resp.ok() && resp.status().code() == Code::kDeadlineExceeded && capped_by_deadline) {
+      LogWarn("model_unreachable").Str("reason", "timeout").Int("attempt", attempt).Emit();
+      return Status(Code::kDeadlineExceeded, "model_timeout", "The model did not answer in time");
+    }
     if (!resp.ok()) {
       LogWarn("model_unreachable")
           .Str("reason", resp.status().reason())
