@@ -59,7 +59,7 @@ $(BUILD)/bin/unit_tests: $(UNIT_OBJS) $(BUILD)/libchatd.a
 # missing, so it costs a few dpkg look-ups when everything is there.
 DEB_PACKAGES := g++ make pkg-config libfcgi-dev spawn-fcgi multiwatch libhiredis-dev \
   libcurl4-openssl-dev rapidjson-dev libboost-test-dev libjwt-dev libssl-dev \
-  nginx redis-server python3 python3-venv python3-pytest python3-uvloop curl wrk systemd
+  nginx redis-server python3 python3-venv python3-pytest python3-uvloop python3-yaml curl wrk systemd
 CHROMA_VENV  := .venv/chroma
 CHROMA_STAMP := $(CHROMA_VENV)/.installed-$(shell sha1sum requirements-chroma.txt | cut -c1-12)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
