@@ -409,6 +409,7 @@ Result<HttpResponse> ChromaStore::Call(const char* method, const std::string& ur
   if (!call.body.empty()) call.headers.push_back("Content-Type: application/json");
   call.connect_timeout_ms = options_.connect_timeout_ms;
   call.timeout_ms = options_.timeout_ms;
+  if (options_.call_counter != nullptr) options_.call_counter->fetch_add(1, std::memory_order_relaxed);
   auto response = ThreadHttpClient().Send(call);
   if (response.ok()) return response;
   if (response.status().code() == Code::kDeadlineExceeded) {

@@ -104,6 +104,12 @@ int main() {
   chroma_options.base_url = config.chroma_url;
   chroma_options.timeout_ms = config.chroma_timeout_ms;
   chroma_options.sync_threshold = config.chroma_sync_threshold;
+  Result<std::unique_ptr<Metrics>> metrics = Metrics::Open(config.metrics_path);
+  if (!metrics.ok()) {
+    std::fprintf(stderr, "chatd: %s\n", metrics.status().message().c_str());
+    return 1;
+  }
+  chroma_options.call_counter = &(*metrics)->shared().chroma_calls;
   ChromaStore chroma(chroma_options);
 
   std::unique_ptr<Embedder> embedder = MakeEmbedder(config);
@@ -133,11 +139,6 @@ int main() {
     return 2;
   }
   if (!*auth) LogWarn("auth_off").Str("detail", "CHATD_AUTH_MODE=off: the body's userId is trusted").Emit();
-  Result<std::unique_ptr<Metrics>> metrics = Metrics::Open(config.metrics_path);
-  if (!metrics.ok()) {
-    std::fprintf(stderr, "chatd: %s\n", metrics.status().message().c_str());
-    return 1;
-  }
   (*metrics)->RegisterWorker();
   StackHealthProbe health(redis, rate_redis_own.get(), chroma, !config.openai_base_url.empty());
   HttpApi api(config, chat, auth->get(), metrics->get(), &health);

@@ -20,7 +20,7 @@ static_assert(std::atomic<uint64_t>::is_always_lock_free && std::atomic<int64_t>
               "shared-memory counters need address-free (lock-free) atomics");
 
 // Changes whenever SharedMetrics changes, so a stale file is never misread.
-constexpr uint64_t kMagic = 0x63686174'64000003ULL;  // "chatd", layout 3
+constexpr uint64_t kMagic = 0x63686174'64000004ULL;  // "chatd", layout 4
 
 int StatusSlot(int status) {
   for (int i = 0; i < kStatusSlots - 1; ++i) {
@@ -184,6 +184,8 @@ std::string Metrics::RenderPrometheus(std::string_view extra) const {
                   m_->model_latency);
   Help(out, "chatd_recall_degraded_total", "counter", "Chats answered without long-term recall (Chroma or embedder down).");
   Line(out, "chatd_recall_degraded_total", "", m_->recall_degraded.load());
+  Help(out, "chatd_chroma_calls_total", "counter", "HTTP calls to Chroma (request path and indexer).");
+  Line(out, "chatd_chroma_calls_total", "", m_->chroma_calls.load());
   Help(out, "chatd_turns_indexed_total", "counter", "Turns moved from Redis into Chroma by the indexers.");
   Line(out, "chatd_turns_indexed_total", "", m_->turns_indexed.load());
   Help(out, "chatd_index_failures_total", "counter", "Indexer batches that failed and will be retried.");

@@ -3,6 +3,7 @@
 // records addressed by message id.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <mutex>
 #include <string>
@@ -21,6 +22,9 @@ struct ChromaOptions {
   int64_t timeout_ms = 1000;          // each HTTP call, whole
   int64_t connect_timeout_ms = 500;
   int sync_threshold = 100;           // HNSW persistence interval of new collections
+  // Incremented once per HTTP call to Chroma (may be null): the benchmark
+  // reports Chroma calls per chat request from the pool's metrics.
+  std::atomic<uint64_t>* call_counter = nullptr;
 };
 
 // Thread-safe. Every failure to reach Chroma, or a 5xx from it, is reason

@@ -43,6 +43,7 @@ struct SharedMetrics {
   std::atomic<uint64_t> model_timeouts;
   Histogram model_latency;
   std::atomic<uint64_t> recall_degraded;
+  std::atomic<uint64_t> chroma_calls;
   std::atomic<uint64_t> turns_indexed;
   std::atomic<uint64_t> index_failures;
   std::atomic<uint64_t> index_dead_lettered;
