@@ -775,11 +775,11 @@ Result<std::string> ReadProtectedFile(const std::string& path, std::string_view 
   if (::fstat(fd.get(), &st) != 0) return BadConfig(variable, "cannot stat " + path + ": " + std::strerror(errno));
   if (!S_ISREG(st.st_mode)) return BadConfig(variable, path + " is not a regular file");
   if ((st.st_mode & forbidden_mode_bits) != 0) {
-    char modes[64];
-    std::snprintf(modes, sizeof(modes), "has mode %04o; at most %04o is allowed",
-                  static_cast<unsigned>(st.st_mode & 07777), static_cast<unsigned>(0666 & ~forbidden_mode_bits));
-    return BadConfig(variable, path + " " + modes + " (chmod " +
-                                   (forbidden_mode_bits == kPublicKeyForbiddenBits ? "644" : "600") + ")");
+    char modes[96];
+    std::snprintf(modes, sizeof(modes), "has mode %04o but at most %04o is allowed: chmod %s",
+                  static_cast<unsigned>(st.st_mode & 07777), static_cast<unsigned>(0666 & ~forbidden_mode_bits),
+                  forbidden_mode_bits == kPublicKeyForbiddenBits ? "644" : "600 or 640");
+    return BadConfig(variable, path + " " + modes);
   }
   if (static_cast<uint64_t>(st.st_size) > kMaxProtectedFileBytes) {
     return BadConfig(variable, path + " is larger than " + std::to_string(kMaxProtectedFileBytes) + " bytes");

@@ -39,7 +39,7 @@ class Authenticator {
 };
 
 // Builds the authenticator for the configured mode from the environment
-// (secrets from variables or files, see docs/configuration.md). Returns nullptr
+// (secrets from variables or files: docs/auth.md, docs/configuration.md). Returns nullptr
 // for mode off. Fails with a message naming the variable when the mode lacks
 // what it needs.
 Result<std::unique_ptr<Authenticator>> MakeAuthenticator(AuthMode mode, const EnvLookup& env);
