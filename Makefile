@@ -15,7 +15,7 @@ else
   LDFLAGS_SAN  :=
 endif
 CXXFLAGS += $(CXXFLAGS_BASE) $(CXXFLAGS_OPT)
-LDLIBS   := -lfcgi -lhiredis -lcurl -ljwt -lcrypto -pthread
+LDLIBS   := -lfcgi -lhiredis -lcurl -lcrypto -pthread
 LDFLAGS  += $(LDFLAGS_SAN)
 
 LIB_SRCS  := $(filter-out src/main_%.cc,$(wildcard src/*.cc))
@@ -58,7 +58,7 @@ $(BUILD)/bin/unit_tests: $(UNIT_OBJS) $(BUILD)/libchatd.a
 # Chroma server from PyPI in a virtualenv. Idempotent: installs only what is
 # missing, so it costs a few dpkg look-ups when everything is there.
 DEB_PACKAGES := g++ make pkg-config libfcgi-dev spawn-fcgi multiwatch libhiredis-dev \
-  libcurl4-openssl-dev rapidjson-dev libboost-test-dev libjwt-dev libssl-dev \
+  libcurl4-openssl-dev rapidjson-dev libboost-test-dev libssl-dev \
   nginx redis-server python3 python3-venv python3-pytest python3-uvloop python3-yaml curl wrk systemd
 CHROMA_VENV  := .venv/chroma
 CHROMA_STAMP := $(CHROMA_VENV)/.installed-$(shell sha1sum requirements-chroma.txt | cut -c1-12)

@@ -97,7 +97,10 @@ HttpReply HttpApi::Chat(const HttpRequest& req, RequestLog& log) {
     if (!who.ok()) {
       if (metrics_) Metrics::Add(metrics_->shared().auth_failures);
       HttpReply reply = fail(who.status());
-      reply.headers.emplace_back("WWW-Authenticate", "Bearer error=\"invalid_token\"");
+      // RFC 6750 3.1: no error attribute when no credentials were sent at all.
+      reply.headers.emplace_back("WWW-Authenticate", who.status().reason() == "missing_token"
+                                                         ? "Bearer"
+                                                         : "Bearer error=\"invalid_token\"");
       return reply;
     }
     principal = std::move(*who);

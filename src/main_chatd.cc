@@ -138,7 +138,11 @@ int main() {
     std::fprintf(stderr, "chatd: configuration error: %s\n", auth.status().message().c_str());
     return 2;
   }
-  if (!*auth) LogWarn("auth_off").Str("detail", "CHATD_AUTH_MODE=off: the body's userId is trusted").Emit();
+  if (!*auth) {
+    LogWarn("auth_off").Str("detail", "CHATD_AUTH_MODE=off: the body's userId is trusted").Emit();
+  } else {
+    LogInfo("auth").Str("mode", config.auth_mode == AuthMode::kJwt ? "jwt" : "service").Emit();
+  }
   (*metrics)->RegisterWorker();
   StackHealthProbe health(redis, rate_redis_own.get(), chroma, !config.openai_base_url.empty());
   HttpApi api(config, chat, auth->get(), metrics->get(), &health);
