@@ -221,7 +221,6 @@ void FcgiServer::ThreadMain() {
       continue;
     }
 
-    in_flight_.fetch_add(1, std::memory_order_relaxed);
     auto started = SteadyClock::now();
     HttpRequest http;
     ReadRequest(req, max_body_bytes_, http);
@@ -229,7 +228,6 @@ void FcgiServer::ThreadMain() {
     HttpReply reply = handler_(http, log);
     WriteReply(req, reply);
     FCGX_Finish_r(&req);
-    in_flight_.fetch_sub(1, std::memory_order_relaxed);
 
     auto latency = SteadyClock::now() - started;
     double latency_ms = std::chrono::duration<double, std::milli>(latency).count();

@@ -144,7 +144,9 @@ int main() {
     LogInfo("auth").Str("mode", config.auth_mode == AuthMode::kJwt ? "jwt" : "service").Emit();
   }
   (*metrics)->RegisterWorker();
-  StackHealthProbe health(redis, rate_redis_own.get(), chroma, !config.openai_base_url.empty());
+  // OpenAI itself needs a key; a local OpenAI-compatible server may not.
+  bool model_configured = !config.openai_api_key.empty() || config.openai_base_url != Config().openai_base_url;
+  StackHealthProbe health(redis, rate_redis_own.get(), chroma, model_configured);
   HttpApi api(config, chat, auth->get(), metrics->get(), &health);
 
   IndexerOptions indexer_options;

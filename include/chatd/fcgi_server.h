@@ -13,7 +13,6 @@
 // unaffected.
 #pragma once
 
-#include <atomic>
 #include <functional>
 #include <thread>
 #include <vector>
@@ -41,9 +40,6 @@ class FcgiServer {
   // Waits for all threads to end.
   void Join();
 
-  // Requests being handled right now, for metrics.
-  int InFlight() const { return in_flight_.load(std::memory_order_relaxed); }
-
  private:
   void ThreadMain();
 
@@ -53,7 +49,6 @@ class FcgiServer {
   Handler handler_;
   Metrics* metrics_;
   int stop_fd_ = -1;  // eventfd, readable once Stop() was called
-  std::atomic<int> in_flight_{0};
   std::vector<std::thread> workers_;
 };
 
