@@ -60,6 +60,24 @@ def unique():
     return make
 
 
+# What a sanitizer build (make asan) prints when it finds a bug in a worker.
+# The worker dies and multiwatch replaces it, so without this check a test
+# that does not watch pids could pass over a memory error.
+SANITIZER_MARKERS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:")
+
+
+@pytest.fixture(autouse=True)
+def no_sanitizer_reports(request):
+    yield
+    if "stack" not in request.fixturenames:
+        return
+    running = request.getfixturevalue("stack")
+    for frontend in running.frontends:
+        text = frontend.pool.log_text()
+        for marker in SANITIZER_MARKERS:
+            assert marker not in text, f"sanitizer report in a worker's log:\n{text[text.index(marker) - 200:][:3000]}"
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
