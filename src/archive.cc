@@ -150,8 +150,9 @@ Result<Archive> ParseArchive(std::string_view json) {
     m.role = role == "user" ? Role::kUser : Role::kAssistant;
     m.embedding.reserve(emb->value.Size());
     for (const auto& x : emb->value.GetArray()) {
-      if (!x.IsNumber() || !std::isfinite(x.GetDouble())) return bad("bad embedding");
-      m.embedding.push_back(static_cast<float>(x.GetDouble()));
+      float f = 0;
+      if (!x.IsNumber() || !JsonToFloat(x.GetDouble(), &f)) return bad("bad embedding");
+      m.embedding.push_back(f);
     }
     a.records.push_back(std::move(m));
   }

@@ -1,23 +1,13 @@
 #include "chatd/chat_service.h"
 
-#include <random>
 
 #include "chatd/log.h"
 #include "chatd/prompt.h"
+#include "chatd/random_id.h"
 
 namespace chatd {
 
-std::string NewTurnId() {
-  thread_local std::mt19937_64 rng{std::random_device{}()};
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string id(32, '0');
-  uint64_t a = rng(), b = rng();
-  for (int i = 0; i < 16; ++i) {
-    id[i] = kHex[(a >> (i * 4)) & 0xf];
-    id[16 + i] = kHex[(b >> (i * 4)) & 0xf];
-  }
-  return id;
-}
+std::string NewTurnId() { return RandomHexId(); }
 
 ChatService::ChatService(RateLimiter& limiter, ShortTermStore& recent, LongTermStore& long_term,
                          Embedder& embedder, Llm& llm, ChatServiceOptions options)

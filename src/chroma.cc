@@ -13,6 +13,7 @@
 #include <unordered_set>
 #include <utility>
 
+#include "chatd/json.h"
 #include "chatd/user_id.h"
 
 namespace chatd {
@@ -115,20 +116,6 @@ Status ReadMetadata(const rapidjson::Value& meta, std::string_view user_id, Stor
   }
   out.user_id.assign(user_id);
   return Status::Ok();
-}
-
-// A JSON number as a float. Values up to half a float ulp beyond FLT_MAX are
-// what the shortest text of FLT_MAX reads back as, so they round to it; the
-// rest (and non-finite values) do not fit.
-bool JsonToFloat(double d, float* out) {
-  constexpr double kLimit = static_cast<double>(FLT_MAX) + 0x1p103;  // FLT_MAX + half its ulp
-  if (!std::isfinite(d) || std::fabs(d) >= kLimit) return false;
-  if (std::fabs(d) > FLT_MAX) {
-    *out = d > 0 ? FLT_MAX : -FLT_MAX;
-  } else {
-    *out = static_cast<float>(d);
-  }
-  return true;
 }
 
 Result<std::vector<float>> ReadVector(const rapidjson::Value& v) {

@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "chatd/http_client.h"
+#include "chatd/json.h"
 #include "chatd/openai_embedder.h"
 
 namespace chatd {
@@ -88,20 +89,6 @@ std::vector<float> ToFloats(const std::vector<double>& v) {
   std::vector<float> out(v.size());
   for (size_t i = 0; i < v.size(); ++i) out[i] = static_cast<float>(v[i]);
   return out;
-}
-
-// A JSON number as a float. Values up to half a float ulp beyond FLT_MAX are
-// what the shortest text of FLT_MAX reads back as, so they round to it; the
-// rest (and non-finite values) do not fit.
-bool JsonToFloat(double d, float* out) {
-  constexpr double kLimit = static_cast<double>(FLT_MAX) + 0x1p103;  // FLT_MAX + half its ulp
-  if (!std::isfinite(d) || std::fabs(d) >= kLimit) return false;
-  if (std::fabs(d) > FLT_MAX) {
-    *out = d > 0 ? FLT_MAX : -FLT_MAX;
-  } else {
-    *out = static_cast<float>(d);
-  }
-  return true;
 }
 
 Status EmbedderUnavailable(std::string message) {

@@ -10,11 +10,11 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
-#include <random>
 #include <string_view>
 
 #include "chatd/clock.h"
 #include "chatd/log.h"
+#include "chatd/random_id.h"
 
 namespace chatd {
 
@@ -53,17 +53,6 @@ bool ParseContentLength(const std::string& s, size_t& out) {
   return true;
 }
 
-std::string MakeRequestId() {
-  thread_local std::mt19937_64 rng{std::random_device{}()};
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string id(32, '0');
-  uint64_t a = rng(), b = rng();
-  for (int i = 0; i < 16; ++i) {
-    id[i] = kHex[(a >> (i * 4)) & 0xf];
-    id[16 + i] = kHex[(b >> (i * 4)) & 0xf];
-  }
-  return id;
-}
 
 void ReadRequest(FCGX_Request& req, size_t max_body, HttpRequest& out) {
   out.method = Param(req, "REQUEST_METHOD");
@@ -76,7 +65,7 @@ void ReadRequest(FCGX_Request& req, size_t max_body, HttpRequest& out) {
   out.authorization = Param(req, "HTTP_AUTHORIZATION");
   out.remote_addr = Param(req, "REMOTE_ADDR");
   out.request_id = Param(req, "REQUEST_ID");
-  if (out.request_id.empty()) out.request_id = MakeRequestId();
+  if (out.request_id.empty()) out.request_id = RandomHexId();
 
   std::string length_text = Param(req, "CONTENT_LENGTH");
   size_t length = 0;

@@ -3,6 +3,9 @@
 #include <rapidjson/document.h>
 #include <rapidjson/error/en.h>
 
+#include <cfloat>
+#include <cmath>
+
 #include "chatd/user_id.h"
 
 namespace chatd {
@@ -155,6 +158,19 @@ void AppendJsonString(std::string& out, std::string_view s) {
     }
   }
   out.push_back('"');
+}
+
+bool JsonToFloat(double d, float* out) {
+  // Values up to half a float ulp beyond FLT_MAX are what the shortest text of
+  // FLT_MAX reads back as, so they round to it.
+  constexpr double kLimit = static_cast<double>(FLT_MAX) + 0x1p103;  // FLT_MAX + half its ulp
+  if (!std::isfinite(d) || std::fabs(d) >= kLimit) return false;
+  if (std::fabs(d) > FLT_MAX) {
+    *out = d > 0 ? FLT_MAX : -FLT_MAX;
+  } else {
+    *out = static_cast<float>(d);
+  }
+  return true;
 }
 
 std::string ErrorBody(const Status& status) {

@@ -30,6 +30,10 @@ bool IsValidUtf8(std::string_view s);
 // must pass on (a model reply) rather than refuse.
 std::string SanitizeUtf8(std::string_view s);
 
+// A JSON number as a float: false for non-finite values and values beyond
+// float's range (those within half an ulp of FLT_MAX round to it).
+bool JsonToFloat(double d, float* out);
+
 // {"error": message, "code": reason}
 std::string ErrorBody(const Status& status);
 
