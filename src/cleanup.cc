@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <set>
+#include <thread>
 
 #include "chatd/archive.h"
 #include "chatd/clock.h"
@@ -21,8 +22,10 @@ constexpr int kStreamPage = 1000;
 // Records per upsert when restoring.
 constexpr size_t kRestoreBatch = 200;
 constexpr int kCrashStatus = 137;  // what a shell reports after kill -9
+// How often the cleanup looks whether an indexer finished writing a user.
+constexpr std::chrono::milliseconds kMarkerPoll{20};
 
-// KEYS: activity, recent, rl fixed, rl sliding, lock, index stream.
+// KEYS: activity, recent, rl fixed, rl sliding, lock, index stream, in-progress set.
 // ARGV: user, last activity we archived, index group, stream ids to acknowledge.
 // Returns 1 when the user was removed, 0 when they came back meanwhile.
 const RedisScript kFinishArchive(R"lua(
@@ -32,6 +35,7 @@ if #ARGV > 3 then
   redis.call('XACK', KEYS[6], ARGV[3], unpack(ids))
   redis.call('XDEL', KEYS[6], unpack(ids))
 end
+redis.call('SREM', KEYS[7], ARGV[1])
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if score and tonumber(score) == tonumber(ARGV[2]) then
   redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
@@ -42,9 +46,29 @@ redis.call('DEL', KEYS[5])
 return 0
 )lua");
 
-// KEYS: activity, recent, rl fixed, rl sliding, lock, index stream, dead letters.
+// KEYS: lock, in-progress set. ARGV: user, lock value, lock TTL.
+// Takes the user's lock and remembers the user as in progress, together.
+const RedisScript kTakeLock(R"lua(
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+)lua");
+
+// KEYS: activity, lock, in-progress set. ARGV: user, cut-off.
+// A user left in progress by a killed run who is active again (or gone)
+// gets their lock back; one still inactive is left for this run to finish.
+const RedisScript kSettleInProgress(R"lua(
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) < tonumber(ARGV[2]) then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[1])
+return 1
+)lua");
+
+// KEYS: activity, recent, rl fixed, rl sliding, lock, index stream, dead letters, in-progress set.
 // ARGV: user, index group, then stream ids (index stream) ... "|" ... dead-letter ids.
 const RedisScript kForget(R"lua(
+redis.call('SREM', KEYS[8], ARGV[1])
 local ids, dead, into = {}, {}, nil
 into = ids
 for i = 3, #ARGV do
@@ -109,12 +133,10 @@ Result<std::map<std::string, std::vector<IndexEntry>>> Cleanup::QueuedTurns(cons
 Result<Cleanup::Outcome> Cleanup::ArchiveUser(const std::string& user, int64_t last_activity,
                                               const std::vector<IndexEntry>& queued, int64_t& records) {
   std::vector<std::string> keys = UserKeys(user);
-  const std::string& lock = keys[3];
 
   // 1. The lock pauses the indexer for this user. A lock left by a run that was
   // killed is simply taken over: every step below is idempotent.
-  std::string ttl = std::to_string(options_.lock_ttl_ms);
-  if (Status s = RedisErrorIf(redis_.Command({"SET", lock, "cleanup", "PX", ttl}), "SET lock"); !s.ok()) return s;
+  if (Status s = TakeLock(user, "cleanup"); !s.ok()) return s;
   CrashIf("after_lock");
 
   // 2. Turns still queued for indexing go into Chroma first, so the export is whole.
@@ -159,7 +181,8 @@ Result<Cleanup::Outcome> Cleanup::ArchiveUser(const std::string& user, int64_t l
   std::string score = std::to_string(last_activity);
   std::vector<std::string_view> args = {user, score, kIndexGroup};
   for (const IndexEntry& e : queued) args.push_back(e.stream_id);
-  std::vector<std::string_view> script_keys = {kActivityKey, keys[0], keys[1], keys[2], keys[3], kIndexStreamKey};
+  std::vector<std::string_view> script_keys = {kActivityKey, keys[0], keys[1], keys[2], keys[3], kIndexStreamKey,
+                                               kCleanupInProgressKey};
   Result<RedisValue> done = redis_.Eval(kFinishArchive, script_keys, args);
   if (Status s = RedisErrorIf(done, "finishing the archive"); !s.ok()) return s;
   return done->integer == 1 ? Outcome::kArchived : Outcome::kReturned;
@@ -170,7 +193,12 @@ Result<CleanupSummary> Cleanup::Run() {
   CleanupSummary sum;
   Result<int64_t> now = NowMs();
   if (!now.ok()) return now.status();
-  std::string cutoff = "(" + std::to_string(*now - options_.inactive_ms);  // strictly older than the threshold
+  int64_t cutoff_ms = *now - options_.inactive_ms;
+  // Users a killed run left locked: release those who came back meanwhile.
+  if (!options_.dry_run) {
+    if (Status s = SettleInProgress(cutoff_ms); !s.ok()) return s;
+  }
+  std::string cutoff = "(" + std::to_string(cutoff_ms);  // strictly older than the threshold
   std::string batch = std::to_string(options_.batch);
 
   // Users that stay in the index below the cut-off (failed, or left alone in
@@ -298,9 +326,8 @@ Status Cleanup::Forget(std::string_view user_id) {
     return Status::Ok();
   }
 
-  // Lock first, so no indexer re-creates the collection while we erase it.
-  std::string ttl = std::to_string(options_.lock_ttl_ms);
-  if (Status s = RedisErrorIf(redis_.Command({"SET", keys[3], "forget", "PX", ttl}), "SET lock"); !s.ok()) return s;
+  // Lock first, so no indexer writes to the collection while we erase it.
+  if (Status s = TakeLock(user, "forget"); !s.ok()) return s;
   if (Status s = chroma_.DeleteCollection(user); !s.ok()) return s;
   if (Status s = RemoveArchives(options_.archive_dir, user, *paths); !s.ok()) return s;
 
@@ -309,12 +336,43 @@ Status Cleanup::Forget(std::string_view user_id) {
   args.push_back("|");
   for (const std::string& id : dead_ids) args.push_back(id);
   std::vector<std::string_view> script_keys = {kActivityKey, keys[0], keys[1], keys[2], keys[3], kIndexStreamKey,
-                                               kDeadLetterKey};
+                                               kDeadLetterKey, kCleanupInProgressKey};
   if (Status s = RedisErrorIf(redis_.Eval(kForget, script_keys, args), "forget"); !s.ok()) return s;
-  // An indexer that was mid-upsert when we locked may have re-created the
-  // collection; its entry stays unacknowledged and is gone from the stream, so
-  // one more delete settles it.
-  return chroma_.DeleteCollection(user);
+  return Status::Ok();
+}
+
+Status Cleanup::TakeLock(const std::string& user, std::string_view purpose) {
+  std::string lock = CleanupLockKey(user);
+  std::string ttl = std::to_string(options_.lock_ttl_ms);
+  Status s = RedisErrorIf(redis_.Eval(kTakeLock, {lock, kCleanupInProgressKey}, {user, purpose, ttl}), "lock");
+  if (!s.ok()) return s;
+  // Indexers that checked the lock just before we took it may still be
+  // writing this user's turns: wait until they are done (their marker has a
+  // TTL, so this ends even if one died mid-write).
+  std::string marker = IndexingKey(user);
+  auto waited_until = SteadyClock::now() + std::chrono::milliseconds(options_.lock_ttl_ms / 2);
+  for (;;) {
+    Result<RedisValue> r = redis_.Command({"EXISTS", marker});
+    if (Status e = RedisErrorIf(r, "EXISTS"); !e.ok()) return e;
+    if (r->integer == 0) return Status::Ok();
+    if (SteadyClock::now() >= waited_until) {
+      return Unavailable("indexer_busy", "an indexer kept writing this user's turns; retry later");
+    }
+    std::this_thread::sleep_for(kMarkerPoll);
+  }
+}
+
+Status Cleanup::SettleInProgress(int64_t cutoff_ms) {
+  Result<RedisValue> users = redis_.Command({"SMEMBERS", kCleanupInProgressKey});
+  if (Status s = RedisErrorIf(users, "SMEMBERS"); !s.ok()) return s;
+  std::string cutoff = std::to_string(cutoff_ms);
+  for (const RedisValue& u : users->elements) {
+    std::string lock = CleanupLockKey(u.str);
+    Result<RedisValue> r = redis_.Eval(kSettleInProgress, {kActivityKey, lock, kCleanupInProgressKey}, {u.str, cutoff});
+    if (Status s = RedisErrorIf(r, "settling"); !s.ok()) return s;
+    if (r->integer == 1) LogInfo("cleanup_settled").Str("user", u.str).Emit();
+  }
+  return Status::Ok();
 }
 
 }  // namespace chatd

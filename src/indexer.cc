@@ -14,14 +14,25 @@ bool IsPermanent(const Status& s) {
   return s.code() != Code::kUnavailable && s.code() != Code::kDeadlineExceeded;
 }
 
-// KEYS: the user's cleanup lock, the index stream. ARGV: group, then ids.
-// Acknowledges only while no cleanup holds the user (see indexer.h).
-const RedisScript kAckUnlessLocked(R"lua(
+// KEYS: the user's cleanup lock, the user's indexing marker. ARGV: marker TTL.
+// Returns 0 when a cleanup holds the user (do not write), 1 otherwise.
+const RedisScript kBeginIndexing(R"lua(
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+return 1
+)lua");
+
+// KEYS: lock, marker, index stream. ARGV: group, then the ids to acknowledge
+// (none after a failed write). Lowers the marker; acknowledges only while no
+// cleanup holds the user. Returns the number acknowledged.
+const RedisScript kFinishIndexing(R"lua(
+if redis.call('DECR', KEYS[2]) <= 0 then redis.call('DEL', KEYS[2]) end
+if #ARGV < 2 or redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local ids = {}
 for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
-redis.call('XACK', KEYS[2], ARGV[1], unpack(ids))
-redis.call('XDEL', KEYS[2], unpack(ids))
+redis.call('XACK', KEYS[3], ARGV[1], unpack(ids))
+redis.call('XDEL', KEYS[3], unpack(ids))
 return #ids
 )lua");
 
@@ -114,10 +125,19 @@ Result<std::vector<IndexEntry>> Indexer::Read(const std::vector<std::string_view
   // XREADGROUP: [[stream, [entries]]]; XAUTOCLAIM: [next-id, [entries], [deleted ids]].
   if (autoclaim) {
     if (r->elements.size() >= 2) return ParseIndexEntries(r->elements[1]);
-  } else if (!r->elements.empty() && r->elements[0].elements.size() == 2) {
-    return ParseIndexEntries(r->elements[0].elements[1]);
+    return std::vector<IndexEntry>{};
   }
-  return std::vector<IndexEntry>{};
+  if (r->elements.empty() || r->elements[0].elements.size() != 2) return std::vector<IndexEntry>{};
+  // Our pending entries that someone deleted meanwhile (the cleanup archived
+  // or forgot them) only need to leave our pending list.
+  std::vector<std::string> deleted;
+  std::vector<IndexEntry> entries = ParseIndexEntries(r->elements[0].elements[1], &deleted);
+  if (!deleted.empty()) {
+    std::vector<std::string_view> ack = {"XACK", kIndexStreamKey, kIndexGroup};
+    for (const std::string& id : deleted) ack.push_back(id);
+    if (auto a = redis_.Command(ack); !a.ok()) return a.status();
+  }
+  return entries;
 }
 
 Result<int> Indexer::RunOnce() {
@@ -162,38 +182,24 @@ Result<int> Indexer::Index(std::vector<IndexEntry>& entries) {
   std::map<std::string, std::vector<const IndexEntry*>> entries_by_user;
   for (const IndexEntry& e : entries) entries_by_user[e.user].push_back(&e);
 
-  // Users being archived or forgotten right now wait until the cleanup is done.
-  std::vector<std::vector<std::string_view>> lock_checks;
-  std::vector<std::string> lock_keys;
-  lock_keys.reserve(entries_by_user.size());
-  for (const auto& [user, list] : entries_by_user) {
-    lock_keys.push_back(CleanupLockKey(user));
-    lock_checks.push_back({"EXISTS", lock_keys.back()});
-  }
-  auto locks = redis_.Pipeline(lock_checks);
-  if (!locks.ok()) return locks.status();
-  std::vector<IndexEntry> ready;
-  size_t i = 0;
-  for (const auto& [user, list] : entries_by_user) {
-    if ((*locks)[i++].integer == 0) {
-      for (const IndexEntry* e : list) ready.push_back(*e);
-    }
-  }
-  if (ready.empty()) return 0;
-
-  auto by_user = BuildStoredMessages(ready, embedder_);
+  auto by_user = BuildStoredMessages(entries, embedder_);
   if (!by_user.ok()) return by_user.status();
 
+  std::string marker_ttl = std::to_string(options_.marker_ttl_ms);
   int acked = 0;
   Status first_error;
   for (auto& [user, messages] : *by_user) {
     const auto& user_entries = entries_by_user[user];
+    std::string lock_key = CleanupLockKey(user);
+    std::string marker_key = IndexingKey(user);
+    auto begin = redis_.Eval(kBeginIndexing, {lock_key, marker_key}, {marker_ttl});
+    if (!begin.ok()) return begin.status();
+    if (begin->integer == 0) continue;  // being archived or forgotten: stays pending until the cleanup is done
+
     Status s = store_.Upsert(user, messages);
-    if (!s.ok() && !IsPermanent(s)) {
-      if (first_error.ok()) first_error = s;
-      continue;  // stays pending; retried later
-    }
-    if (!s.ok()) {
+    bool settled = s.ok() || IsPermanent(s);
+    if (!settled && first_error.ok()) first_error = s;  // stays pending; retried later
+    if (!s.ok() && settled) {
       // Could never succeed: the whole turn moves to the dead-letter stream.
       LogError("index_dead_letter").Str("user", user).Str("reason", s.reason()).Str("detail", s.message()).Emit();
       std::vector<std::vector<std::string_view>> cmds;
@@ -207,12 +213,13 @@ Result<int> Indexer::Index(std::vector<IndexEntry>& entries) {
       if (auto r = redis_.Pipeline(cmds); !r.ok()) return r.status();
       Count(&SharedMetrics::index_dead_lettered, user_entries.size());
     }
-    std::string lock_key = CleanupLockKey(user);
     std::vector<std::string_view> args = {kIndexGroup};
-    for (const IndexEntry* e : user_entries) args.push_back(e->stream_id);
-    auto r = redis_.Eval(kAckUnlessLocked, {lock_key, kIndexStreamKey}, args);
-    if (!r.ok()) return r.status();  // upserted but not acked: harmless, ids are deterministic
-    if (r->integer == 0) continue;   // a cleanup started meanwhile: index again after it
+    if (settled) {
+      for (const IndexEntry* e : user_entries) args.push_back(e->stream_id);
+    }
+    auto r = redis_.Eval(kFinishIndexing, {lock_key, marker_key, kIndexStreamKey}, args);
+    if (!r.ok()) return r.status();  // written but not acked: harmless, ids are deterministic
+    if (r->integer == 0) continue;   // failed, or a cleanup started meanwhile: index again after it
     if (s.ok()) Count(&SharedMetrics::turns_indexed, user_entries.size());
     acked += static_cast<int>(user_entries.size());
   }

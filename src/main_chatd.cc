@@ -35,6 +35,7 @@ constexpr int kListenFd = 0;  // where spawn-fcgi puts the socket
 // The indexer blocks on the stream; its connection needs a longer timeout.
 constexpr int64_t kIndexerBlockMs = 500;
 constexpr int64_t kIndexerRedisTimeoutMs = 5000;
+constexpr int64_t kIndexerMarkerMarginMs = 1000;
 
 std::string ConsumerName() {
   char host[HOST_NAME_MAX + 1] = {0};
@@ -154,6 +155,9 @@ int main() {
   indexer_options.batch = config.index_batch;
   indexer_options.block_ms = kIndexerBlockMs;
   indexer_options.claim_idle_ms = config.index_claim_idle_ms;
+  // An Upsert makes at most four Chroma calls (find or create the collection,
+  // write, and both again after a 404), each bounded by the Chroma timeout.
+  indexer_options.marker_ttl_ms = 5 * config.chroma_timeout_ms + kIndexerMarkerMarginMs;
   Indexer indexer(indexer_redis, chroma, *embedder, indexer_options, metrics->get());
 
   FcgiServer server(kListenFd, config.threads, config.max_body_bytes,

@@ -74,11 +74,15 @@ Result<Message> ParseRecentEntry(std::string_view json) {
   return m;
 }
 
-std::vector<IndexEntry> ParseIndexEntries(const RedisValue& list) {
+std::vector<IndexEntry> ParseIndexEntries(const RedisValue& list, std::vector<std::string>* deleted) {
   std::vector<IndexEntry> out;
   out.reserve(list.elements.size());
   for (const RedisValue& item : list.elements) {
-    if (item.elements.size() != 2 || item.elements[1].elements.empty()) continue;
+    if (item.elements.size() != 2) continue;
+    if (item.elements[1].elements.empty()) {
+      if (deleted != nullptr) deleted->push_back(item.elements[0].str);
+      continue;
+    }
     IndexEntry e;
     e.stream_id = item.elements[0].str;
     const auto& fields = item.elements[1].elements;

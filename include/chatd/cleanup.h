@@ -4,7 +4,8 @@
 // Cost: the activity index (chatd:activity, a sorted set maintained by the
 // record-turn script) is asked for users below the cut-off, in batches; users
 // who are active are never touched. Per archived user the steps are:
-//   1. take the user's cleanup lock (the indexer leaves them alone meanwhile);
+//   1. take the user's cleanup lock (the indexer leaves them alone meanwhile)
+//      and wait until no indexer is still writing their turns;
 //   2. index their turns still waiting in the stream, so the archive is whole;
 //   3. export the Chroma collection and merge it into the archive file named
 //      by the user's last activity (written durably);
@@ -14,7 +15,9 @@
 //      meanwhile and their live memory stays. Either way the stream entries we
 //      archived are acknowledged and the lock is released.
 // Every step is idempotent, so a run killed anywhere and run again finishes
-// the job without losing or duplicating a record (docs/cleanup.md).
+// the job without losing or duplicating a record; users a killed run left
+// locked are kept in chatd:cleanup:inprogress, and the next run releases
+// those who came back meanwhile (docs/cleanup.md).
 #pragma once
 
 #include <cstdint>
@@ -76,6 +79,10 @@ class Cleanup {
   // Turns of these users still in the index stream (one pass over the stream).
   Result<std::map<std::string, std::vector<IndexEntry>>> QueuedTurns(const std::vector<std::string>& users);
   void CrashIf(std::string_view point) const;
+  // Takes the user's lock, marks them in progress, and waits until no
+  // indexer is still writing their turns.
+  Status TakeLock(const std::string& user, std::string_view purpose);
+  Status SettleInProgress(int64_t cutoff_ms);
 
   RedisClient& redis_;
   ChromaStore& chroma_;

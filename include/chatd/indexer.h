@@ -10,10 +10,12 @@
 // Entries that can never be indexed (e.g. the collection has another
 // dimension) go to the dead-letter stream chatd:index:dead, never away.
 //
-// While chatd-cleanup holds a user's lock, that user's turns are neither
-// indexed nor acknowledged: the check and the acknowledgement are one script,
-// so a turn upserted into a collection the cleanup is about to delete stays
-// pending and is indexed again afterwards.
+// Handshake with chatd-cleanup: before writing a user's turns the indexer
+// checks the user's cleanup lock and raises the user's "indexing" marker in
+// one script; after the write it lowers the marker and acknowledges, again
+// only if no lock appeared. The cleanup takes the lock and then waits for the
+// marker to clear, so no write can land after its export or its delete, and a
+// turn written while the lock was being taken stays pending for later.
 #pragma once
 
 #include <atomic>
@@ -39,6 +41,9 @@ struct IndexerOptions {
   int64_t block_ms = 500;        // XREADGROUP BLOCK: also bounds how long Stop() waits
   int64_t claim_idle_ms = 30000;
   int64_t retry_pause_ms = 1000;  // after a failed batch (Chroma down)
+  // Lifetime of the "indexing" marker: longer than any one Upsert can take
+  // (a few Chroma calls, each bounded by the Chroma timeout).
+  int64_t marker_ttl_ms = 10000;
 };
 
 // Both messages of each turn, embedded (reusing the request path's embedding

@@ -8,6 +8,8 @@
 //   chat:{<user>}:lock    set by chatd-cleanup while it archives or forgets
 //                         the user; the indexer leaves the user's turns
 //                         pending meanwhile
+//   chat:{<user>}:indexing  indexers writing the user's turns right now
+//   chatd:cleanup:inprogress  users a cleanup has locked and not finished
 // RecordTurn updates all three in one Lua script, so a turn is either fully
 // recorded (both halves, queued for Chroma, user marked active) or not at all,
 // and concurrent turns of one user never leave half a turn in the list.
@@ -30,6 +32,13 @@ inline constexpr std::string_view kDeadLetterKey = "chatd:index:dead";
 
 inline std::string RecentKey(std::string_view user_id) { return UserKey(user_id, "recent"); }
 inline std::string CleanupLockKey(std::string_view user_id) { return UserKey(user_id, "lock"); }
+// A counter of indexers writing this user's turns to Chroma right now (with a
+// TTL, in case one dies mid-write): the cleanup waits for it to clear after
+// taking the lock, so no write can land after its export or delete.
+inline std::string IndexingKey(std::string_view user_id) { return UserKey(user_id, "indexing"); }
+// Users whose cleanup started and has not finished (a run killed midway):
+// every run settles them first.
+inline constexpr std::string_view kCleanupInProgressKey = "chatd:cleanup:inprogress";
 
 // One recorded turn as it waits in the index stream.
 struct IndexEntry {
@@ -44,8 +53,8 @@ struct IndexEntry {
 
 // Entries of an XRANGE / XREADGROUP / XAUTOCLAIM entry list:
 // [[id, [field, value, ...]], ...]. Entries deleted meanwhile (no fields) are
-// skipped.
-std::vector<IndexEntry> ParseIndexEntries(const RedisValue& list);
+// skipped; their ids go to `deleted` when given.
+std::vector<IndexEntry> ParseIndexEntries(const RedisValue& list, std::vector<std::string>* deleted = nullptr);
 
 class RedisShortTermStore : public ShortTermStore {
  public:
