@@ -31,9 +31,13 @@ def frozen(service):
 
 
 def test_a_frozen_chroma_degrades_to_short_term_memory_within_the_timeout(new_pool, unique, tmp_path):
-    chroma = Chroma(tmp_path).start()
+    # Its own Redis too: pools sharing a Redis share the indexer group, and the
+    # session's indexers would move these turns into the session's Chroma.
+    chroma = Chroma(tmp_path / "chroma").start()
+    redis = Redis(tmp_path / "redis").start()
     try:
-        front = new_pool({"CHATD_CHROMA_URL": chroma.url, "CHATD_CHROMA_TIMEOUT_MS": "300"})
+        front = new_pool({"CHATD_CHROMA_URL": chroma.url, "CHATD_CHROMA_TIMEOUT_MS": "300",
+                          "CHATD_REDIS_HOST": redis.host, "CHATD_REDIS_PORT": str(redis.port)})
         user = unique("frozen-chroma")
         assert post_chat(front.url, user, "before the freeze")[0] == 200
         pids = sorted(front.pool.worker_pids())
@@ -55,6 +59,7 @@ def test_a_frozen_chroma_degrades_to_short_term_memory_within_the_timeout(new_po
             chroma_count(chroma.url, user)
     finally:
         chroma.stop()
+        redis.stop()
 
 
 def test_a_frozen_redis_is_a_clean_503_and_the_pool_recovers(new_pool, unique, tmp_path):

@@ -1,0 +1,800 @@
+"""chatd-cleanup against the real stack (issue 5): inactive users are archived
+and removed, active ones untouched; restore brings back every record exactly;
+forget erases everything; a run killed at any step and run again ends as if
+never killed; a user writing during the cleanup loses nothing; and the work
+grows with the inactive users, not with all tracked users.
+
+Each test has its own Redis (so the activity index holds only its users) and
+its own pool on it; the module shares one Chroma of its own. The binary runs as
+a subprocess with the pool's environment, and CHATD_CLEANUP_NOW_MS, a pretend
+clock, makes users inactive without waiting. Races are made deterministic with
+HoldingProxy, which holds one chosen Chroma call (the cleanup's delete, or the
+indexer's upsert) until the test has done its part.
+"""
+
+import http.client
+import http.server
+import json
+import os
+import re
+import struct
+import subprocess
+import threading
+import urllib.parse
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+from harness.stack import LOOPBACK, Chroma, Redis, concurrently, http_json, poll_until, post_chat
+
+CHROMA_PREFIX = "/api/v2/tenants/default_tenant/databases/default_database"
+INDEX_STREAM = "chatd:index"
+INDEX_GROUP = "indexers"
+ACTIVITY_KEY = "chatd:activity"
+DEAD_LETTER_KEY = "chatd:index:dead"
+EXCERPT_PREAMBLE = "Excerpts of earlier conversation with this user"
+ARCHIVE_FORMAT = "chatd-archive/1"
+CRASH_STATUS = 137
+CRASH_POINTS = ("after_lock", "after_export", "after_delete_collection")
+DAY_MS = 24 * 3600 * 1000
+INACTIVE_S = 3600
+# Far enough ahead that everybody in the test's own Redis is inactive.
+FAR_FUTURE_MS = 30 * DAY_MS
+CLEANUP_TIMEOUT_S = 180
+INDEX_TIMEOUT_S = 45
+POLL_INTERVAL_S = 0.2
+CHROMA_HTTP_TIMEOUT_S = 30
+HOLD_TIMEOUT_S = 60
+HIGH_RATE_LIMIT = "1000"
+# The pools wait this long for Chroma, so that a slow query on a loaded machine
+# is not mistaken for an outage by the tests that check recall, and so that a
+# request held by HoldingProxy does not time out while the test works.
+PATIENT_CHROMA_TIMEOUT_MS = "10000"
+MEMORY_LINE_RE = re.compile(r"^\[\d{4}-\d{2}-\d{2} \d{2}:\d{2} UTC\] (user|assistant): (.*)$")
+
+
+# --------------------------------------------------------------------------
+# What Redis, Chroma and the archive hold
+
+
+def collection_name(user: str) -> str:
+    return "chatd-u-" + user.encode().hex()
+
+
+def chroma_collection_id(chroma_url: str, user: str) -> Optional[str]:
+    status, body = http_json(f"{chroma_url}{CHROMA_PREFIX}/collections/{collection_name(user)}",
+                             timeout=CHROMA_HTTP_TIMEOUT_S)
+    if status == 404:
+        return None
+    assert status == 200, (status, body)
+    return body["id"]
+
+
+def chroma_records(chroma_url: str, user: str) -> "list[dict]":
+    """Every record of the user's collection, as {id, document, metadata, embedding}."""
+    collection = chroma_collection_id(chroma_url, user)
+    if collection is None:
+        return []
+    status, got = http_json(f"{chroma_url}{CHROMA_PREFIX}/collections/{collection}/get", "POST",
+                            {"include": ["documents", "metadatas", "embeddings"]}, timeout=CHROMA_HTTP_TIMEOUT_S)
+    if status == 404:
+        return []
+    assert status == 200, (status, got)
+    return [{"id": i, "document": d, "metadata": m, "embedding": e}
+            for i, d, m, e in zip(got["ids"], got["documents"], got["metadatas"], got["embeddings"])]
+
+
+def exact(records) -> "dict[str, tuple]":
+    """Records by id, as comparable values: embeddings as float32 bytes, which
+    is what Chroma stores and what the archive must round-trip."""
+    out = {}
+    for r in records:
+        assert r["id"] not in out, f"duplicate id {r['id']}"
+        out[r["id"]] = (r["document"], json.dumps(r["metadata"], sort_keys=True),
+                        struct.pack(f"<{len(r['embedding'])}f", *r["embedding"]))
+    return out
+
+
+def user_keys(redis, user: str) -> "list[bytes]":
+    keys, cursor = [], b"0"
+    while True:
+        cursor, batch = redis.command("SCAN", cursor, "MATCH", f"chat:{{{user}}}:*", "COUNT", 1000)
+        keys.extend(batch)
+        if cursor == b"0":
+            return sorted(keys)
+
+
+def recent_list(redis, user: str) -> "list[dict]":
+    return [json.loads(raw) for raw in redis.command("LRANGE", f"chat:{{{user}}}:recent", 0, -1)]
+
+
+def stream_users(redis, key: str = INDEX_STREAM) -> "list[str]":
+    users = []
+    for _, fields in redis.command("XRANGE", key, "-", "+"):
+        values = dict(zip(fields[0::2], fields[1::2]))
+        users.append(values.get(b"user", b"").decode())
+    return users
+
+
+def activity(redis, user: str) -> Optional[int]:
+    score = redis.command("ZSCORE", ACTIVITY_KEY, user)
+    return None if score is None else int(float(score))
+
+
+def redis_now_ms(redis) -> int:
+    seconds, micros = redis.command("TIME")
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def archive_dir_of(archive_root: Path, user: str) -> Path:
+    return archive_root / collection_name(user)
+
+
+def archive_files(archive_root: Path, user: str) -> "list[Path]":
+    folder = archive_dir_of(archive_root, user)
+    return sorted(folder.iterdir()) if folder.exists() else []
+
+
+def read_archive(path: Path) -> dict:
+    doc = json.loads(path.read_text())
+    assert doc["format"] == ARCHIVE_FORMAT
+    return doc
+
+
+def archived_records(archive_root: Path, user: str) -> "list[dict]":
+    records = []
+    for path in archive_files(archive_root, user):
+        records.extend(read_archive(path)["records"])
+    return records
+
+
+def recorded_prompt(fake, marker: str) -> "list[dict]":
+    found = fake.requests(marker)
+    assert len(found) == 1, f"{len(found)} model requests carry {marker!r}"
+    return found[0]["messages"]
+
+
+def recalled_texts(messages) -> "list[str]":
+    excerpts = [m for m in messages if m["role"] == "system" and m["content"].startswith(EXCERPT_PREAMBLE)]
+    texts = []
+    for excerpt in excerpts:
+        for line in excerpt["content"].split("\n")[1:]:
+            match = MEMORY_LINE_RE.match(line)
+            assert match, f"malformed memory line {line!r}"
+            texts.append(match.group(2))
+    return texts
+
+
+class HoldingProxy:
+    """An HTTP proxy in front of Chroma that holds the first request matching
+    `hold(method, path)` until released: a deterministic point inside a
+    cleanup run or an indexer batch. `arm` sets the predicate later."""
+
+    def __init__(self, upstream: str, hold=None) -> None:
+        self.upstream = urllib.parse.urlsplit(upstream)
+        self.hold = hold
+        self.reached = threading.Event()   # the held request arrived
+        self.released = threading.Event()  # the test lets it through
+        self.passed = threading.Event()    # its answer went back to the client
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                held = False
+                with proxy.lock:
+                    if proxy.hold is not None and not proxy.reached.is_set() and proxy.hold(self.command, self.path):
+                        proxy.reached.set()
+                        held = True
+                if held:
+                    proxy.released.wait(HOLD_TIMEOUT_S)
+                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port,
+                                                  timeout=CHROMA_HTTP_TIMEOUT_S)
+                try:
+                    headers = {"Content-Type": "application/json"} if body is not None else {}
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                finally:
+                    conn.close()
+                self.send_response(resp.status)
+                self.send_header("Content-Type", resp.getheader("Content-Type", "application/json"))
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(data)
+                self.close_connection = True
+                if held:
+                    proxy.passed.set()
+
+            do_GET = do_POST = do_PUT = do_DELETE = forward
+
+        self.lock = threading.Lock()
+        self.server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.server.server_address[1]}"
+
+    def arm(self, hold) -> None:
+        with self.lock:
+            self.hold = hold
+
+    def __enter__(self) -> "HoldingProxy":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+# --------------------------------------------------------------------------
+# The world of one test: own Redis, the module's Chroma, a pool on both
+
+
+@dataclass
+class CleanupRun:
+    returncode: int
+    log: "list[dict]"
+    stderr: str
+
+    def events(self, name: str) -> "list[dict]":
+        return [r for r in self.log if r.get("event") == name]
+
+    @property
+    def summary(self) -> dict:
+        found = self.events("cleanup_summary")
+        assert found, f"no cleanup_summary line; stderr:\n{self.stderr[-3000:]}"
+        assert self.log[-1] is found[-1], "the summary must be the last line"
+        return found[-1]
+
+
+def parse_log(stderr: str) -> "list[dict]":
+    records = []
+    for line in stderr.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                records.append(value)
+    return records
+
+
+class World:
+    def __init__(self, stack, redis: Redis, chroma: Chroma, frontend, archive_root: Path, binary: Path) -> None:
+        self.stack = stack
+        self.redis = redis
+        self.chroma = chroma
+        self.frontend = frontend
+        self.archive_root = archive_root
+        self.binary = binary
+
+    @property
+    def url(self) -> str:
+        return self.frontend.url
+
+    def env(self, now_ms: Optional[int], crash_at: Optional[str], chroma_url: Optional[str]) -> "dict[str, str]":
+        overrides = {
+            "CHATD_REDIS_PORT": str(self.redis.port),
+            "CHATD_CHROMA_URL": chroma_url or self.chroma.url,
+            "CHATD_ARCHIVE_DIR": str(self.archive_root),
+            "CHATD_CLEANUP_INACTIVE_S": str(INACTIVE_S),
+            "CHATD_CLEANUP_NOW_MS": str(now_ms) if now_ms is not None else None,
+            "CHATD_CLEANUP_CRASH_AT": crash_at,
+        }
+        env = {k: v for k, v in self.stack.pool_env(threads=1, overrides=overrides).items() if v is not None}
+        env["PATH"] = os.environ.get("PATH", "/usr/bin:/bin")
+        return env
+
+    def start_cleanup(self, *args: str, now_ms: Optional[int] = None, crash_at: Optional[str] = None,
+                      chroma_url: Optional[str] = None) -> subprocess.Popen:
+        return subprocess.Popen([str(self.binary), *args], env=self.env(now_ms, crash_at, chroma_url),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def cleanup(self, *args: str, now_ms: Optional[int] = None, crash_at: Optional[str] = None,
+                chroma_url: Optional[str] = None) -> CleanupRun:
+        proc = self.start_cleanup(*args, now_ms=now_ms, crash_at=crash_at, chroma_url=chroma_url)
+        return finish(proc)
+
+    def far_future(self) -> int:
+        return redis_now_ms(self.redis) + FAR_FUTURE_MS
+
+    def chat(self, user: str, message: str) -> str:
+        status, _, body = post_chat(self.url, user, message)
+        assert status == 200, f"{user}: expected 200, got {status}: {body!r}"
+        assert f"last_user={message}" in body["response"], body
+        return body["response"]
+
+    def records(self, user: str) -> "list[dict]":
+        return chroma_records(self.chroma.url, user)
+
+    def wait_indexed(self, users, expected: int) -> "dict[str, list[dict]]":
+        """Polls until each user's collection holds `expected` records and none of
+        their turns waits in the stream; returns the records by user."""
+        users = [users] if isinstance(users, str) else list(users)
+        latest = {}
+
+        def done():
+            for user in users:
+                latest[user] = self.records(user)
+            queued = set(stream_users(self.redis))
+            return all(len(latest[u]) >= expected and u not in queued for u in users)
+
+        indexed = poll_until(done, INDEX_TIMEOUT_S, POLL_INTERVAL_S)
+        assert indexed, f"not indexed within {INDEX_TIMEOUT_S} s: " \
+                        f"{ {u: len(r) for u, r in latest.items()} } (expected {expected} each)"
+        for user in users:
+            assert len(latest[user]) == expected, (user, len(latest[user]))
+        return dict(latest)
+
+    def assert_gone_from_live_storage(self, user: str) -> None:
+        assert user_keys(self.redis, user) == [], f"{user} still has Redis keys"
+        assert activity(self.redis, user) is None, f"{user} is still in the activity index"
+        assert user not in stream_users(self.redis), f"{user} still has turns in the index stream"
+        assert chroma_collection_id(self.chroma.url, user) is None, f"{user} still has a Chroma collection"
+
+
+def finish(proc: subprocess.Popen) -> CleanupRun:
+    try:
+        _, stderr = proc.communicate(timeout=CLEANUP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, stderr = proc.communicate()
+        pytest.fail(f"chatd-cleanup ran longer than {CLEANUP_TIMEOUT_S} s:\n{stderr[-3000:]}")
+    return CleanupRun(proc.returncode, parse_log(stderr), stderr)
+
+
+def assert_clean_run(run: CleanupRun, **expected: int) -> dict:
+    assert run.returncode == 0, f"exit {run.returncode}:\n{run.stderr[-3000:]}"
+    summary = run.summary
+    for key, value in expected.items():
+        assert summary[key] == value, f"{key}: {summary}"
+    return summary
+
+
+@pytest.fixture(scope="module")
+def module_chroma(tmp_path_factory):
+    chroma = Chroma(tmp_path_factory.mktemp("cleanup-chroma")).start()
+    try:
+        yield chroma
+    finally:
+        chroma.stop()
+
+
+@pytest.fixture
+def make_world(module_chroma, tmp_path, build_dir, stack, new_pool):
+    """make_world(pool_chroma_url=None, workers=2) -> World: own Redis, a pool on
+    it that reaches the module's Chroma (or a proxy in front of it)."""
+    started = []
+
+    def make(pool_chroma_url: Optional[str] = None, workers: int = 2) -> World:
+        assert not started, "one world per test"
+        redis = Redis(tmp_path).start()
+        started.append((redis, None))
+        frontend = new_pool({"CHATD_REDIS_PORT": str(redis.port),
+                             "CHATD_CHROMA_URL": pool_chroma_url or module_chroma.url,
+                             "CHATD_RATE_LIMIT": HIGH_RATE_LIMIT,
+                             "CHATD_CHROMA_TIMEOUT_MS": PATIENT_CHROMA_TIMEOUT_MS}, workers=workers, threads=2)
+        started[0] = (redis, frontend)
+        return World(stack, redis, module_chroma, frontend, tmp_path / "archive",
+                     build_dir / "bin" / "chatd-cleanup")
+
+    yield make
+    for redis, frontend in started:
+        if frontend is not None:
+            frontend.stop()  # before its Redis goes; new_pool's second stop does nothing
+        redis.stop()
+
+
+@pytest.fixture
+def world(make_world):
+    return make_world()
+
+
+def converse(world: World, user: str, messages) -> "list[tuple[str, str]]":
+    return [(m, world.chat(user, m)) for m in messages]
+
+
+def check_archive_file(world: World, user: str, last_activity: int, expected_records) -> None:
+    files = archive_files(world.archive_root, user)
+    assert [p.name for p in files] == [f"{last_activity}.json"], files
+    doc = read_archive(files[0])
+    assert doc["user"] == user and doc["collection"] == collection_name(user)
+    assert doc["last_activity_ms"] == last_activity
+    ids = [r["id"] for r in doc["records"]]
+    assert len(ids) == len(set(ids)), f"duplicate ids in the archive: {Counter(ids).most_common(3)}"
+    assert exact(doc["records"]) == exact(expected_records)
+
+
+# --------------------------------------------------------------------------
+# Archive
+
+
+def test_inactive_users_are_archived_and_removed_and_active_ones_untouched(world, unique):
+    sleepers = {unique("sleeper"): 2, unique("sleeper"): 1}
+    for user, turns in sleepers.items():
+        converse(world, user, [f"old message {i} of {user}" for i in range(turns)])
+    before = {u: world.wait_indexed(u, 2 * n)[u] for u, n in sleepers.items()}
+    last_seen = {u: activity(world.redis, u) for u in sleepers}
+    for user in sleepers:
+        assert world.redis.command("EXISTS", f"chat:{{{user}}}:rl:fixed") == 1  # so its removal means something
+    cutoff = max(last_seen.values()) + 1
+
+    active = unique("active")
+    converse(world, active, [f"a fresh message of {active}"])
+    active_records = world.wait_indexed(active, 2)[active]
+    active_seen = activity(world.redis, active)
+    assert active_seen > cutoff, "the active user must be after the cut-off"
+    active_keys, active_recent = user_keys(world.redis, active), recent_list(world.redis, active)
+
+    run = world.cleanup(now_ms=cutoff + INACTIVE_S * 1000)
+    total = sum(len(r) for r in before.values())
+    assert_clean_run(run, scanned=2, archived=2, returned=0, failed=0, records=total)
+
+    for user in sleepers:
+        check_archive_file(world, user, last_seen[user], before[user])
+        world.assert_gone_from_live_storage(user)
+    assert activity(world.redis, active) == active_seen
+    assert user_keys(world.redis, active) == active_keys
+    assert recent_list(world.redis, active) == active_recent
+    assert exact(world.records(active)) == exact(active_records)
+    assert archive_files(world.archive_root, active) == []
+    assert [p for p in world.archive_root.rglob("*") if p.name.endswith(".tmp")] == []
+
+
+def test_dry_run_reports_and_changes_nothing(world, unique):
+    user = unique("dry")
+    converse(world, user, [f"a message of {user}"])
+    records = world.wait_indexed(user, 2)[user]
+    keys, seen = user_keys(world.redis, user), activity(world.redis, user)
+
+    run = world.cleanup("--dry-run", now_ms=world.far_future())
+    assert_clean_run(run, scanned=1, archived=0, failed=0)
+    [would] = run.events("cleanup_would_archive")
+    assert would["user"] == user and would["records"] == 2
+    assert user_keys(world.redis, user) == keys and activity(world.redis, user) == seen
+    assert exact(world.records(user)) == exact(records)
+    assert not world.archive_root.exists() or list(world.archive_root.iterdir()) == []
+
+
+# --------------------------------------------------------------------------
+# Restore and forget
+
+
+def test_archive_then_restore_brings_back_every_record_exactly_and_recall_works(world, stack, unique):
+    user = unique("restore")
+    colour = f"my favourite colour is turquoise {unique('m')}"
+    converse(world, user, [colour, f"tell me about comets {unique('m')}", f"and about tides {unique('m')}"])
+    # Recall in this pool, so its workers cache the collection id that the
+    # archive is about to delete.
+    warm = f"anything about comets? {unique('m')}"
+    world.chat(user, warm)
+    before = world.wait_indexed(user, 8)[user]
+
+    assert_clean_run(world.cleanup(now_ms=world.far_future()), archived=1, records=8)
+    world.assert_gone_from_live_storage(user)
+    assert len(archive_files(world.archive_root, user)) == 1
+
+    restore = world.cleanup("restore", user)
+    assert restore.returncode == 0, restore.stderr[-3000:]
+    [done] = restore.events("restore_done")
+    assert done["records"] == 8
+    after = world.records(user)
+    assert exact(after) == exact(before)
+    assert not archive_dir_of(world.archive_root, user).exists(), "the archive must go after a restore"
+    assert activity(world.redis, user) is not None, "a restored user is tracked again"
+
+    question = f"what is my favourite colour? {unique('m')}"
+    world.chat(user, question)
+    assert colour in recalled_texts(recorded_prompt(stack.fake, question))
+
+
+def test_forget_erases_everything_of_the_user(world, stack, unique):
+    user = unique("forget")
+    old = [f"forgettable one {unique('m')}", f"forgettable two {unique('m')}"]
+    converse(world, user, old)
+    world.wait_indexed(user, 4)
+    assert_clean_run(world.cleanup(now_ms=world.far_future()), archived=1)
+    assert archive_files(world.archive_root, user)
+    # Back again: live memory next to the archive.
+    back = f"forgettable three {unique('m')}"
+    world.chat(user, back)
+    bystander = unique("bystander")
+    world.chat(bystander, f"hello {unique('m')}")
+    # A turn still on its way to Chroma is the next test's subject.
+    world.wait_indexed([user, bystander], 2)
+
+    run = world.cleanup("forget", user)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.events("forget_done")
+    world.assert_gone_from_live_storage(user)
+    assert user not in stream_users(world.redis, DEAD_LETTER_KEY)
+    assert not archive_dir_of(world.archive_root, user).exists()
+    assert recent_list(world.redis, bystander), "forget touched another user"
+
+    question = f"forgettable? what did I say {unique('m')}"
+    reply = world.chat(user, question)
+    prompt = recorded_prompt(stack.fake, question)
+    assert recalled_texts(prompt) == []
+    assert [m for m in prompt if m["role"] != "system"] == [{"role": "user", "content": question}]
+    # Once the new turn is indexed, the collection holds it alone: nothing old
+    # came back from a queued or in-flight turn.
+    records = world.wait_indexed(user, 2)[user]
+    assert sorted(r["document"] for r in records) == sorted([question, reply])
+    assert not [t for t in old + [back] if any(t in r["document"] for r in records)]
+
+
+def test_forget_also_erases_a_turn_being_indexed_at_that_moment(make_world, module_chroma, unique):
+    with HoldingProxy(module_chroma.url) as proxy:
+        # One worker, so one indexer thread: it finishes the held batch before
+        # it takes the next turn, which tells the test when it is done.
+        world = make_world(pool_chroma_url=proxy.url, workers=1)
+        user = unique("forgetrace")
+        converse(world, user, [f"forgettable one {unique('m')}"])
+        world.wait_indexed(user, 2)
+        # The indexer has checked that no cleanup holds the user and is writing
+        # the turn to Chroma when the forget starts.
+        proxy.arm(lambda method, path: method == "POST" and path.endswith("/upsert"))
+        back = f"forgettable two {unique('m')}"
+        world.chat(user, back)
+        assert proxy.reached.wait(INDEX_TIMEOUT_S), "the indexer never wrote the turn"
+
+        run = world.cleanup("forget", user)
+        assert run.returncode == 0, run.stderr[-3000:]
+        world.assert_gone_from_live_storage(user)
+        proxy.released.set()
+        bystander = unique("bystander")
+        world.chat(bystander, f"hello {unique('m')}")
+        world.wait_indexed(bystander, 2)
+
+        left = world.records(user)
+        assert not left, f"forgotten, yet Chroma holds {len(left)} records of the user again: " \
+                         f"{sorted(r['document'] for r in left)}"
+        world.assert_gone_from_live_storage(user)
+
+
+# --------------------------------------------------------------------------
+# Killed in the middle
+
+
+@pytest.mark.parametrize("crash_at", (None,) + CRASH_POINTS)
+def test_a_run_killed_at_any_step_and_run_again_ends_as_if_never_killed(world, unique, crash_at):
+    users = [unique("crash"), unique("crash")]
+    for user in users:
+        converse(world, user, [f"turn {i} of {user}" for i in range(2)])
+    before = world.wait_indexed(users, 4)
+    last_seen = {u: activity(world.redis, u) for u in users}
+    now_ms = world.far_future()
+
+    if crash_at is not None:
+        crashed = world.cleanup(now_ms=now_ms, crash_at=crash_at)
+        assert crashed.returncode == CRASH_STATUS, crashed.stderr[-3000:]
+        assert [u for u in users if world.redis.command("EXISTS", f"chat:{{{u}}}:lock")], \
+            "the crash must leave the first user half done"
+    assert_clean_run(world.cleanup(now_ms=now_ms), scanned=2, archived=2, failed=0)
+
+    for user in users:
+        check_archive_file(world, user, last_seen[user], before[user])
+        world.assert_gone_from_live_storage(user)
+    for user in users:
+        restore = world.cleanup("restore", user)
+        assert restore.returncode == 0, restore.stderr[-3000:]
+        assert restore.events("restore_done")[0]["records"] == 4
+        assert exact(world.records(user)) == exact(before[user])
+
+
+# --------------------------------------------------------------------------
+# A user writing while the cleanup works on them
+
+
+def all_texts(world: World, user: str) -> "tuple[list[str], list[str]]":
+    live = [e["content"] for e in recent_list(world.redis, user)] + [r["document"] for r in world.records(user)]
+    return live, [r["document"] for r in archived_records(world.archive_root, user)]
+
+
+def assert_nothing_lost(world: World, user: str, turns) -> None:
+    live, archived = all_texts(world, user)
+    kept = set(live) | set(archived)
+    lost = [(m, r) for m, r in turns if m not in kept or r not in kept]
+    assert lost == [], f"{len(lost)} of {len(turns)} answered turns are neither live nor archived: {lost[:3]}"
+
+
+def wait_stream_drained(world: World, user: str) -> None:
+    drained = poll_until(lambda: user not in stream_users(world.redis), INDEX_TIMEOUT_S, POLL_INTERVAL_S)
+    assert drained, f"turns of {user} stayed in the index stream"
+
+
+def test_a_user_writing_while_cleanups_run_loses_nothing(world, unique):
+    user = unique("busy")
+    turns = converse(world, user, [f"first words {unique('m')}"])
+    world.wait_indexed(user, 2)
+    now_ms = world.far_future()  # every run treats the user as inactive
+    runs = []
+    stop = threading.Event()
+
+    def cleanups():
+        while not stop.is_set() and len(runs) < 40:
+            runs.append(world.cleanup(now_ms=now_ms))
+
+    looper = threading.Thread(target=cleanups)
+    looper.start()
+    try:
+        messages = [f"burst message {i} {unique('m')}" for i in range(16)]
+        turns += concurrently(lambda m: (m, world.chat(user, m)), messages, max_workers=2)
+    finally:
+        stop.set()
+        looper.join()
+    assert len(runs) >= 1
+    for run in runs:
+        assert_clean_run(run, failed=0)
+    assert sum(r.summary["archived"] + r.summary["returned"] for r in runs) >= 1, "no run met the user"
+    wait_stream_drained(world, user)
+    assert_nothing_lost(world, user, turns)
+
+    # Restoring merges archive and live memory: every answered turn exactly once.
+    restore = world.cleanup("restore", user)
+    assert restore.returncode == 0, restore.stderr[-3000:]
+    records = world.records(user)
+    ids = [r["id"] for r in records]
+    assert len(ids) == len(set(ids))
+    counts = Counter(r["document"] for r in records if r["metadata"]["role"] == "user")
+    assert [m for m, _ in turns if counts[m] != 1] == []
+
+
+def test_a_user_coming_back_between_export_and_finish_keeps_live_memory(world, unique):
+    user = unique("comeback")
+    turns = converse(world, user, [f"early words {unique('m')}", f"more early words {unique('m')}"])
+    before = world.wait_indexed(user, 4)[user]
+    old_seen = activity(world.redis, user)
+    # A cut-off the comeback moves the user above, as real time would.
+    now_ms = old_seen + 1 + INACTIVE_S * 1000
+
+    # The run is held at the deletion of the collection: the archive is written.
+    delete_path = f"{CHROMA_PREFIX}/collections/{collection_name(user)}"
+    with HoldingProxy(world.chroma.url, lambda method, path: method == "DELETE" and path == delete_path) as proxy:
+        proc = world.start_cleanup(now_ms=now_ms, chroma_url=proxy.url)
+        try:
+            assert proxy.reached.wait(CLEANUP_TIMEOUT_S), "the cleanup never deleted the collection"
+            assert len(archive_files(world.archive_root, user)) == 1
+            back = f"I am back {unique('m')}"
+            turns.append((back, world.chat(user, back)))
+        finally:
+            proxy.released.set()
+            run = finish(proc)
+    assert_clean_run(run, scanned=1, archived=0, returned=1, failed=0)
+
+    check_archive_file(world, user, old_seen, before)
+    assert activity(world.redis, user) > old_seen, "the user's new activity must stay"
+    assert [e["content"] for e in recent_list(world.redis, user)][-2:] == list(turns[-1])
+    assert world.redis.command("EXISTS", f"chat:{{{user}}}:lock") == 0
+    # The turn made during the run reaches Chroma once the run let go of the user.
+    world.wait_indexed(user, 2)
+    assert_nothing_lost(world, user, turns)
+
+
+def test_archiving_leaves_no_collection_behind_when_a_turn_was_being_indexed(make_world, module_chroma, unique):
+    with HoldingProxy(module_chroma.url) as proxy:
+        world = make_world(pool_chroma_url=proxy.url, workers=1)  # one indexer: see the forget case
+        user = unique("archrace")
+        turns = converse(world, user, [f"early words {unique('m')}"])
+        world.wait_indexed(user, 2)
+        # The indexer has checked that no cleanup holds the user and is writing
+        # the last turn to Chroma when the cleanup starts.
+        proxy.arm(lambda method, path: method == "POST" and path.endswith("/upsert"))
+        last = f"last words {unique('m')}"
+        turns.append((last, world.chat(user, last)))
+        assert proxy.reached.wait(INDEX_TIMEOUT_S), "the indexer never wrote the turn"
+        last_seen = activity(world.redis, user)
+
+        assert_clean_run(world.cleanup(now_ms=world.far_future()), scanned=1, archived=1, failed=0, records=4)
+        proxy.released.set()
+        bystander = unique("bystander")
+        world.chat(bystander, f"hello {unique('m')}")
+        world.wait_indexed(bystander, 2)
+
+        assert_nothing_lost(world, user, turns)
+        assert len(archived_records(world.archive_root, user)) == 4
+        assert [p.name for p in archive_files(world.archive_root, user)] == [f"{last_seen}.json"]
+        left = world.records(user)
+        assert not left, f"archived, yet Chroma holds {len(left)} records of the user again (a collection " \
+                         f"nobody tracks any more): {sorted(r['document'] for r in left)}"
+        world.assert_gone_from_live_storage(user)
+
+
+def test_a_user_coming_back_after_a_killed_run_keeps_a_working_memory(world, unique):
+    user = unique("crashback")
+    turns = converse(world, user, [f"early words {unique('m')}", f"more early words {unique('m')}"])
+    world.wait_indexed(user, 4)
+    cutoff = activity(world.redis, user) + 1
+    now_ms = cutoff + INACTIVE_S * 1000
+
+    crashed = world.cleanup(now_ms=now_ms, crash_at="after_export")
+    assert crashed.returncode == CRASH_STATUS, crashed.stderr[-3000:]
+    back = f"I am back {unique('m')}"
+    turns.append((back, world.chat(user, back)))
+    assert activity(world.redis, user) >= cutoff
+    # The rerun no longer sees an inactive user; it must still leave them whole.
+    assert_clean_run(world.cleanup(now_ms=now_ms), scanned=0, failed=0)
+    assert_nothing_lost(world, user, turns)
+    assert [e["content"] for e in recent_list(world.redis, user)][-2:] == list(turns[-1])
+
+    def back_indexed():
+        return any(r["document"] == back for r in world.records(user))
+
+    assert poll_until(back_indexed, INDEX_TIMEOUT_S, POLL_INTERVAL_S), (
+        f"the turn after the killed run was not indexed within {INDEX_TIMEOUT_S} s; "
+        f"lock key left: {world.redis.command('EXISTS', f'chat:{{{user}}}:lock') == 1}, "
+        f"lock TTL ms: {world.redis.command('PTTL', f'chat:{{{user}}}:lock')}")
+
+
+# --------------------------------------------------------------------------
+# Cost
+
+
+def command_calls(redis) -> "dict[str, int]":
+    text = redis.command("INFO", "commandstats").decode()
+    calls = {}
+    for line in text.splitlines():
+        match = re.match(r"^cmdstat_([^:]+):calls=(\d+),", line)
+        if match:
+            calls[match.group(1)] = int(match.group(2))
+    return calls
+
+
+def test_cost_grows_with_inactive_users_not_with_tracked_users(world, unique):
+    tracked, inactive = 10_000, 100
+    real = [unique("real") for _ in range(3)]
+    for user in real:
+        converse(world, user, [f"real data of {user}"])
+    world.wait_indexed(real, 2)
+    now = redis_now_ms(world.redis)
+    cutoff = now + 1
+    assert all(activity(world.redis, u) < cutoff for u in real)
+    # Only the activity index knows the others: enough for the cleanup to consider them.
+    fake_inactive = [f"idle{i}" for i in range(inactive - len(real))]
+    fake_active = [f"busy{i}" for i in range(tracked - inactive)]
+    args = []
+    for i, user in enumerate(fake_inactive):
+        args += [now - DAY_MS - i, user]
+    world.redis.command("ZADD", ACTIVITY_KEY, *args)
+    args = []
+    for i, user in enumerate(fake_active):
+        args += [cutoff + 1000 + i, user]
+    world.redis.command("ZADD", ACTIVITY_KEY, *args)
+    assert world.redis.command("ZCARD", ACTIVITY_KEY) == tracked
+
+    world.redis.command("CONFIG", "RESETSTAT")
+    run = world.cleanup(now_ms=cutoff + INACTIVE_S * 1000)
+    calls = command_calls(world.redis)
+    assert_clean_run(run, scanned=inactive, archived=inactive, failed=0, records=2 * len(real))
+
+    assert world.redis.command("ZCARD", ACTIVITY_KEY) == tracked - inactive
+    for user in real:
+        assert len(archive_files(world.archive_root, user)) == 1
+        world.assert_gone_from_live_storage(user)
+    # Per inactive user: one lock (SET) and one finishing script. The pool's
+    # own background calls (the indexer's blocking reads) are excluded.
+    assert calls.get("set", 0) == inactive, calls
+    # Two scripts per user (take the lock, finish), plus one-off loads.
+    scripts = calls.get("evalsha", 0) + calls.get("eval", 0)
+    assert 2 * inactive <= scripts <= 2 * inactive + 5, calls
+    background = {"xreadgroup", "xautoclaim", "xgroup", "ping", "info", "config|resetstat", "config"}
+    cleanup_calls = sum(n for name, n in calls.items() if name not in background)
+    assert cleanup_calls <= 10 * inactive, calls
