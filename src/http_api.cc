@@ -10,8 +10,8 @@ namespace chatd {
 
 namespace {
 
-// A worker that has not beaten for this long counts as gone. Workers beat at
-// least every CHATD index loop turn (about a second).
+// A worker that has not beaten for this long counts as gone. Workers beat on
+// every turn of their indexer loop, at least every second and a half.
 constexpr int64_t kWorkerAliveMs = 5000;
 
 // Every /api/chat answer names the policy; those that reached the limiter
