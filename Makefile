@@ -51,7 +51,22 @@ $(BUILD)/bin/unit_tests: $(UNIT_OBJS) $(BUILD)/libchatd.a
 	@mkdir -p $(@D)
 	$(CXX) $(LDFLAGS) $^ $(LDLIBS) -lboost_unit_test_framework -o $@
 
--include $(wildcard $(BUILD)/obj/*.d $(BUILD)/obj/unit/*.d)
+# Benchmark tools (make bench): the FastCGI ceiling and the Chroma driver.
+BENCH_BINS := $(BUILD)/bin/trivial_fcgi $(BUILD)/bin/chroma_bench
+
+$(BUILD)/obj/bench/%.o: bench/%.cc
+	@mkdir -p $(@D)
+	$(CXX) $(CXXFLAGS) -c $< -o $@
+
+$(BUILD)/bin/trivial_fcgi: $(BUILD)/obj/bench/trivial_fcgi.o
+	@mkdir -p $(@D)
+	$(CXX) $(LDFLAGS) $^ -lfcgi -pthread -o $@
+
+$(BUILD)/bin/chroma_bench: $(BUILD)/obj/bench/chroma_bench.o $(BUILD)/libchatd.a
+	@mkdir -p $(@D)
+	$(CXX) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+-include $(wildcard $(BUILD)/obj/*.d $(BUILD)/obj/unit/*.d $(BUILD)/obj/bench/*.d)
 
 # ---------------------------------------------------------------------------
 # Dependencies: Debian 12 packages (docs/dependencies.md says why each) and the
@@ -99,7 +114,7 @@ test: deps all
 asan:
 	$(MAKE) BUILD=build-asan SAN=1 test
 
-bench: deps all
+bench: deps all $(BENCH_BINS)
 	$(PYTHON) bench/run_bench.py --build $(BUILD)
 
 # ---------------------------------------------------------------------------
