@@ -1,6 +1,7 @@
 #include "chatd/rate_limiter.h"
 
 #include <algorithm>
+#include <chrono>
 
 namespace chatd {
 
@@ -21,6 +22,48 @@ std::vector<std::pair<std::string, std::string>> RateLimitHeaders(const RateDeci
                                         ";t=" + std::to_string(CeilSeconds(decision.reset_ms)));
   if (!decision.allowed) headers.emplace_back("Retry-After", std::to_string(RetryAfterSeconds(decision)));
   return headers;
+}
+
+int64_t SteadyNowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+RejectionCache::RejectionCache(RateLimiter& inner, size_t max_users, MonotonicMs now)
+    : inner_(inner), max_users_(max_users), now_(std::move(now)) {}
+
+Result<RateDecision> RejectionCache::Check(std::string_view user_id) {
+  int64_t now = now_();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = rejected_.find(user_id);
+    if (it != rejected_.end()) {
+      if (now < it->second.until_ms) {
+        RateDecision d = it->second.decision;
+        int64_t elapsed = now - it->second.decided_ms;
+        d.retry_after_ms = it->second.until_ms - now;
+        d.reset_ms = std::max<int64_t>(d.reset_ms - elapsed, 0);
+        d.remaining = 0;
+        return d;
+      }
+      rejected_.erase(it);
+    }
+  }
+  Result<RateDecision> decision = inner_.Check(user_id);
+  if (!decision.ok() || decision->allowed || decision->retry_after_ms <= 0) return decision;
+
+  std::lock_guard<std::mutex> lock(mu_);
+  if (rejected_.size() >= max_users_) {
+    // Bounded memory: drop what has expired, and everything if that is not enough.
+    std::erase_if(rejected_, [now](const auto& kv) { return kv.second.until_ms <= now; });
+    if (rejected_.size() >= max_users_) rejected_.clear();
+  }
+  Rejection r;
+  r.decision = *decision;
+  r.decided_ms = now;
+  r.until_ms = now + decision->retry_after_ms;
+  rejected_.insert_or_assign(std::string(user_id), r);
+  return decision;
 }
 
 }  // namespace chatd

@@ -213,3 +213,90 @@ BOOST_AUTO_TEST_CASE(redis_down_is_unavailable_never_a_local_decision) {
 BOOST_AUTO_TEST_SUITE_END()
 
 }  // namespace chatd
+
+// ---------------------------------------------------------------------------
+// RejectionCache: answers for users the shared limiter rejected, until their
+// retry-after passes.
+
+namespace {
+
+class ScriptedLimiter : public chatd::RateLimiter {
+ public:
+  chatd::Result<chatd::RateDecision> Check(std::string_view user) override {
+    ++calls;
+    last_user = std::string(user);
+    if (!status.ok()) return status;
+    chatd::RateDecision d;
+    d.allowed = allowed;
+    d.limit = 30;
+    d.window_s = 60;
+    d.remaining = allowed ? 5 : 0;
+    d.reset_ms = 9000;
+    d.retry_after_ms = allowed ? 0 : 4000;
+    return d;
+  }
+  bool allowed = true;
+  chatd::Status status;
+  int calls = 0;
+  std::string last_user;
+};
+
+struct CacheFixture {
+  ScriptedLimiter inner;
+  int64_t now = 1000;
+  chatd::RejectionCache cache{inner, 3, [this] { return now; }};
+};
+
+}  // namespace
+
+BOOST_AUTO_TEST_SUITE(rejection_cache)
+
+BOOST_FIXTURE_TEST_CASE(admitted_users_always_ask_the_shared_limiter, CacheFixture) {
+  for (int i = 0; i < 3; ++i) BOOST_TEST(cache.Check("alice")->allowed);
+  BOOST_TEST(inner.calls == 3);
+}
+
+BOOST_FIXTURE_TEST_CASE(a_rejected_user_is_answered_locally_until_retry_after, CacheFixture) {
+  inner.allowed = false;
+  BOOST_TEST(!cache.Check("alice")->allowed);
+  BOOST_TEST(inner.calls == 1);
+  now += 1500;
+  auto d = cache.Check("alice");
+  BOOST_REQUIRE(d.ok());
+  BOOST_TEST(!d->allowed);
+  BOOST_TEST(inner.calls == 1);  // no second round trip
+  BOOST_TEST(d->retry_after_ms == 2500);
+  BOOST_TEST(d->reset_ms == 7500);
+  BOOST_TEST(d->remaining == 0);
+  now += 2500;  // retry-after reached: ask again
+  inner.allowed = true;
+  BOOST_TEST(cache.Check("alice")->allowed);
+  BOOST_TEST(inner.calls == 2);
+}
+
+BOOST_FIXTURE_TEST_CASE(other_users_are_not_affected, CacheFixture) {
+  inner.allowed = false;
+  BOOST_TEST(!cache.Check("alice")->allowed);
+  inner.allowed = true;
+  BOOST_TEST(cache.Check("bob")->allowed);
+  BOOST_TEST(inner.last_user == "bob");
+}
+
+BOOST_FIXTURE_TEST_CASE(errors_pass_through_and_are_not_remembered, CacheFixture) {
+  inner.status = chatd::Unavailable("redis_unavailable", "down");
+  BOOST_TEST(!cache.Check("alice").ok());
+  BOOST_TEST(!cache.Check("alice").ok());
+  BOOST_TEST(inner.calls == 2);
+}
+
+BOOST_FIXTURE_TEST_CASE(memory_stays_bounded, CacheFixture) {
+  inner.allowed = false;
+  for (const char* u : {"a", "b", "c", "d"}) cache.Check(u);
+  BOOST_TEST(inner.calls == 4);
+  // The cache was full at "d" and nothing had expired, so it was emptied:
+  // "a" asks the shared limiter again (and is still rejected there).
+  BOOST_TEST(!cache.Check("a")->allowed);
+  BOOST_TEST(inner.calls == 5);
+}
+
+BOOST_AUTO_TEST_SUITE_END()
