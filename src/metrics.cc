@@ -49,6 +49,11 @@ void Help(std::string& out, std::string_view name, std::string_view type, std::s
   out.append("# TYPE ").append(name).append(" ").append(type).append("\n");
 }
 
+void Counter(std::string& out, std::string_view name, std::string_view help, const std::atomic<uint64_t>& value) {
+  Help(out, name, "counter", help);
+  Line(out, name, "", value.load(std::memory_order_relaxed));
+}
+
 void RenderHistogram(std::string& out, std::string_view name, std::string_view help, const Histogram& h) {
   Help(out, name, "histogram", help);
   uint64_t cumulative = 0;
@@ -168,30 +173,19 @@ std::string Metrics::RenderPrometheus(std::string_view extra) const {
   }
   RenderHistogram(out, "chatd_request_duration_seconds", "Time from request to reply, in the pool.",
                   m_->request_latency);
-  Help(out, "chatd_rate_limited_total", "counter", "Requests refused by the rate limit (429).");
-  Line(out, "chatd_rate_limited_total", "", m_->rate_limited.load());
-  Help(out, "chatd_rate_limiter_failed_open_total", "counter", "Requests admitted because the limiter was down.");
-  Line(out, "chatd_rate_limiter_failed_open_total", "", m_->rate_limiter_failed_open.load());
-  Help(out, "chatd_auth_failures_total", "counter", "Requests refused for missing or bad credentials.");
-  Line(out, "chatd_auth_failures_total", "", m_->auth_failures.load());
-  Help(out, "chatd_model_calls_total", "counter", "Chat completions asked of the model (retries included).");
-  Line(out, "chatd_model_calls_total", "", m_->model_calls.load());
-  Help(out, "chatd_model_errors_total", "counter", "Model calls that ended in an error (502 or 504).");
-  Line(out, "chatd_model_errors_total", "", m_->model_errors.load());
-  Help(out, "chatd_model_timeouts_total", "counter", "Model calls that ran out of time (504).");
-  Line(out, "chatd_model_timeouts_total", "", m_->model_timeouts.load());
+  Counter(out, "chatd_rate_limited_total", "Requests refused by the rate limit (429).", m_->rate_limited);
+  Counter(out, "chatd_rate_limiter_failed_open_total", "Requests admitted because the limiter was down.", m_->rate_limiter_failed_open);
+  Counter(out, "chatd_auth_failures_total", "Requests refused for missing or bad credentials.", m_->auth_failures);
+  Counter(out, "chatd_model_calls_total", "Chat completions asked of the model (retries included).", m_->model_calls);
+  Counter(out, "chatd_model_errors_total", "Model calls that ended in an error (502 or 504).", m_->model_errors);
+  Counter(out, "chatd_model_timeouts_total", "Model calls that ran out of time (504).", m_->model_timeouts);
   RenderHistogram(out, "chatd_model_duration_seconds", "Time spent waiting on the model per request.",
                   m_->model_latency);
-  Help(out, "chatd_recall_degraded_total", "counter", "Chats answered without long-term recall (Chroma or embedder down).");
-  Line(out, "chatd_recall_degraded_total", "", m_->recall_degraded.load());
-  Help(out, "chatd_chroma_calls_total", "counter", "HTTP calls to Chroma (request path and indexer).");
-  Line(out, "chatd_chroma_calls_total", "", m_->chroma_calls.load());
-  Help(out, "chatd_turns_indexed_total", "counter", "Turns moved from Redis into Chroma by the indexers.");
-  Line(out, "chatd_turns_indexed_total", "", m_->turns_indexed.load());
-  Help(out, "chatd_index_failures_total", "counter", "Indexer batches that failed and will be retried.");
-  Line(out, "chatd_index_failures_total", "", m_->index_failures.load());
-  Help(out, "chatd_index_dead_lettered_total", "counter", "Turns that could not be indexed and went to chatd:index:dead.");
-  Line(out, "chatd_index_dead_lettered_total", "", m_->index_dead_lettered.load());
+  Counter(out, "chatd_recall_degraded_total", "Chats answered without long-term recall (Chroma or embedder down).", m_->recall_degraded);
+  Counter(out, "chatd_chroma_calls_total", "HTTP calls to Chroma (request path and indexer).", m_->chroma_calls);
+  Counter(out, "chatd_turns_indexed_total", "Turns moved from Redis into Chroma by the indexers.", m_->turns_indexed);
+  Counter(out, "chatd_index_failures_total", "Indexer batches that failed and will be retried.", m_->index_failures);
+  Counter(out, "chatd_index_dead_lettered_total", "Turns that could not be indexed and went to chatd:index:dead.", m_->index_dead_lettered);
   out.append(extra);
   return out;
 }
