@@ -41,7 +41,10 @@ struct Config {
   // Redis
   std::string redis_host = "127.0.0.1";  // CHATD_REDIS_HOST
   int redis_port = 6379;                 // CHATD_REDIS_PORT
-  int64_t redis_timeout_ms = 200;        // CHATD_REDIS_TIMEOUT_MS: connect and each command
+  // Connect and each command. Short next to a model call, but not so short
+  // that a burst of thousands of chats on a small machine, where a thread
+  // may wait for a core for a few hundred ms, reads as Redis being down.
+  int64_t redis_timeout_ms = 1000;       // CHATD_REDIS_TIMEOUT_MS
 
   // Rate limit. Counters may live in a Redis of their own (default: the
   // memory Redis); only then does fail-open keep chats going during an outage
