@@ -174,7 +174,13 @@ Result<int> Indexer::RunOnce() {
   }
   if (entries.empty()) return 0;
   Result<int> done = Index(entries);
-  if (!done.ok()) retry_own_pending_ = true;
+  if (!done.ok()) {
+    retry_own_pending_ = true;
+  } else if (*done < static_cast<int>(entries.size())) {
+    // What is left belongs to users a cleanup holds. Re-reading it at once
+    // would spin; XAUTOCLAIM brings it back after claim_idle_ms.
+    retry_own_pending_ = false;
+  }
   return done;
 }
 
