@@ -226,6 +226,25 @@ class _Service:
                 preexec_fn=preexec_fn)
         _register(self.proc)
 
+    def _start_on_free_port(self, spawn: Callable[[], None], ready: Callable[[], None],
+                            failure_text: Callable[[], str]) -> None:
+        """spawn(), then ready() (which raises StackError on failure). A free port
+        found by binding port 0 can be taken by someone else before the service
+        binds it: when failure_text() says "in use" and the port is not pinned,
+        tries again on a new one. Once started, the port is pinned, so that a
+        restart comes back where clients look."""
+        for attempt in range(PORT_RACE_ATTEMPTS):
+            spawn()
+            try:
+                ready()
+                self._fixed_port = True
+                return
+            except StackError:
+                self.kill()
+                if self._fixed_port or attempt == PORT_RACE_ATTEMPTS - 1 or "in use" not in failure_text():
+                    raise
+                self.port = free_port()
+
     def _terminate(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT_S) -> float:
         """Sends `sig` to the main process, waits for it, SIGKILLs the process
         group on timeout, and always reaps stragglers of the group. Returns the
@@ -346,21 +365,14 @@ class Redis(_Service):
         self.host = LOOPBACK
 
     def start(self) -> "Redis":
-        for attempt in range(PORT_RACE_ATTEMPTS):
-            self._spawn(["redis-server", "--bind", LOOPBACK, "--port", str(self.port),
-                         "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "everysec",
-                         "--save", "", "--daemonize", "no", "--protected-mode", "no"],
-                        self.dir / "redis.log")
-            try:
-                wait_until(lambda: self.redis_command("PING") == "PONG", REDIS_START_TIMEOUT_S,
-                           "redis", self.proc, self.log_path)
-                self._fixed_port = True  # a restart must come back where clients look
-                return self
-            except StackError:
-                self.kill()
-                if self._fixed_port or attempt == PORT_RACE_ATTEMPTS - 1 or "in use" not in self.log_text():
-                    raise
-                self.port = free_port()
+        self._start_on_free_port(
+            lambda: self._spawn(["redis-server", "--bind", LOOPBACK, "--port", str(self.port),
+                                 "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "everysec",
+                                 "--save", "", "--daemonize", "no", "--protected-mode", "no"],
+                                self.dir / "redis.log"),
+            lambda: wait_until(lambda: self.redis_command("PING") == "PONG", REDIS_START_TIMEOUT_S,
+                               "redis", self.proc, self.log_path),
+            self.log_text)
         return self
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> float:
@@ -420,18 +432,11 @@ class Chroma(_Service):
         if not CHROMA_BIN.exists():
             raise StackError(f"{CHROMA_BIN} is missing: run `make deps` first")
         env = dict(os.environ, ANONYMIZED_TELEMETRY="False")
-        for attempt in range(PORT_RACE_ATTEMPTS):
-            self._spawn([CHROMA_BIN, "run", "--path", self.dir, "--host", LOOPBACK, "--port", str(self.port)],
-                        self.dir.parent / "chroma.log", env=env, preexec_fn=_raise_nofile_limit)
-            try:
-                wait_until(self._healthy, CHROMA_START_TIMEOUT_S, "chroma", self.proc, self.log_path)
-                self._fixed_port = True  # a restart must come back where clients look
-                return self
-            except StackError:
-                self.kill()
-                if self._fixed_port or attempt == PORT_RACE_ATTEMPTS - 1 or "in use" not in self.log_text():
-                    raise
-                self.port = free_port()
+        self._start_on_free_port(
+            lambda: self._spawn([CHROMA_BIN, "run", "--path", self.dir, "--host", LOOPBACK, "--port", str(self.port)],
+                                self.dir.parent / "chroma.log", env=env, preexec_fn=_raise_nofile_limit),
+            lambda: wait_until(self._healthy, CHROMA_START_TIMEOUT_S, "chroma", self.proc, self.log_path),
+            self.log_text)
         return self
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> float:
@@ -570,6 +575,22 @@ def fastcgi_get(socket_path: Path | str, path: str, timeout: float = PROBE_TIMEO
                 return bytes(out)
 
 
+def json_log_records(text: str) -> "list[dict]":
+    """The JSON objects among the lines of a log (chatd's and chatd-cleanup's
+    lines are JSON; multiwatch's and sanitizers' are not)."""
+    records = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                records.append(value)
+    return records
+
+
 class Pool(_Service):
     """spawn-fcgi binds the socket and execs multiwatch, which forks N chatd
     workers sharing it and respawns any that die: the production layout."""
@@ -619,17 +640,7 @@ class Pool(_Service):
 
     def log_records(self) -> "list[dict]":
         """The JSON lines of the log (other lines, e.g. multiwatch's, skipped)."""
-        records = []
-        for line in self.log_text().splitlines():
-            line = line.strip()
-            if line.startswith("{"):
-                try:
-                    value = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(value, dict):
-                    records.append(value)
-        return records
+        return json_log_records(self.log_text())
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> float:
         """SIGTERM to multiwatch (spawn-fcgi exec'd it), which asks the workers
@@ -720,20 +731,14 @@ class Nginx(_Service):
         return status == 404 and headers.get("server") == "nginx"
 
     def start(self) -> "Nginx":
-        for attempt in range(PORT_RACE_ATTEMPTS):
+        def spawn() -> None:
             self.render()
             self._spawn(self._argv("-g", "daemon off;"), self.prefix / "nginx.out")
-            try:
-                wait_until(self._answers, NGINX_START_TIMEOUT_S, "nginx", self.proc, self.prefix / "error.log")
-                self._fixed_port = True  # a restart must come back where clients look
-                return self
-            except StackError:
-                self.kill()
-                in_use = "in use" in (self.prefix / "error.log").read_text(errors="replace") \
-                    if (self.prefix / "error.log").exists() else False
-                if self._fixed_port or attempt == PORT_RACE_ATTEMPTS - 1 or not in_use:
-                    raise
-                self.port = free_port()
+
+        self._start_on_free_port(
+            spawn,
+            lambda: wait_until(self._answers, NGINX_START_TIMEOUT_S, "nginx", self.proc, self.prefix / "error.log"),
+            self.error_log_text)
         return self
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> float:

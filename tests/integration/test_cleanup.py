@@ -28,7 +28,7 @@ from typing import Optional
 
 import pytest
 
-from harness.stack import LOOPBACK, Chroma, Redis, concurrently, http_json, poll_until, post_chat
+from harness.stack import LOOPBACK, Chroma, Redis, concurrently, http_json, json_log_records, poll_until, post_chat
 
 CHROMA_PREFIX = "/api/v2/tenants/default_tenant/databases/default_database"
 INDEX_STREAM = "chatd:index"
@@ -263,20 +263,6 @@ class CleanupRun:
         return found[-1]
 
 
-def parse_log(stderr: str) -> "list[dict]":
-    records = []
-    for line in stderr.splitlines():
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                value = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(value, dict):
-                records.append(value)
-    return records
-
-
 class World:
     def __init__(self, stack, redis: Redis, chroma: Chroma, frontend, archive_root: Path, binary: Path) -> None:
         self.stack = stack
@@ -358,7 +344,7 @@ def finish(proc: subprocess.Popen) -> CleanupRun:
         proc.kill()
         _, stderr = proc.communicate()
         pytest.fail(f"chatd-cleanup ran longer than {CLEANUP_TIMEOUT_S} s:\n{stderr[-3000:]}")
-    return CleanupRun(proc.returncode, parse_log(stderr), stderr)
+    return CleanupRun(proc.returncode, json_log_records(stderr), stderr)
 
 
 def assert_clean_run(run: CleanupRun, **expected: int) -> dict:
