@@ -3,7 +3,8 @@
 //
 //   chroma_bench --url URL [--users 2000] [--messages 50] [--dims 256]
 //                [--threads 4] [--first 200] [--queries 2000] [--adds 100]
-//                [--sample 50] [--timeout-ms 10000] [--pid PID] load|query|cold
+//                [--sample 50] [--timeout-ms 10000] [--pid PID] [--shards 16]
+//                [--sync-threshold 1000] load|query|cold
 //
 //   load   every user gets its collection and M messages, upserted in one
 //          batch of M per user, P users at a time; the latency of each user's
@@ -82,6 +83,8 @@ struct Options {
   int sample = 50;
   int64_t timeout_ms = 10000;
   int pid = 0;  // Chroma's, for its CPU time; 0: not measured
+  int shards = chatd::kDefaultChromaShards;
+  int sync_threshold = 1000;
 };
 
 using Clock = std::chrono::steady_clock;
@@ -192,6 +195,8 @@ chatd::ChromaStore MakeStore(const Options& o, std::atomic<uint64_t>* calls) {
   co.timeout_ms = o.timeout_ms;
   co.connect_timeout_ms = kConnectTimeoutMs;
   co.call_counter = calls;
+  co.shards = o.shards;
+  co.sync_threshold = o.sync_threshold;
   return chatd::ChromaStore(co);
 }
 
@@ -226,7 +231,7 @@ int RunLoad(const Options& o) {
         batch.reserve(static_cast<size_t>(o.messages));
         for (int j = 0; j < o.messages; ++j) batch.push_back(MakeMessage(id, user, j, dims));
         auto call_started = Clock::now();
-        chatd::Status s = store.Upsert(id, batch);
+        chatd::Status s = store.Upsert(batch);
         batches.Add(MsSince(call_started));
         if (!s.ok()) {
           failures.fetch_add(1);
@@ -257,12 +262,12 @@ int RunQuery(const Options& o) {
     std::vector<float> embedding = QueryEmbedding(rng, dims);
     std::vector<std::string> exclude = ExcludedIds(user, o.messages);
     auto call_started = Clock::now();
-    auto r = store.Recall(UserId(user), embedding, kRecallK, exclude);
+    auto r = store.Recall(UserId(user), embedding, kRecallK, exclude, 0);
     out.push_back(MsSince(call_started));
     if (!r.ok()) {
       ++failures;
       std::fprintf(stderr, "chroma_bench: recall: %s\n", r.status().message().c_str());
-    } else if (r->size() != kRecallK) {
+    } else if (r->messages.size() != kRecallK) {
       ++empty;  // every user has more than k + excluded messages: a short answer is a bug below us
     }
   };
@@ -302,7 +307,7 @@ int RunQuery(const Options& o) {
     std::vector<chatd::StoredMessage> turn = {MakeMessage(id, user, j, dims), MakeMessage(id, user, j + 1, dims)};
     CpuMeter add_cpu(o.pid);
     auto call_started = Clock::now();
-    chatd::Status s = store.Upsert(id, turn);
+    chatd::Status s = store.Upsert(turn);
     adds.push_back(MsSince(call_started));
     add_cpu_total += add_cpu.PerCall(1);
     if (!s.ok()) {
@@ -328,7 +333,7 @@ int RunQuery(const Options& o) {
         int user = sampled[local_pick(local)];
         std::vector<float> embedding = QueryEmbedding(local, dims);
         auto call_started = Clock::now();
-        auto r = store.Recall(UserId(user), embedding, kRecallK, ExcludedIds(user, o.messages));
+        auto r = store.Recall(UserId(user), embedding, kRecallK, ExcludedIds(user, o.messages), 0);
         parallel.Add(MsSince(call_started));
         if (!r.ok()) parallel_failures.fetch_add(1);
       }
@@ -358,7 +363,7 @@ int RunQuery(const Options& o) {
 // Raw calls, so that the collection lookup and the query are timed apart.
 class RawChroma {
  public:
-  explicit RawChroma(const Options& o) : api_(o.url + kApiPrefix), timeout_ms_(o.timeout_ms) {}
+  explicit RawChroma(const Options& o) : api_(o.url + kApiPrefix), timeout_ms_(o.timeout_ms), shards_(o.shards) {}
 
   chatd::Result<chatd::HttpResponse> Send(const char* method, const std::string& url, std::string body) {
     chatd::HttpCall call;
@@ -372,14 +377,15 @@ class RawChroma {
   }
 
   chatd::Result<std::string> CollectionId(const std::string& user_id) {
-    auto r = Send("GET", api_ + "/collections/" + chatd::ChromaCollectionName(user_id), "");
+    auto r = Send("GET", api_ + "/collections/" + chatd::ChromaShardName(chatd::ChromaShardOf(user_id, shards_), shards_),
+                  "");
     if (!r.ok()) return r.status();
     if (r->status != 200) return chatd::Unavailable("lookup", "collection lookup: HTTP " + std::to_string(r->status));
     return chatd::chroma_json::ParseCollectionId(r->body);
   }
 
   chatd::Status Query(const std::string& collection_id, const std::string& user_id, const std::vector<float>& e) {
-    auto body = chatd::chroma_json::QueryRequest(e, static_cast<int64_t>(kRecallK + kRecentExcluded));
+    auto body = chatd::chroma_json::QueryRequest(e, static_cast<int64_t>(kRecallK + kRecentExcluded), user_id, 0);
     if (!body.ok()) return body.status();
     auto r = Send("POST", api_ + "/collections/" + collection_id + "/query", body.value());
     if (!r.ok()) return r.status();
@@ -392,6 +398,7 @@ class RawChroma {
   chatd::HttpClient client_;
   std::string api_;
   int64_t timeout_ms_;
+  int shards_;
 };
 
 int RunCold(const Options& o) {
@@ -469,7 +476,8 @@ bool ParseArgs(int argc, char** argv, Options& o) {
       {"--dims", 1, 16384, &o.dims},           {"--threads", 1, 256, &o.threads},
       {"--queries", 0, 10000000, &o.queries},  {"--adds", 0, 10000000, &o.adds},
       {"--sample", 1, 100000, &o.sample},      {"--first", 0, 1000000, &o.first},
-      {"--pid", 1, 4194304, &o.pid},
+      {"--pid", 1, 4194304, &o.pid},          {"--shards", 1, chatd::kMaxChromaShards, &o.shards},
+      {"--sync-threshold", 2, 1000000, &o.sync_threshold},
   };
   for (int i = 1; i < argc; ++i) {
     std::string_view arg = argv[i];
@@ -508,7 +516,8 @@ int main(int argc, char** argv) {
   if (!ParseArgs(argc, argv, o)) {
     std::fprintf(stderr,
                  "usage: chroma_bench --url URL [--users N] [--messages M] [--dims D] [--threads P] "
-                 "[--first F] [--queries Q] [--adds A] [--sample S] [--timeout-ms T] [--pid PID] load|query|cold\n");
+                 "[--first F] [--queries Q] [--adds A] [--sample S] [--timeout-ms T] [--pid PID] [--shards N] "
+                 "[--sync-threshold S] load|query|cold\n");
     return 2;
   }
   chatd::InitHttpGlobal();

@@ -1,9 +1,13 @@
 #include "chatd/chat_service.h"
 
+#include <algorithm>
+#include <cstdint>
+#include <unordered_set>
 
 #include "chatd/log.h"
 #include "chatd/prompt.h"
 #include "chatd/random_id.h"
+#include "chatd/recall.h"
 
 namespace chatd {
 
@@ -31,28 +35,46 @@ Result<ChatReply> ChatService::Chat(const std::string& user_id, const std::strin
     return Unavailable("rate_limiter_unavailable", "The rate limiter is unavailable; try again shortly");
   }
 
-  // 2. Short-term memory. Without it we could neither show the conversation
-  // nor record this turn, so there is no degraded mode.
-  Result<std::vector<Message>> recent = recent_.Recent(user_id);
-  if (!recent.ok()) return Unavailable("memory_unavailable", "Conversation memory is unavailable; try again shortly");
-  trace.recent_used = recent->size();
+  // 2. Memory: the recent messages and the hot set, in one round trip.
+  // Without it we could neither show the conversation nor record this turn,
+  // so there is no degraded mode.
+  Result<UserMemory> memory = recent_.Read(user_id);
+  if (!memory.ok()) return Unavailable("memory_unavailable", "Conversation memory is unavailable; try again shortly");
+  const std::vector<Message>& recent = memory->recent;
+  trace.recent_used = recent.size();
 
-  // 3+4. Long-term recall; any failure here degrades to short-term memory only.
+  // 3+4. Recall: the hot set in process, and the long-term store only for
+  // messages older than the hot set, which exist only once it was trimmed.
+  // A failure here degrades to short-term memory only.
   std::vector<float> embedding;
   std::vector<RecalledMessage> memories;
   if (options_.recall_k > 0) {
     auto vectors = embedder_.Embed({message});
     if (vectors.ok() && vectors->size() == 1) {
       embedding = std::move((*vectors)[0]);
-      std::vector<std::string> exclude;
-      exclude.reserve(recent->size());
-      for (const auto& m : *recent) exclude.push_back(m.id);
-      auto recalled = long_term_.Recall(user_id, embedding, options_.recall_k, exclude);
-      if (recalled.ok()) {
-        memories = std::move(*recalled);
-      } else {
-        trace.recall_degraded = true;
-        LogWarn("recall_degraded").Str("reason", recalled.status().reason()).Str("user", user_id).Emit();
+      std::unordered_set<std::string> exclude;
+      for (const auto& m : recent) exclude.insert(m.id);
+      memories = RankHot(memory->hot, embedding, options_.recall_k, exclude);
+      if (memory->older_in_long_term) {
+        int64_t oldest_hot = INT64_MAX;
+        for (const StoredMessage& m : memory->hot) oldest_hot = std::min(oldest_hot, m.ts_ms);
+        std::vector<std::string> exclude_ids(exclude.begin(), exclude.end());
+        trace.long_term_queried = true;
+        auto recalled = long_term_.Recall(user_id, embedding, options_.recall_k, exclude_ids, oldest_hot);
+        if (recalled.ok()) {
+          trace.foreign_records_dropped = recalled->foreign_dropped;
+          if (recalled->foreign_dropped > 0) {
+            // Chroma ignored our filter: nothing leaked, but an operator must know.
+            LogError("recall_foreign_records")
+                .Str("user", user_id)
+                .Int("dropped", static_cast<int64_t>(recalled->foreign_dropped))
+                .Emit();
+          }
+          memories = MergeNearest(std::move(memories), std::move(recalled->messages), options_.recall_k);
+        } else {
+          trace.recall_degraded = true;
+          LogWarn("recall_degraded").Str("reason", recalled.status().reason()).Str("user", user_id).Emit();
+        }
       }
     } else {
       trace.recall_degraded = true;
@@ -65,7 +87,7 @@ Result<ChatReply> ChatService::Chat(const std::string& user_id, const std::strin
   PromptInput in;
   in.system_prompt = &options_.system_prompt;
   in.memories = &memories;
-  in.recent = &*recent;
+  in.recent = &recent;
   in.message = &message;
   in.budget_bytes = options_.prompt_budget_bytes;
   std::vector<ChatMessage> prompt = BuildPrompt(in);

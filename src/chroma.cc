@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "chatd/json.h"
+#include "chatd/log.h"
 #include "chatd/user_id.h"
 
 namespace chatd {
@@ -27,6 +28,13 @@ constexpr int64_t kExportPageSize = 100;
 // Upserts are split so one request stays far below Chroma's batch and body
 // limits even with large embeddings.
 constexpr size_t kMaxUpsertBatch = 256;
+// Ids-only pages (counts and deletes) are small: 1,000 ids is about 60 kB.
+constexpr int64_t kIdPageSize = 1000;
+// What Chroma 1.5.9 answers (500) when asked to read a collection that has
+// never been written to.
+constexpr char kNoSegmentOnDisk[] = "Nothing found on disk";
+// Collections listed per page when looking for the old per-user layout.
+constexpr int64_t kListPageSize = 100;
 constexpr size_t kUuidLength = 36;
 
 // Our metadata vocabulary in Chroma. It is a storage format: changing a name
@@ -90,10 +98,23 @@ const rapidjson::Value* ArrayMember(const rapidjson::Value& obj, const char* nam
   return &it->value;
 }
 
-// Our metadata back into a StoredMessage; refuses another user's record, so a
-// mix-up below us can never hand one user's memory to another.
-Status ReadMetadata(const rapidjson::Value& meta, std::string_view user_id, StoredMessage& out) {
+// Our metadata back into a StoredMessage. kNotFound "chroma_foreign_record"
+// for a record of another user, by metadata or by id; the callers drop it and
+// count it, so a mix-up below us can never hand one user's memory to another.
+Status ReadRecord(const rapidjson::Value& id, const rapidjson::Value& meta, std::string_view user_id,
+                  StoredMessage& out) {
+  if (!id.IsString()) return BadResponse("record id is not a string");
   if (!meta.IsObject()) return BadResponse("metadata is not an object");
+  auto user = meta.FindMember(kMetaUser);
+  if (user == meta.MemberEnd() || !user->value.IsString()) return BadResponse("metadata has no user");
+  std::string_view raw = View(id);
+  const size_t slash = raw.find('/');
+  // Shared collections prefix the user; the old per-user ones did not.
+  const bool foreign_id = slash != std::string_view::npos && raw.substr(0, slash) != user_id;
+  if (View(user->value) != user_id || foreign_id) {
+    return Status(Code::kNotFound, "chroma_foreign_record", "a Chroma record belongs to another user");
+  }
+  out.id.assign(slash == std::string_view::npos ? raw : raw.substr(slash + 1));
   auto role = meta.FindMember(kMetaRole);
   if (role == meta.MemberEnd() || !role->value.IsString()) return BadResponse("metadata has no role");
   if (View(role->value) == kRoleUser) {
@@ -109,13 +130,25 @@ Status ReadMetadata(const rapidjson::Value& meta, std::string_view user_id, Stor
   auto turn = meta.FindMember(kMetaTurn);
   if (turn == meta.MemberEnd() || !turn->value.IsString()) return BadResponse("metadata has no turn");
   out.turn_id.assign(View(turn->value));
-  auto user = meta.FindMember(kMetaUser);
-  if (user == meta.MemberEnd() || !user->value.IsString()) return BadResponse("metadata has no user");
-  if (View(user->value) != user_id) {
-    return Status(Code::kInternal, "chroma_foreign_record", "a Chroma record belongs to another user");
-  }
   out.user_id.assign(user_id);
   return Status::Ok();
+}
+
+bool IsForeign(const Status& s) { return s.reason() == "chroma_foreign_record"; }
+
+bool WriteUserFilter(JsonWriter& w, std::string_view user_id, int64_t before_ts_ms) {
+  bool ok = w.Key("where") && w.StartObject();
+  if (before_ts_ms > 0) {
+    // Chroma takes exactly one top-level operator: both conditions go in $and.
+    ok = ok && w.Key("$and") && w.StartArray();
+    ok = ok && w.StartObject() && w.Key(kMetaUser) && WriteString(w, user_id) && w.EndObject();
+    ok = ok && w.StartObject() && w.Key(kMetaTs) && w.StartObject() && w.Key("$lt") && w.Int64(before_ts_ms) &&
+         w.EndObject() && w.EndObject();
+    ok = ok && w.EndArray();
+  } else {
+    ok = ok && w.Key(kMetaUser) && WriteString(w, user_id);
+  }
+  return ok && w.EndObject();
 }
 
 Result<std::vector<float>> ReadVector(const rapidjson::Value& v) {
@@ -135,7 +168,7 @@ Result<std::vector<float>> ReadVector(const rapidjson::Value& v) {
 
 namespace chroma_json {
 
-std::string CreateCollectionRequest(std::string_view name, std::string_view user_id, int sync_threshold) {
+std::string CreateCollectionRequest(std::string_view name, int sync_threshold) {
   rapidjson::StringBuffer buffer;
   JsonWriter w(buffer);
   w.StartObject();
@@ -156,11 +189,6 @@ std::string CreateCollectionRequest(std::string_view name, std::string_view user
   w.Int(sync_threshold);
   w.EndObject();
   w.EndObject();
-  w.Key("metadata");
-  w.StartObject();
-  w.Key("chatd_user");
-  WriteString(w, user_id);  // valid user ids are ASCII, so this cannot fail
-  w.EndObject();
   w.EndObject();
   return Finish(buffer);
 }
@@ -176,21 +204,40 @@ Result<std::string> ParseCollectionId(std::string_view body) {
   return std::string(View(id->value));
 }
 
-Result<std::string> UpsertRequest(std::string_view user_id, const std::vector<StoredMessage>& messages) {
+Result<std::vector<std::string>> ParseCollectionNames(std::string_view body) {
+  rapidjson::Document doc;
+  doc.Parse<kParseFlags>(body.data(), body.size());
+  if (doc.HasParseError() || !doc.IsArray()) return BadResponse("collection list is not an array");
+  std::vector<std::string> names;
+  for (const auto& c : doc.GetArray()) {
+    if (!c.IsObject()) return BadResponse("collection is not an object");
+    auto name = c.FindMember("name");
+    if (name == c.MemberEnd() || !name->value.IsString()) return BadResponse("collection has no name");
+    names.emplace_back(View(name->value));
+  }
+  return names;
+}
+
+std::string RecordId(std::string_view user_id, std::string_view message_id) {
+  std::string id;
+  id.reserve(user_id.size() + 1 + message_id.size());
+  id.append(user_id).append("/").append(message_id);
+  return id;
+}
+
+Result<std::string> UpsertRequest(const std::vector<StoredMessage>& messages) {
   for (const StoredMessage& m : messages) {
     if (m.id.empty()) return InvalidArgument("missing_id", "a long-term record has no id");
+    if (m.user_id.empty()) return InvalidArgument("missing_user", "a long-term record names no user");
     if (m.embedding.empty()) {
       return InvalidArgument("missing_embedding", "a long-term record has no embedding");
-    }
-    if (!m.user_id.empty() && m.user_id != user_id) {
-      return InvalidArgument("wrong_user", "a long-term record belongs to another user");
     }
   }
   rapidjson::StringBuffer buffer;
   JsonWriter w(buffer);
   bool ok = w.StartObject();
   ok = ok && w.Key("ids") && w.StartArray();
-  for (const StoredMessage& m : messages) ok = ok && WriteString(w, m.id);
+  for (const StoredMessage& m : messages) ok = ok && WriteString(w, RecordId(m.user_id, m.id));
   ok = ok && w.EndArray();
   ok = ok && w.Key("embeddings") && w.StartArray();
   for (const StoredMessage& m : messages) ok = ok && WriteVector(w, m.embedding);
@@ -204,7 +251,7 @@ Result<std::string> UpsertRequest(std::string_view user_id, const std::vector<St
     ok = ok && w.StartObject();
     ok = ok && w.Key(kMetaRole) && w.String(m.role == Role::kUser ? kRoleUser : kRoleAssistant);
     ok = ok && w.Key(kMetaTs) && w.Int64(m.ts_ms);
-    ok = ok && w.Key(kMetaUser) && WriteString(w, user_id);
+    ok = ok && w.Key(kMetaUser) && WriteString(w, m.user_id);
     ok = ok && w.Key(kMetaTurn) && WriteString(w, m.turn_id);
     ok = ok && w.EndObject();
   }
@@ -213,39 +260,57 @@ Result<std::string> UpsertRequest(std::string_view user_id, const std::vector<St
   return Finish(buffer);
 }
 
-Result<std::string> QueryRequest(const std::vector<float>& embedding, int64_t n_results) {
+Result<std::string> QueryRequest(const std::vector<float>& embedding, int64_t n_results, std::string_view user_id,
+                                 int64_t before_ts_ms) {
   if (embedding.empty()) return InvalidArgument("missing_embedding", "recall needs an embedding");
   rapidjson::StringBuffer buffer;
   JsonWriter w(buffer);
   bool ok = w.StartObject() && w.Key("query_embeddings") && w.StartArray() && WriteVector(w, embedding) &&
             w.EndArray();
-  ok = ok && w.Key("n_results") && w.Int64(n_results);
+  if (!ok) return InvalidArgument("bad_embedding", "the embedding holds a value that is not a finite number");
+  ok = w.Key("n_results") && w.Int64(n_results);
+  ok = ok && WriteUserFilter(w, user_id, before_ts_ms);
   ok = ok && w.Key("include") && w.StartArray() && w.String("documents") && w.String("metadatas") &&
        w.String("distances") && w.EndArray();
   ok = ok && w.EndObject();
-  if (!ok) return InvalidArgument("bad_embedding", "the embedding holds a value that is not a finite number");
+  if (!ok) return InvalidArgument("invalid_user", "the user id cannot be written");
   return Finish(buffer);
 }
 
-std::string GetPageRequest(int64_t limit, int64_t offset) {
+std::string GetPageRequest(std::string_view user_id, int64_t limit, int64_t offset, bool full) {
   rapidjson::StringBuffer buffer;
   JsonWriter w(buffer);
   w.StartObject();
+  if (!user_id.empty()) WriteUserFilter(w, user_id, 0);  // valid user ids are ASCII: cannot fail
   w.Key("limit");
   w.Int64(limit);
   w.Key("offset");
   w.Int64(offset);
   w.Key("include");
   w.StartArray();
-  w.String("documents");
   w.String("metadatas");
-  w.String("embeddings");
+  if (full) {
+    w.String("documents");
+    w.String("embeddings");
+  }
   w.EndArray();
   w.EndObject();
   return Finish(buffer);
 }
 
-Result<std::vector<RecalledMessage>> ParseQueryResponse(std::string_view body, std::string_view user_id) {
+std::string DeleteIdsRequest(const std::vector<std::string>& record_ids) {
+  rapidjson::StringBuffer buffer;
+  JsonWriter w(buffer);
+  w.StartObject();
+  w.Key("ids");
+  w.StartArray();
+  for (const std::string& id : record_ids) WriteString(w, id);  // ids we read back: valid UTF-8
+  w.EndArray();
+  w.EndObject();
+  return Finish(buffer);
+}
+
+Result<RecallResult> ParseQueryResponse(std::string_view body, std::string_view user_id) {
   rapidjson::Document doc;
   doc.Parse<kParseFlags>(body.data(), body.size());
   if (doc.HasParseError() || !doc.IsObject()) return BadResponse("query answer is not a JSON object");
@@ -267,59 +332,68 @@ Result<std::vector<RecalledMessage>> ParseQueryResponse(std::string_view body, s
   if (documents.Size() != n || metadatas.Size() != n || distances.Size() != n) {
     return BadResponse("query answer columns differ in length");
   }
-  std::vector<RecalledMessage> out;
-  out.reserve(n);
+  RecallResult out;
+  out.messages.reserve(n);
   for (rapidjson::SizeType i = 0; i < n; ++i) {
     RecalledMessage r;
-    if (!ids[i].IsString()) return BadResponse("record id is not a string");
-    // A record caught in a concurrent delete of its collection comes back
-    // with null document and metadata (seen on 1.5.9): it is gone, skip it.
+    // A record caught in a concurrent delete comes back with null document
+    // and metadata (seen on 1.5.9): it is gone, skip it.
     if (documents[i].IsNull() && metadatas[i].IsNull()) continue;
-    r.message.id.assign(View(ids[i]));
+    if (Status s = ReadRecord(ids[i], metadatas[i], user_id, r.message); !s.ok()) {
+      if (!IsForeign(s)) return s;
+      ++out.foreign_dropped;
+      continue;
+    }
     if (!documents[i].IsString()) return BadResponse("record document is not a string");
     r.message.content.assign(View(documents[i]));
-    if (Status s = ReadMetadata(metadatas[i], user_id, r.message); !s.ok()) return s;
     if (!distances[i].IsNumber() || !std::isfinite(distances[i].GetDouble())) {
       return BadResponse("record distance is not a number");
     }
     r.distance = distances[i].GetDouble();
-    out.push_back(std::move(r));
+    out.messages.push_back(std::move(r));
   }
   // Chroma answers nearest first; make it a guarantee rather than an
   // assumption about the server.
-  std::stable_sort(out.begin(), out.end(), [](const RecalledMessage& a, const RecalledMessage& b) {
-    return a.distance < b.distance;
-  });
+  std::stable_sort(out.messages.begin(), out.messages.end(),
+                   [](const RecalledMessage& a, const RecalledMessage& b) { return a.distance < b.distance; });
   return out;
 }
 
-Result<std::vector<StoredMessage>> ParseGetResponse(std::string_view body, std::string_view user_id) {
+Result<std::vector<StoredMessage>> ParseGetResponse(std::string_view body, std::string_view user_id, bool full,
+                                                    size_t* foreign, std::vector<std::string>* raw_ids,
+                                                    size_t* page_size) {
   rapidjson::Document doc;
   doc.Parse<kParseFlags>(body.data(), body.size());
   if (doc.HasParseError() || !doc.IsObject()) return BadResponse("get answer is not a JSON object");
   const rapidjson::Value* ids = ArrayMember(doc, "ids");
-  const rapidjson::Value* documents = ArrayMember(doc, "documents");
   const rapidjson::Value* metadatas = ArrayMember(doc, "metadatas");
-  const rapidjson::Value* embeddings = ArrayMember(doc, "embeddings");
-  if (ids == nullptr || documents == nullptr || metadatas == nullptr || embeddings == nullptr) {
+  const rapidjson::Value* documents = full ? ArrayMember(doc, "documents") : nullptr;
+  const rapidjson::Value* embeddings = full ? ArrayMember(doc, "embeddings") : nullptr;
+  if (ids == nullptr || metadatas == nullptr || (full && (documents == nullptr || embeddings == nullptr))) {
     return BadResponse("get answer lacks ids, documents, metadatas or embeddings");
   }
   const rapidjson::SizeType n = ids->Size();
-  if (documents->Size() != n || metadatas->Size() != n || embeddings->Size() != n) {
+  if (metadatas->Size() != n || (full && (documents->Size() != n || embeddings->Size() != n))) {
     return BadResponse("get answer columns differ in length");
   }
+  if (page_size != nullptr) *page_size = n;
   std::vector<StoredMessage> out;
   out.reserve(n);
   for (rapidjson::SizeType i = 0; i < n; ++i) {
     StoredMessage m;
-    if (!(*ids)[i].IsString()) return BadResponse("record id is not a string");
-    m.id.assign(View((*ids)[i]));
-    if (!(*documents)[i].IsString()) return BadResponse("record document is not a string");
-    m.content.assign(View((*documents)[i]));
-    if (Status s = ReadMetadata((*metadatas)[i], user_id, m); !s.ok()) return s;
-    auto embedding = ReadVector((*embeddings)[i]);
-    if (!embedding.ok()) return embedding.status();
-    m.embedding = std::move(embedding).value();
+    if (Status s = ReadRecord((*ids)[i], (*metadatas)[i], user_id, m); !s.ok()) {
+      if (!IsForeign(s)) return s;
+      if (foreign != nullptr) ++*foreign;
+      continue;
+    }
+    if (full) {
+      if (!(*documents)[i].IsString()) return BadResponse("record document is not a string");
+      m.content.assign(View((*documents)[i]));
+      auto embedding = ReadVector((*embeddings)[i]);
+      if (!embedding.ok()) return embedding.status();
+      m.embedding = std::move(embedding).value();
+    }
+    if (raw_ids != nullptr) raw_ids->emplace_back(View((*ids)[i]));
     out.push_back(std::move(m));
   }
   return out;
@@ -382,10 +456,28 @@ Status HttpError(const HttpResponse& response, std::string_view what) {
 
 }  // namespace
 
+int ChromaShardOf(std::string_view user_id, int shards) {
+  // FNV-1a 64: simple, well spread over short ids, and fixed forever.
+  uint64_t h = 0xcbf29ce484222325ULL;
+  for (unsigned char c : user_id) {
+    h ^= c;
+    h *= 0x100000001b3ULL;
+  }
+  return static_cast<int>(h % static_cast<uint64_t>(shards));
+}
+
+std::string ChromaShardName(int shard, int shards) {
+  // The shard count is part of the name, so a deployment that changes it
+  // starts on new collections instead of looking for users in the wrong one.
+  return "chatd-s" + std::to_string(shards) + "-" + std::to_string(shard);
+}
+
 ChromaStore::ChromaStore(ChromaOptions options) : options_(std::move(options)) {
   base_ = options_.base_url;
   while (!base_.empty() && base_.back() == '/') base_.pop_back();
   api_ = base_ + kApiPrefix;
+  options_.shards = std::clamp(options_.shards, 1, kMaxChromaShards);
+  shard_ids_.resize(static_cast<size_t>(options_.shards));
 }
 
 Result<HttpResponse> ChromaStore::Call(const char* method, const std::string& url, std::string body) {
@@ -399,186 +491,240 @@ Result<HttpResponse> ChromaStore::Call(const char* method, const std::string& ur
   if (options_.call_counter != nullptr) options_.call_counter->fetch_add(1, std::memory_order_relaxed);
   auto response = ThreadHttpClient().Send(call);
   if (response.ok()) return response;
+  // "unreachable", not "unavailable": no answer at all says nothing about
+  // what we sent, which the indexer needs to know (indexer.h).
   if (response.status().code() == Code::kDeadlineExceeded) {
-    return Status(Code::kDeadlineExceeded, "chroma_unavailable",
+    return Status(Code::kDeadlineExceeded, "chroma_unreachable",
                   "Chroma did not answer within " + std::to_string(options_.timeout_ms) + " ms");
   }
-  return Unavailable("chroma_unavailable", "Chroma unreachable: " + response.status().message());
+  return Unavailable("chroma_unreachable", "Chroma unreachable: " + response.status().message());
 }
 
-Result<std::string> ChromaStore::CollectionId(const std::string& name, std::string_view user_id,
-                                              bool create) {
+Result<std::string> ChromaStore::ShardId(int shard) {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = ids_.find(name);
-    if (it != ids_.end()) return it->second;
+    const std::string& cached = shard_ids_[static_cast<size_t>(shard)];
+    if (!cached.empty()) return cached;
   }
-  Result<HttpResponse> response =
-      create ? Call("POST", api_ + "/collections",
-                    chroma_json::CreateCollectionRequest(name, user_id, options_.sync_threshold))
-             : Call("GET", api_ + "/collections/" + name, "");
+  // get_or_create: shards are shared, so whoever comes first creates one,
+  // and an empty shard costs nothing.
+  auto response = Call("POST", api_ + "/collections",
+                       chroma_json::CreateCollectionRequest(ChromaShardName(shard, options_.shards),
+                                                            options_.sync_threshold));
   if (!response.ok()) return response.status();
-  if (!create && response->status == 404) {
-    return Status(Code::kNotFound, "no_collection", "the user has no long-term memory yet");
-  }
-  if (response->status != 200) {
-    return HttpError(*response, create ? "create collection" : "get collection");
-  }
+  if (response->status != 200) return HttpError(*response, "create collection");
   auto id = chroma_json::ParseCollectionId(response->body);
   if (!id.ok()) return id.status();
   std::lock_guard<std::mutex> lock(mu_);
-  ids_[name] = id.value();
+  shard_ids_[static_cast<size_t>(shard)] = id.value();
   return id;
 }
 
-void ChromaStore::Forget(const std::string& name, const std::string& id) {
+void ChromaStore::ForgetShard(int shard, const std::string& id) {
   std::lock_guard<std::mutex> lock(mu_);
-  auto it = ids_.find(name);
   // Another thread may have cached the new id already: keep that one.
-  if (it != ids_.end() && it->second == id) ids_.erase(it);
+  std::string& cached = shard_ids_[static_cast<size_t>(shard)];
+  if (cached == id) cached.clear();
 }
 
-Result<std::vector<RecalledMessage>> ChromaStore::Recall(std::string_view user_id,
-                                                         const std::vector<float>& embedding, size_t k,
-                                                         const std::vector<std::string>& exclude_ids) {
-  if (k == 0) return std::vector<RecalledMessage>{};
+Result<HttpResponse> ChromaStore::ShardCall(int shard, const char* suffix, const std::string& body,
+                                            const char* method) {
+  // A second round only when the cached collection was deleted under us
+  // (an operator dropped it): it is created again, empty.
+  for (int attempt = 0;; ++attempt) {
+    auto id = ShardId(shard);
+    if (!id.ok()) return id.status();
+    auto response = Call(method, api_ + "/collections/" + id.value() + suffix, body);
+    if (!response.ok() || !CollectionGone(*response) || attempt == 1) return response;
+    ForgetShard(shard, id.value());
+  }
+}
+
+Result<std::optional<HttpResponse>> ChromaStore::LegacyCall(std::string_view user_id, const char* suffix,
+                                                            const std::string& body) {
+  auto found = Call("GET", api_ + "/collections/" + ChromaCollectionName(user_id), "");
+  if (!found.ok()) return found.status();
+  if (found->status == 404) return std::optional<HttpResponse>();
+  if (found->status != 200) return HttpError(*found, "get collection");
+  auto id = chroma_json::ParseCollectionId(found->body);
+  if (!id.ok()) return id.status();
+  auto response = Call("POST", api_ + "/collections/" + id.value() + suffix, body);
+  if (!response.ok()) return response.status();
+  if (CollectionGone(*response)) return std::optional<HttpResponse>();
+  return std::optional<HttpResponse>(std::move(response).value());
+}
+
+Result<RecallResult> ChromaStore::Recall(std::string_view user_id, const std::vector<float>& embedding, size_t k,
+                                         const std::vector<std::string>& exclude_ids, int64_t before_ts_ms) {
+  if (k == 0) return RecallResult{};
   const int64_t n_results = std::min<int64_t>(static_cast<int64_t>(k + exclude_ids.size()),
                                               chroma_json::kMaxQueryResults);
-  auto body = chroma_json::QueryRequest(embedding, n_results);
+  auto body = chroma_json::QueryRequest(embedding, n_results, user_id, before_ts_ms);
   if (!body.ok()) return body.status();
-  const std::string name = ChromaCollectionName(user_id);
+  auto response = ShardCall(ChromaShardOf(user_id, options_.shards), "/query", body.value());
+  if (!response.ok()) return response.status();
+  if (response->status != 200) return HttpError(*response, "query");
+  auto records = chroma_json::ParseQueryResponse(response->body, user_id);
+  if (!records.ok()) return records.status();
 
-  // A second round only when the cached collection was deleted under us.
-  for (int attempt = 0; attempt < 2; ++attempt) {
-    auto id = CollectionId(name, user_id, /*create=*/false);
-    if (!id.ok()) {
-      if (id.status().code() == Code::kNotFound) return std::vector<RecalledMessage>{};
-      return id.status();
-    }
-    auto response = Call("POST", api_ + "/collections/" + id.value() + "/query", body.value());
-    if (!response.ok()) return response.status();
-    if (CollectionGone(*response)) {
-      Forget(name, id.value());
-      continue;
-    }
-    if (response->status != 200) return HttpError(*response, "query");
-    auto records = chroma_json::ParseQueryResponse(response->body, user_id);
-    if (!records.ok()) return records.status();
-
-    const std::unordered_set<std::string_view> excluded(exclude_ids.begin(), exclude_ids.end());
-    std::vector<RecalledMessage> out;
-    out.reserve(k);
-    for (RecalledMessage& r : records.value()) {
-      if (out.size() == k) break;
-      if (excluded.count(r.message.id) == 0) out.push_back(std::move(r));
-    }
-    return out;
+  const std::unordered_set<std::string_view> excluded(exclude_ids.begin(), exclude_ids.end());
+  RecallResult out;
+  out.foreign_dropped = records->foreign_dropped;
+  out.messages.reserve(k);
+  for (RecalledMessage& r : records->messages) {
+    if (out.messages.size() == k) break;
+    if (excluded.count(r.message.id) == 0) out.messages.push_back(std::move(r));
   }
-  // Deleted twice in a row: the collection is gone, so is the memory.
-  return std::vector<RecalledMessage>{};
+  return out;
 }
 
-Status ChromaStore::Upsert(std::string_view user_id, const std::vector<StoredMessage>& messages) {
-  const std::string name = ChromaCollectionName(user_id);
-  for (size_t start = 0; start < messages.size(); start += kMaxUpsertBatch) {
-    const size_t end = std::min(messages.size(), start + kMaxUpsertBatch);
-    const std::vector<StoredMessage> batch(messages.begin() + static_cast<std::ptrdiff_t>(start),
-                                           messages.begin() + static_cast<std::ptrdiff_t>(end));
-    auto body = chroma_json::UpsertRequest(user_id, batch);
-    if (!body.ok()) return body.status();
-    bool written = false;
-    for (int attempt = 0; attempt < 2 && !written; ++attempt) {
-      auto id = CollectionId(name, user_id, /*create=*/true);
-      if (!id.ok()) return id.status();
-      auto response = Call("POST", api_ + "/collections/" + id.value() + "/upsert", body.value());
+Status ChromaStore::Upsert(const std::vector<StoredMessage>& messages) {
+  std::vector<std::vector<const StoredMessage*>> by_shard(static_cast<size_t>(options_.shards));
+  for (const StoredMessage& m : messages) {
+    by_shard[static_cast<size_t>(ChromaShardOf(m.user_id, options_.shards))].push_back(&m);
+  }
+  for (int shard = 0; shard < options_.shards; ++shard) {
+    const auto& list = by_shard[static_cast<size_t>(shard)];
+    for (size_t start = 0; start < list.size(); start += kMaxUpsertBatch) {
+      std::vector<StoredMessage> batch;
+      for (size_t i = start; i < std::min(list.size(), start + kMaxUpsertBatch); ++i) batch.push_back(*list[i]);
+      auto body = chroma_json::UpsertRequest(batch);
+      if (!body.ok()) return body.status();
+      auto response = ShardCall(shard, "/upsert", body.value());
       if (!response.ok()) return response.status();
-      if (CollectionGone(*response)) {
-        Forget(name, id.value());
-        continue;
-      }
-      if (response->status != 200 && response->status != 201) {
-        return HttpError(*response, "upsert");
-      }
-      written = true;
-    }
-    if (!written) {
-      return Unavailable("chroma_unavailable", "upsert: the collection vanished twice while writing");
+      if (response->status != 200 && response->status != 201) return HttpError(*response, "upsert");
     }
   }
   return Status::Ok();
+}
+
+Result<std::vector<StoredMessage>> ChromaStore::ReadUser(std::string_view user_id, bool with_embeddings) {
+  const int shard = ChromaShardOf(user_id, options_.shards);
+  std::vector<StoredMessage> out;
+  const int64_t page = with_embeddings ? kExportPageSize : kIdPageSize;
+  // Offsets count the records the filter matched; nothing of this user is
+  // written meanwhile (the cleanup holds the user's lock), so pages are stable.
+  for (int64_t offset = 0;; offset += page) {
+    auto response = ShardCall(shard, "/get", chroma_json::GetPageRequest(user_id, page, offset, with_embeddings));
+    if (!response.ok()) return response.status();
+    if (response->status != 200 && offset == 0 && response->body.find(kNoSegmentOnDisk) != std::string::npos) {
+      // Chroma 1.5.9 cannot read a shard nothing was written to yet. Only a
+      // count of zero makes that "no records"; anything else stays an error.
+      auto count = ShardCall(shard, "/count", "", "GET");
+      if (!count.ok()) return count.status();
+      if (count->status == 200) {
+        auto n = chroma_json::ParseCount(count->body);
+        if (n.ok() && *n == 0) return out;
+      }
+    }
+    if (response->status != 200) return HttpError(*response, "get");
+    size_t foreign = 0, got = 0;
+    auto records = chroma_json::ParseGetResponse(response->body, user_id, with_embeddings, &foreign, nullptr, &got);
+    if (!records.ok()) return records.status();
+    if (foreign > 0) {
+      // The filter was ignored: offsets no longer count this user's records,
+      // so no exact answer can be built from these pages.
+      return Status(Code::kInternal, "chroma_foreign_record", "Chroma returned records of other users");
+    }
+    for (StoredMessage& m : records.value()) out.push_back(std::move(m));
+    if (static_cast<int64_t>(got) < page) break;
+  }
+  return out;
 }
 
 Result<int64_t> ChromaStore::Count(std::string_view user_id) {
-  const std::string name = ChromaCollectionName(user_id);
-  for (int attempt = 0; attempt < 2; ++attempt) {
-    auto id = CollectionId(name, user_id, /*create=*/false);
-    if (!id.ok()) {
-      if (id.status().code() == Code::kNotFound) return int64_t{0};
-      return id.status();
-    }
-    auto response = Call("GET", api_ + "/collections/" + id.value() + "/count", "");
-    if (!response.ok()) return response.status();
-    if (CollectionGone(*response)) {
-      Forget(name, id.value());
-      continue;
-    }
-    if (response->status != 200) return HttpError(*response, "count");
-    return chroma_json::ParseCount(response->body);
-  }
-  return int64_t{0};
+  auto records = ReadUser(user_id, /*with_embeddings=*/false);
+  if (!records.ok()) return records.status();
+  return static_cast<int64_t>(records->size());
 }
 
 Result<std::vector<StoredMessage>> ChromaStore::ExportAll(std::string_view user_id) {
-  const std::string name = ChromaCollectionName(user_id);
-  for (int attempt = 0; attempt < 2; ++attempt) {
-    auto id = CollectionId(name, user_id, /*create=*/false);
-    if (!id.ok()) {
-      if (id.status().code() == Code::kNotFound) return std::vector<StoredMessage>{};
-      return id.status();
-    }
-    std::vector<StoredMessage> out;
-    bool stale_id = false;
-    for (int64_t offset = 0;; offset += kExportPageSize) {
-      auto response = Call("POST", api_ + "/collections/" + id.value() + "/get",
-                           chroma_json::GetPageRequest(kExportPageSize, offset));
-      if (!response.ok()) return response.status();
-      if (CollectionGone(*response)) {
-        Forget(name, id.value());
-        // Deleted mid-export: a partial export must not pass for a whole one.
-        if (offset > 0) {
-          return Unavailable("chroma_unavailable", "export: the collection was deleted while being read");
-        }
-        stale_id = true;
-        break;
-      }
-      if (response->status != 200) return HttpError(*response, "export");
-      auto page = chroma_json::ParseGetResponse(response->body, user_id);
-      if (!page.ok()) return page.status();
-      const size_t got = page->size();
-      for (StoredMessage& m : page.value()) out.push_back(std::move(m));
-      if (static_cast<int64_t>(got) < kExportPageSize) break;
-    }
-    if (!stale_id) return out;
-  }
-  return std::vector<StoredMessage>{};
+  return ReadUser(user_id, /*with_embeddings=*/true);
 }
 
-Status ChromaStore::DeleteCollection(std::string_view user_id) {
-  const std::string name = ChromaCollectionName(user_id);
-  auto response = Call("DELETE", api_ + "/collections/" + name, "");
-  if (!response.ok()) return response.status();
-  if (response->status != 200 && response->status != 404) {
-    return HttpError(*response, "delete collection");
+Result<int64_t> ChromaStore::DeleteUser(std::string_view user_id) {
+  auto records = ReadUser(user_id, /*with_embeddings=*/false);
+  if (!records.ok()) return records.status();
+  const int shard = ChromaShardOf(user_id, options_.shards);
+  // By id, never by a filter: ids we built and checked name only this user.
+  for (size_t start = 0; start < records->size(); start += kMaxUpsertBatch) {
+    std::vector<std::string> ids;
+    for (size_t i = start; i < std::min(records->size(), start + kMaxUpsertBatch); ++i) {
+      ids.push_back(chroma_json::RecordId(user_id, (*records)[i].id));
+    }
+    auto response = ShardCall(shard, "/delete", chroma_json::DeleteIdsRequest(ids));
+    if (!response.ok()) return response.status();
+    if (response->status != 200) return HttpError(*response, "delete");
   }
-  std::lock_guard<std::mutex> lock(mu_);
-  ids_.erase(name);
-  return Status::Ok();
+  auto left = Count(user_id);
+  if (!left.ok()) return left.status();
+  if (*left != 0) return Unavailable("chroma_unavailable", "records of the user remained after the delete");
+  return static_cast<int64_t>(records->size());
 }
 
 Status ChromaStore::Heartbeat() {
   auto response = Call("GET", base_ + "/api/v2/heartbeat", "");
   if (!response.ok()) return response.status();
   if (response->status != 200) return HttpError(*response, "heartbeat");
+  return Status::Ok();
+}
+
+Result<std::vector<std::string>> ChromaStore::ListLegacyUsers(size_t limit) {
+  std::vector<std::string> users;
+  static constexpr std::string_view kLegacyPrefix = "chatd-u-";
+  for (int64_t offset = 0; users.size() < limit; offset += kListPageSize) {
+    auto response = Call("GET", api_ + "/collections?limit=" + std::to_string(kListPageSize) +
+                                    "&offset=" + std::to_string(offset), "");
+    if (!response.ok()) return response.status();
+    if (response->status != 200) return HttpError(*response, "list collections");
+    auto names = chroma_json::ParseCollectionNames(response->body);
+    if (!names.ok()) return names.status();
+    for (const std::string& name : *names) {
+      if (name.rfind(kLegacyPrefix, 0) != 0) continue;
+      std::string user;
+      std::string_view hex = std::string_view(name).substr(kLegacyPrefix.size());
+      bool ok = hex.size() % 2 == 0 && !hex.empty();
+      for (size_t i = 0; ok && i < hex.size(); i += 2) {
+        unsigned value = 0;
+        auto [end, ec] = std::from_chars(hex.data() + i, hex.data() + i + 2, value, 16);
+        ok = ec == std::errc() && end == hex.data() + i + 2;
+        user.push_back(static_cast<char>(value));
+      }
+      // Only names this mapping produces: anything else is not ours.
+      if (ok && IsValidUserId(user) && ChromaCollectionName(user) == name) users.push_back(std::move(user));
+      if (users.size() == limit) break;
+    }
+    if (static_cast<int64_t>(names->size()) < kListPageSize) break;
+  }
+  return users;
+}
+
+Result<std::vector<StoredMessage>> ChromaStore::ExportLegacy(std::string_view user_id) {
+  std::vector<StoredMessage> out;
+  for (int64_t offset = 0;; offset += kExportPageSize) {
+    auto response = LegacyCall(user_id, "/get", chroma_json::GetPageRequest("", kExportPageSize, offset, true));
+    if (!response.ok()) return response.status();
+    if (!response->has_value()) {
+      // Gone mid-read: a partial export must not pass for a whole one.
+      if (offset > 0) return Unavailable("chroma_unavailable", "the collection was deleted while being read");
+      return out;
+    }
+    const HttpResponse& r = **response;
+    if (r.status != 200) return HttpError(r, "export");
+    size_t foreign = 0, got = 0;
+    auto page = chroma_json::ParseGetResponse(r.body, user_id, true, &foreign, nullptr, &got);
+    if (!page.ok()) return page.status();
+    if (foreign > 0) return Internal("chroma_foreign_record", "a per-user collection holds another user's record");
+    for (StoredMessage& m : page.value()) out.push_back(std::move(m));
+    if (static_cast<int64_t>(got) < kExportPageSize) break;
+  }
+  return out;
+}
+
+Status ChromaStore::DeleteLegacy(std::string_view user_id) {
+  auto response = Call("DELETE", api_ + "/collections/" + ChromaCollectionName(user_id), "");
+  if (!response.ok()) return response.status();
+  if (response->status != 200 && response->status != 404) return HttpError(*response, "delete collection");
   return Status::Ok();
 }
 

@@ -10,6 +10,7 @@
 #include "chatd/clock.h"
 #include "chatd/indexer.h"
 #include "chatd/log.h"
+#include "chatd/redis_memory.h"
 #include "chatd/redis_rate_limiter.h"
 #include "chatd/user_id.h"
 
@@ -19,26 +20,27 @@ namespace {
 
 // Page size when reading the index stream for queued turns.
 constexpr int kStreamPage = 1000;
-// Records per upsert when restoring.
-constexpr size_t kRestoreBatch = 200;
 constexpr int kCrashStatus = 137;  // what a shell reports after kill -9
 // How often the cleanup looks whether an indexer finished writing a user.
 constexpr std::chrono::milliseconds kMarkerPoll{20};
+// The lock value of a migration, so only a migration releases it early.
+constexpr char kMigratePurpose[] = "migrate";
 
-// KEYS: activity, recent, rl fixed, rl sliding, lock, index stream, in-progress set.
+// KEYS: activity, recent, rl fixed, rl sliding, lock, hot set, hot index,
+// index stream, in-progress set.
 // ARGV: user, last activity we archived, index group, stream ids to acknowledge.
 // Returns 1 when the user was removed, 0 when they came back meanwhile.
 const RedisScript kFinishArchive(R"lua(
 if #ARGV > 3 then
   local ids = {}
   for i = 4, #ARGV do ids[#ids + 1] = ARGV[i] end
-  redis.call('XACK', KEYS[6], ARGV[3], unpack(ids))
-  redis.call('XDEL', KEYS[6], unpack(ids))
+  redis.call('XACK', KEYS[8], ARGV[3], unpack(ids))
+  redis.call('XDEL', KEYS[8], unpack(ids))
 end
-redis.call('SREM', KEYS[7], ARGV[1])
+redis.call('SREM', KEYS[9], ARGV[1])
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if score and tonumber(score) == tonumber(ARGV[2]) then
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
   redis.call('ZREM', KEYS[1], ARGV[1])
   return 1
 end
@@ -65,28 +67,41 @@ redis.call('SREM', KEYS[3], ARGV[1])
 return 1
 )lua");
 
-// KEYS: activity, recent, rl fixed, rl sliding, lock, index stream, dead letters, in-progress set.
+// KEYS: activity, recent, rl fixed, rl sliding, lock, hot set, hot index,
+// index stream, dead letters, in-progress set.
 // ARGV: user, index group, then stream ids (index stream) ... "|" ... dead-letter ids.
 const RedisScript kForget(R"lua(
-redis.call('SREM', KEYS[8], ARGV[1])
+redis.call('SREM', KEYS[10], ARGV[1])
 local ids, dead, into = {}, {}, nil
 into = ids
 for i = 3, #ARGV do
   if ARGV[i] == '|' then into = dead else into[#into + 1] = ARGV[i] end
 end
 if #ids > 0 then
-  redis.call('XACK', KEYS[6], ARGV[2], unpack(ids))
-  redis.call('XDEL', KEYS[6], unpack(ids))
+  redis.call('XACK', KEYS[8], ARGV[2], unpack(ids))
+  redis.call('XDEL', KEYS[8], unpack(ids))
 end
-if #dead > 0 then redis.call('XDEL', KEYS[7], unpack(dead)) end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+if #dead > 0 then redis.call('XDEL', KEYS[9], unpack(dead)) end
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
 redis.call('ZREM', KEYS[1], ARGV[1])
 return 1
 )lua");
 
+// KEYS: lock, in-progress set. ARGV: user, purpose. Releases the user's lock
+// if it was taken for `purpose` (a migration), and forgets the user as in
+// progress; a lock of an archive or a forget is left to its owner.
+const RedisScript kReleaseLock(R"lua(
+if redis.call('GET', KEYS[1]) ~= ARGV[2] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+return 1
+)lua");
+
+// Every per-user key a cleanup removes: recent, rl fixed, rl sliding, lock,
+// hot set, hot index (the scripts' KEYS[2..7]).
 std::vector<std::string> UserKeys(std::string_view user) {
   return {RecentKey(user), UserKey(user, kFixedWindowKeySuffix), UserKey(user, kSlidingLogKeySuffix),
-          CleanupLockKey(user)};
+          CleanupLockKey(user), HotKey(user), HotIndexKey(user)};
 }
 
 Status RedisErrorIf(const Result<RedisValue>& r, std::string_view what) {
@@ -141,11 +156,9 @@ Result<Cleanup::Outcome> Cleanup::ArchiveUser(const std::string& user, int64_t l
 
   // 2. Turns still queued for indexing go into Chroma first, so the export is whole.
   if (!queued.empty()) {
-    auto by_user = BuildStoredMessages(queued, embedder_);
-    if (!by_user.ok()) return by_user.status();
-    for (auto& [u, messages] : *by_user) {
-      if (Status s = chroma_.Upsert(u, messages); !s.ok()) return s;
-    }
+    auto messages = BuildStoredMessages(queued, embedder_);
+    if (!messages.ok()) return messages.status();
+    if (Status s = chroma_.Upsert(*messages); !s.ok()) return s;
   }
 
   // 3. Export and merge into the archive file of this activity time.
@@ -173,16 +186,16 @@ Result<Cleanup::Outcome> Cleanup::ArchiveUser(const std::string& user, int64_t l
   records += static_cast<int64_t>(archive.records.size());
   CrashIf("after_export");
 
-  // 4. The collection goes.
-  if (Status s = chroma_.DeleteCollection(user); !s.ok()) return s;
+  // 4. The user's records go (checked by count).
+  if (auto deleted = chroma_.DeleteUser(user); !deleted.ok()) return deleted.status();
   CrashIf("after_delete_collection");
 
   // 5. Redis keys, unless the user came back meanwhile.
   std::string score = std::to_string(last_activity);
   std::vector<std::string_view> args = {user, score, kIndexGroup};
   for (const IndexEntry& e : queued) args.push_back(e.stream_id);
-  std::vector<std::string_view> script_keys = {kActivityKey, keys[0], keys[1], keys[2], keys[3], kIndexStreamKey,
-                                               kCleanupInProgressKey};
+  std::vector<std::string_view> script_keys = {kActivityKey, keys[0], keys[1], keys[2], keys[3], keys[4], keys[5],
+                                               kIndexStreamKey, kCleanupInProgressKey};
   Result<RedisValue> done = redis_.Eval(kFinishArchive, script_keys, args);
   if (Status s = RedisErrorIf(done, "finishing the archive"); !s.ok()) return s;
   return done->integer == 1 ? Outcome::kArchived : Outcome::kReturned;
@@ -284,11 +297,10 @@ Result<int64_t> Cleanup::Restore(std::string_view user_id) {
     LogInfo("restore_would_upsert").Str("user", user).Int("records", static_cast<int64_t>(records.size())).Emit();
     return static_cast<int64_t>(records.size());
   }
-  for (size_t i = 0; i < records.size(); i += kRestoreBatch) {
-    std::vector<StoredMessage> chunk(records.begin() + static_cast<std::ptrdiff_t>(i),
-                                     records.begin() + static_cast<std::ptrdiff_t>(std::min(records.size(), i + kRestoreBatch)));
-    if (Status s = chroma_.Upsert(user, chunk); !s.ok()) return s;
-  }
+  for (StoredMessage& m : records) m.user_id = user;
+  if (Status s = chroma_.Upsert(records); !s.ok()) return s;  // chunked by the store
+  // Recall reads the newest records from the hot set, as if just indexed.
+  if (Status s = AddToHotSet(redis_, user, records, options_.hot_messages); !s.ok()) return s;
   // Tracked again, so the restored memory is archived again when unused.
   Result<int64_t> now = NowMs();
   if (!now.ok()) return now.status();
@@ -328,17 +340,94 @@ Status Cleanup::Forget(std::string_view user_id) {
 
   // Lock first, so no indexer writes to the collection while we erase it.
   if (Status s = TakeLock(user, "forget"); !s.ok()) return s;
-  if (Status s = chroma_.DeleteCollection(user); !s.ok()) return s;
+  if (auto deleted = chroma_.DeleteUser(user); !deleted.ok()) return deleted.status();
+  // A deployment not yet migrated may still hold the old per-user collection.
+  if (Status s = chroma_.DeleteLegacy(user); !s.ok()) return s;
   if (Status s = RemoveArchives(options_.archive_dir, user, *paths); !s.ok()) return s;
 
   std::vector<std::string_view> args = {user, kIndexGroup};
   for (const IndexEntry& e : (*queued)[user]) args.push_back(e.stream_id);
   args.push_back("|");
   for (const std::string& id : dead_ids) args.push_back(id);
-  std::vector<std::string_view> script_keys = {kActivityKey, keys[0], keys[1], keys[2], keys[3], kIndexStreamKey,
-                                               kDeadLetterKey, kCleanupInProgressKey};
+  std::vector<std::string_view> script_keys = {kActivityKey, keys[0], keys[1], keys[2], keys[3], keys[4], keys[5],
+                                               kIndexStreamKey, kDeadLetterKey, kCleanupInProgressKey};
   if (Status s = RedisErrorIf(redis_.Eval(kForget, script_keys, args), "forget"); !s.ok()) return s;
   return Status::Ok();
+}
+
+Result<MigrateSummary> Cleanup::Migrate() {
+  MigrateSummary sum;
+  // A migration killed after deleting a user's old collection left their
+  // lock: the user is done (or, with the collection still there, is listed
+  // and migrated again below).
+  if (!options_.dry_run) {
+    Result<RedisValue> left = redis_.Command({"SMEMBERS", kCleanupInProgressKey});
+    if (Status s = RedisErrorIf(left, "SMEMBERS"); !s.ok()) return s;
+    for (const RedisValue& u : left->elements) {
+      std::string lock = CleanupLockKey(u.str);
+      auto released = redis_.Eval(kReleaseLock, {lock, kCleanupInProgressKey}, {u.str, kMigratePurpose});
+      if (Status s = RedisErrorIf(released, "release"); !s.ok()) return s;
+    }
+  }
+  std::set<std::string> failed;
+  for (;;) {
+    // Migrated users' collections are deleted, so the list shrinks; failed
+    // ones are asked for again but skipped, so it also ends when all fail.
+    auto users = chroma_.ListLegacyUsers(failed.size() + static_cast<size_t>(options_.batch));
+    if (!users.ok()) return users.status();
+    size_t todo = 0;
+    for (const std::string& user : *users) {
+      if (failed.count(user) != 0) continue;
+      ++todo;
+      Result<int64_t> moved = MigrateUser(user);
+      if (!moved.ok()) {
+        failed.insert(user);
+        ++sum.failed;
+        LogError("migrate_user_failed")
+            .Str("user", user)
+            .Str("reason", moved.status().reason())
+            .Str("detail", moved.status().message())
+            .Emit();
+        continue;
+      }
+      ++sum.users;
+      sum.records += *moved;
+      if (options_.dry_run) failed.insert(user);  // nothing was deleted: do not list it again
+    }
+    if (todo == 0) break;
+  }
+  return sum;
+}
+
+Result<int64_t> Cleanup::MigrateUser(const std::string& user) {
+  if (options_.dry_run) {
+    auto records = chroma_.ExportLegacy(user);
+    if (!records.ok()) return records.status();
+    LogInfo("migrate_would_move").Str("user", user).Int("records", static_cast<int64_t>(records->size())).Emit();
+    return static_cast<int64_t>(records->size());
+  }
+  // The lock pauses the indexers for this user, so the hot set is rebuilt
+  // from a quiet state; the cleanup's own run cannot archive them meanwhile.
+  if (Status s = TakeLock(user, kMigratePurpose); !s.ok()) return s;
+  CrashIf("migrate_after_lock");
+  auto records = chroma_.ExportLegacy(user);
+  if (!records.ok()) return records.status();
+  for (StoredMessage& m : *records) m.user_id = user;
+  if (Status s = chroma_.Upsert(*records); !s.ok()) return s;
+  CrashIf("migrate_after_upsert");
+  // The shard may hold more (turns indexed since the upgrade), never fewer.
+  auto count = chroma_.Count(user);
+  if (!count.ok()) return count.status();
+  if (*count < static_cast<int64_t>(records->size())) {
+    return Unavailable("migrate_incomplete", "the shard holds fewer records than the old collection");
+  }
+  if (Status s = AddToHotSet(redis_, user, *records, options_.hot_messages); !s.ok()) return s;
+  if (Status s = chroma_.DeleteLegacy(user); !s.ok()) return s;
+  CrashIf("migrate_after_delete");
+  std::string lock = CleanupLockKey(user);
+  auto released = redis_.Eval(kReleaseLock, {lock, kCleanupInProgressKey}, {user, kMigratePurpose});
+  if (Status s = RedisErrorIf(released, "release"); !s.ok()) return s;
+  return static_cast<int64_t>(records->size());
 }
 
 Status Cleanup::TakeLock(const std::string& user, std::string_view purpose) {

@@ -94,6 +94,10 @@ constexpr int64_t kMaxRetries = 5;
 constexpr int64_t kMaxRecent = 100;
 constexpr int64_t kMaxRecall = 100;
 constexpr int64_t kMaxDimensions = 8192;
+// The hot set is read whole on every chat: a few hundred records is already
+// hundreds of kilobytes per request.
+constexpr int64_t kMaxHotMessages = 1000;
+constexpr int64_t kMaxChromaShards = 4096;  // as chroma.h; config does not depend on the adapter
 constexpr int64_t kMaxTokens = 1 << 20;
 constexpr int64_t kMaxRateLimit = 1'000'000;
 constexpr int64_t kMaxWindowS = 24 * 3600;
@@ -149,6 +153,8 @@ Result<Config> LoadConfig(const EnvLookup& env) {
   r.Url("CHATD_CHROMA_URL", c.chroma_url);
   r.Int("CHATD_CHROMA_TIMEOUT_MS", c.chroma_timeout_ms, 10, kMaxTimeoutMs);
   r.Int("CHATD_CHROMA_SYNC_THRESHOLD", c.chroma_sync_threshold, 2, 1'000'000);
+  r.Int("CHATD_CHROMA_SHARDS", c.chroma_shards, 1, kMaxChromaShards);
+  r.Int("CHATD_RECALL_HOT_MESSAGES", c.recall_hot_messages, 1, kMaxHotMessages);
   r.String("CHATD_SYSTEM_PROMPT", c.system_prompt, /*allow_empty=*/true);
   r.Size("CHATD_PROMPT_BUDGET_BYTES", c.prompt_budget_bytes, 256, kMaxBodyLimit);
 
@@ -158,6 +164,9 @@ Result<Config> LoadConfig(const EnvLookup& env) {
 
   r.Int("CHATD_INDEX_CLAIM_IDLE_MS", c.index_claim_idle_ms, 100, kMaxTimeoutMs);
   r.Int("CHATD_INDEX_BATCH", c.index_batch, 1, 1000);
+  r.Int("CHATD_INDEX_RETRY_MS", c.index_retry_ms, 10, kMaxTimeoutMs);
+  r.Int("CHATD_INDEX_MAX_DELIVERIES", c.index_max_deliveries, 1, 1000);
+  r.Int("CHATD_INDEX_LAG_DEGRADED_MS", c.index_lag_degraded_ms, 100, kMaxTimeoutMs);
 
   r.Int("CHATD_CLEANUP_INACTIVE_S", c.cleanup_inactive_s, 0, 10 * 365 * 24 * 3600LL);
   r.String("CHATD_ARCHIVE_DIR", c.archive_dir, false);

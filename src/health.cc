@@ -1,6 +1,5 @@
 #include "chatd/health.h"
 
-#include "chatd/redis_memory.h"
 
 namespace chatd {
 
@@ -35,13 +34,6 @@ std::vector<DependencyState> StackHealthProbe::Check() {
   cached_ = out;
   checked_at_ = now;
   return out;
-}
-
-Result<int64_t> StackHealthProbe::IndexBacklog() {
-  Result<RedisValue> r = redis_.Command({"XLEN", kIndexStreamKey});
-  if (!r.ok()) return r.status();
-  if (r->type != RedisValue::Type::kInteger) return Unavailable("redis_error", "XLEN failed");
-  return r->integer;
 }
 
 }  // namespace chatd

@@ -2,6 +2,7 @@
 
 #include <exception>
 
+#include "chatd/clock.h"
 #include "chatd/json.h"
 #include "chatd/log.h"
 #include "chatd/rate_limiter.h"
@@ -156,6 +157,8 @@ void HttpApi::Count(const ChatTrace& trace, const Status& status) {
   if (status.code() == Code::kRateLimited) Metrics::Add(m.rate_limited);
   if (trace.rate_limiter_failed_open) Metrics::Add(m.rate_limiter_failed_open);
   if (trace.recall_degraded) Metrics::Add(m.recall_degraded);
+  if (trace.long_term_queried) Metrics::Add(m.recall_long_term_queries);
+  if (trace.foreign_records_dropped > 0) Metrics::Add(m.recall_foreign_dropped, trace.foreign_records_dropped);
   if (trace.upstream_ms >= 0) {
     metrics_->CountModelCall(!trace.model_failed, trace.model_timed_out, trace.upstream_ms * 1000);
   }
@@ -184,9 +187,27 @@ HttpReply HttpApi::Health(const HttpRequest& req) {
     }
   }
   body.append("}");
-  if (metrics_ != nullptr) body.append(",\"workers\":").append(std::to_string(metrics_->WorkersAlive(kWorkerAliveMs)));
+  // Long-term memory falling behind is a degraded service, not a down one:
+  // chats are answered, but recall does not see the latest turns yet. The
+  // indexers refresh the figure about once a second; a stale one says nothing.
+  bool lagging = false;
+  if (metrics_ != nullptr) {
+    body.append(",\"workers\":").append(std::to_string(metrics_->WorkersAlive(kWorkerAliveMs)));
+    const SharedMetrics& m = metrics_->shared();
+    if (WallMs() - m.index_backlog_at_ms.load(std::memory_order_relaxed) <= kBacklogFreshMs) {
+      const int64_t age_ms = m.index_oldest_age_ms.load(std::memory_order_relaxed);
+      lagging = age_ms > config_.index_lag_degraded_ms;
+      body.append(",\"index\":{\"waiting\":")
+          .append(std::to_string(m.index_waiting.load(std::memory_order_relaxed)))
+          .append(",\"pending\":")
+          .append(std::to_string(m.index_pending.load(std::memory_order_relaxed)))
+          .append(",\"oldestAgeMs\":")
+          .append(std::to_string(age_ms))
+          .append("}");
+    }
+  }
   body.append(",\"status\":");
-  AppendJsonString(body, healthy ? "ok" : "unavailable");
+  AppendJsonString(body, !healthy ? "unavailable" : lagging ? "degraded" : "ok");
   if (!healthy) {
     body.append(",\"error\":");
     AppendJsonString(body, "Not available: " + down);
@@ -207,15 +228,14 @@ HttpReply HttpApi::MetricsText(const HttpRequest& req) {
   std::string extra = "# HELP chatd_workers_alive Worker processes with a recent heartbeat.\n"
                       "# TYPE chatd_workers_alive gauge\n"
                       "chatd_workers_alive " + std::to_string(metrics_->WorkersAlive(kWorkerAliveMs)) + "\n";
-  if (health_ != nullptr) {
-    // A scrape may cost a Redis call; a failed one leaves the gauge out
-    // rather than reporting a wrong zero.
-    Result<int64_t> backlog = health_->IndexBacklog();
-    if (backlog.ok()) {
-      extra += "# HELP chatd_index_backlog Recorded turns not yet indexed into Chroma.\n"
-               "# TYPE chatd_index_backlog gauge\n"
-               "chatd_index_backlog " + std::to_string(*backlog) + "\n";
-    }
+  if (WallMs() - metrics_->shared().index_backlog_at_ms.load(std::memory_order_relaxed) <= kBacklogFreshMs) {
+    const SharedMetrics& m = metrics_->shared();
+    extra += "# HELP chatd_index_backlog Recorded turns not yet indexed into Chroma.\n"
+             "# TYPE chatd_index_backlog gauge\n"
+             "chatd_index_backlog " +
+             std::to_string(m.index_waiting.load(std::memory_order_relaxed) +
+                            m.index_pending.load(std::memory_order_relaxed)) +
+             "\n";
   }
   HttpReply reply;
   reply.content_type = "text/plain; version=0.0.4; charset=utf-8";

@@ -1,5 +1,9 @@
 #include "chatd/indexer.h"
 
+#include <algorithm>
+#include <cstdlib>
+#include <set>
+
 #include "chatd/clock.h"
 #include "chatd/log.h"
 
@@ -7,39 +11,68 @@ namespace chatd {
 
 namespace {
 
+// Per-entry retries stop after this many failures in a row with no success:
+// then Chroma is down for everyone, and trying the rest one by one would only
+// wait for more timeouts.
+constexpr int kProbeFailuresBeforeDown = 2;
+
 // Retrying helps only when something was down or slow; anything else (a
-// dimension mismatch, a record Chroma refuses) would fail forever.
+// dimension mismatch, a record Chroma refuses, text that is not UTF-8) would
+// fail forever.
 bool IsPermanent(const Status& s) {
   if (s.reason() == "dimension_mismatch") return true;
   return s.code() != Code::kUnavailable && s.code() != Code::kDeadlineExceeded;
 }
 
-// KEYS: the user's cleanup lock, the user's indexing marker. ARGV: marker TTL.
-// Returns 0 when a cleanup holds the user (do not write), 1 otherwise.
+// A transient failure in which Chroma answered (a 5xx, a 429) rather than not
+// at all (unreachable, timed out) or the embedder failing. Only such a failure
+// can be the entry's fault, and only while Chroma accepts other writes.
+bool StoreAnswered(const Status& s) { return s.reason() == "chroma_unavailable"; }
+
+// KEYS: the user's cleanup lock, the user's indexing marker, the index stream.
+// ARGV: marker TTL, group, consumer, then (entry id, deliveries) pairs.
+// Returns 0 when a cleanup holds the user: do not write; the entries stay
+// pending, idle again, and this delivery does not count (RETRYCOUNT undoes it).
+// Returns 1 otherwise, with the marker raised.
 const RedisScript kBeginIndexing(R"lua(
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  for i = 4, #ARGV, 2 do
+    redis.call('XCLAIM', KEYS[3], ARGV[2], ARGV[3], 0, ARGV[i],
+               'RETRYCOUNT', math.max(tonumber(ARGV[i + 1]) - 1, 0), 'JUSTID')
+  end
+  return 0
+end
 redis.call('INCR', KEYS[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[1])
 return 1
 )lua");
 
-// KEYS: lock, marker, index stream. ARGV: group, then the ids to acknowledge
-// (none after a failed write). Lowers the marker; acknowledges only while no
-// cleanup holds the user. Returns the number acknowledged.
-const RedisScript kFinishIndexing(R"lua(
-if redis.call('DECR', KEYS[2]) <= 0 then redis.call('DEL', KEYS[2]) end
-if #ARGV < 2 or redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+// KEYS: lock, marker, index stream, hot set, hot index.
+// ARGV: group, hot-set bound, keep marker (1/0), n, then n entry ids to
+// acknowledge, then (message id, ts, packed record) triples for the hot set.
+// Lowers the marker, unless a write of ours may still land (it timed out
+// without an answer: Chroma may yet apply it), in which case the marker stays
+// until its TTL, and a cleanup keeps waiting for it. Acknowledges and fills
+// the hot set only while no cleanup holds the user (else everything stays
+// pending for after the cleanup). Returns the number acknowledged.
+const RedisScript kFinishIndexing(std::string(R"lua(
+if ARGV[3] == '0' and redis.call('DECR', KEYS[2]) <= 0 then redis.call('DEL', KEYS[2]) end
+local n = tonumber(ARGV[4])
+if n == 0 or redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local ids = {}
-for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
+for i = 5, 4 + n do ids[#ids + 1] = ARGV[i] end
 redis.call('XACK', KEYS[3], ARGV[1], unpack(ids))
 redis.call('XDEL', KEYS[3], unpack(ids))
-return #ids
-)lua");
+local hot_key, hot_index_key, bound, first = KEYS[4], KEYS[5], tonumber(ARGV[2]), 5 + n
+)lua") + kHotSetAddLua + "return n\n");
+
+int64_t StreamIdMs(std::string_view id) {
+  return std::strtoll(std::string(id.substr(0, id.find('-'))).c_str(), nullptr, 10);
+}
 
 }  // namespace
 
-Result<std::map<std::string, std::vector<StoredMessage>>> BuildStoredMessages(const std::vector<IndexEntry>& entries,
-                                                                             Embedder& embedder) {
+Result<std::vector<StoredMessage>> BuildStoredMessages(const std::vector<IndexEntry>& entries, Embedder& embedder) {
   // Embed what the request path did not: every reply, and user messages whose
   // embedding failed there. One batch call for all of them.
   std::vector<std::string> texts;
@@ -51,18 +84,43 @@ Result<std::map<std::string, std::vector<StoredMessage>>> BuildStoredMessages(co
   if (!vectors.ok()) return vectors.status();
   if (vectors->size() != texts.size()) return Unavailable("embedder_error", "the embedder returned a wrong count");
 
-  std::map<std::string, std::vector<StoredMessage>> by_user;
+  std::vector<StoredMessage> out;
+  out.reserve(2 * entries.size());
   size_t next = 0;
   for (const IndexEntry& e : entries) {
     StoredMessage u{e.turn + ":u", e.user, e.turn, Role::kUser, e.user_text, e.ts, {}};
     u.embedding = e.user_embedding.size() == embedder.dimensions() ? e.user_embedding : std::move((*vectors)[next++]);
     StoredMessage a{e.turn + ":a", e.user, e.turn, Role::kAssistant, e.assistant_text, e.ts,
                     std::move((*vectors)[next++])};
-    auto& list = by_user[e.user];
-    list.push_back(std::move(u));
-    list.push_back(std::move(a));
+    out.push_back(std::move(u));
+    out.push_back(std::move(a));
   }
-  return by_user;
+  return out;
+}
+
+Result<IndexBacklog> ReadIndexBacklog(RedisClient& redis) {
+  auto replies = redis.Pipeline({{"XLEN", kIndexStreamKey},
+                                 {"XPENDING", kIndexStreamKey, kIndexGroup},
+                                 {"XRANGE", kIndexStreamKey, "-", "+", "COUNT", "1"},
+                                 {"TIME"}});
+  if (!replies.ok()) return replies.status();
+  const RedisValue& len = (*replies)[0];
+  const RedisValue& pending = (*replies)[1];
+  const RedisValue& first = (*replies)[2];
+  const RedisValue& time = (*replies)[3];
+  if (len.type != RedisValue::Type::kInteger || time.elements.size() != 2) {
+    return Unavailable("redis_error", "reading the index backlog failed");
+  }
+  IndexBacklog b;
+  // No group yet (NOGROUP) means nothing was ever delivered.
+  if (!pending.is_error() && !pending.elements.empty()) b.pending = pending.elements[0].integer;
+  b.waiting = std::max<int64_t>(0, len.integer - b.pending);
+  if (!first.elements.empty() && first.elements[0].elements.size() == 2) {
+    const int64_t now_ms = std::strtoll(time.elements[0].str.c_str(), nullptr, 10) * 1000 +
+                           std::strtoll(time.elements[1].str.c_str(), nullptr, 10) / 1000;
+    b.oldest_age_ms = std::max<int64_t>(0, now_ms - StreamIdMs(first.elements[0].elements[0].str));
+  }
+  return b;
 }
 
 Indexer::Indexer(RedisClient& redis, LongTermStore& store, Embedder& embedder, IndexerOptions options,
@@ -95,11 +153,25 @@ void Indexer::Loop() {
     if (done.ok()) continue;
     Count(&SharedMetrics::index_failures, 1);
     LogWarn("index_retry").Str("reason", done.status().reason()).Str("detail", done.status().message()).Emit();
-    // Chroma or Redis is down: wait a little (or until stopped), then retry
-    // our own pending entries first.
+    // Chroma or Redis is down: wait a little (or until stopped); the failed
+    // entries are claimed again once they have been idle retry_pause_ms.
     std::unique_lock<std::mutex> lock(mu_);
     cv_.wait_for(lock, std::chrono::milliseconds(options_.retry_pause_ms), [this] { return stop_.load(); });
   }
+}
+
+void Indexer::RefreshBacklog() {
+  if (metrics_ == nullptr) return;
+  const int64_t now = WallMs();
+  if (now - last_backlog_ms_ < options_.backlog_every_ms) return;
+  last_backlog_ms_ = now;
+  auto b = ReadIndexBacklog(redis_);
+  if (!b.ok()) return;  // the gauges keep their time stamp, so readers see they are stale
+  SharedMetrics& m = metrics_->shared();
+  m.index_waiting.store(b->waiting, std::memory_order_relaxed);
+  m.index_pending.store(b->pending, std::memory_order_relaxed);
+  m.index_oldest_age_ms.store(b->oldest_age_ms, std::memory_order_relaxed);
+  m.index_backlog_at_ms.store(now, std::memory_order_relaxed);
 }
 
 Status Indexer::EnsureGroup() {
@@ -114,123 +186,294 @@ Status Indexer::EnsureGroup() {
   return Status::Ok();
 }
 
-Result<std::vector<IndexEntry>> Indexer::Read(const std::vector<std::string_view>& command, bool autoclaim) {
-  Result<RedisValue> r = redis_.Command(command);
+Result<std::vector<IndexEntry>> Indexer::ClaimStale() {
+  // Own entries idle for retry_pause_ms failed earlier; anyone's idle for
+  // claim_idle_ms belong to a dead worker. XPENDING tells the delivery counts,
+  // and XCLAIM with the same minimum idle time takes each entry once, however
+  // many indexers race for it.
+  const std::string batch = std::to_string(options_.batch);
+  const std::string retry_idle = std::to_string(options_.retry_pause_ms);
+  const std::string claim_idle = std::to_string(options_.claim_idle_ms);
+  auto lists = redis_.Pipeline(
+      {{"XPENDING", kIndexStreamKey, kIndexGroup, "IDLE", retry_idle, "-", "+", batch, options_.consumer},
+       {"XPENDING", kIndexStreamKey, kIndexGroup, "IDLE", claim_idle, "-", "+", batch}});
+  if (!lists.ok()) return lists.status();
+  std::map<std::string, int64_t> deliveries;
+  std::vector<std::string> own, others;
+  for (int which = 0; which < 2; ++which) {
+    const RedisValue& list = (*lists)[static_cast<size_t>(which)];
+    if (list.is_error()) {
+      if (list.str.rfind("NOGROUP", 0) == 0) group_ready_ = false;
+      return Unavailable("redis_error", "XPENDING failed: " + list.str);
+    }
+    for (const RedisValue& p : list.elements) {
+      if (p.elements.size() != 4) continue;
+      const std::string& id = p.elements[0].str;
+      if (!deliveries.emplace(id, p.elements[3].integer).second) continue;
+      (p.elements[1].str == options_.consumer ? own : others).push_back(id);
+    }
+  }
+  if (own.empty() && others.empty()) return std::vector<IndexEntry>{};
+  std::vector<std::vector<std::string_view>> claims;
+  for (int which = 0; which < 2; ++which) {
+    const auto& ids = which == 0 ? own : others;
+    if (ids.empty()) continue;
+    std::vector<std::string_view> argv = {"XCLAIM", kIndexStreamKey, kIndexGroup, options_.consumer,
+                                          which == 0 ? retry_idle : claim_idle};
+    for (const std::string& id : ids) argv.push_back(id);
+    claims.push_back(std::move(argv));
+  }
+  auto claimed = redis_.Pipeline(claims);
+  if (!claimed.ok()) return claimed.status();
+  std::vector<IndexEntry> entries;
+  for (const RedisValue& list : *claimed) {
+    if (list.is_error()) return Unavailable("redis_error", "XCLAIM failed: " + list.str);
+    // Entries deleted meanwhile (archived or forgotten) are dropped from the
+    // pending list by XCLAIM itself and not returned.
+    for (IndexEntry& e : ParseIndexEntries(list)) {
+      e.deliveries = deliveries[e.stream_id] + 1;
+      entries.push_back(std::move(e));
+    }
+  }
+  if (!others.empty()) Count(&SharedMetrics::index_claimed, others.size());
+  return entries;
+}
+
+Result<std::vector<IndexEntry>> Indexer::ReadNew(int count, bool block) {
+  const std::string batch = std::to_string(count);
+  const std::string block_ms = std::to_string(options_.block_ms);
+  std::vector<std::string_view> argv = {"XREADGROUP", "GROUP", kIndexGroup, options_.consumer, "COUNT", batch};
+  if (block) {
+    argv.push_back("BLOCK");
+    argv.push_back(block_ms);
+  }
+  argv.insert(argv.end(), {"STREAMS", kIndexStreamKey, ">"});
+  Result<RedisValue> r = redis_.Command(argv);
   if (!r.ok()) return r.status();
   if (r->type == RedisValue::Type::kNil) return std::vector<IndexEntry>{};  // BLOCK timed out
   if (r->type == RedisValue::Type::kError) {
     if (r->str.rfind("NOGROUP", 0) == 0) group_ready_ = false;  // stream deleted (e.g. FLUSHALL)
     return Unavailable("redis_error", "reading the index stream failed: " + r->str);
   }
-  // XREADGROUP: [[stream, [entries]]]; XAUTOCLAIM: [next-id, [entries], [deleted ids]].
-  if (autoclaim) {
-    if (r->elements.size() >= 2) return ParseIndexEntries(r->elements[1]);
-    return std::vector<IndexEntry>{};
-  }
+  // [[stream, [entries]]]
   if (r->elements.empty() || r->elements[0].elements.size() != 2) return std::vector<IndexEntry>{};
-  // Our pending entries that someone deleted meanwhile (the cleanup archived
-  // or forgot them) only need to leave our pending list.
-  std::vector<std::string> deleted;
-  std::vector<IndexEntry> entries = ParseIndexEntries(r->elements[0].elements[1], &deleted);
-  if (!deleted.empty()) {
-    std::vector<std::string_view> ack = {"XACK", kIndexStreamKey, kIndexGroup};
-    for (const std::string& id : deleted) ack.push_back(id);
-    if (auto a = redis_.Command(ack); !a.ok()) return a.status();
-  }
-  return entries;
+  return ParseIndexEntries(r->elements[0].elements[1]);
 }
 
 Result<int> Indexer::RunOnce() {
   if (Status s = EnsureGroup(); !s.ok()) return s;
-  std::string batch = std::to_string(options_.batch);
+  RefreshBacklog();
   std::vector<IndexEntry> entries;
-
-  // Entries a dead consumer left behind.
-  int64_t now = WallMs();
-  if (now - last_claim_ms_ >= options_.claim_idle_ms / 2) {
+  const int64_t now = WallMs();
+  if (now - last_claim_ms_ >= options_.retry_pause_ms / 2) {
     last_claim_ms_ = now;
-    std::string idle = std::to_string(options_.claim_idle_ms);
-    auto claimed = Read({"XAUTOCLAIM", kIndexStreamKey, kIndexGroup, options_.consumer, idle, "0-0", "COUNT", batch},
-                        /*autoclaim=*/true);
-    if (!claimed.ok()) return claimed.status();
-    entries = std::move(*claimed);
+    auto stale = ClaimStale();
+    if (!stale.ok()) return stale.status();
+    entries = std::move(*stale);
   }
-  // Our own pending entries (a previous batch failed), then new ones.
-  if (entries.empty() && retry_own_pending_) {
-    auto mine = Read({"XREADGROUP", "GROUP", kIndexGroup, options_.consumer, "COUNT", batch, "STREAMS",
-                      kIndexStreamKey, "0"},
-                     false);
-    if (!mine.ok()) return mine.status();
-    entries = std::move(*mine);
-    if (entries.empty()) retry_own_pending_ = false;
-  }
-  if (entries.empty()) {
-    std::string block = std::to_string(options_.block_ms);
-    auto fresh = Read({"XREADGROUP", "GROUP", kIndexGroup, options_.consumer, "COUNT", batch, "BLOCK", block,
-                       "STREAMS", kIndexStreamKey, ">"},
-                      false);
+  // New turns ride along with retried ones, so a turn that keeps failing
+  // never holds the others back; they wait in BLOCK only when nothing is due.
+  if (static_cast<int>(entries.size()) < options_.batch) {
+    auto fresh = ReadNew(options_.batch - static_cast<int>(entries.size()), /*block=*/entries.empty());
     if (!fresh.ok()) return fresh.status();
-    entries = std::move(*fresh);
+    for (IndexEntry& e : *fresh) entries.push_back(std::move(e));
   }
   if (entries.empty()) return 0;
-  Result<int> done = Index(entries);
-  if (!done.ok()) {
-    retry_own_pending_ = true;
-  } else if (*done < static_cast<int>(entries.size())) {
-    // What is left belongs to users a cleanup holds. Re-reading it at once
-    // would spin; XAUTOCLAIM brings it back after claim_idle_ms.
-    retry_own_pending_ = false;
+  return Index(entries);
+}
+
+std::vector<Status> Indexer::Write(const std::vector<const IndexEntry*>& entries,
+                                   std::vector<std::vector<StoredMessage>>& messages) {
+  const size_t n = entries.size();
+  std::vector<Status> result(n);
+  messages.assign(n, {});
+  // 1. Embeddings: one call for the batch; when it fails, one call per
+  // entry, so a text the embedder refuses fails alone.
+  std::vector<IndexEntry> copies;
+  copies.reserve(n);
+  for (const IndexEntry* e : entries) copies.push_back(*e);
+  auto all = BuildStoredMessages(copies, embedder_);
+  for (size_t i = 0; i < n; ++i) {
+    if (all.ok()) {
+      messages[i] = {std::move((*all)[2 * i]), std::move((*all)[2 * i + 1])};
+      continue;
+    }
+    auto one = n == 1 ? std::move(all) : BuildStoredMessages({copies[i]}, embedder_);
+    if (one.ok()) {
+      messages[i] = std::move(*one);
+    } else {
+      result[i] = one.status();
+    }
   }
-  return done;
+  // 2. The store: one call for the batch (one per shard inside it).
+  std::vector<StoredMessage> batch;
+  std::vector<size_t> in_batch;
+  for (size_t i = 0; i < n; ++i) {
+    if (!result[i].ok()) continue;
+    in_batch.push_back(i);
+    for (const StoredMessage& m : messages[i]) batch.push_back(m);
+  }
+  if (in_batch.empty()) return result;
+  Status s = store_.Upsert(batch);
+  if (s.ok() || in_batch.size() == 1) {
+    for (size_t i : in_batch) result[i] = s;
+    return result;
+  }
+  // 3. The batch failed: entry by entry, so one bad turn cannot hold back the
+  // others. Stop probing once Chroma looks down for everyone.
+  int failures_in_a_row = 0;
+  bool any_written = false;
+  for (size_t i : in_batch) {
+    if (!any_written && failures_in_a_row >= kProbeFailuresBeforeDown) {
+      result[i] = s;
+      continue;
+    }
+    result[i] = store_.Upsert(messages[i]);
+    if (result[i].ok()) {
+      any_written = true;
+      failures_in_a_row = 0;
+    } else {
+      ++failures_in_a_row;
+    }
+  }
+  return result;
+}
+
+Status Indexer::DeadLetter(const std::vector<std::pair<const IndexEntry*, Status>>& dead) {
+  if (dead.empty()) return Status::Ok();
+  std::vector<std::vector<std::string_view>> cmds;
+  std::vector<std::string> numbers;  // backs the string_views below
+  numbers.reserve(2 * dead.size());
+  for (const auto& [e, status] : dead) {
+    LogError("index_dead_letter")
+        .Str("user", e->user)
+        .Str("turn", e->turn)
+        .Str("reason", status.reason())
+        .Int("deliveries", e->deliveries)
+        .Emit();
+    numbers.push_back(std::to_string(e->ts));
+    const std::string& ts = numbers.back();
+    numbers.push_back(std::to_string(e->deliveries));
+    cmds.push_back({"XADD", kDeadLetterKey, "*", "user", e->user, "turn", e->turn, "ts", ts, "u", e->user_text,
+                    "a", e->assistant_text, "reason", status.reason(), "deliveries", numbers.back()});
+  }
+  auto r = redis_.Pipeline(cmds);
+  if (!r.ok()) return r.status();
+  Count(&SharedMetrics::index_dead_lettered, dead.size());
+  return Status::Ok();
 }
 
 Result<int> Indexer::Index(std::vector<IndexEntry>& entries) {
-  std::map<std::string, std::vector<const IndexEntry*>> entries_by_user;
-  for (const IndexEntry& e : entries) entries_by_user[e.user].push_back(&e);
+  std::map<std::string, std::vector<const IndexEntry*>> by_user;
+  for (const IndexEntry& e : entries) by_user[e.user].push_back(&e);
 
-  auto by_user = BuildStoredMessages(entries, embedder_);
-  if (!by_user.ok()) return by_user.status();
-
-  std::string marker_ttl = std::to_string(options_.marker_ttl_ms);
-  int acked = 0;
-  Status first_error;
-  for (auto& [user, messages] : *by_user) {
-    const auto& user_entries = entries_by_user[user];
-    std::string lock_key = CleanupLockKey(user);
-    std::string marker_key = IndexingKey(user);
-    auto begin = redis_.Eval(kBeginIndexing, {lock_key, marker_key}, {marker_ttl});
-    if (!begin.ok()) return begin.status();
-    if (begin->integer == 0) continue;  // being archived or forgotten: stays pending until the cleanup is done
-
-    Status s = store_.Upsert(user, messages);
-    bool settled = s.ok() || IsPermanent(s);
-    if (!settled && first_error.ok()) first_error = s;  // stays pending; retried later
-    if (!s.ok() && settled) {
-      // Could never succeed: the whole turn moves to the dead-letter stream.
-      LogError("index_dead_letter").Str("user", user).Str("reason", s.reason()).Str("detail", s.message()).Emit();
-      std::vector<std::vector<std::string_view>> cmds;
-      std::vector<std::string> ts_text;  // backs the string_views below
-      ts_text.reserve(user_entries.size());
-      for (const IndexEntry* e : user_entries) {
-        ts_text.push_back(std::to_string(e->ts));
-        cmds.push_back({"XADD", kDeadLetterKey, "*", "user", e->user, "turn", e->turn, "ts", ts_text.back(), "u",
-                        e->user_text, "a", e->assistant_text, "reason", s.reason()});
-      }
-      if (auto r = redis_.Pipeline(cmds); !r.ok()) return r.status();
-      Count(&SharedMetrics::index_dead_lettered, user_entries.size());
-    }
-    std::vector<std::string_view> args = {kIndexGroup};
-    if (settled) {
-      for (const IndexEntry* e : user_entries) args.push_back(e->stream_id);
-    }
-    auto r = redis_.Eval(kFinishIndexing, {lock_key, marker_key, kIndexStreamKey}, args);
-    if (!r.ok()) return r.status();  // written but not acked: harmless, ids are deterministic
-    if (r->integer == 0) continue;   // failed, or a cleanup started meanwhile: index again after it
-    if (s.ok()) Count(&SharedMetrics::turns_indexed, user_entries.size());
-    acked += static_cast<int>(user_entries.size());
+  // 1. Lock check and marker, for every user of the batch in one round trip.
+  struct UserKeys {
+    std::string lock, marker, hot, hot_index;
+  };
+  std::map<std::string, UserKeys> keys;  // node-based: the views below stay valid
+  for (const auto& [user, list] : by_user) {
+    keys[user] = {CleanupLockKey(user), IndexingKey(user), HotKey(user), HotIndexKey(user)};
   }
-  if (!first_error.ok()) return first_error;
-  return acked;
+  const std::string marker_ttl = std::to_string(options_.marker_ttl_ms);
+  std::vector<std::string> counts;
+  counts.reserve(entries.size());
+  std::vector<RedisClient::ScriptCall> begins;
+  for (const auto& [user, list] : by_user) {
+    const UserKeys& k = keys[user];
+    RedisClient::ScriptCall call{{k.lock, k.marker, kIndexStreamKey}, {marker_ttl, kIndexGroup, options_.consumer}};
+    for (const IndexEntry* e : list) {
+      counts.push_back(std::to_string(e->deliveries));
+      call.args.push_back(e->stream_id);
+      call.args.push_back(counts.back());
+    }
+    begins.push_back(std::move(call));
+  }
+  auto began = redis_.EvalMany(kBeginIndexing, begins);
+  if (!began.ok()) return began.status();
+  std::vector<const IndexEntry*> writable;
+  std::vector<std::string> users;  // those whose marker we raised
+  size_t u = 0;
+  for (const auto& [user, list] : by_user) {
+    const RedisValue& r = (*began)[u++];
+    if (r.is_error()) return Unavailable("redis_error", "beginning to index failed: " + r.str);
+    if (r.integer == 0) continue;  // a cleanup holds the user: after it
+    users.push_back(user);
+    writable.insert(writable.end(), list.begin(), list.end());
+  }
+  if (writable.empty()) return 0;
+
+  // 2. Embed and write.
+  std::vector<std::vector<StoredMessage>> messages;
+  std::vector<Status> results = Write(writable, messages);
+  const bool any_written = std::any_of(results.begin(), results.end(), [](const Status& s) { return s.ok(); });
+  const int64_t now = WallMs();
+  if (any_written) last_write_ok_ms_ = now;
+  // Chroma takes other writes (in this pass, or recently): a turn it keeps
+  // refusing is the turn's problem. While it refuses everything, all waits.
+  const bool chroma_writes = any_written || (last_write_ok_ms_ > 0 && now - last_write_ok_ms_ <= options_.claim_idle_ms);
+
+  // 3. Settle: written turns are acknowledged and join the hot set; turns that
+  // can never be written go to the dead letters; the rest stays pending.
+  std::vector<std::pair<const IndexEntry*, Status>> dead;
+  std::map<std::string, std::vector<size_t>> settled_by_user;
+  Status first_error;
+  for (size_t i = 0; i < writable.size(); ++i) {
+    const IndexEntry* e = writable[i];
+    const Status& s = results[i];
+    if (s.ok()) {
+      settled_by_user[e->user].push_back(i);
+    } else if (IsPermanent(s) || (StoreAnswered(s) && chroma_writes && e->deliveries >= options_.max_deliveries)) {
+      dead.emplace_back(e, s);
+      settled_by_user[e->user].push_back(i);
+    } else if (first_error.ok()) {
+      first_error = s;
+    }
+  }
+  if (Status d = DeadLetter(dead); !d.ok()) return d;
+
+  const std::string hot_bound = std::to_string(options_.hot_messages);
+  std::vector<std::string> numbers, packed;
+  size_t hot_records = 0;
+  for (const auto& [user, idx] : settled_by_user) hot_records += 2 * idx.size();
+  numbers.reserve(users.size() + hot_records);
+  packed.reserve(hot_records);
+  std::vector<RedisClient::ScriptCall> finishes;
+  size_t acked_total = 0, written_total = 0;
+  for (const std::string& user : users) {
+    const UserKeys& k = keys[user];
+    const std::vector<size_t>& idx = settled_by_user[user];
+    numbers.push_back(std::to_string(idx.size()));
+    bool in_doubt = false;
+    for (size_t i = 0; i < writable.size(); ++i) {
+      in_doubt |= writable[i]->user == user && results[i].code() == Code::kDeadlineExceeded;
+    }
+    RedisClient::ScriptCall call{{k.lock, k.marker, kIndexStreamKey, k.hot, k.hot_index},
+                                 {kIndexGroup, hot_bound, in_doubt ? "1" : "0", numbers.back()}};
+    for (size_t i : idx) call.args.push_back(writable[i]->stream_id);
+    for (size_t i : idx) {
+      if (!results[i].ok()) continue;
+      ++written_total;
+      for (const StoredMessage& m : messages[i]) {
+        numbers.push_back(std::to_string(m.ts_ms));
+        packed.push_back(PackHotRecord(m));
+        call.args.push_back(m.id);
+        call.args.push_back(numbers.back());
+        call.args.push_back(packed.back());
+      }
+    }
+    finishes.push_back(std::move(call));
+  }
+  auto finished = redis_.EvalMany(kFinishIndexing, finishes);
+  // Written but not acknowledged is harmless: ids are deterministic.
+  if (!finished.ok()) return finished.status();
+  for (const RedisValue& r : *finished) {
+    if (r.is_error()) return Unavailable("redis_error", "finishing the index failed: " + r.str);
+    acked_total += static_cast<size_t>(r.integer);
+  }
+  Count(&SharedMetrics::turns_indexed, std::min(written_total, acked_total));
+  if (!any_written && !first_error.ok()) return first_error;
+  return static_cast<int>(acked_total);
 }
 
 }  // namespace chatd

@@ -7,6 +7,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdio>
 #include <memory>
@@ -106,12 +107,13 @@ int main() {
   RedisRateLimiter redis_limiter(rate_redis_own ? *rate_redis_own : redis, config.rate_limit, config.rate_window_s,
                                  config.rate_algorithm);
   RejectionCache limiter(redis_limiter, kMaxRememberedRejections, SteadyNowMs);
-  RedisShortTermStore recent(redis, config.recent_messages);
+  RedisShortTermStore recent(redis, config.recent_messages, config.recall_hot_messages);
 
   ChromaOptions chroma_options;
   chroma_options.base_url = config.chroma_url;
   chroma_options.timeout_ms = config.chroma_timeout_ms;
   chroma_options.sync_threshold = config.chroma_sync_threshold;
+  chroma_options.shards = config.chroma_shards;
   Result<std::unique_ptr<Metrics>> metrics = Metrics::Open(config.metrics_path);
   if (!metrics.ok()) {
     std::fprintf(stderr, "chatd: %s\n", metrics.status().message().c_str());
@@ -162,9 +164,14 @@ int main() {
   indexer_options.batch = config.index_batch;
   indexer_options.block_ms = kIndexerBlockMs;
   indexer_options.claim_idle_ms = config.index_claim_idle_ms;
-  // An Upsert makes at most four Chroma calls (find or create the collection,
-  // write, and both again after a 404), each bounded by the Chroma timeout.
-  indexer_options.marker_ttl_ms = 5 * config.chroma_timeout_ms + kIndexerMarkerMarginMs;
+  indexer_options.retry_pause_ms = config.index_retry_ms;
+  indexer_options.max_deliveries = config.index_max_deliveries;
+  indexer_options.hot_messages = config.recall_hot_messages;
+  // One pass writes each shard of the batch once (two calls when a shard
+  // collection must be found again), then, after a failure, up to one call
+  // per entry; each is bounded by the Chroma timeout.
+  const int64_t calls_per_pass = 2 * std::min(config.chroma_shards, config.index_batch) + config.index_batch;
+  indexer_options.marker_ttl_ms = calls_per_pass * config.chroma_timeout_ms + kIndexerMarkerMarginMs;
   Indexer indexer(indexer_redis, chroma, *embedder, indexer_options, metrics->get());
 
   FcgiServer server(kListenFd, config.threads, config.max_body_bytes,

@@ -5,6 +5,7 @@
 //   chatd-cleanup [run] [--dry-run]
 //   chatd-cleanup restore USER [--dry-run]
 //   chatd-cleanup forget USER [--dry-run]
+//   chatd-cleanup migrate [--dry-run]   (per-user collections -> shards, once)
 //
 // Logs are JSON lines on stderr; the last one is the summary. Exit status: 0
 // when every user succeeded, 1 when any failed, 2 for bad usage or config.
@@ -39,7 +40,8 @@ int Usage() {
   std::fprintf(stderr,
                "usage: chatd-cleanup [run] [--dry-run]\n"
                "       chatd-cleanup restore USER [--dry-run]\n"
-               "       chatd-cleanup forget USER [--dry-run]\n");
+               "       chatd-cleanup forget USER [--dry-run]\n"
+               "       chatd-cleanup migrate [--dry-run]\n");
   return kExitUsage;
 }
 
@@ -61,7 +63,7 @@ int main(int argc, char** argv) {
     }
   }
   std::string command = args.empty() ? "run" : args[0];
-  if (!((command == "run" && args.size() <= 1) || ((command == "restore" || command == "forget") && args.size() == 2))) {
+  if (!(((command == "run" || command == "migrate") && args.size() <= 1) || ((command == "restore" || command == "forget") && args.size() == 2))) {
     return Usage();
   }
   if (args.size() == 2 && !IsValidUserId(args[1])) {
@@ -88,6 +90,7 @@ int main(int argc, char** argv) {
   chroma_options.base_url = config.chroma_url;
   chroma_options.timeout_ms = std::max(config.chroma_timeout_ms, kCleanupChromaTimeoutMs);
   chroma_options.sync_threshold = config.chroma_sync_threshold;
+  chroma_options.shards = config.chroma_shards;
   ChromaStore chroma(chroma_options);
 
   std::unique_ptr<Embedder> embedder;
@@ -110,6 +113,7 @@ int main(int argc, char** argv) {
   options.lock_ttl_ms = config.cleanup_lock_ttl_ms;
   options.now_ms = config.cleanup_now_ms;
   options.dry_run = dry_run;
+  options.hot_messages = config.recall_hot_messages;
   if (const char* crash = std::getenv("CHATD_CLEANUP_CRASH_AT")) options.crash_at = crash;
   Cleanup cleanup(redis, chroma, *embedder, options);
 
@@ -131,6 +135,21 @@ int main(int argc, char** argv) {
     }
     LogInfo("forget_done").Str("user", args[1]).Bool("dry_run", dry_run).Emit();
     return 0;
+  }
+
+  if (command == "migrate") {
+    Result<MigrateSummary> m = cleanup.Migrate();
+    if (!m.ok()) {
+      LogError("migrate_failed").Str("reason", m.status().reason()).Str("detail", m.status().message()).Emit();
+      return kExitFailed;
+    }
+    LogInfo("migrate_done")
+        .Int("users", m->users)
+        .Int("records", m->records)
+        .Int("failed", m->failed)
+        .Bool("dry_run", dry_run)
+        .Emit();
+    return m->failed == 0 ? 0 : kExitFailed;
   }
 
   Result<CleanupSummary> sum = cleanup.Run();

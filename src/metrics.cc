@@ -1,5 +1,7 @@
 #include "chatd/metrics.h"
 
+#include <cstdio>
+
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -20,7 +22,7 @@ static_assert(std::atomic<uint64_t>::is_always_lock_free && std::atomic<int64_t>
               "shared-memory counters need address-free (lock-free) atomics");
 
 // Changes whenever SharedMetrics changes, so a stale file is never misread.
-constexpr uint64_t kMagic = 0x63686174'64000004ULL;  // "chatd", layout 4
+constexpr uint64_t kMagic = 0x63686174'64000005ULL;  // "chatd", layout 5
 
 int StatusSlot(int status) {
   for (int i = 0; i < kStatusSlots - 1; ++i) {
@@ -52,6 +54,13 @@ void Help(std::string& out, std::string_view name, std::string_view type, std::s
 void Counter(std::string& out, std::string_view name, std::string_view help, const std::atomic<uint64_t>& value) {
   Help(out, name, "counter", help);
   Line(out, name, "", value.load(std::memory_order_relaxed));
+}
+
+void Gauge(std::string& out, std::string_view name, std::string_view help, double value) {
+  Help(out, name, "gauge", help);
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.3f", value);
+  out.append(name).append(" ").append(buf).append("\n");
 }
 
 void RenderHistogram(std::string& out, std::string_view name, std::string_view help, const Histogram& h) {
@@ -186,6 +195,14 @@ std::string Metrics::RenderPrometheus(std::string_view extra) const {
   Counter(out, "chatd_turns_indexed_total", "Turns moved from Redis into Chroma by the indexers.", m_->turns_indexed);
   Counter(out, "chatd_index_failures_total", "Indexer batches that failed and will be retried.", m_->index_failures);
   Counter(out, "chatd_index_dead_lettered_total", "Turns that could not be indexed and went to chatd:index:dead.", m_->index_dead_lettered);
+  Counter(out, "chatd_index_claimed_total", "Index entries taken over from a worker that stopped.", m_->index_claimed);
+  Counter(out, "chatd_recall_long_term_queries_total", "Recalls that asked Chroma for messages older than the hot set.", m_->recall_long_term_queries);
+  Counter(out, "chatd_recall_foreign_records_dropped_total", "Records of another user that Chroma returned and recall dropped.", m_->recall_foreign_dropped);
+  if (WallMs() - m_->index_backlog_at_ms.load(std::memory_order_relaxed) <= kBacklogFreshMs) {
+    Gauge(out, "chatd_index_waiting", "Recorded turns no indexer has read yet.", m_->index_waiting.load(std::memory_order_relaxed));
+    Gauge(out, "chatd_index_pending", "Turns an indexer read and has not written yet (failed ones included).", m_->index_pending.load(std::memory_order_relaxed));
+    Gauge(out, "chatd_index_oldest_age_seconds", "Age of the oldest turn not yet in long-term memory.", m_->index_oldest_age_ms.load(std::memory_order_relaxed) / 1000.0);
+  }
   out.append(extra);
   return out;
 }

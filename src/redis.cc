@@ -229,4 +229,42 @@ Result<RedisValue> RedisClient::Eval(const RedisScript& script, const std::vecto
   return std::move(values->front());
 }
 
+Result<std::vector<RedisValue>> RedisClient::EvalMany(const RedisScript& script,
+                                                     const std::vector<ScriptCall>& calls) {
+  if (calls.empty()) return std::vector<RedisValue>{};
+  std::vector<std::string> num_keys;
+  num_keys.reserve(calls.size());
+  std::vector<std::vector<std::string_view>> commands;
+  commands.reserve(calls.size());
+  for (const ScriptCall& call : calls) {
+    num_keys.push_back(std::to_string(call.keys.size()));
+    std::vector<std::string_view> argv = {"EVALSHA", script.sha1(), num_keys.back()};
+    argv.insert(argv.end(), call.keys.begin(), call.keys.end());
+    argv.insert(argv.end(), call.args.begin(), call.args.end());
+    commands.push_back(std::move(argv));
+  }
+  auto c = Borrow();
+  if (!c.ok()) return c.status();
+  auto values = RoundTrip(c->get(), commands);
+  if (!values.ok()) return values.status();
+  std::vector<size_t> missing;
+  std::vector<std::vector<std::string_view>> retry;
+  for (size_t i = 0; i < values->size(); ++i) {
+    const RedisValue& v = (*values)[i];
+    if (v.is_error() && std::string_view(v.str).substr(0, kNoScriptPrefix.size()) == kNoScriptPrefix) {
+      missing.push_back(i);
+      retry.push_back(commands[i]);
+      retry.back()[0] = "EVAL";
+      retry.back()[1] = script.source();
+    }
+  }
+  if (!retry.empty()) {
+    auto again = RoundTrip(c->get(), retry);
+    if (!again.ok()) return again.status();
+    for (size_t j = 0; j < missing.size(); ++j) (*values)[missing[j]] = std::move((*again)[j]);
+  }
+  Return(std::move(*c));
+  return values;
+}
+
 }  // namespace chatd

@@ -2,6 +2,7 @@
 
 #include <rapidjson/document.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -29,6 +30,54 @@ return ts
 
 }  // namespace
 
+const char kHotSetAddLua[] = R"lua(
+for i = first, #ARGV, 3 do
+  redis.call('HSET', hot_key, ARGV[i], ARGV[i + 2])
+  redis.call('ZADD', hot_index_key, ARGV[i + 1], ARGV[i])
+end
+local over = redis.call('ZCARD', hot_index_key) - bound
+if over > 0 then
+  local oldest = redis.call('ZPOPMIN', hot_index_key, over)
+  for i = 1, #oldest, 2 do redis.call('HDEL', hot_key, oldest[i]) end
+end
+)lua";
+
+namespace {
+
+// KEYS: hot set, hot index. ARGV: bound, then (message id, ts, packed) triples.
+const RedisScript kAddToHot(std::string(R"lua(
+local hot_key, hot_index_key, bound, first = KEYS[1], KEYS[2], tonumber(ARGV[1]), 2
+)lua") + kHotSetAddLua);
+
+}  // namespace
+
+Status AddToHotSet(RedisClient& redis, std::string_view user_id, const std::vector<StoredMessage>& messages,
+                   int bound) {
+  // Only the newest `bound` can stay: sending more would be trimmed at once.
+  std::vector<const StoredMessage*> newest;
+  for (const StoredMessage& m : messages) newest.push_back(&m);
+  std::sort(newest.begin(), newest.end(),
+            [](const StoredMessage* a, const StoredMessage* b) { return a->ts_ms > b->ts_ms; });
+  if (newest.size() > static_cast<size_t>(bound)) newest.resize(static_cast<size_t>(bound));
+  const std::string hot = HotKey(user_id), index = HotIndexKey(user_id), bound_text = std::to_string(bound);
+  std::vector<std::string> backing;
+  backing.reserve(2 * newest.size());
+  std::vector<std::string_view> args = {bound_text};
+  for (const StoredMessage* m : newest) {
+    backing.push_back(std::to_string(m->ts_ms));
+    const std::string& ts = backing.back();
+    backing.push_back(PackHotRecord(*m));
+    args.push_back(m->id);
+    args.push_back(ts);
+    args.push_back(backing.back());
+  }
+  if (newest.empty()) return Status::Ok();
+  auto r = redis.Eval(kAddToHot, {hot, index}, args);
+  if (!r.ok()) return r.status();
+  if (r->is_error()) return Unavailable("redis_error", "filling the hot set failed: " + r->str);
+  return Status::Ok();
+}
+
 std::string_view RoleName(Role role) { return role == Role::kUser ? "user" : "assistant"; }
 
 std::string PackEmbedding(const std::vector<float>& v) {
@@ -43,6 +92,64 @@ bool UnpackEmbedding(std::string_view bytes, std::vector<float>& out) {
   out.resize(bytes.size() / sizeof(float));
   if (!out.empty()) std::memcpy(out.data(), bytes.data(), bytes.size());
   return true;
+}
+
+namespace {
+
+constexpr uint8_t kHotRecordVersion = 1;
+constexpr uint8_t kHotRoleUser = 0;
+constexpr uint8_t kHotRoleAssistant = 1;
+
+template <typename T>
+void AppendLe(std::string& out, T v) {
+  char bytes[sizeof(T)];
+  std::memcpy(bytes, &v, sizeof(T));  // x86-64 and arm64 are little-endian
+  out.append(bytes, sizeof(T));
+}
+
+template <typename T>
+bool ReadLe(std::string_view& in, T& v) {
+  if (in.size() < sizeof(T)) return false;
+  std::memcpy(&v, in.data(), sizeof(T));
+  in.remove_prefix(sizeof(T));
+  return true;
+}
+
+}  // namespace
+
+std::string PackHotRecord(const StoredMessage& m) {
+  std::string out;
+  out.reserve(1 + 8 + 1 + 2 + m.turn_id.size() + 4 + m.content.size() + m.embedding.size() * sizeof(float));
+  AppendLe<uint8_t>(out, kHotRecordVersion);
+  AppendLe<int64_t>(out, m.ts_ms);
+  AppendLe<uint8_t>(out, m.role == Role::kUser ? kHotRoleUser : kHotRoleAssistant);
+  AppendLe<uint16_t>(out, static_cast<uint16_t>(m.turn_id.size()));  // turn ids are 32 hex characters
+  out += m.turn_id;
+  AppendLe<uint32_t>(out, static_cast<uint32_t>(m.content.size()));  // messages are bounded far below 4 GiB
+  out += m.content;
+  out += PackEmbedding(m.embedding);
+  return out;
+}
+
+Result<StoredMessage> UnpackHotRecord(std::string_view in) {
+  auto bad = [] { return Internal("bad_hot_record", "a hot-set record is malformed"); };
+  uint8_t version = 0, role = 0;
+  uint16_t turn_len = 0;
+  uint32_t content_len = 0;
+  StoredMessage m;
+  if (!ReadLe(in, version) || version != kHotRecordVersion || !ReadLe(in, m.ts_ms) || !ReadLe(in, role) ||
+      role > kHotRoleAssistant || !ReadLe(in, turn_len) || in.size() < turn_len) {
+    return bad();
+  }
+  m.role = role == kHotRoleUser ? Role::kUser : Role::kAssistant;
+  m.turn_id.assign(in.substr(0, turn_len));
+  in.remove_prefix(turn_len);
+  if (!ReadLe(in, content_len) || in.size() < content_len) return bad();
+  m.content.assign(in.substr(0, content_len));
+  in.remove_prefix(content_len);
+  if (in.empty() || !UnpackEmbedding(in, m.embedding)) return bad();
+  m.id = m.turn_id + (m.role == Role::kUser ? ":u" : ":a");
+  return m;
 }
 
 Result<Message> ParseRecentEntry(std::string_view json) {
@@ -108,21 +215,33 @@ std::vector<IndexEntry> ParseIndexEntries(const RedisValue& list, std::vector<st
   return out;
 }
 
-RedisShortTermStore::RedisShortTermStore(RedisClient& redis, int recent_messages)
-    : redis_(redis), recent_messages_(recent_messages) {}
+RedisShortTermStore::RedisShortTermStore(RedisClient& redis, int recent_messages, int hot_messages)
+    : redis_(redis), recent_messages_(recent_messages), hot_messages_(hot_messages) {}
 
-Result<std::vector<Message>> RedisShortTermStore::Recent(std::string_view user_id) {
-  std::string key = RecentKey(user_id);
-  Result<RedisValue> reply = redis_.Command({"LRANGE", key, "0", "-1"});
-  if (!reply.ok()) return reply.status();
-  if (reply->type != RedisValue::Type::kArray) return Unavailable("redis_error", "LRANGE failed: " + reply->str);
-  std::vector<Message> out;
-  out.reserve(reply->elements.size());
-  for (const auto& e : reply->elements) {
+Result<UserMemory> RedisShortTermStore::Read(std::string_view user_id) {
+  const std::string recent_key = RecentKey(user_id);
+  const std::string hot_key = HotKey(user_id);
+  auto replies = redis_.Pipeline({{"LRANGE", recent_key, "0", "-1"}, {"HVALS", hot_key}});
+  if (!replies.ok()) return replies.status();
+  const RedisValue& recent = (*replies)[0];
+  const RedisValue& hot = (*replies)[1];
+  if (recent.type != RedisValue::Type::kArray) return Unavailable("redis_error", "LRANGE failed: " + recent.str);
+  if (hot.type != RedisValue::Type::kArray) return Unavailable("redis_error", "HVALS failed: " + hot.str);
+  UserMemory out;
+  out.recent.reserve(recent.elements.size());
+  for (const auto& e : recent.elements) {
     if (e.type != RedisValue::Type::kString) continue;
     Result<Message> m = ParseRecentEntry(e.str);
-    if (m.ok()) out.push_back(std::move(*m));  // a corrupt entry is skipped, not fatal
+    if (m.ok()) out.recent.push_back(std::move(*m));  // a corrupt entry is skipped, not fatal
   }
+  out.hot.reserve(hot.elements.size());
+  for (const auto& e : hot.elements) {
+    Result<StoredMessage> m = UnpackHotRecord(e.str);
+    if (!m.ok()) continue;  // likewise: recall loses one candidate, the chat goes on
+    m->user_id.assign(user_id);
+    out.hot.push_back(std::move(*m));
+  }
+  out.older_in_long_term = static_cast<int64_t>(hot.elements.size()) >= hot_messages_;
   return out;
 }
 

@@ -37,6 +37,8 @@ struct ChatTrace {
   bool model_timed_out = false;
   int model_attempts = 0;
   size_t memories_recalled = 0;
+  bool long_term_queried = false;    // the hot set was full, so older memories were asked for
+  size_t foreign_records_dropped = 0;  // records of other users the long-term store returned
   size_t recent_used = 0;
 };
 

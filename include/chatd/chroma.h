@@ -1,14 +1,25 @@
-// Long-term memory in Chroma (server `chroma run`, HTTP API v2): one collection
-// per user (squared-L2 space over unit vectors, which ranks as cosine does),
-// records addressed by message id.
+// Long-term memory in Chroma (server `chroma run`, HTTP API v2).
+//
+// Layout: a fixed number of shard collections, "chatd-s<N>-<i>", i = a hash of
+// the user id modulo N (CHATD_CHROMA_SHARDS). Records of many users share a
+// shard; each carries its user in the metadata and in its id
+// ("<user>/<turn>:u|a"), every query and read filters on the user, and every
+// record that comes back is checked against the caller anyway, so a store
+// that ignored the filter would still leak nothing. Why shards and not one
+// collection per user: Chroma's write cost grows with the number of
+// collections (docs/performance.md), while a shard's grows with its records
+// only slowly. Space "l2" over unit vectors, which ranks as cosine does.
+//
+// The previous layout, one collection per user ("chatd-u-<hex of the id>"),
+// is still readable for `chatd-cleanup migrate` (the Legacy* calls).
 #pragma once
 
 #include <atomic>
 #include <cstdint>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <string_view>
-#include <unordered_map>
 #include <vector>
 
 #include "chatd/http_client.h"
@@ -17,18 +28,28 @@
 
 namespace chatd {
 
+inline constexpr int kDefaultChromaShards = 16;
+inline constexpr int kMaxChromaShards = 4096;
+
 struct ChromaOptions {
   std::string base_url = "http://127.0.0.1:8000";
   int64_t timeout_ms = 1000;          // each HTTP call, whole
   int64_t connect_timeout_ms = 500;
-  int sync_threshold = 100;           // HNSW persistence interval of new collections
+  int sync_threshold = 1000;          // HNSW persistence interval of new collections
+  int shards = kDefaultChromaShards;  // fixed for a deployment: changing it needs a migration
   // Incremented once per HTTP call to Chroma (may be null): the benchmark
   // reports Chroma calls per chat request from the pool's metrics.
   std::atomic<uint64_t>* call_counter = nullptr;
 };
 
-// Thread-safe. Every failure to reach Chroma, or a 5xx from it, is reason
-// "chroma_unavailable" (kDeadlineExceeded on a timeout, else kUnavailable); an
+// The shard of a user: FNV-1a 64 of the id's bytes, modulo `shards`. Stable
+// across builds and hosts, since it decides where records live.
+int ChromaShardOf(std::string_view user_id, int shards);
+std::string ChromaShardName(int shard, int shards);
+
+// Thread-safe. A failure to reach Chroma is reason "chroma_unreachable"
+// (kDeadlineExceeded on a timeout, else kUnavailable); a 5xx, 408, 412 or 429
+// answer is kUnavailable "chroma_unavailable"; an
 // embedding whose size differs from the collection's is kUnavailable with
 // reason "dimension_mismatch" (retrying cannot help); another 4xx means we
 // sent something wrong: kInternal "chroma_rejected". Chroma's own error text
@@ -37,23 +58,42 @@ class ChromaStore : public LongTermStore {
  public:
   explicit ChromaStore(ChromaOptions options);
 
-  // A user without a collection gets an empty list; nothing is created.
-  Result<std::vector<RecalledMessage>> Recall(std::string_view user_id, const std::vector<float>& embedding,
-                                              size_t k, const std::vector<std::string>& exclude_ids) override;
-  // Creates the user's collection on first write.
-  Status Upsert(std::string_view user_id, const std::vector<StoredMessage>& messages) override;
+  Result<RecallResult> Recall(std::string_view user_id, const std::vector<float>& embedding, size_t k,
+                              const std::vector<std::string>& exclude_ids, int64_t before_ts_ms) override;
+  // One call per shard touched (in chunks of a bounded size).
+  Status Upsert(const std::vector<StoredMessage>& messages) override;
 
-  // For chatd-cleanup and tests.
-  Result<int64_t> Count(std::string_view user_id);  // 0 when there is no collection
+  // For chatd-cleanup and tests: exact per-user reads and deletes. They read
+  // with a filter on the user and then keep only records whose metadata and
+  // id both name the user, so a filter Chroma ignored can neither export nor
+  // delete another user's records.
+  Result<int64_t> Count(std::string_view user_id);
   Result<std::vector<StoredMessage>> ExportAll(std::string_view user_id);  // with embeddings
-  Status DeleteCollection(std::string_view user_id);  // no collection is success
+  // Deletes by id what ExportAll-style reads found, then checks the count is 0.
+  // Returns how many records were deleted.
+  Result<int64_t> DeleteUser(std::string_view user_id);
   Status Heartbeat();
 
+  // The per-user layout, for `chatd-cleanup migrate`. Users whose collection
+  // still exists, up to `limit` of them (a migrated user's is deleted).
+  Result<std::vector<std::string>> ListLegacyUsers(size_t limit);
+  Result<std::vector<StoredMessage>> ExportLegacy(std::string_view user_id);
+  Status DeleteLegacy(std::string_view user_id);  // no collection is success
+
  private:
-  // The user's collection id, from the cache or from Chroma. Without `create`,
-  // a missing collection is kNotFound.
-  Result<std::string> CollectionId(const std::string& name, std::string_view user_id, bool create);
-  void Forget(const std::string& name, const std::string& id);
+  // One call on the user's shard collection, whose id is resolved (and the
+  // collection created) on first use and resolved again once if Chroma says
+  // it is gone. `suffix` is the record endpoint ("/query", "/get", ...).
+  Result<HttpResponse> ShardCall(int shard, const char* suffix, const std::string& body,
+                                 const char* method = "POST");
+  // The same on a per-user collection of the old layout; nullopt when it does
+  // not exist.
+  Result<std::optional<HttpResponse>> LegacyCall(std::string_view user_id, const char* suffix,
+                                                 const std::string& body);
+  // Every record of the user on its shard (filtered, checked), paged.
+  Result<std::vector<StoredMessage>> ReadUser(std::string_view user_id, bool with_embeddings);
+  Result<std::string> ShardId(int shard);
+  void ForgetShard(int shard, const std::string& id);
   // One HTTP call, transport failures mapped to "chroma_unavailable".
   Result<HttpResponse> Call(const char* method, const std::string& url, std::string body);
 
@@ -62,7 +102,7 @@ class ChromaStore : public LongTermStore {
   std::string api_;   // base_ + the default tenant and database prefix
 
   std::mutex mu_;
-  std::unordered_map<std::string, std::string> ids_;  // collection name -> id
+  std::vector<std::string> shard_ids_;  // guarded by mu_; empty until resolved
 };
 
 // The JSON of the Chroma API, separated from the transport so unit tests can
@@ -73,19 +113,36 @@ namespace chroma_json {
 
 inline constexpr int64_t kMaxQueryResults = 1000;
 
-std::string CreateCollectionRequest(std::string_view name, std::string_view user_id, int sync_threshold);
+// `name` with get_or_create, the l2 space and `sync_threshold`.
+std::string CreateCollectionRequest(std::string_view name, int sync_threshold);
 // The collection's id, which must look like a UUID (it becomes part of URLs).
 Result<std::string> ParseCollectionId(std::string_view body);
+// Names of a GET /collections page.
+Result<std::vector<std::string>> ParseCollectionNames(std::string_view body);
 
-Result<std::string> UpsertRequest(std::string_view user_id, const std::vector<StoredMessage>& messages);
-Result<std::string> QueryRequest(const std::vector<float>& embedding, int64_t n_results);
-std::string GetPageRequest(int64_t limit, int64_t offset);
+// The record id of a message in a shared collection: "<user>/<message id>".
+std::string RecordId(std::string_view user_id, std::string_view message_id);
+
+// Messages of any users; each names its user.
+Result<std::string> UpsertRequest(const std::vector<StoredMessage>& messages);
+// A query within one user's records, older than before_ts_ms when > 0.
+Result<std::string> QueryRequest(const std::vector<float>& embedding, int64_t n_results, std::string_view user_id,
+                                 int64_t before_ts_ms);
+// A page of one user's records (user_id empty: every record, for the old
+// per-user collections). Ids and metadatas always; documents and embeddings
+// when `full`.
+std::string GetPageRequest(std::string_view user_id, int64_t limit, int64_t offset, bool full);
+std::string DeleteIdsRequest(const std::vector<std::string>& record_ids);
 
 // Records of a /query answer for one query embedding, nearest first. Records
-// whose metadata names another user are refused (reason "chroma_foreign_record").
-Result<std::vector<RecalledMessage>> ParseQueryResponse(std::string_view body, std::string_view user_id);
-// Records of a /get answer that included documents, metadatas and embeddings.
-Result<std::vector<StoredMessage>> ParseGetResponse(std::string_view body, std::string_view user_id);
+// of another user (by metadata or id) are dropped and counted.
+Result<RecallResult> ParseQueryResponse(std::string_view body, std::string_view user_id);
+// Records of a /get answer; with `full`, documents and embeddings too.
+// Records of other users are skipped and counted in `*foreign`. `raw_ids`
+// gets the record ids as stored (for deletes).
+Result<std::vector<StoredMessage>> ParseGetResponse(std::string_view body, std::string_view user_id, bool full,
+                                                    size_t* foreign, std::vector<std::string>* raw_ids,
+                                                    size_t* page_size);
 // /count answers a bare integer.
 Result<int64_t> ParseCount(std::string_view body);
 

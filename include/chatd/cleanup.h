@@ -41,10 +41,18 @@ struct CleanupOptions {
   int64_t lock_ttl_ms = 10 * 60 * 1000;
   int64_t now_ms = 0;  // 0: Redis TIME
   bool dry_run = false;
-  // Test-only fault injection: "after_lock", "after_export" or
-  // "after_delete_collection" ends the process there with status 137, as a
-  // kill -9 would, so tests can prove a rerun completes the job.
+  int hot_messages = 64;  // the hot-set bound (CHATD_RECALL_HOT_MESSAGES), refilled by restore and migrate
+  // Test-only fault injection: "after_lock", "after_export",
+  // "after_delete_collection", "migrate_after_lock", "migrate_after_upsert" or
+  // "migrate_after_delete" ends the process there with status 137, as a kill
+  // -9 would, so tests can prove a rerun completes the job.
   std::string crash_at;
+};
+
+struct MigrateSummary {
+  int64_t users = 0;    // moved from a per-user collection to their shard
+  int64_t records = 0;
+  int64_t failed = 0;
 };
 
 struct CleanupSummary {
@@ -70,11 +78,18 @@ class Cleanup {
   // Erases everything of a user: Redis keys, queued turns, the collection and
   // the archives.
   Status Forget(std::string_view user_id);
+  // Moves every user still in the old layout (one Chroma collection per user)
+  // to their shard: under the user's lock, export, upsert (same ids, so a
+  // rerun after a kill anywhere rewrites the same records), check the count,
+  // refill the hot set, then delete the old collection. Archives need no
+  // migration: they hold records, not a layout.
+  Result<MigrateSummary> Migrate();
 
  private:
   enum class Outcome { kArchived, kReturned };
   Result<Outcome> ArchiveUser(const std::string& user, int64_t last_activity, const std::vector<IndexEntry>& queued,
                               int64_t& records);
+  Result<int64_t> MigrateUser(const std::string& user);
   Result<int64_t> NowMs();
   // Turns of these users still in the index stream (one pass over the stream).
   Result<std::map<std::string, std::vector<IndexEntry>>> QueuedTurns(const std::vector<std::string>& users);

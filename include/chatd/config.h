@@ -61,7 +61,9 @@ struct Config {
   int recall_k = 5;                   // CHATD_RECALL_K
   std::string chroma_url = "http://127.0.0.1:8000";  // CHATD_CHROMA_URL
   int64_t chroma_timeout_ms = 1000;   // CHATD_CHROMA_TIMEOUT_MS: per call on the request path
-  int chroma_sync_threshold = 100;    // CHATD_CHROMA_SYNC_THRESHOLD: HNSW persistence for new collections
+  int chroma_sync_threshold = 1000;   // CHATD_CHROMA_SYNC_THRESHOLD: HNSW persistence for new collections
+  int chroma_shards = 16;             // CHATD_CHROMA_SHARDS: collections the users are spread over
+  int recall_hot_messages = 64;       // CHATD_RECALL_HOT_MESSAGES: per-user hot set ranked in process
   std::string system_prompt = "You are a helpful assistant.";  // CHATD_SYSTEM_PROMPT
   size_t prompt_budget_bytes = 24 * 1024;  // CHATD_PROMPT_BUDGET_BYTES: memories + recent + new message
 
@@ -73,6 +75,9 @@ struct Config {
   // Background indexer (Redis stream -> Chroma)
   int64_t index_claim_idle_ms = 30000;  // CHATD_INDEX_CLAIM_IDLE_MS: take over entries a dead worker left
   int index_batch = 64;                 // CHATD_INDEX_BATCH
+  int64_t index_retry_ms = 1000;        // CHATD_INDEX_RETRY_MS: pause before a failed entry is retried
+  int index_max_deliveries = 5;         // CHATD_INDEX_MAX_DELIVERIES: then a turn failing alone is dead-lettered
+  int64_t index_lag_degraded_ms = 60000;  // CHATD_INDEX_LAG_DEGRADED_MS: health says degraded past this backlog age
 
   // Cleanup of inactive users (chatd-cleanup)
   int64_t cleanup_inactive_s = 24 * 3600;                // CHATD_CLEANUP_INACTIVE_S

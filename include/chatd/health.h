@@ -24,8 +24,6 @@ class HealthProbe {
  public:
   virtual ~HealthProbe() = default;
   virtual std::vector<DependencyState> Check() = 0;
-  // Turns recorded but not yet in Chroma (stream length).
-  virtual Result<int64_t> IndexBacklog() = 0;
 };
 
 // Pings Redis (both, when the counters have their own) and Chroma's heartbeat.
@@ -35,7 +33,6 @@ class StackHealthProbe : public HealthProbe {
  public:
   StackHealthProbe(RedisClient& redis, RedisClient* rate_redis, ChromaStore& chroma, bool model_configured);
   std::vector<DependencyState> Check() override;
-  Result<int64_t> IndexBacklog() override;
 
  private:
   RedisClient& redis_;

@@ -1,21 +1,36 @@
 // The background indexer: moves recorded turns from the Redis stream
 // (chatd:index) into the long-term store, so that a Chroma outage delays
-// indexing and loses nothing.
+// indexing and loses nothing, and keeps each user's hot set (the latest
+// indexed messages, with embeddings, in Redis) for recall in process.
 //
 // Each worker process runs one indexer thread, a consumer of the group
-// "indexers". An entry is acknowledged (and deleted) only after both messages
-// of its turn were upserted; upserts use deterministic ids, so an entry indexed
-// twice (a crash between upsert and ack) is still stored once. Entries a dead
-// worker left pending are taken over with XAUTOCLAIM after claim_idle_ms.
-// Entries that can never be indexed (e.g. the collection has another
-// dimension) go to the dead-letter stream chatd:index:dead, never away.
+// "indexers". A batch of turns of many users is written with as few store
+// calls as the layout allows (one per Chroma shard). An entry is acknowledged
+// (and deleted) only after both messages of its turn were written, in the same
+// script that adds them to the user's hot set; writes use deterministic ids,
+// so an entry indexed twice is still stored once.
+//
+// Nothing can block it:
+//   - a failed batch is retried entry by entry, so one bad turn fails alone;
+//   - permanent errors (invalid input, a dimension mismatch) send the entry to
+//     the dead-letter stream chatd:index:dead at once, never away;
+//   - deliveries are counted (the group's own counter): an entry Chroma
+//     refused max_deliveries times, while it took other writes (in the same
+//     pass or within claim_idle_ms), goes there too; while Chroma is down or
+//     refuses every write, nothing is dead-lettered: everything waits;
+//   - new turns are read along with the retried ones, so they never queue
+//     behind a turn that keeps failing;
+//   - failed entries are retried after retry_pause_ms by XCLAIM, which does not
+//     touch the entries of other consumers; entries a dead worker left pending
+//     are claimed by a live one after claim_idle_ms.
 //
 // Handshake with chatd-cleanup: before writing a user's turns the indexer
 // checks the user's cleanup lock and raises the user's "indexing" marker in
 // one script; after the write it lowers the marker and acknowledges, again
 // only if no lock appeared. The cleanup takes the lock and then waits for the
 // marker to clear, so no write can land after its export or its delete, and a
-// turn written while the lock was being taken stays pending for later.
+// turn written while the lock was being taken stays pending for later. A turn
+// skipped because of the lock does not count as a delivery.
 #pragma once
 
 #include <atomic>
@@ -39,37 +54,59 @@ struct IndexerOptions {
   std::string consumer;          // unique per process: host-pid
   int batch = 64;
   int64_t block_ms = 500;        // XREADGROUP BLOCK: also bounds how long Stop() waits
-  int64_t claim_idle_ms = 30000;
-  int64_t retry_pause_ms = 1000;  // after a failed batch (Chroma down)
-  // Lifetime of the "indexing" marker: longer than any one Upsert can take
+  int64_t claim_idle_ms = 30000;  // another consumer's entry this idle: its worker is dead
+  int64_t retry_pause_ms = 1000;  // own failed entries are retried after this
+  int max_deliveries = 5;         // then an entry that keeps failing alone is dead-lettered
+  int hot_messages = 64;          // bound of each user's hot set
+  int64_t backlog_every_ms = 1000;  // how often the backlog gauges are refreshed
+  // Lifetime of the "indexing" marker: longer than any one write can take
   // (a few Chroma calls, each bounded by the Chroma timeout).
   int64_t marker_ttl_ms = 10000;
 };
 
 // Both messages of each turn, embedded (reusing the request path's embedding
-// of the user message when it has the right size), grouped by user.
-Result<std::map<std::string, std::vector<StoredMessage>>> BuildStoredMessages(const std::vector<IndexEntry>& entries,
-                                                                             Embedder& embedder);
+// of the user message when it has the right size), in entry order.
+Result<std::vector<StoredMessage>> BuildStoredMessages(const std::vector<IndexEntry>& entries, Embedder& embedder);
+
+// The backlog of the index stream: turns not yet delivered to an indexer,
+// turns delivered and not yet acknowledged, and the age of the oldest turn
+// still in the stream (acknowledged turns are deleted, so that is the oldest
+// one not yet in long-term memory), by Redis's clock.
+struct IndexBacklog {
+  int64_t waiting = 0;
+  int64_t pending = 0;
+  int64_t oldest_age_ms = 0;
+};
+Result<IndexBacklog> ReadIndexBacklog(RedisClient& redis);
 
 class Indexer {
  public:
   // `redis` must have a command timeout above block_ms. `metrics` (may be
-  // null) gets the indexing counters and this process's heartbeat: the loop
-  // turns at least every block_ms + retry_pause_ms.
+  // null) gets the indexing counters, the backlog gauges and this process's
+  // heartbeat: the loop turns at least every block_ms + retry_pause_ms.
   Indexer(RedisClient& redis, LongTermStore& store, Embedder& embedder, IndexerOptions options, Metrics* metrics);
   ~Indexer();
 
   void Start();
   void Stop();  // returns once the thread has ended
 
-  // One pass: claim stale entries, retry own pending ones, read new ones, index
-  // them. Returns how many entries were acknowledged. Public for tests.
+  // One pass: retry own failed entries and claim dead workers' ones, else
+  // read new ones; index them. Returns how many entries were settled
+  // (acknowledged or dead-lettered). Public for tests.
   Result<int> RunOnce();
 
  private:
+  struct Outcome;
   Status EnsureGroup();
-  Result<std::vector<IndexEntry>> Read(const std::vector<std::string_view>& command, bool autoclaim);
+  Result<std::vector<IndexEntry>> ClaimStale();
+  Result<std::vector<IndexEntry>> ReadNew(int count, bool block);
   Result<int> Index(std::vector<IndexEntry>& entries);
+  // Writes the turns of `entries` (all users) and says for each whether it
+  // was written (ok), failed for good, or failed for now.
+  std::vector<Status> Write(const std::vector<const IndexEntry*>& entries,
+                            std::vector<std::vector<StoredMessage>>& messages);
+  Status DeadLetter(const std::vector<std::pair<const IndexEntry*, Status>>& dead);
+  void RefreshBacklog();
   void Loop();
   void Count(std::atomic<uint64_t> SharedMetrics::*counter, size_t n);
 
@@ -79,8 +116,9 @@ class Indexer {
   IndexerOptions options_;
   Metrics* metrics_;
   bool group_ready_ = false;  // only touched by the indexer thread
-  bool retry_own_pending_ = true;
   int64_t last_claim_ms_ = 0;
+  int64_t last_backlog_ms_ = 0;
+  int64_t last_write_ok_ms_ = 0;  // when Chroma last took a write of ours
 
   std::atomic<bool> stop_{false};
   std::mutex mu_;

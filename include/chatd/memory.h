@@ -33,20 +33,9 @@ struct Turn {
   std::vector<float> user_embedding;
 };
 
-// Thread-safe.
-class ShortTermStore {
- public:
-  virtual ~ShortTermStore() = default;
-  // Oldest first. kUnavailable when the store is down.
-  virtual Result<std::vector<Message>> Recent(std::string_view user_id) = 0;
-  // Atomically appends both halves of the turn, trims to the configured size,
-  // queues the turn for long-term indexing and marks the user active.
-  virtual Status RecordTurn(const Turn& turn) = 0;
-};
-
 // A message as stored in (or recalled from) the long-term store.
 struct StoredMessage {
-  std::string id;
+  std::string id;       // "<turn id>:u" or "<turn id>:a", unique within the user
   std::string user_id;
   std::string turn_id;
   Role role = Role::kUser;
@@ -57,20 +46,54 @@ struct StoredMessage {
 
 struct RecalledMessage {
   StoredMessage message;
-  double distance = 0;  // smaller is closer
+  double distance = 0;  // squared L2 between unit vectors: smaller is closer
+};
+
+// What the request path reads of a user's memory, in one round trip.
+struct UserMemory {
+  std::vector<Message> recent;  // the last few messages, oldest first
+  // The user's latest indexed messages, with their embeddings, ranked in
+  // process (recall.h) so that recall usually needs no vector database call.
+  // Everything here is also in the long-term store.
+  std::vector<StoredMessage> hot;
+  // True once the hot set was trimmed: older messages then live only in the
+  // long-term store, and recall asks it for those (older than the oldest hot
+  // message). False means the hot set is the user's whole long-term memory,
+  // so a user without memory costs no long-term call at all.
+  bool older_in_long_term = false;
+};
+
+// Thread-safe.
+class ShortTermStore {
+ public:
+  virtual ~ShortTermStore() = default;
+  // The recent messages and the hot set. kUnavailable when the store is down.
+  virtual Result<UserMemory> Read(std::string_view user_id) = 0;
+  // Atomically appends both halves of the turn, trims to the configured size,
+  // queues the turn for long-term indexing and marks the user active.
+  virtual Status RecordTurn(const Turn& turn) = 0;
+};
+
+struct RecallResult {
+  std::vector<RecalledMessage> messages;  // nearest first
+  // Records of other users the store returned and recall dropped: never more
+  // than zero unless the store ignored our filter. Counted and logged.
+  size_t foreign_dropped = 0;
 };
 
 // Thread-safe.
 class LongTermStore {
  public:
   virtual ~LongTermStore() = default;
-  // Up to k messages closest to `embedding`, skipping ids in `exclude_ids`.
-  // A user with no memory yet gets an empty list, not an error.
-  virtual Result<std::vector<RecalledMessage>> Recall(std::string_view user_id,
-                                                      const std::vector<float>& embedding, size_t k,
-                                                      const std::vector<std::string>& exclude_ids) = 0;
-  // Idempotent: writing the same ids again changes nothing.
-  virtual Status Upsert(std::string_view user_id, const std::vector<StoredMessage>& messages) = 0;
+  // Up to k of the user's messages closest to `embedding`, skipping ids in
+  // `exclude_ids`; with before_ts_ms > 0 only messages older than it. A user
+  // with no memory gets an empty list, not an error. Every returned record is
+  // checked to belong to the user.
+  virtual Result<RecallResult> Recall(std::string_view user_id, const std::vector<float>& embedding, size_t k,
+                                      const std::vector<std::string>& exclude_ids, int64_t before_ts_ms) = 0;
+  // Many users' messages in as few calls as the layout allows (each message
+  // names its user). Idempotent: writing the same ids again changes nothing.
+  virtual Status Upsert(const std::vector<StoredMessage>& messages) = 0;
 };
 
 }  // namespace chatd

@@ -16,6 +16,9 @@
 namespace chatd {
 
 inline constexpr int kMaxWorkerSlots = 256;
+// The index backlog gauges are published by the indexers every second or so;
+// older than this, no indexer is alive to vouch for them and they are left out.
+inline constexpr int64_t kBacklogFreshMs = 10000;
 // Upper bounds (ms) of the latency histogram buckets; +Inf is implicit.
 inline constexpr int64_t kLatencyBucketsMs[] = {5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000};
 inline constexpr int kLatencyBuckets = sizeof(kLatencyBucketsMs) / sizeof(kLatencyBucketsMs[0]) + 1;
@@ -47,6 +50,16 @@ struct SharedMetrics {
   std::atomic<uint64_t> turns_indexed;
   std::atomic<uint64_t> index_failures;
   std::atomic<uint64_t> index_dead_lettered;
+  std::atomic<uint64_t> index_claimed;            // entries taken over from a dead worker
+  std::atomic<uint64_t> recall_long_term_queries; // recalls that needed the long-term store
+  std::atomic<uint64_t> recall_foreign_dropped;   // records of another user that recall dropped
+  // The index stream's backlog, refreshed by the indexers (ReadIndexBacklog)
+  // about once a second; index_backlog_at_ms says when, so a reader can tell
+  // a stale figure (no indexer alive) from a fresh one.
+  std::atomic<int64_t> index_waiting;
+  std::atomic<int64_t> index_pending;
+  std::atomic<int64_t> index_oldest_age_ms;
+  std::atomic<int64_t> index_backlog_at_ms;
   struct Worker {
     std::atomic<int64_t> pid;
     std::atomic<int64_t> heartbeat_ms;

@@ -75,6 +75,15 @@ class RedisClient {
   Result<RedisValue> Eval(const RedisScript& script, const std::vector<std::string_view>& keys,
                           const std::vector<std::string_view>& args);
 
+  // One script run once per element of `calls` (keys, args), all in one round
+  // trip (two only after NOSCRIPT); replies in order. Scripts of different
+  // users stay separate calls, so each still touches one user's keys.
+  struct ScriptCall {
+    std::vector<std::string_view> keys;
+    std::vector<std::string_view> args;
+  };
+  Result<std::vector<RedisValue>> EvalMany(const RedisScript& script, const std::vector<ScriptCall>& calls);
+
   // Several commands in one round trip; replies in order.
   Result<std::vector<RedisValue>> Pipeline(const std::vector<std::vector<std::string_view>>& commands);
 

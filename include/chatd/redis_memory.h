@@ -10,6 +10,10 @@
 //                         pending meanwhile
 //   chat:{<user>}:indexing  indexers writing the user's turns right now
 //   chatd:cleanup:inprogress  users a cleanup has locked and not finished
+//   chat:{<user>}:hot     hash: message id -> packed record (PackHotRecord),
+//                         the user's latest indexed messages with embeddings
+//   chat:{<user>}:hotidx  sorted set: message id by timestamp, to trim the
+//                         hot set to its oldest-first bound
 // RecordTurn updates all three in one Lua script, so a turn is either fully
 // recorded (both halves, queued for Chroma, user marked active) or not at all,
 // and concurrent turns of one user never leave half a turn in the list.
@@ -36,6 +40,10 @@ inline std::string CleanupLockKey(std::string_view user_id) { return UserKey(use
 // TTL, in case one dies mid-write): the cleanup waits for it to clear after
 // taking the lock, so no write can land after its export or delete.
 inline std::string IndexingKey(std::string_view user_id) { return UserKey(user_id, "indexing"); }
+// The hot set: written by the indexer once a message is in the long-term
+// store, read by the request path with the recent list in one round trip.
+inline std::string HotKey(std::string_view user_id) { return UserKey(user_id, "hot"); }
+inline std::string HotIndexKey(std::string_view user_id) { return UserKey(user_id, "hotidx"); }
 // Users whose cleanup started and has not finished (a run killed midway):
 // every run settles them first.
 inline constexpr std::string_view kCleanupInProgressKey = "chatd:cleanup:inprogress";
@@ -49,6 +57,7 @@ struct IndexEntry {
   std::string user_text;
   std::string assistant_text;
   std::vector<float> user_embedding;  // empty when the request path could not embed
+  int64_t deliveries = 1;             // how often the group has handed it out
 };
 
 // Entries of an XRANGE / XREADGROUP / XAUTOCLAIM entry list:
@@ -58,14 +67,18 @@ std::vector<IndexEntry> ParseIndexEntries(const RedisValue& list, std::vector<st
 
 class RedisShortTermStore : public ShortTermStore {
  public:
-  RedisShortTermStore(RedisClient& redis, int recent_messages);
+  // `hot_messages` is the bound of the hot set that the indexer keeps
+  // (CHATD_RECALL_HOT_MESSAGES): a full hot set means older messages exist.
+  RedisShortTermStore(RedisClient& redis, int recent_messages, int hot_messages);
 
-  Result<std::vector<Message>> Recent(std::string_view user_id) override;
+  // LRANGE of the recent list and HVALS of the hot set, pipelined.
+  Result<UserMemory> Read(std::string_view user_id) override;
   Status RecordTurn(const Turn& turn) override;
 
  private:
   RedisClient& redis_;
   int recent_messages_;
+  int hot_messages_;
 };
 
 // Parses one entry of the recent list.
@@ -74,5 +87,26 @@ Result<Message> ParseRecentEntry(std::string_view json);
 // Float vectors travel through Redis as little-endian float32 bytes.
 std::string PackEmbedding(const std::vector<float>& v);
 bool UnpackEmbedding(std::string_view bytes, std::vector<float>& out);
+
+// A hot-set record, binary because the request path reads dozens per chat:
+// version byte, ts (int64), role byte, turn id (u16 length + bytes), content
+// (u32 length + bytes), then the embedding as float32 to the end; all
+// little-endian. The user is the key's, so it is not stored.
+std::string PackHotRecord(const StoredMessage& m);
+// Refuses anything truncated or of another version (kInternal "bad_hot_record").
+Result<StoredMessage> UnpackHotRecord(std::string_view bytes);
+
+// The Lua that adds records to a hot set and trims it to its newest `bound`,
+// shared by every script that fills one (the indexer's, restore's and
+// migrate's), so the set has one definition. It expects the locals hot_key,
+// hot_index_key, bound and first (the ARGV index of the first
+// (message id, ts, packed record) triple) to be set.
+extern const char kHotSetAddLua[];
+
+// Adds `messages` (of one user) to the user's hot set, keeping the newest
+// `bound`. Used where records reach the long-term store outside the indexer
+// (restore, migrate).
+Status AddToHotSet(RedisClient& redis, std::string_view user_id, const std::vector<StoredMessage>& messages,
+                   int bound);
 
 }  // namespace chatd

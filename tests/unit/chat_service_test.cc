@@ -1,5 +1,7 @@
 #include <boost/test/unit_test.hpp>
 
+#include <algorithm>
+
 #include "chatd/chat_service.h"
 #include "fakes.h"
 
@@ -80,20 +82,66 @@ BOOST_FIXTURE_TEST_CASE(recent_messages_reach_the_model_with_their_roles, Servic
 
 BOOST_FIXTURE_TEST_CASE(recall_excludes_the_recent_messages, ServiceFixture) {
   recent.messages["alice"] = {{Role::kUser, "x", 1, "t9:u"}, {Role::kAssistant, "y", 1, "t9:a"}};
+  recent.older["alice"] = true;
+  recent.hot["alice"] = {{"t9:u", "alice", "t9", Role::kUser, "x", 1, {1, 0, 0, 0}}};
   BOOST_REQUIRE(Chat("alice", "q").ok());
-  BOOST_TEST(long_term.last_exclude == (std::vector<std::string>{"t9:u", "t9:a"}));
+  std::vector<std::string> excluded = long_term.last_exclude;
+  std::sort(excluded.begin(), excluded.end());
+  BOOST_TEST(excluded == (std::vector<std::string>{"t9:a", "t9:u"}));
+  BOOST_TEST(trace.memories_recalled == 0u);  // the hot copy of a recent message is not recalled either
 }
 
 BOOST_FIXTURE_TEST_CASE(recalled_memories_are_used_in_the_prompt, ServiceFixture) {
   RecalledMessage m;
   m.message = {"t1:u", "alice", "t1", Role::kUser, "my dog is Rex", 1000, {}};
   long_term.memories.push_back(m);
+  recent.older["alice"] = true;
   BOOST_REQUIRE(Chat("alice", "what is my dog called?").ok());
   BOOST_TEST(llm.last_prompt[1].content.find("my dog is Rex") != std::string::npos);
   BOOST_TEST(trace.memories_recalled == 1u);
+  BOOST_TEST(trace.long_term_queried);
+}
+
+BOOST_FIXTURE_TEST_CASE(a_user_without_older_memory_costs_no_long_term_call, ServiceFixture) {
+  recent.hot["alice"] = {{"t1:u", "alice", "t1", Role::kUser, "my dog is Rex", 1000, {1, 0, 0, 0}}};
+  BOOST_REQUIRE(Chat("alice", "what is my dog called?").ok());
+  BOOST_TEST(long_term.recall_calls == 0);
+  BOOST_TEST(!trace.long_term_queried);
+  BOOST_TEST(trace.memories_recalled == 1u);  // ranked in process from the hot set
+  BOOST_TEST(llm.last_prompt[1].content.find("my dog is Rex") != std::string::npos);
+}
+
+BOOST_FIXTURE_TEST_CASE(a_brand_new_user_costs_no_long_term_call, ServiceFixture) {
+  BOOST_REQUIRE(Chat("newcomer", "Hi").ok());
+  BOOST_TEST(long_term.recall_calls == 0);
+  BOOST_TEST(trace.memories_recalled == 0u);
+}
+
+BOOST_FIXTURE_TEST_CASE(older_memories_are_asked_for_before_the_oldest_hot_one_and_merged, ServiceFixture) {
+  recent.older["alice"] = true;
+  // The hot message is far from the query; the older one is exactly on it.
+  recent.hot["alice"] = {{"t5:u", "alice", "t5", Role::kUser, "hot and far", 5000, {0, 1, 0, 0}},
+                         {"t6:u", "alice", "t6", Role::kUser, "hot and newer", 6000, {0, 0, 1, 0}}};
+  RecalledMessage near;
+  near.message = {"t1:u", "alice", "t1", Role::kUser, "old and near", 1000, {}};
+  near.distance = 0;
+  long_term.memories.push_back(near);
+  options.recall_k = 1;
+  BOOST_REQUIRE(Chat("alice", "q").ok());
+  BOOST_TEST(long_term.last_before_ts_ms == 5000);
+  BOOST_TEST(trace.memories_recalled == 1u);
+  BOOST_TEST(llm.last_prompt[1].content.find("old and near") != std::string::npos);
+}
+
+BOOST_FIXTURE_TEST_CASE(foreign_records_dropped_by_the_store_reach_the_trace, ServiceFixture) {
+  recent.older["alice"] = true;
+  long_term.foreign_dropped = 3;
+  BOOST_REQUIRE(Chat("alice", "Hi").ok());
+  BOOST_TEST(trace.foreign_records_dropped == 3u);
 }
 
 BOOST_FIXTURE_TEST_CASE(long_term_failure_degrades_but_answers, ServiceFixture) {
+  recent.older["alice"] = true;
   long_term.status = Unavailable("chroma_unavailable", "down");
   auto r = Chat("alice", "Hi");
   BOOST_REQUIRE(r.ok());

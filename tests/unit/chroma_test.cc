@@ -57,10 +57,9 @@ constexpr char kGetAnswer[] =
 BOOST_AUTO_TEST_SUITE(chroma)
 
 BOOST_AUTO_TEST_CASE(create_collection_request) {
-  BOOST_TEST(chroma_json::CreateCollectionRequest("chatd-u-616c696365", "alice", 100) ==
-             R"({"name":"chatd-u-616c696365","get_or_create":true,)"
-             R"("configuration":{"hnsw":{"space":"l2","sync_threshold":100}},)"
-             R"("metadata":{"chatd_user":"alice"}})");
+  BOOST_TEST(chroma_json::CreateCollectionRequest("chatd-s16-3", 100) ==
+             R"({"name":"chatd-s16-3","get_or_create":true,)"
+             R"("configuration":{"hnsw":{"space":"l2","sync_threshold":100}}})");
 }
 
 BOOST_AUTO_TEST_CASE(collection_id_must_be_a_uuid) {
@@ -80,12 +79,11 @@ BOOST_AUTO_TEST_CASE(collection_id_must_be_a_uuid) {
 }
 
 BOOST_AUTO_TEST_CASE(upsert_request_carries_ids_vectors_documents_and_metadata) {
-  auto body = chroma_json::UpsertRequest(
-      "alice", {Record("t1:u", Role::kUser, "hi \"there\"", {0.1f, -0.5f}),
-                Record("t1:a", Role::kAssistant, "caf\xc3\xa9", {1.0f, 0.0f})});
+  auto body = chroma_json::UpsertRequest({Record("t1:u", Role::kUser, "hi \"there\"", {0.1f, -0.5f}),
+                                          Record("t1:a", Role::kAssistant, "caf\xc3\xa9", {1.0f, 0.0f})});
   BOOST_REQUIRE(body.ok());
   BOOST_TEST(*body ==
-             R"({"ids":["t1:u","t1:a"],"embeddings":[[0.1,-0.5],[1,0]],"documents":["hi \"there\"","café"],)"
+             R"({"ids":["alice/t1:u","alice/t1:a"],"embeddings":[[0.1,-0.5],[1,0]],"documents":["hi \"there\"","café"],)"
              R"("metadatas":[{"role":"user","ts":1700000000123,"user":"alice","turn":"t1"},)"
              R"({"role":"assistant","ts":1700000000123,"user":"alice","turn":"t1"}]})");
 }
@@ -104,12 +102,12 @@ BOOST_AUTO_TEST_CASE(upsert_request_refuses_bad_records) {
       {Record("", Role::kUser, "x", {1}), "missing_id"},
       {Record("t1:u", Role::kUser, "\xff", {1}), "invalid_utf8"},
   };
-  StoredMessage foreign = Record("t1:u", Role::kUser, "x", {1});
-  foreign.user_id = "bob";
-  cases.push_back({foreign, "wrong_user"});
+  StoredMessage nobody = Record("t1:u", Role::kUser, "x", {1});
+  nobody.user_id = "";
+  cases.push_back({nobody, "missing_user"});
   for (const Case& c : cases) {
     BOOST_TEST_CONTEXT(c.reason) {
-      auto body = chroma_json::UpsertRequest("alice", {c.record});
+      auto body = chroma_json::UpsertRequest({c.record});
       BOOST_REQUIRE(!body.ok());
       BOOST_TEST(body.status().reason() == c.reason);
     }
@@ -120,31 +118,41 @@ BOOST_AUTO_TEST_CASE(floats_round_trip_through_the_json) {
   // The shortest text of a float must read back as the very same float.
   const std::vector<float> v = {0.1f,        -0.42426407f, 1e-30f,         3.4028235e38f, -3.4028235e38f,
                                 -0.0f,       0.33333334f,  1.17549435e-38f, 1e-45f /* denormal */};
-  auto body = chroma_json::QueryRequest(v, 3);
+  auto body = chroma_json::QueryRequest(v, 3, "u", 0);
   BOOST_REQUIRE(body.ok());
   // Reuse the /get parser to read the numbers back.
   const std::string vector_json = body->substr(body->find("[[") + 1, body->find("]]") - body->find("[[") - 0);
   const std::string get = R"({"ids":["a"],"documents":["d"],"metadatas":[{"role":"user","ts":1,"turn":"a","user":"u"}],)"
                           R"("embeddings":[)" + vector_json + "]}";
-  auto parsed = chroma_json::ParseGetResponse(get, "u");
+  auto parsed = chroma_json::ParseGetResponse(get, "u", true, nullptr, nullptr, nullptr);
   BOOST_REQUIRE(parsed.ok());
   BOOST_REQUIRE_EQUAL(parsed->size(), 1u);
   BOOST_TEST((*parsed)[0].embedding == v);
 }
 
 BOOST_AUTO_TEST_CASE(query_request) {
-  auto body = chroma_json::QueryRequest({0.5f, 0.25f}, 7);
+  auto body = chroma_json::QueryRequest({0.5f, 0.25f}, 7, "alice", 0);
   BOOST_REQUIRE(body.ok());
-  BOOST_TEST(*body == R"({"query_embeddings":[[0.5,0.25]],"n_results":7,)"
+  BOOST_TEST(*body == R"({"query_embeddings":[[0.5,0.25]],"n_results":7,"where":{"user":"alice"},)"
                       R"("include":["documents","metadatas","distances"]})");
-  BOOST_TEST(chroma_json::QueryRequest({}, 7).status().reason() == "missing_embedding");
-  BOOST_TEST(chroma_json::GetPageRequest(100, 200) ==
-             R"({"limit":100,"offset":200,"include":["documents","metadatas","embeddings"]})");
+  auto older = chroma_json::QueryRequest({0.5f}, 7, "alice", 1700000000000);
+  BOOST_REQUIRE(older.ok());
+  BOOST_TEST(*older == R"({"query_embeddings":[[0.5]],"n_results":7,)"
+                       R"("where":{"$and":[{"user":"alice"},{"ts":{"$lt":1700000000000}}]},)"
+                       R"("include":["documents","metadatas","distances"]})");
+  BOOST_TEST(chroma_json::QueryRequest({}, 7, "alice", 0).status().reason() == "missing_embedding");
+  BOOST_TEST(chroma_json::GetPageRequest("alice", 100, 200, true) ==
+             R"({"where":{"user":"alice"},"limit":100,"offset":200,)"
+             R"("include":["metadatas","documents","embeddings"]})");
+  BOOST_TEST(chroma_json::GetPageRequest("", 1000, 0, false) ==
+             R"({"limit":1000,"offset":0,"include":["metadatas"]})");
+  BOOST_TEST(chroma_json::DeleteIdsRequest({"alice/t1:u", "alice/t1:a"}) == R"({"ids":["alice/t1:u","alice/t1:a"]})");
 }
 
 BOOST_AUTO_TEST_CASE(parses_a_query_answer) {
-  auto records = chroma_json::ParseQueryResponse(kQueryAnswer, "alice");
-  BOOST_REQUIRE(records.ok());
+  auto parsed = chroma_json::ParseQueryResponse(kQueryAnswer, "alice");
+  BOOST_REQUIRE(parsed.ok());
+  const auto* records = &parsed->messages;
   BOOST_REQUIRE_EQUAL(records->size(), 2u);
   const RecalledMessage& first = (*records)[0];
   BOOST_TEST(first.message.id == "t1:u");
@@ -165,15 +173,15 @@ BOOST_AUTO_TEST_CASE(query_answer_is_sorted_nearest_first) {
       R"("distances":[[0.9,0.1]]})";
   auto records = chroma_json::ParseQueryResponse(body, "alice");
   BOOST_REQUIRE(records.ok());
-  BOOST_REQUIRE_EQUAL(records->size(), 2u);
-  BOOST_TEST((*records)[0].message.id == "near");
+  BOOST_REQUIRE_EQUAL(records->messages.size(), 2u);
+  BOOST_TEST(records->messages[0].message.id == "near");
 }
 
 BOOST_AUTO_TEST_CASE(empty_query_answer_is_no_memory) {
   auto records = chroma_json::ParseQueryResponse(
       R"({"ids":[[]],"embeddings":null,"documents":[[]],"uris":null,"metadatas":[[]],"distances":[[]]})", "alice");
   BOOST_REQUIRE(records.ok());
-  BOOST_TEST(records->empty());
+  BOOST_TEST(records->messages.empty());
 }
 
 BOOST_AUTO_TEST_CASE(records_caught_in_a_delete_are_skipped) {
@@ -184,8 +192,8 @@ BOOST_AUTO_TEST_CASE(records_caught_in_a_delete_are_skipped) {
       R"("distances":[[5.9604645e-8,0.5]],"include":["documents","metadatas","distances"]})",
       "alice");
   BOOST_REQUIRE(records.ok());
-  BOOST_REQUIRE_EQUAL(records->size(), 1u);
-  BOOST_TEST((*records)[0].message.id == "t1:u");
+  BOOST_REQUIRE_EQUAL(records->messages.size(), 1u);
+  BOOST_TEST(records->messages[0].message.id == "t1:u");
 }
 
 BOOST_AUTO_TEST_CASE(malformed_query_answers_are_errors) {
@@ -215,7 +223,7 @@ BOOST_AUTO_TEST_CASE(malformed_query_answers_are_errors) {
       body(R"(["a"])", R"(["d"])", R"([{"role":"system","ts":1,"user":"alice","turn":"a"}])", "[0.1]"),
       body(R"(["a"])", R"(["d"])", R"([{"role":"user","ts":1.5,"user":"alice","turn":"a"}])", "[0.1]"),
       body(R"(["a"])", R"(["d"])", R"([{"role":"user","ts":1,"user":"alice"}])", "[0.1]"),
-      body(R"(["a"])", R"(["d"])", R"([{"role":"user","ts":1,"turn":"a"}])", "[0.1]"),
+      body(R"(["a"])", R"(["d"])", R"([{"role":"user","ts":1,"turn":"a"}])", "[0.1]"),  // no user
       body(R"(["a"])", R"(["d"])", meta, R"(["0.1"])"),
       body(R"(["a"])", R"(["d"])", meta, "[1e999]"),
       body("[\"\xff\"]", R"(["d"])", meta, "[0.1]"),  // invalid UTF-8
@@ -229,18 +237,46 @@ BOOST_AUTO_TEST_CASE(malformed_query_answers_are_errors) {
   }
 }
 
-BOOST_AUTO_TEST_CASE(another_users_record_is_refused) {
+BOOST_AUTO_TEST_CASE(another_users_records_are_dropped_and_counted) {
   auto records = chroma_json::ParseQueryResponse(kQueryAnswer, "bob");
-  BOOST_REQUIRE(!records.ok());
-  BOOST_TEST(records.status().reason() == "chroma_foreign_record");
-  auto got = chroma_json::ParseGetResponse(kGetAnswer, "Alice");
-  BOOST_REQUIRE(!got.ok());
-  BOOST_TEST(got.status().reason() == "chroma_foreign_record");
+  BOOST_REQUIRE(records.ok());
+  BOOST_TEST(records->messages.empty());
+  BOOST_TEST(records->foreign_dropped == 2u);
+  size_t foreign = 0;
+  auto got = chroma_json::ParseGetResponse(kGetAnswer, "Alice", true, &foreign, nullptr, nullptr);
+  BOOST_REQUIRE(got.ok());
+  BOOST_TEST(got->empty());
+  BOOST_TEST(foreign == 1u);
+}
+
+BOOST_AUTO_TEST_CASE(a_record_whose_id_names_another_user_is_foreign_even_with_our_metadata) {
+  // Metadata says alice, the id says bob: refuse it, whichever is wrong.
+  const std::string body =
+      R"({"ids":[["bob/t1:u","alice/t2:u"]],"documents":[["b","a"]],)"
+      R"("metadatas":[[{"role":"user","ts":1,"user":"alice","turn":"t1"},{"role":"user","ts":2,"user":"alice","turn":"t2"}]],)"
+      R"("distances":[[0.1,0.2]]})";
+  auto records = chroma_json::ParseQueryResponse(body, "alice");
+  BOOST_REQUIRE(records.ok());
+  BOOST_REQUIRE_EQUAL(records->messages.size(), 1u);
+  BOOST_TEST(records->messages[0].message.id == "t2:u");  // the user prefix is stripped
+  BOOST_TEST(records->foreign_dropped == 1u);
+}
+
+BOOST_AUTO_TEST_CASE(shards_are_stable_and_spread) {
+  // The shard decides where records live: it must never change.
+  BOOST_TEST(ChromaShardOf("alice", 16) == ChromaShardOf("alice", 16));
+  BOOST_TEST(ChromaShardName(3, 16) == "chatd-s16-3");
+  std::vector<int> seen(16, 0);
+  for (int i = 0; i < 1600; ++i) ++seen[static_cast<size_t>(ChromaShardOf("user-" + std::to_string(i), 16))];
+  for (int n : seen) BOOST_TEST(n > 50);  // about 100 each
+  for (int i = 0; i < 100; ++i) BOOST_TEST(ChromaShardOf("u" + std::to_string(i), 1) == 0);
 }
 
 BOOST_AUTO_TEST_CASE(parses_a_get_answer) {
-  auto records = chroma_json::ParseGetResponse(kGetAnswer, "alice");
+  std::vector<std::string> raw;
+  auto records = chroma_json::ParseGetResponse(kGetAnswer, "alice", true, nullptr, &raw, nullptr);
   BOOST_REQUIRE(records.ok());
+  BOOST_TEST(raw == std::vector<std::string>{"t1:a"});
   BOOST_REQUIRE_EQUAL(records->size(), 1u);
   const StoredMessage& m = (*records)[0];
   BOOST_TEST(m.id == "t1:a");
@@ -262,7 +298,7 @@ BOOST_AUTO_TEST_CASE(malformed_get_answers_are_errors) {
   };
   for (const std::string& body : bodies) {
     BOOST_TEST_CONTEXT(body) {
-      auto records = chroma_json::ParseGetResponse(body, "alice");
+      auto records = chroma_json::ParseGetResponse(body, "alice", true, nullptr, nullptr, nullptr);
       BOOST_REQUIRE(!records.ok());
       BOOST_TEST(records.status().reason() == "chroma_unavailable");
     }
@@ -304,22 +340,22 @@ BOOST_AUTO_TEST_CASE(error_answers_map_to_reasons) {
                  .reason() == "chroma_unavailable");
 }
 
-BOOST_AUTO_TEST_CASE(unreachable_chroma_fails_fast_with_chroma_unavailable) {
+BOOST_AUTO_TEST_CASE(unreachable_chroma_fails_fast_with_chroma_unreachable) {
   ChromaOptions options;
   options.base_url = "http://127.0.0.1:" + std::to_string(ClosedPort()) + "/";
   ChromaStore store(options);
-  auto recall = store.Recall("alice", {1.0f, 0.0f}, 5, {});
+  auto recall = store.Recall("alice", {1.0f, 0.0f}, 5, {}, 0);
   BOOST_REQUIRE(!recall.ok());
-  BOOST_TEST(recall.status().reason() == "chroma_unavailable");
+  BOOST_TEST(recall.status().reason() == "chroma_unreachable");
   BOOST_TEST(static_cast<int>(recall.status().code()) == static_cast<int>(Code::kUnavailable));
-  BOOST_TEST(store.Upsert("alice", {Record("t1:u", Role::kUser, "x", {1})}).reason() == "chroma_unavailable");
-  BOOST_TEST(store.Count("alice").status().reason() == "chroma_unavailable");
-  BOOST_TEST(store.Heartbeat().reason() == "chroma_unavailable");
+  BOOST_TEST(store.Upsert({Record("t1:u", Role::kUser, "x", {1})}).reason() == "chroma_unreachable");
+  BOOST_TEST(store.Count("alice").status().reason() == "chroma_unreachable");
+  BOOST_TEST(store.Heartbeat().reason() == "chroma_unreachable");
   // Nothing to do needs no server.
-  BOOST_TEST(store.Upsert("alice", {}).ok());
-  auto none = store.Recall("alice", {1.0f}, 0, {});
+  BOOST_TEST(store.Upsert({}).ok());
+  auto none = store.Recall("alice", {1.0f}, 0, {}, 0);
   BOOST_REQUIRE(none.ok());
-  BOOST_TEST(none->empty());
+  BOOST_TEST(none->messages.empty());
 }
 
 BOOST_AUTO_TEST_SUITE_END()

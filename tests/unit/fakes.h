@@ -35,10 +35,14 @@ class FakeLimiter : public RateLimiter {
 
 class FakeShortTerm : public ShortTermStore {
  public:
-  Result<std::vector<Message>> Recent(std::string_view user) override {
+  Result<UserMemory> Read(std::string_view user) override {
     ++recent_calls;
     if (!recent_status.ok()) return recent_status;
-    return messages[std::string(user)];
+    UserMemory m;
+    m.recent = messages[std::string(user)];
+    m.hot = hot[std::string(user)];
+    m.older_in_long_term = older[std::string(user)];
+    return m;
   }
   Status RecordTurn(const Turn& turn) override {
     if (!record_status.ok()) return record_status;
@@ -50,6 +54,8 @@ class FakeShortTerm : public ShortTermStore {
     return Status::Ok();
   }
   std::map<std::string, std::vector<Message>> messages;
+  std::map<std::string, std::vector<StoredMessage>> hot;
+  std::map<std::string, bool> older;
   std::vector<Turn> turns;
   Status recent_status, record_status;
   int recent_calls = 0;
@@ -57,24 +63,43 @@ class FakeShortTerm : public ShortTermStore {
 
 class FakeLongTerm : public LongTermStore {
  public:
-  Result<std::vector<RecalledMessage>> Recall(std::string_view, const std::vector<float>&, size_t k,
-                                              const std::vector<std::string>& exclude) override {
+  Result<RecallResult> Recall(std::string_view, const std::vector<float>&, size_t k,
+                              const std::vector<std::string>& exclude, int64_t before_ts_ms) override {
     ++recall_calls;
     last_exclude = exclude;
+    last_before_ts_ms = before_ts_ms;
     if (!status.ok()) return status;
-    std::vector<RecalledMessage> out;
+    RecallResult out;
+    out.foreign_dropped = foreign_dropped;
     for (const auto& m : memories) {
       bool excluded = false;
       for (const auto& id : exclude) excluded |= (id == m.message.id);
-      if (!excluded && out.size() < k) out.push_back(m);
+      if (!excluded && out.messages.size() < k) out.messages.push_back(m);
     }
     return out;
   }
-  Status Upsert(std::string_view, const std::vector<StoredMessage>&) override { return Status::Ok(); }
+  Status Upsert(const std::vector<StoredMessage>& messages) override {
+    ++upsert_calls;
+    if (!upsert_status.ok()) return upsert_status;
+    for (const StoredMessage& m : messages) {
+      if (!poison.empty() && m.content.find(poison) != std::string::npos) return poison_status;
+    }
+    for (const StoredMessage& m : messages) stored.push_back(m);
+    return Status::Ok();
+  }
   std::vector<RecalledMessage> memories;
   std::vector<std::string> last_exclude;
+  int64_t last_before_ts_ms = -1;
+  size_t foreign_dropped = 0;
   Status status;
   int recall_calls = 0;
+  // Upsert: everything fails with upsert_status, or a batch holding a text
+  // containing `poison` fails with poison_status.
+  Status upsert_status;
+  std::string poison;
+  Status poison_status;
+  std::vector<StoredMessage> stored;
+  int upsert_calls = 0;
 };
 
 class FakeEmbedder : public Embedder {
