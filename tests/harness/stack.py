@@ -370,10 +370,19 @@ class Redis(_Service):
                                  "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "everysec",
                                  "--save", "", "--daemonize", "no", "--protected-mode", "no"],
                                 self.dir / "redis.log"),
-            lambda: wait_until(lambda: self.redis_command("PING") == "PONG", REDIS_START_TIMEOUT_S,
-                               "redis", self.proc, self.log_path),
+            lambda: wait_until(self._ready, REDIS_START_TIMEOUT_S, "redis", self.proc, self.log_path),
             self.log_text)
         return self
+
+    def _ready(self) -> bool:
+        # While it reads its AOF, Redis answers -LOADING: not ready yet, not
+        # broken (a large AOF takes seconds to load).
+        try:
+            return self.redis_command("PING") == "PONG"
+        except RedisError as e:
+            if str(e).startswith("LOADING"):
+                return False
+            raise
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> float:
         # SIGTERM makes Redis flush the AOF before exiting.

@@ -12,7 +12,7 @@ import pytest
 TESTS_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS_DIR))
 
-from harness.stack import REPO_ROOT, Frontend, Stack  # noqa: E402
+from harness.stack import REPO_ROOT, Frontend, Redis, Stack  # noqa: E402
 
 DEFAULT_WORKERS = 2
 DEFAULT_THREADS = 4
@@ -49,6 +49,17 @@ def new_pool(stack):
     yield factory
     for frontend in created:
         frontend.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A Redis of the test's own, for pools whose index stream must not be
+    shared with the session's indexers."""
+    redis = Redis(tmp_path / "own-redis").start()
+    try:
+        yield redis
+    finally:
+        redis.stop()
 
 
 @pytest.fixture

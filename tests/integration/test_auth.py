@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.stack import http_json, poll_until, post_chat
+from harness.chroma_layout import user_records
+from harness.stack import poll_until, post_chat
 
 ISSUER = "https://idp.test.example"
 AUDIENCE = "chatd-tests"
@@ -33,7 +34,6 @@ START_REFUSAL_TIMEOUT_S = 20
 DEFAULT_RATE_LIMIT = 30  # include/chatd/config.h
 FLOOD_SIZE = 2 * DEFAULT_RATE_LIMIT  # far beyond a quota, if refusals spent one
 RATELIMIT_RE = re.compile(r'^"default";r=(\d+);t=(\d+)$')
-CHROMA_COLLECTIONS = "/api/v2/tenants/default_tenant/databases/default_database/collections"
 
 # Everything secret this module creates: none of it may reach a log.
 MINTED_TOKENS: "list[str]" = []
@@ -267,17 +267,8 @@ def raw_post(url, path, headers, body: bytes):
 
 
 def wait_indexed(stack, user) -> bool:
-    """Whether the user's turns reached their Chroma collection in time."""
-    name = "chatd-u-" + user.encode().hex()
-
-    def count():
-        status, coll = http_json(f"{stack.chroma_url}{CHROMA_COLLECTIONS}/{name}")
-        if status != 200 or not isinstance(coll, dict):
-            return 0
-        status, n = http_json(f"{stack.chroma_url}{CHROMA_COLLECTIONS}/{coll['id']}/count")
-        return n if status == 200 and isinstance(n, int) else 0
-
-    return bool(poll_until(count, INDEX_TIMEOUT_S, interval=0.2))
+    """Whether the user's turns reached Chroma in time."""
+    return bool(poll_until(lambda: len(user_records(stack.chroma_url, user)), INDEX_TIMEOUT_S, interval=0.2))
 
 
 # --------------------------------------------------------------------------

@@ -12,15 +12,12 @@ HoldingProxy, which holds one chosen Chroma call (the cleanup's delete, or the
 indexer's upsert) until the test has done its part.
 """
 
-import http.client
-import http.server
 import json
 import os
 import re
 import struct
 import subprocess
 import threading
-import urllib.parse
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +25,11 @@ from typing import Optional
 
 import pytest
 
+from fake_model.fake_openai import embed as local_embed
+from harness.chroma_proxy import ChromaProxy
+from harness.chroma_layout import CHROMA_PREFIX, legacy_collection_name, legacy_records, user_records
 from harness.stack import LOOPBACK, Chroma, Redis, concurrently, http_json, json_log_records, poll_until, post_chat
 
-CHROMA_PREFIX = "/api/v2/tenants/default_tenant/databases/default_database"
 INDEX_STREAM = "chatd:index"
 INDEX_GROUP = "indexers"
 ACTIVITY_KEY = "chatd:activity"
@@ -47,7 +46,6 @@ CLEANUP_TIMEOUT_S = 180
 INDEX_TIMEOUT_S = 45
 POLL_INTERVAL_S = 0.2
 CHROMA_HTTP_TIMEOUT_S = 30
-HOLD_TIMEOUT_S = 60
 HIGH_RATE_LIMIT = "1000"
 # The pools wait this long for Chroma, so that a slow query on a loaded machine
 # is not mistaken for an outage by the tests that check recall, and so that a
@@ -60,31 +58,9 @@ MEMORY_LINE_RE = re.compile(r"^\[\d{4}-\d{2}-\d{2} \d{2}:\d{2} UTC\] (user|assis
 # What Redis, Chroma and the archive hold
 
 
-def collection_name(user: str) -> str:
-    return "chatd-u-" + user.encode().hex()
-
-
-def chroma_collection_id(chroma_url: str, user: str) -> Optional[str]:
-    status, body = http_json(f"{chroma_url}{CHROMA_PREFIX}/collections/{collection_name(user)}",
-                             timeout=CHROMA_HTTP_TIMEOUT_S)
-    if status == 404:
-        return None
-    assert status == 200, (status, body)
-    return body["id"]
-
-
 def chroma_records(chroma_url: str, user: str) -> "list[dict]":
-    """Every record of the user's collection, as {id, document, metadata, embedding}."""
-    collection = chroma_collection_id(chroma_url, user)
-    if collection is None:
-        return []
-    status, got = http_json(f"{chroma_url}{CHROMA_PREFIX}/collections/{collection}/get", "POST",
-                            {"include": ["documents", "metadatas", "embeddings"]}, timeout=CHROMA_HTTP_TIMEOUT_S)
-    if status == 404:
-        return []
-    assert status == 200, (status, got)
-    return [{"id": i, "document": d, "metadata": m, "embedding": e}
-            for i, d, m, e in zip(got["ids"], got["documents"], got["metadatas"], got["embeddings"])]
+    """Every record of the user in Chroma, as {id, document, metadata, embedding}."""
+    return user_records(chroma_url, user)
 
 
 def exact(records) -> "dict[str, tuple]":
@@ -130,7 +106,7 @@ def redis_now_ms(redis) -> int:
 
 
 def archive_dir_of(archive_root: Path, user: str) -> Path:
-    return archive_root / collection_name(user)
+    return archive_root / legacy_collection_name(user)
 
 
 def archive_files(archive_root: Path, user: str) -> "list[Path]":
@@ -168,78 +144,8 @@ def recalled_texts(messages) -> "list[str]":
     return texts
 
 
-class HoldingProxy:
-    """An HTTP proxy in front of Chroma that holds the first request matching
-    `hold(method, path)` until released: a deterministic point inside a
-    cleanup run or an indexer batch. `arm` sets the predicate later."""
-
-    def __init__(self, upstream: str, hold=None) -> None:
-        self.upstream = urllib.parse.urlsplit(upstream)
-        self.hold = hold
-        self.reached = threading.Event()   # the held request arrived
-        self.released = threading.Event()  # the test lets it through
-        self.passed = threading.Event()    # its answer went back to the client
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
-            def forward(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
-                held = False
-                with proxy.lock:
-                    if proxy.hold is not None and not proxy.reached.is_set() and proxy.hold(self.command, self.path):
-                        proxy.reached.set()
-                        held = True
-                if held:
-                    proxy.released.wait(HOLD_TIMEOUT_S)
-                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port,
-                                                  timeout=CHROMA_HTTP_TIMEOUT_S)
-                try:
-                    headers = {"Content-Type": "application/json"} if body is not None else {}
-                    conn.request(self.command, self.path, body=body, headers=headers)
-                    resp = conn.getresponse()
-                    data = resp.read()
-                finally:
-                    conn.close()
-                self.send_response(resp.status)
-                self.send_header("Content-Type", resp.getheader("Content-Type", "application/json"))
-                self.send_header("Content-Length", str(len(data)))
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(data)
-                self.close_connection = True
-                if held:
-                    proxy.passed.set()
-
-            do_GET = do_POST = do_PUT = do_DELETE = forward
-
-        self.lock = threading.Lock()
-        self.server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.server.server_address[1]}"
-
-    def arm(self, hold) -> None:
-        with self.lock:
-            self.hold = hold
-
-    def __enter__(self) -> "HoldingProxy":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.released.set()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
+# The harness's fault-injecting proxy, used here for its `hold`.
+HoldingProxy = ChromaProxy
 
 
 # --------------------------------------------------------------------------
@@ -334,7 +240,7 @@ class World:
         assert user_keys(self.redis, user) == [], f"{user} still has Redis keys"
         assert activity(self.redis, user) is None, f"{user} is still in the activity index"
         assert user not in stream_users(self.redis), f"{user} still has turns in the index stream"
-        assert chroma_collection_id(self.chroma.url, user) is None, f"{user} still has a Chroma collection"
+        assert chroma_records(self.chroma.url, user) == [], f"{user} still has records in Chroma"
 
 
 def finish(proc: subprocess.Popen) -> CleanupRun:
@@ -402,7 +308,7 @@ def check_archive_file(world: World, user: str, last_activity: int, expected_rec
     files = archive_files(world.archive_root, user)
     assert [p.name for p in files] == [f"{last_activity}.json"], files
     doc = read_archive(files[0])
-    assert doc["user"] == user and doc["collection"] == collection_name(user)
+    assert doc["user"] == user and doc["collection"] == legacy_collection_name(user)
     assert doc["last_activity_ms"] == last_activity
     ids = [r["id"] for r in doc["records"]]
     assert len(ids) == len(set(ids)), f"duplicate ids in the archive: {Counter(ids).most_common(3)}"
@@ -542,10 +448,16 @@ def test_forget_also_erases_a_turn_being_indexed_at_that_moment(make_world, modu
         world.chat(user, back)
         assert proxy.reached.wait(INDEX_TIMEOUT_S), "the indexer never wrote the turn"
 
-        run = world.cleanup("forget", user)
+        # The forget takes the lock and then waits for the indexer's write to
+        # end: records in a shared shard collection are fenced by that wait.
+        proc = world.start_cleanup("forget", user)
+        assert poll_until(lambda: world.redis.command("EXISTS", f"chat:{{{user}}}:lock") == 1, INDEX_TIMEOUT_S)
+        assert world.redis.command("EXISTS", f"chat:{{{user}}}:indexing") == 1  # so the forget waits
+        assert proc.poll() is None, "the forget did not wait for the write in flight"
+        proxy.released.set()
+        run = finish(proc)
         assert run.returncode == 0, run.stderr[-3000:]
         world.assert_gone_from_live_storage(user)
-        proxy.released.set()
         bystander = unique("bystander")
         world.chat(bystander, f"hello {unique('m')}")
         world.wait_indexed(bystander, 2)
@@ -653,8 +565,8 @@ def test_a_user_coming_back_between_export_and_finish_keeps_live_memory(world, u
     now_ms = old_seen + 1 + INACTIVE_S * 1000
 
     # The run is held at the deletion of the collection: the archive is written.
-    delete_path = f"{CHROMA_PREFIX}/collections/{collection_name(user)}"
-    with HoldingProxy(world.chroma.url, lambda method, path: method == "DELETE" and path == delete_path) as proxy:
+    # Deletes are by id, on the user's shard.
+    with HoldingProxy(world.chroma.url, lambda method, path: method == "POST" and path.endswith("/delete")) as proxy:
         proc = world.start_cleanup(now_ms=now_ms, chroma_url=proxy.url)
         try:
             assert proxy.reached.wait(CLEANUP_TIMEOUT_S), "the cleanup never deleted the collection"
@@ -689,8 +601,14 @@ def test_archiving_leaves_no_collection_behind_when_a_turn_was_being_indexed(mak
         assert proxy.reached.wait(INDEX_TIMEOUT_S), "the indexer never wrote the turn"
         last_seen = activity(world.redis, user)
 
-        assert_clean_run(world.cleanup(now_ms=world.far_future()), scanned=1, archived=1, failed=0, records=4)
+        # The run takes the lock and waits for the indexer's write to end (see
+        # the forget case).
+        proc = world.start_cleanup(now_ms=world.far_future())
+        assert poll_until(lambda: world.redis.command("EXISTS", f"chat:{{{user}}}:lock") == 1, INDEX_TIMEOUT_S)
+        assert world.redis.command("EXISTS", f"chat:{{{user}}}:indexing") == 1
+        assert proc.poll() is None, "the run did not wait for the write in flight"
         proxy.released.set()
+        assert_clean_run(finish(proc), scanned=1, archived=1, failed=0, records=4)
         bystander = unique("bystander")
         world.chat(bystander, f"hello {unique('m')}")
         world.wait_indexed(bystander, 2)
@@ -784,3 +702,79 @@ def test_cost_grows_with_inactive_users_not_with_tracked_users(world, unique):
     background = {"xreadgroup", "xautoclaim", "xgroup", "ping", "info", "config|resetstat", "config"}
     cleanup_calls = sum(n for name, n in calls.items() if name not in background)
     assert cleanup_calls <= 10 * inactive, calls
+
+
+# --------------------------------------------------------------------------
+# Migration from one Chroma collection per user (the layout before shards)
+
+MIGRATE_CRASH_POINTS = ("migrate_after_lock", "migrate_after_upsert", "migrate_after_delete")
+EMBEDDING_DIMENSIONS = 256  # CHATD_EMBEDDING_DIMENSIONS default
+
+
+def write_legacy_user(chroma_url: str, user: str, turns) -> "list[dict]":
+    """Writes the user's turns exactly as chatd did before shards: a collection
+    "chatd-u-<hex>" of their own (l2, sync_threshold 100, metadata chatd_user),
+    records "<turn>:u|a" with metadata {role, ts, user, turn} and the local
+    embedding, which the fake model computes too. Returns the records."""
+    base = f"{chroma_url}{CHROMA_PREFIX}/collections"
+    status, coll = http_json(base, "POST", {"name": legacy_collection_name(user), "get_or_create": True,
+                                            "configuration": {"hnsw": {"space": "l2", "sync_threshold": 100}},
+                                            "metadata": {"chatd_user": user}}, timeout=CHROMA_HTTP_TIMEOUT_S)
+    assert status == 200, coll
+    texts = [t for pair in turns for t in pair]
+    # The fake model's embedding is chatd's local one (tests/fake_model/README.md).
+    vectors = [local_embed(t, EMBEDDING_DIMENSIONS) for t in texts]
+    records = []
+    for i, (question, answer) in enumerate(turns):
+        turn = f"{i:02d}" + "a" * 30
+        ts = 1700000000000 + i * 1000
+        for role, suffix, text in (("user", "u", question), ("assistant", "a", answer)):
+            records.append({"id": f"{turn}:{suffix}", "document": text, "embedding": vectors[len(records)],
+                            "metadata": {"role": role, "ts": ts, "user": user, "turn": turn}})
+    status, body = http_json(f"{base}/{coll['id']}/upsert", "POST",
+                             {"ids": [r["id"] for r in records], "embeddings": [r["embedding"] for r in records],
+                              "documents": [r["document"] for r in records],
+                              "metadatas": [r["metadata"] for r in records]}, timeout=CHROMA_HTTP_TIMEOUT_S)
+    assert status in (200, 201), body
+    return records
+
+
+@pytest.mark.parametrize("crash_at", (None,) + MIGRATE_CRASH_POINTS)
+def test_migrate_moves_per_user_collections_to_shards_without_losing_a_message(world, stack, unique, crash_at):
+    users = [unique("legacy") for _ in range(3)]
+    tags = {u: unique("tag").replace("-", "") for u in users}
+    written = {u: write_legacy_user(world.chroma.url, u,
+                                    [(f"{tags[u]} old question {i}", f"old answer {i}") for i in range(3)])
+               for u in users}
+    if crash_at is not None:
+        crashed = world.cleanup("migrate", crash_at=crash_at)
+        assert crashed.returncode == CRASH_STATUS, crashed.stderr[-3000:]
+    run = world.cleanup("migrate")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.events("migrate_done")[-1]["failed"] == 0
+
+    for user in users:
+        assert exact(world.records(user)) == exact(written[user]), user  # bit-exact, nothing more
+        assert legacy_records(world.chroma.url, user) == []
+        assert world.redis.command("HLEN", f"chat:{{{user}}}:hot") == len(written[user])
+        assert world.redis.command("EXISTS", f"chat:{{{user}}}:lock") == 0
+    assert world.redis.command("SCARD", "chatd:cleanup:inprogress") == 0
+
+    # Idempotent: nothing is left to move.
+    again = world.cleanup("migrate")
+    assert again.returncode == 0 and again.events("migrate_done")[-1]["users"] == 0
+    # And the moved memory is recalled, from the hot set.
+    question = f"{tags[users[0]]} which old question did I ask {unique('q')}"
+    world.chat(users[0], question)
+    prompt = json.dumps(stack.fake.requests(question)[0]["messages"])
+    assert f"{tags[users[0]]} old question" in prompt.replace(question, "")
+
+
+def test_migrate_dry_run_changes_nothing(world, stack, unique):
+    user = unique("legacydry")
+    written = write_legacy_user(world.chroma.url, user, [("dry question", "dry answer")])
+    run = world.cleanup("migrate", "--dry-run")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [e["records"] for e in run.events("migrate_would_move") if e["user"] == user] == [2]
+    assert exact(legacy_records(world.chroma.url, user)) == exact(written)
+    assert world.records(user) == []

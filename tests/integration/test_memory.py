@@ -20,6 +20,7 @@ from collections import Counter
 
 import pytest
 
+from harness.chroma_layout import user_records
 from harness.stack import Chroma, Redis, concurrently, free_port, http_json, poll_until, post_chat
 
 RECENT_MESSAGES = 4  # CHATD_RECENT_MESSAGES default: two whole turns
@@ -48,25 +49,9 @@ PATIENT_CHROMA_TIMEOUT_MS = "10000"
 # What Redis, Chroma and the fake model hold
 
 
-def collection_name(user: str) -> str:
-    return "chatd-u-" + user.encode().hex()
-
-
 def chroma_records(chroma_url: str, user: str) -> "list[dict]":
-    """Every record of the user's collection (none when it does not exist), as
-    {id, document, metadata, embedding}."""
-    base = chroma_url + CHROMA_PREFIX
-    status, body = http_json(f"{base}/collections/{collection_name(user)}", timeout=CHROMA_HTTP_TIMEOUT_S)
-    if status == 404:
-        return []
-    assert status == 200, (status, body)
-    status, got = http_json(f"{base}/collections/{body['id']}/get", "POST",
-                            {"include": ["documents", "metadatas", "embeddings"]}, timeout=CHROMA_HTTP_TIMEOUT_S)
-    if status == 404:  # deleted between the two calls
-        return []
-    assert status == 200, (status, got)
-    return [{"id": i, "document": d, "metadata": m, "embedding": e}
-            for i, d, m, e in zip(got["ids"], got["documents"], got["metadatas"], got["embeddings"])]
+    """Every record of the user in Chroma, as {id, document, metadata, embedding}."""
+    return user_records(chroma_url, user)
 
 
 def recent_list(redis, user: str) -> "list[dict]":
@@ -168,15 +153,6 @@ def own_pool_env(redis, chroma=None, **extra):
 def patient_url(new_pool):
     """A pool on the session's Redis and Chroma that waits long for Chroma."""
     return new_pool({"CHATD_CHROMA_TIMEOUT_MS": PATIENT_CHROMA_TIMEOUT_MS}).url
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    redis = Redis(tmp_path).start()
-    try:
-        yield redis
-    finally:
-        redis.stop()
 
 
 @pytest.fixture
@@ -309,7 +285,9 @@ def test_twenty_concurrent_messages_of_one_user_are_stored_as_whole_turns_exactl
 def test_chroma_outage_degrades_recall_and_every_turn_is_indexed_once_it_is_back(
         own_redis, own_chroma, stack, new_pool, unique):
     own_chroma.start()
-    frontend = new_pool(own_pool_env(own_redis, own_chroma), workers=2, threads=2)
+    # A hot set of one message is full once the first turn is indexed, so the
+    # chats of the outage ask Chroma for older memories, and find it down.
+    frontend = new_pool(own_pool_env(own_redis, own_chroma, CHATD_RECALL_HOT_MESSAGES="1"), workers=2, threads=2)
     user = unique("outage")
     before = f"a message before the outage {unique('m')}"
     turns = [(before, chat_ok(frontend.url, user, before))]
