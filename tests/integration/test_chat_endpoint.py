@@ -145,6 +145,13 @@ CLIENT_ERRORS = [
     ("invalid_utf8_in_message", _raw(b'{"userId": "u1", "message": "caf\xe9 \xff\xfe"}'), 400, "invalid_utf8"),
     ("invalid_utf8_truncated_sequence", _raw(b'{"userId": "u1", "message": "ab\xe2\x82"}'), 400,
      "invalid_utf8"),
+    # Escapes that decode to a UTF-16 surrogate alone: not UTF-8 once decoded.
+    ("lone_surrogate_escape_is_invalid_utf8", _raw(r'{"userId":"a","message":"x \udc00"}'), 400,
+     "invalid_utf8"),
+    ("lone_high_surrogate_escape_is_invalid_utf8", _raw(r'{"userId":"a","message":"x \ud800 y"}'), 400,
+     "invalid_utf8"),
+    ("lone_surrogate_escape_in_a_key_is_invalid_utf8",
+     _raw(r'{"userId":"a","message":"x","\udc00":1}'), 400, "invalid_utf8"),
     ("empty_user", {"user_id": "", "message": "hi"}, 400, "invalid_user_id"),
     ("user_too_long", {"user_id": "a" * (MAX_USER_ID_CHARS + 1), "message": "hi"}, 400, "invalid_user_id"),
     ("user_with_space", {"user_id": "alice smith", "message": "hi"}, 400, "invalid_user_id"),
