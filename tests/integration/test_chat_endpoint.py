@@ -274,6 +274,18 @@ def test_model_answering_garbage_is_502(stack, unique):
     assert "this is not JSON" not in json.dumps(result[2])
 
 
+def test_malformed_model_reply_is_logged_by_shape_never_by_content(stack, unique):
+    # Issue 12: 512 bytes of a malformed reply went into the log, and a reply
+    # is conversation text. The fake answers "<html>this is not JSON {".
+    message = f"{unique('m')} #fake:garbage"
+    assert_json_error(post_chat(stack.url, unique("u"), message), 502)
+    described = [r for r in stack.pool.log_records()
+                 if r.get("event") == "model_error" and r.get("upstream_body_shape") == "not_json:markup"]
+    assert described, "no model_error line describes the reply"
+    assert described[-1]["upstream_body_bytes"] == len("<html>this is not JSON {")
+    assert "this is not JSON" not in stack.pool.log_text()
+
+
 def test_model_slower_than_the_request_deadline_is_504_model_timeout(new_pool, unique):
     frontend = new_pool({"CHATD_REQUEST_DEADLINE_MS": "1500"})
     message = f"{unique('m')} #fake:delay_ms=5000"
