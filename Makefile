@@ -22,7 +22,10 @@ LIB_SRCS  := $(filter-out src/main_%.cc,$(wildcard src/*.cc))
 LIB_OBJS  := $(LIB_SRCS:src/%.cc=$(BUILD)/obj/%.o)
 UNIT_SRCS := $(wildcard tests/unit/*.cc)
 UNIT_OBJS := $(UNIT_SRCS:tests/unit/%.cc=$(BUILD)/obj/unit/%.o)
-BINS      := $(BUILD)/bin/chatd $(BUILD)/bin/chatd-cleanup $(BUILD)/bin/unit_tests
+# chatd-cleanup-testhooks: chatd-cleanup with the test hooks compiled in
+# (CHATD_CLEANUP_CRASH_AT), for the integration tests only; never installed.
+BINS      := $(BUILD)/bin/chatd $(BUILD)/bin/chatd-cleanup $(BUILD)/bin/chatd-cleanup-testhooks \
+             $(BUILD)/bin/unit_tests
 
 .PHONY: all deps run test asan unit integration bench install install-chroma uninstall clean
 all: $(BINS)
@@ -44,6 +47,14 @@ $(BUILD)/bin/chatd: $(BUILD)/obj/main_chatd.o $(BUILD)/libchatd.a
 	$(CXX) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
 $(BUILD)/bin/chatd-cleanup: $(BUILD)/obj/main_cleanup.o $(BUILD)/libchatd.a
+	@mkdir -p $(@D)
+	$(CXX) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+$(BUILD)/obj/main_cleanup_testhooks.o: src/main_cleanup.cc
+	@mkdir -p $(@D)
+	$(CXX) $(CXXFLAGS) -DCHATD_TEST_HOOKS -c $< -o $@
+
+$(BUILD)/bin/chatd-cleanup-testhooks: $(BUILD)/obj/main_cleanup_testhooks.o $(BUILD)/libchatd.a
 	@mkdir -p $(@D)
 	$(CXX) $(LDFLAGS) $^ $(LDLIBS) -o $@
 

@@ -380,7 +380,7 @@ def make_world(module_chroma, tmp_path, build_dir, stack, new_pool):
                              "CHATD_CHROMA_TIMEOUT_MS": PATIENT_CHROMA_TIMEOUT_MS}, workers=workers, threads=2)
         started[0] = (redis, frontend)
         return World(stack, redis, module_chroma, frontend, tmp_path / "archive",
-                     build_dir / "bin" / "chatd-cleanup")
+                     build_dir / "bin" / "chatd-cleanup-testhooks")
 
     yield make
     for redis, frontend in started:
@@ -584,6 +584,19 @@ def test_a_run_killed_at_any_step_and_run_again_ends_as_if_never_killed(world, u
         assert restore.returncode == 0, restore.stderr[-3000:]
         assert restore.events("restore_done")[0]["records"] == 4
         assert exact(world.records(user)) == exact(before[user])
+
+
+def test_the_installed_binary_has_no_crash_hook(world, unique, build_dir):
+    # Issue 12: the test hook was in the production binary. The release build
+    # ignores it (and says so); only chatd-cleanup-testhooks obeys it.
+    user = unique("hook")
+    converse(world, user, ["one turn"])
+    world.wait_indexed([user], 2)
+    world.binary = build_dir / "bin" / "chatd-cleanup"
+    run = world.cleanup(now_ms=world.far_future(), crash_at=CRASH_POINTS[0])
+    assert_clean_run(run, scanned=1, archived=1, failed=0)
+    assert run.events("test_hook_ignored"), run.stderr[-3000:]
+    world.assert_gone_from_live_storage(user)
 
 
 # --------------------------------------------------------------------------
