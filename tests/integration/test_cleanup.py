@@ -35,7 +35,8 @@ INDEX_STREAM = "chatd:index"
 INDEX_GROUP = "indexers"
 ACTIVITY_KEY = "chatd:activity"
 DEAD_LETTER_KEY = "chatd:index:dead"
-EXCERPT_PREAMBLE = "Excerpts of earlier conversation with this user"
+EXCERPT_PREAMBLE = "Quoted earlier conversation with this user"
+EXCERPT_END = "End of quoted earlier conversation."
 ARCHIVE_FORMAT = "chatd-archive/1"
 CRASH_STATUS = 137
 CRASH_POINTS = ("after_lock", "after_export", "after_delete_collection")
@@ -54,6 +55,14 @@ HIGH_RATE_LIMIT = "1000"
 # request held by HoldingProxy does not time out while the test works.
 PATIENT_CHROMA_TIMEOUT_MS = "10000"
 MEMORY_LINE_RE = re.compile(r"^\[\d{4}-\d{2}-\d{2} \d{2}:\d{2} UTC\] (user|assistant): (.*)$")
+
+
+def quoted_lines(content: str) -> "list[str]":
+    """The excerpt lines of the quoted-memory user message, without its preamble
+    and end line (neither ever appears in the middle: continuations are indented)."""
+    lines = content.split("\n")
+    assert lines[-1] == EXCERPT_END, lines[-1]
+    return lines[1:-1]
 
 
 # --------------------------------------------------------------------------
@@ -158,10 +167,10 @@ def recorded_prompt(fake, marker: str) -> "list[dict]":
 
 
 def recalled_texts(messages) -> "list[str]":
-    excerpts = [m for m in messages if m["role"] == "system" and m["content"].startswith(EXCERPT_PREAMBLE)]
+    excerpts = [m for m in messages if m["role"] == "user" and m["content"].startswith(EXCERPT_PREAMBLE)]
     texts = []
     for excerpt in excerpts:
-        for line in excerpt["content"].split("\n")[1:]:
+        for line in quoted_lines(excerpt["content"]):
             match = MEMORY_LINE_RE.match(line)
             assert match, f"malformed memory line {line!r}"
             texts.append(match.group(2))
