@@ -22,7 +22,10 @@ LIB_SRCS  := $(filter-out src/main_%.cc,$(wildcard src/*.cc))
 LIB_OBJS  := $(LIB_SRCS:src/%.cc=$(BUILD)/obj/%.o)
 UNIT_SRCS := $(wildcard tests/unit/*.cc)
 UNIT_OBJS := $(UNIT_SRCS:tests/unit/%.cc=$(BUILD)/obj/unit/%.o)
-BINS      := $(BUILD)/bin/chatd $(BUILD)/bin/chatd-cleanup $(BUILD)/bin/unit_tests
+# chatd-cleanup-testhooks: chatd-cleanup with the test hooks compiled in
+# (CHATD_CLEANUP_CRASH_AT), for the integration tests only; never installed.
+BINS      := $(BUILD)/bin/chatd $(BUILD)/bin/chatd-cleanup $(BUILD)/bin/chatd-cleanup-testhooks \
+             $(BUILD)/bin/unit_tests
 
 .PHONY: all deps run test asan unit integration bench install install-chroma uninstall clean
 all: $(BINS)
@@ -44,6 +47,14 @@ $(BUILD)/bin/chatd: $(BUILD)/obj/main_chatd.o $(BUILD)/libchatd.a
 	$(CXX) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
 $(BUILD)/bin/chatd-cleanup: $(BUILD)/obj/main_cleanup.o $(BUILD)/libchatd.a
+	@mkdir -p $(@D)
+	$(CXX) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+$(BUILD)/obj/main_cleanup_testhooks.o: src/main_cleanup.cc
+	@mkdir -p $(@D)
+	$(CXX) $(CXXFLAGS) -DCHATD_TEST_HOOKS -c $< -o $@
+
+$(BUILD)/bin/chatd-cleanup-testhooks: $(BUILD)/obj/main_cleanup_testhooks.o $(BUILD)/libchatd.a
 	@mkdir -p $(@D)
 	$(CXX) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
@@ -131,6 +142,13 @@ SITE_SOCKET ?= /run/chatd/chatd.sock
 SITE_MAX_BODY ?= 65536
 SITE_READ_TIMEOUT ?= 40s
 UNITS := chatd.service chroma.service chatd-cleanup.service chatd-cleanup.timer
+# The service's group: it owns /etc/chatd (0750) and the files there (0640), so
+# that chatd can read its environment file and *_FILE secrets while nobody
+# else can. Create it before `make install` (docs/deployment.md). Installing
+# for real (no DESTDIR) without it is an error; into a DESTDIR (packaging,
+# maybe as a user who may not chgrp) it is a warning and the tree stays
+# root-only until the package's own scripts set the group.
+CHATD_GROUP ?= chatd
 
 # The deployment site, rendered from the one template the tests use too.
 nginx/chatd.conf: nginx/chatd-site.conf.in
@@ -141,6 +159,14 @@ install: $(BUILD)/bin/chatd $(BUILD)/bin/chatd-cleanup nginx/chatd.conf
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(DOCDIR) $(DESTDIR)$(LIBDIR) \
 	  $(DESTDIR)$(SYSCONFDIR)/nginx/sites-available
 	install -d -m 0750 $(DESTDIR)$(SYSCONFDIR)/chatd
+	@if getent group '$(CHATD_GROUP)' >/dev/null && chgrp '$(CHATD_GROUP)' $(DESTDIR)$(SYSCONFDIR)/chatd; then :; \
+	elif [ -z '$(DESTDIR)' ]; then \
+	  echo "install: cannot give $(SYSCONFDIR)/chatd to group '$(CHATD_GROUP)': create the service user and group" \
+	       "first (adduser --system --group chatd, docs/deployment.md) or set CHATD_GROUP" >&2; exit 1; \
+	else \
+	  echo "install: warning: group '$(CHATD_GROUP)' not set on $(DESTDIR)$(SYSCONFDIR)/chatd: chgrp it" \
+	       "(and chatd.env.example) to the service's group when installing the package" >&2; \
+	fi
 	install -m 0755 $(BUILD)/bin/chatd $(BUILD)/bin/chatd-cleanup $(DESTDIR)$(BINDIR)/
 	for u in $(UNITS); do \
 	  sed -e 's|/usr/local/bin/|$(BINDIR)/|g' -e 's|/usr/local/lib/chatd/|$(LIBDIR)/|g' \
@@ -149,6 +175,7 @@ install: $(BUILD)/bin/chatd $(BUILD)/bin/chatd-cleanup nginx/chatd.conf
 	done
 	install -m 0644 nginx/chatd.conf $(DESTDIR)$(SYSCONFDIR)/nginx/sites-available/chatd.conf
 	install -m 0640 systemd/chatd.env.example $(DESTDIR)$(SYSCONFDIR)/chatd/chatd.env.example
+	@chgrp "$$(stat -c %g $(DESTDIR)$(SYSCONFDIR)/chatd)" $(DESTDIR)$(SYSCONFDIR)/chatd/chatd.env.example
 	install -m 0644 requirements-chroma.txt $(DESTDIR)$(LIBDIR)/
 	install -m 0644 README.md docs/*.md $(DESTDIR)$(DOCDIR)/
 

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <map>
 
+#include "chatd/decimal.h"
 #include "chatd/json.h"
 #include "chatd/user_id.h"
 
@@ -209,6 +210,12 @@ Result<std::string> ReadFile(const std::string& path) {
   return out;
 }
 
+std::optional<int64_t> ArchiveFileStamp(std::string_view file_name) {
+  constexpr std::string_view kSuffix = ".json";
+  if (!file_name.ends_with(kSuffix)) return std::nullopt;
+  return ParseDecimal(file_name.substr(0, file_name.size() - kSuffix.size()));
+}
+
 Result<std::vector<std::string>> ListArchives(std::string_view archive_dir, std::string_view user_id) {
   std::string dir = ArchiveUserDir(archive_dir, user_id);
   std::vector<std::pair<int64_t, std::string>> found;
@@ -219,10 +226,11 @@ Result<std::vector<std::string>> ListArchives(std::string_view archive_dir, std:
   }
   while (dirent* e = ::readdir(d)) {
     std::string name = e->d_name;
-    if (name.size() <= 5 || name.substr(name.size() - 5) != ".json") continue;  // skips *.json.tmp
-    std::string stem = name.substr(0, name.size() - 5);
-    if (stem.find_first_not_of("0123456789") != std::string::npos) continue;
-    found.emplace_back(std::stoll(stem), dir + "/" + name);
+    // Not ours (a stray file, *.json.tmp, a stamp beyond int64): skipped, so
+    // a strange name in the folder cannot stop a restore or a forget.
+    std::optional<int64_t> stamp = ArchiveFileStamp(name);
+    if (!stamp) continue;
+    found.emplace_back(*stamp, dir + "/" + name);
   }
   ::closedir(d);
   std::sort(found.begin(), found.end());

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "chatd/log.h"
+#include "chatd/secret_strength.h"
 #include "chatd/user_id.h"
 
 namespace chatd {
@@ -296,6 +297,7 @@ Status AddServiceTokens(std::string_view variable, std::string_view text, char s
       return BadConfig(variable, which + " has characters a bearer token cannot carry (allowed: A-Z a-z 0-9 - . _ ~ + / "
                                          "and trailing =)");
     }
+    if (std::optional<std::string> weak = SecretWeakness(token)) return BadConfig(variable, which + " " + *weak);
     if (digests.size() >= kMaxServiceTokens) {
       return BadConfig(variable, "lists more than " + std::to_string(kMaxServiceTokens) + " tokens");
     }
@@ -601,6 +603,11 @@ Result<std::string> ReadHs256Secret(const EnvLookup& env) {
                      "must be at least " + std::to_string(kMinHs256SecretBytes) +
                          " bytes (openssl rand -base64 48 makes a good one)");
   }
+  // Long enough is not strong enough: the example file's placeholder is 42 bytes.
+  if (std::optional<std::string> weak = SecretWeakness(secret)) {
+    OPENSSL_cleanse(secret.data(), secret.size());
+    return BadConfig(inline_secret ? kInline : kFile, *weak);
+  }
   return secret;
 }
 
@@ -688,6 +695,19 @@ Result<std::unique_ptr<Authenticator>> MakeJwtAuthenticator(const EnvLookup& env
                                                                          : "ES256";
   settings.issuer = Get(env, "CHATD_JWT_ISSUER");
   settings.audience = Get(env, "CHATD_JWT_AUDIENCE");
+  // Optional, but without them a token signed with our key is accepted from
+  // any issuer, and one naming no audience whatever it was minted for: say so
+  // once per process, at start-up.
+  if (!settings.issuer || !settings.audience) {
+    std::string unset = !settings.issuer && !settings.audience ? "CHATD_JWT_ISSUER, CHATD_JWT_AUDIENCE"
+                        : !settings.issuer                     ? "CHATD_JWT_ISSUER"
+                                                               : "CHATD_JWT_AUDIENCE";
+    LogWarn("jwt_claims_unchecked")
+        .Str("unset", unset)
+        .Str("detail", "a token signed with the key is accepted whoever issued it and, if it names no audience, "
+                       "whichever service it was meant for")
+        .Emit();
+  }
   Result<int64_t> leeway = ReadLeeway(env);
   if (!leeway.ok()) return leeway.status();
   settings.leeway_s = *leeway;

@@ -3,11 +3,14 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdint>
+#include <optional>
 #include <set>
 #include <thread>
 
 #include "chatd/archive.h"
 #include "chatd/clock.h"
+#include "chatd/decimal.h"
 #include "chatd/indexer.h"
 #include "chatd/log.h"
 #include "chatd/redis_memory.h"
@@ -21,6 +24,8 @@ namespace {
 // Page size when reading the index stream for queued turns.
 constexpr int kStreamPage = 1000;
 constexpr int kCrashStatus = 137;  // what a shell reports after kill -9
+// Seconds since the epoch beyond which milliseconds would overflow int64.
+constexpr int64_t kMaxTimeSeconds = INT64_MAX / 1000 - 1;
 // How often the cleanup looks whether an indexer finished writing a user.
 constexpr std::chrono::milliseconds kMarkerPoll{20};
 // The lock value of a migration, so only a migration releases it early.
@@ -124,7 +129,10 @@ Result<int64_t> Cleanup::NowMs() {
   Result<RedisValue> t = redis_.Command({"TIME"});
   if (Status s = RedisErrorIf(t, "TIME"); !s.ok()) return s;
   if (t->elements.size() != 2) return Unavailable("redis_error", "TIME answered oddly");
-  return std::stoll(t->elements[0].str) * 1000 + std::stoll(t->elements[1].str) / 1000;
+  std::optional<int64_t> secs = ParseDecimal(t->elements[0].str);
+  std::optional<int64_t> micros = ParseDecimal(t->elements[1].str);
+  if (!secs || !micros || *secs > kMaxTimeSeconds) return Unavailable("redis_error", "TIME answered oddly");
+  return *secs * 1000 + *micros / 1000;
 }
 
 Result<std::map<std::string, std::vector<IndexEntry>>> Cleanup::QueuedTurns(const std::vector<std::string>& users) {
@@ -227,7 +235,11 @@ Result<CleanupSummary> Cleanup::Run() {
 
     std::vector<std::pair<std::string, int64_t>> users;
     for (size_t i = 0; i + 1 < page->elements.size(); i += 2) {
-      users.emplace_back(page->elements[i].str, std::stoll(page->elements[i + 1].str));
+      // Scores are the milliseconds our own script wrote; anything else in
+      // the index is a fault to report, not an exception to die of.
+      std::optional<int64_t> score = ParseDecimal(page->elements[i + 1].str);
+      if (!score) return Unavailable("redis_error", "the activity index holds a score that is not whole milliseconds");
+      users.emplace_back(page->elements[i].str, *score);
     }
     std::vector<std::string> names;
     for (const auto& [u, ts] : users) names.push_back(u);

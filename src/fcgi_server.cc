@@ -215,9 +215,11 @@ void FcgiServer::ThreadMain() {
     ReadRequest(req, max_body_bytes_, http);
     RequestLog log;
     HttpReply reply = handler_(http, log);
-    WriteReply(req, reply);
-    FCGX_Finish_r(&req);
 
+    // Counted and logged before the reply is written: FCGX_PutStr may already
+    // send a full buffer and FCGX_Finish_r sends the rest, and a client that
+    // holds its answer must find it in /metrics and in the log. The latency
+    // therefore ends when the answer is ready, not when nginx has it.
     auto latency = SteadyClock::now() - started;
     double latency_ms = std::chrono::duration<double, std::milli>(latency).count();
     if (metrics_ != nullptr) {
@@ -234,6 +236,9 @@ void FcgiServer::ThreadMain() {
     if (!log.error_reason.empty()) line.Str("error", log.error_reason);
     if (log.recall_degraded) line.Bool("recall_degraded", true);
     line.Emit();
+
+    WriteReply(req, reply);
+    FCGX_Finish_r(&req);
   }
   FCGX_Free(&req, 1);
 }

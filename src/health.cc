@@ -17,9 +17,30 @@ StackHealthProbe::StackHealthProbe(RedisClient& redis, RedisClient* rate_redis, 
     : redis_(redis), rate_redis_(rate_redis), chroma_(chroma), model_configured_(model_configured) {}
 
 std::vector<DependencyState> StackHealthProbe::Check() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    bool fresh = !cached_.empty() && std::chrono::steady_clock::now() - checked_at_ < kCacheFor;
+    if (fresh) return cached_;
+    if (refreshing_) return cached_.empty() ? Unknown() : cached_;
+    refreshing_ = true;
+  }
+  // Whatever happens in the probes, the next caller may refresh again.
+  struct RefreshEnd {
+    StackHealthProbe& self;
+    ~RefreshEnd() {
+      std::lock_guard<std::mutex> lock(self.mu_);
+      self.refreshing_ = false;
+    }
+  } end{*this};
+  // No lock held here: the probes may take a whole timeout each.
+  std::vector<DependencyState> out = Probe();
   std::lock_guard<std::mutex> lock(mu_);
-  auto now = std::chrono::steady_clock::now();
-  if (!cached_.empty() && now - checked_at_ < kCacheFor) return cached_;
+  cached_ = out;
+  checked_at_ = std::chrono::steady_clock::now();  // after the probes, not before
+  return out;
+}
+
+std::vector<DependencyState> StackHealthProbe::Probe() {
   std::vector<DependencyState> out;
   bool redis_ok = Pings(redis_);
   out.push_back({"redis", redis_ok ? "ok" : "down", redis_ok});
@@ -29,11 +50,22 @@ std::vector<DependencyState> StackHealthProbe::Check() {
   }
   bool chroma_ok = chroma_.Heartbeat().ok();
   out.push_back({"chroma", chroma_ok ? "ok" : "down", chroma_ok});
-  // The model is a paid API: health never calls it, it only checks it is set up.
-  out.push_back({"model", model_configured_ ? "configured" : "missing", model_configured_});
-  cached_ = out;
-  checked_at_ = now;
+  out.push_back(ModelState());
   return out;
+}
+
+std::vector<DependencyState> StackHealthProbe::Unknown() const {
+  std::vector<DependencyState> out;
+  out.push_back({"redis", "unknown", false});
+  if (rate_redis_ != nullptr) out.push_back({"rate_limit_redis", "unknown", false});
+  out.push_back({"chroma", "unknown", false});
+  out.push_back(ModelState());
+  return out;
+}
+
+DependencyState StackHealthProbe::ModelState() const {
+  // The model is a paid API: health never calls it, it only checks it is set up.
+  return {"model", model_configured_ ? "configured" : "missing", model_configured_};
 }
 
 }  // namespace chatd

@@ -5,6 +5,7 @@
 
 #include <cfloat>
 #include <cmath>
+#include <vector>
 
 #include "chatd/user_id.h"
 
@@ -62,6 +63,34 @@ size_t Utf8SequenceLength(std::string_view s, size_t i) {
   return len;
 }
 
+// Whether every string in `root`, object keys included, is valid UTF-8 once
+// decoded. The body's bytes were checked before parsing, but an escape decodes
+// to bytes the body never held: RapidJSON 1.1.0 turns a lone "\udc00" into
+// ED B0 80, a surrogate, which is not UTF-8 and which Redis, Chroma and the
+// model would each treat differently. An explicit stack instead of recursion:
+// a deeply nested body must not recurse the stack away here either.
+bool AllStringsValidUtf8(const rapidjson::Value& root) {
+  auto valid = [](const rapidjson::Value& v) {
+    return IsValidUtf8(std::string_view(v.GetString(), v.GetStringLength()));
+  };
+  std::vector<const rapidjson::Value*> pending{&root};
+  while (!pending.empty()) {
+    const rapidjson::Value* v = pending.back();
+    pending.pop_back();
+    if (v->IsString()) {
+      if (!valid(*v)) return false;
+    } else if (v->IsArray()) {
+      for (const rapidjson::Value& item : v->GetArray()) pending.push_back(&item);
+    } else if (v->IsObject()) {
+      for (auto it = v->MemberBegin(); it != v->MemberEnd(); ++it) {
+        if (!valid(it->name)) return false;
+        pending.push_back(&it->value);
+      }
+    }
+  }
+  return true;
+}
+
 }  // namespace
 
 bool IsValidUtf8(std::string_view s) {
@@ -96,11 +125,17 @@ Result<ChatRequest> ParseChatRequest(std::string_view body, size_t max_message_b
   rapidjson::Document doc;
   doc.Parse<kParseFlags>(body.data(), body.size());
   if (doc.HasParseError()) {
-    if (doc.GetParseError() == rapidjson::kParseErrorStringInvalidEncoding) {
+    // A high surrogate escape without its low half is the same defect as a
+    // lone low one (below): text that is not UTF-8.
+    if (doc.GetParseError() == rapidjson::kParseErrorStringInvalidEncoding ||
+        doc.GetParseError() == rapidjson::kParseErrorStringUnicodeSurrogateInvalid) {
       return InvalidArgument("invalid_utf8", "The request body is not valid UTF-8");
     }
     return InvalidArgument("invalid_json", std::string("The request body is not valid JSON: ") +
                                                rapidjson::GetParseError_En(doc.GetParseError()));
+  }
+  if (!AllStringsValidUtf8(doc)) {
+    return InvalidArgument("invalid_utf8", "The request body has a string that is not valid UTF-8 once decoded");
   }
   if (!doc.IsObject()) return InvalidArgument("not_an_object", "The request body must be a JSON object");
 

@@ -16,8 +16,9 @@ namespace chatd {
 
 namespace {
 
-// How much of an upstream error body goes into our log (never to the client).
-constexpr size_t kMaxLoggedBody = 512;
+// Longest error code or type of an upstream error object that we log; longer
+// ones are not the short identifiers OpenAI sends and are left out.
+constexpr size_t kMaxLoggedErrorCode = 64;
 // A Retry-After longer than this is not worth waiting for inside one request.
 constexpr int64_t kMaxRetryAfterMs = 60'000;
 constexpr double kJitterFraction = 0.25;
@@ -27,16 +28,68 @@ double Jitter01() {
   return std::uniform_real_distribution<double>(0.0, 1.0)(rng);
 }
 
+// A short identifier of [A-Za-z0-9_.-], as OpenAI's error "type" and "code"
+// are; anything else could be text and stays out of the log.
+bool IsIdentifier(const rapidjson::Value& v) {
+  if (!v.IsString() || v.GetStringLength() == 0 || v.GetStringLength() > kMaxLoggedErrorCode) return false;
+  for (char c : std::string_view(v.GetString(), v.GetStringLength())) {
+    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '.' ||
+          c == '-')) {
+      return false;
+    }
+  }
+  return true;
+}
+
 void LogUpstreamError(long status, std::string_view body, int attempt) {
-  std::string_view head = body.substr(0, kMaxLoggedBody);
-  LogWarn("model_error")
-      .Int("upstream_status", status)
-      .Int("attempt", attempt)
-      .Str("upstream_body", SanitizeUtf8(head))
-      .Emit();
+  LogLine line = LogWarn("model_error");
+  line.Int("upstream_status", status).Int("attempt", attempt);
+  // A reply, even a malformed or an error one, may carry conversation text
+  // (the model's answer, or an error that quotes the prompt): log what it
+  // looks like, never what it says.
+  BodyShape shape = DescribeBody(body);
+  line.Int("upstream_body_bytes", static_cast<int64_t>(body.size())).Str("upstream_body_shape", shape.kind);
+  if (!shape.error_type.empty()) line.Str("upstream_error_type", shape.error_type);
+  if (!shape.error_code.empty()) line.Str("upstream_error_code", shape.error_code);
+  line.Emit();
 }
 
 }  // namespace
+
+BodyShape DescribeBody(std::string_view body) {
+  BodyShape shape;
+  size_t first = body.find_first_not_of(" \t\r\n");
+  if (first == std::string_view::npos) {
+    shape.kind = "empty";
+    return shape;
+  }
+  rapidjson::Document doc;
+  doc.Parse<rapidjson::kParseIterativeFlag>(body.data(), body.size());
+  if (doc.HasParseError()) {
+    auto c = static_cast<unsigned char>(body[first]);
+    shape.kind = c == '<'                                      ? "not_json:markup"
+                 : c == '{' || c == '['                         ? "not_json:truncated_or_bad_json"
+                 : c >= 0x80                                   ? "not_json:non_ascii"
+                 : c < 0x20 || c == 0x7f                       ? "not_json:control"
+                 : (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ? "not_json:text"
+                                                               : "not_json:other";
+    return shape;
+  }
+  shape.kind = doc.IsObject()   ? "json:object"
+               : doc.IsArray()  ? "json:array"
+               : doc.IsString() ? "json:string"
+               : doc.IsNumber() ? "json:number"
+               : doc.IsBool()   ? "json:bool"
+                                : "json:null";
+  if (!doc.IsObject()) return shape;
+  auto error = doc.FindMember("error");
+  if (error == doc.MemberEnd() || !error->value.IsObject()) return shape;
+  auto type = error->value.FindMember("type");
+  if (type != error->value.MemberEnd() && IsIdentifier(type->value)) shape.error_type = type->value.GetString();
+  auto code = error->value.FindMember("code");
+  if (code != error->value.MemberEnd() && IsIdentifier(code->value)) shape.error_code = code->value.GetString();
+  return shape;
+}
 
 std::string BuildChatCompletionBody(const OpenAIChatOptions& options, const std::vector<ChatMessage>& messages) {
   size_t size = 128 + options.model.size();
@@ -110,14 +163,16 @@ int64_t RetryDelayMs(const OpenAIChatOptions& options, int attempt, std::string_
     out = std::strtod(text.c_str(), &end);
     return !text.empty() && end && *end == '\0' && std::isfinite(out) && out >= 0;
   };
+  // Clamped while still a double: converting 1e20 to int64_t first is
+  // undefined behaviour. parse_number has already refused NaN, infinities
+  // and negative values.
+  auto clamp_ms = [](double ms) {
+    return static_cast<int64_t>(std::min(ms, static_cast<double>(kMaxRetryAfterMs)));
+  };
   double hint = 0;
-  if (!retry_after_ms.empty() && parse_number(retry_after_ms, hint)) {
-    return std::min<int64_t>(static_cast<int64_t>(hint), kMaxRetryAfterMs);
-  }
+  if (!retry_after_ms.empty() && parse_number(retry_after_ms, hint)) return clamp_ms(hint);
   // Only the delta-seconds form; an HTTP-date hint falls back to backoff.
-  if (!retry_after.empty() && parse_number(retry_after, hint)) {
-    return std::min<int64_t>(static_cast<int64_t>(hint * 1000), kMaxRetryAfterMs);
-  }
+  if (!retry_after.empty() && parse_number(retry_after, hint)) return clamp_ms(hint * 1000);
   double backoff = static_cast<double>(options.backoff_base_ms) * std::pow(2.0, attempt);
   backoff = std::min(backoff, static_cast<double>(options.backoff_max_ms));
   return static_cast<int64_t>(backoff * (1.0 - kJitterFraction * jitter01));

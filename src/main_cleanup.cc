@@ -114,7 +114,16 @@ int main(int argc, char** argv) {
   options.now_ms = config.cleanup_now_ms;
   options.dry_run = dry_run;
   options.hot_messages = config.recall_hot_messages;
+  // A way to end the process on purpose has no place in what we ship: only
+  // the test build (chatd-cleanup-testhooks, compiled with CHATD_TEST_HOOKS)
+  // reads it, and the release build says it ignores it.
+#ifdef CHATD_TEST_HOOKS
   if (const char* crash = std::getenv("CHATD_CLEANUP_CRASH_AT")) options.crash_at = crash;
+#else
+  if (std::getenv("CHATD_CLEANUP_CRASH_AT") != nullptr) {
+    LogWarn("test_hook_ignored").Str("variable", "CHATD_CLEANUP_CRASH_AT").Emit();
+  }
+#endif
   Cleanup cleanup(redis, chroma, *embedder, options);
 
   if (command == "restore") {

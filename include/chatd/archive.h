@@ -10,6 +10,8 @@
 // written with 9 significant digits, which round-trips every float exactly.
 #pragma once
 
+#include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -37,7 +39,11 @@ Result<Archive> ParseArchive(std::string_view json);
 // never half of one.
 Status WriteFileDurably(const std::string& path, std::string_view content);
 Result<std::string> ReadFile(const std::string& path);
-// Every archive file of a user, oldest first. No folder: empty.
+// The last-activity stamp in an archive file's name "<decimal ms>.json", or
+// nullopt for any other name (a sign, other characters, more than int64 holds).
+std::optional<int64_t> ArchiveFileStamp(std::string_view file_name);
+// Every archive file of a user, oldest first, skipping names that are not
+// archive names. No folder: empty.
 Result<std::vector<std::string>> ListArchives(std::string_view archive_dir, std::string_view user_id);
 // Removes files and then the user's folder, fsyncing the parent.
 Status RemoveArchives(std::string_view archive_dir, std::string_view user_id, const std::vector<std::string>& paths);

@@ -70,6 +70,16 @@ class OpenAIChat : public Llm {
 std::string BuildChatCompletionBody(const OpenAIChatOptions& options, const std::vector<ChatMessage>& messages);
 // Parses a 200 body; kUpstream when it is not a chat completion.
 Result<LlmReply> ParseChatCompletion(std::string_view body);
+// What a model reply looks like, for the log, without a byte of its text:
+// "empty", "json:object" (array, string, ...), or "not_json:<first byte class>"
+// (markup, text, non_ascii, control, ...); plus the "type" and "code" of an
+// OpenAI error object when they are short identifiers.
+struct BodyShape {
+  std::string kind;
+  std::string error_type;
+  std::string error_code;
+};
+BodyShape DescribeBody(std::string_view body);
 // Whether a failed attempt with this HTTP status and body may be retried.
 bool IsRetryableStatus(long status, std::string_view body);
 // Delay before retry `attempt` (0-based): the server's hint when it gave one,

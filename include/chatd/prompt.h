@@ -1,7 +1,11 @@
 // Prompt assembly: what the model sees, in this order:
-//   1. the system prompt;
-//   2. recalled memories, as one system message of dated excerpts of earlier
-//      conversation (chronological, so they read like a transcript);
+//   1. the system prompt, plus (when memories are quoted) one sentence saying
+//      that quoted excerpts are data, not instructions;
+//   2. recalled memories, as one *user* message quoting dated excerpts of
+//      earlier conversation (chronological, so they read like a transcript),
+//      between a preamble and an end line; continuation lines are indented.
+//      Stored text is user text: quoted at user level, an injection in an old
+//      message carries no more authority than a new message;
 //   3. the recent messages, oldest first, with their true roles;
 //   4. the new user message.
 // The budget bounds 2-4 in bytes. The new message always fits (config checks

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from harness.chroma_layout import user_records
-from harness.stack import poll_until, post_chat
+from harness.stack import REPO_ROOT, json_log_records, poll_until, post_chat
 
 ISSUER = "https://idp.test.example"
 AUDIENCE = "chatd-tests"
@@ -601,6 +601,50 @@ def test_start_up_refuses_missing_or_exposed_secrets(auth, stack):
     loose_tokens.chmod(0o604)
     err = start_refusal(stack, {"CHATD_AUTH_MODE": "service", "CHATD_SERVICE_TOKENS_FILE": str(loose_tokens)})
     assert "CHATD_SERVICE_TOKENS_FILE" in err and auth.service_tokens[0] not in err
+
+
+def example_env() -> "dict[str, str]":
+    """The example environment file: variable -> value, commented lines included."""
+    text = (REPO_ROOT / "systemd/chatd.env.example").read_text()
+    return dict(re.findall(r"^#?([A-Z][A-Z0-9_]+)=(.*)$", text, re.M))
+
+
+def test_the_example_environment_file_sets_no_secret():
+    # Issue 12: it set CHATD_JWT_SECRET to a placeholder that chatd accepted.
+    text = (REPO_ROOT / "systemd/chatd.env.example").read_text()
+    live = set(re.findall(r"^([A-Z][A-Z0-9_]+)=", text, re.M))
+    for name in ("CHATD_JWT_SECRET", "CHATD_JWT_SECRET_FILE", "CHATD_SERVICE_TOKENS", "CHATD_SERVICE_TOKENS_FILE",
+                 "OPENAI_API_KEY"):
+        assert name in example_env(), name  # still documented, commented out
+        assert name not in live, f"{name} is set in the example"
+
+
+@pytest.mark.parametrize("secret", [
+    "replace-with-at-least-32-random-bytes-0000",  # the example's old placeholder
+    "ChangeMe-" + secrets.token_urlsafe(32),
+    "s" * 40,
+    "ab" * 20,
+    secrets.token_urlsafe(24) + "a" * 8,
+    secrets.token_urlsafe(24) + "12345678",
+], ids=["example_placeholder", "placeholder_word", "one_byte", "two_bytes", "repeated_run", "counting_run"])
+def test_start_up_refuses_placeholder_and_low_entropy_jwt_secrets(stack, secret):
+    SECRETS.append(secret)
+    err = start_refusal(stack, {"CHATD_AUTH_MODE": "jwt", "CHATD_JWT_ALGORITHM": "HS256", "CHATD_JWT_SECRET": secret,
+                                "CHATD_JWT_ISSUER": ISSUER, "CHATD_JWT_AUDIENCE": AUDIENCE})
+    assert "CHATD_JWT_SECRET" in err and secret not in err
+
+
+def test_jwt_mode_without_issuer_or_audience_warns_once_at_start_up(auth):
+    # Issue 12: unset, any token signed with the key passes; say so.
+    def warnings(name):
+        return [r for r in json_log_records(auth.frontends[name].pool.log_text())
+                if r.get("event") == "jwt_claims_unchecked"]
+    workers = len(auth.frontends["RS256"].pool.worker_pids())
+    unchecked = warnings("RS256")  # neither set
+    assert len(unchecked) == workers, unchecked  # one line per worker process
+    assert unchecked[0]["level"] == "warn"
+    assert unchecked[0]["unset"] == "CHATD_JWT_ISSUER, CHATD_JWT_AUDIENCE"
+    assert warnings("HS256") == []  # both set
 
 
 # --------------------------------------------------------------------------

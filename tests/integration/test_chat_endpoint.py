@@ -145,6 +145,13 @@ CLIENT_ERRORS = [
     ("invalid_utf8_in_message", _raw(b'{"userId": "u1", "message": "caf\xe9 \xff\xfe"}'), 400, "invalid_utf8"),
     ("invalid_utf8_truncated_sequence", _raw(b'{"userId": "u1", "message": "ab\xe2\x82"}'), 400,
      "invalid_utf8"),
+    # Escapes that decode to a UTF-16 surrogate alone: not UTF-8 once decoded.
+    ("lone_surrogate_escape_is_invalid_utf8", _raw(r'{"userId":"a","message":"x \udc00"}'), 400,
+     "invalid_utf8"),
+    ("lone_high_surrogate_escape_is_invalid_utf8", _raw(r'{"userId":"a","message":"x \ud800 y"}'), 400,
+     "invalid_utf8"),
+    ("lone_surrogate_escape_in_a_key_is_invalid_utf8",
+     _raw(r'{"userId":"a","message":"x","\udc00":1}'), 400, "invalid_utf8"),
     ("empty_user", {"user_id": "", "message": "hi"}, 400, "invalid_user_id"),
     ("user_too_long", {"user_id": "a" * (MAX_USER_ID_CHARS + 1), "message": "hi"}, 400, "invalid_user_id"),
     ("user_with_space", {"user_id": "alice smith", "message": "hi"}, 400, "invalid_user_id"),
@@ -265,6 +272,18 @@ def test_model_answering_garbage_is_502(stack, unique):
     result = post_chat(stack.url, unique("u"), message)
     assert_json_error(result, 502)
     assert "this is not JSON" not in json.dumps(result[2])
+
+
+def test_malformed_model_reply_is_logged_by_shape_never_by_content(stack, unique):
+    # Issue 12: 512 bytes of a malformed reply went into the log, and a reply
+    # is conversation text. The fake answers "<html>this is not JSON {".
+    message = f"{unique('m')} #fake:garbage"
+    assert_json_error(post_chat(stack.url, unique("u"), message), 502)
+    described = [r for r in stack.pool.log_records()
+                 if r.get("event") == "model_error" and r.get("upstream_body_shape") == "not_json:markup"]
+    assert described, "no model_error line describes the reply"
+    assert described[-1]["upstream_body_bytes"] == len("<html>this is not JSON {")
+    assert "this is not JSON" not in stack.pool.log_text()
 
 
 def test_model_slower_than_the_request_deadline_is_504_model_timeout(new_pool, unique):

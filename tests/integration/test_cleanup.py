@@ -27,14 +27,16 @@ import pytest
 
 from fake_model.fake_openai import embed as local_embed
 from harness.chroma_proxy import ChromaProxy
-from harness.chroma_layout import CHROMA_PREFIX, legacy_collection_name, legacy_records, user_records
+from harness.chroma_layout import (CHROMA_PREFIX, legacy_collection_name, legacy_records, shard_of, shard_records,
+                                    user_records)
 from harness.stack import LOOPBACK, Chroma, Redis, concurrently, http_json, json_log_records, poll_until, post_chat
 
 INDEX_STREAM = "chatd:index"
 INDEX_GROUP = "indexers"
 ACTIVITY_KEY = "chatd:activity"
 DEAD_LETTER_KEY = "chatd:index:dead"
-EXCERPT_PREAMBLE = "Excerpts of earlier conversation with this user"
+EXCERPT_PREAMBLE = "Quoted earlier conversation with this user"
+EXCERPT_END = "End of quoted earlier conversation."
 ARCHIVE_FORMAT = "chatd-archive/1"
 CRASH_STATUS = 137
 CRASH_POINTS = ("after_lock", "after_export", "after_delete_collection")
@@ -52,6 +54,14 @@ HIGH_RATE_LIMIT = "1000"
 # request held by HoldingProxy does not time out while the test works.
 PATIENT_CHROMA_TIMEOUT_MS = "10000"
 MEMORY_LINE_RE = re.compile(r"^\[\d{4}-\d{2}-\d{2} \d{2}:\d{2} UTC\] (user|assistant): (.*)$")
+
+
+def quoted_lines(content: str) -> "list[str]":
+    """The excerpt lines of the quoted-memory user message, without its preamble
+    and end line (neither ever appears in the middle: continuations are indented)."""
+    lines = content.split("\n")
+    assert lines[-1] == EXCERPT_END, lines[-1]
+    return lines[1:-1]
 
 
 # --------------------------------------------------------------------------
@@ -134,10 +144,10 @@ def recorded_prompt(fake, marker: str) -> "list[dict]":
 
 
 def recalled_texts(messages) -> "list[str]":
-    excerpts = [m for m in messages if m["role"] == "system" and m["content"].startswith(EXCERPT_PREAMBLE)]
+    excerpts = [m for m in messages if m["role"] == "user" and m["content"].startswith(EXCERPT_PREAMBLE)]
     texts = []
     for excerpt in excerpts:
-        for line in excerpt["content"].split("\n")[1:]:
+        for line in quoted_lines(excerpt["content"]):
             match = MEMORY_LINE_RE.match(line)
             assert match, f"malformed memory line {line!r}"
             texts.append(match.group(2))
@@ -286,7 +296,7 @@ def make_world(module_chroma, tmp_path, build_dir, stack, new_pool):
                              "CHATD_CHROMA_TIMEOUT_MS": PATIENT_CHROMA_TIMEOUT_MS}, workers=workers, threads=2)
         started[0] = (redis, frontend)
         return World(stack, redis, module_chroma, frontend, tmp_path / "archive",
-                     build_dir / "bin" / "chatd-cleanup")
+                     build_dir / "bin" / "chatd-cleanup-testhooks")
 
     yield make
     for redis, frontend in started:
@@ -496,6 +506,19 @@ def test_a_run_killed_at_any_step_and_run_again_ends_as_if_never_killed(world, u
         assert restore.returncode == 0, restore.stderr[-3000:]
         assert restore.events("restore_done")[0]["records"] == 4
         assert exact(world.records(user)) == exact(before[user])
+
+
+def test_the_installed_binary_has_no_crash_hook(world, unique, build_dir):
+    # Issue 12: the test hook was in the production binary. The release build
+    # ignores it (and says so); only chatd-cleanup-testhooks obeys it.
+    user = unique("hook")
+    converse(world, user, ["one turn"])
+    world.wait_indexed([user], 2)
+    world.binary = build_dir / "bin" / "chatd-cleanup"
+    run = world.cleanup(now_ms=world.far_future(), crash_at=CRASH_POINTS[0])
+    assert_clean_run(run, scanned=1, archived=1, failed=0)
+    assert run.events("test_hook_ignored"), run.stderr[-3000:]
+    world.assert_gone_from_live_storage(user)
 
 
 # --------------------------------------------------------------------------
@@ -778,3 +801,30 @@ def test_migrate_dry_run_changes_nothing(world, stack, unique):
     assert [e["records"] for e in run.events("migrate_would_move") if e["user"] == user] == [2]
     assert exact(legacy_records(world.chroma.url, user)) == exact(written)
     assert world.records(user) == []
+
+
+def test_forget_archive_and_restore_each_touch_exactly_one_users_records(world, unique):
+    # Users that share one shard collection, so a filter gone wrong would show.
+    users = []
+    while len(users) < 3:
+        candidate = unique("sharemate")
+        if not users or shard_of(candidate) == shard_of(users[0]):
+            users.append(candidate)
+    for user in users:
+        converse(world, user, [f"first words of {user}", f"second words of {user}"])
+    before = {u: exact(r) for u, r in world.wait_indexed(users, 4).items()}
+    shard_total = len(shard_records(world.chroma.url, shard_of(users[0])))
+
+    forgotten, archived, bystander = users
+    assert world.cleanup("forget", forgotten).returncode == 0
+    assert world.records(forgotten) == []
+    assert {u: exact(world.records(u)) for u in users[1:]} == {u: before[u] for u in users[1:]}
+    assert len(shard_records(world.chroma.url, shard_of(users[0]))) == shard_total - 4
+
+    # Archive everyone still there, then bring back exactly one of them.
+    assert_clean_run(world.cleanup(now_ms=world.far_future()), archived=2, failed=0)
+    assert world.records(archived) == [] and world.records(bystander) == []
+    restored = world.cleanup("restore", archived)
+    assert restored.returncode == 0, restored.stderr[-3000:]
+    assert exact(world.records(archived)) == before[archived]
+    assert world.records(bystander) == [] and world.records(forgotten) == []

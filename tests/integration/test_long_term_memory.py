@@ -21,7 +21,7 @@ DEAD_LETTERS = "chatd:index:dead"
 HIGH_RATE_LIMIT = "1000"
 INDEX_TIMEOUT_S = 45
 POLL_INTERVAL_S = 0.2
-EXCERPT_PREAMBLE = "Excerpts of earlier conversation with this user"
+EXCERPT_PREAMBLE = "Quoted earlier conversation with this user"
 
 
 @pytest.fixture

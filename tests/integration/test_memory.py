@@ -27,8 +27,17 @@ RECENT_MESSAGES = 4  # CHATD_RECENT_MESSAGES default: two whole turns
 CHROMA_PREFIX = "/api/v2/tenants/default_tenant/databases/default_database"
 INDEX_STREAM = "chatd:index"
 INDEX_GROUP = "indexers"
-EXCERPT_PREAMBLE = "Excerpts of earlier conversation with this user"
+EXCERPT_PREAMBLE = "Quoted earlier conversation with this user"
+EXCERPT_END = "End of quoted earlier conversation."
 MEMORY_LINE_RE = re.compile(r"^\[(\d{4}-\d{2}-\d{2} \d{2}:\d{2} UTC)\] (user|assistant): (.*)$")
+
+
+def quoted_lines(content: str) -> "list[str]":
+    """The excerpt lines of the quoted-memory user message, without its preamble
+    and end line (neither ever appears in the middle: continuations are indented)."""
+    lines = content.split("\n")
+    assert lines[-1] == EXCERPT_END, lines[-1]
+    return lines[1:-1]
 # Bounds of the polls; far above what indexing takes on an idle machine. The
 # claim case adds CHATD_INDEX_CLAIM_IDLE_MS (2 s in tests) before a new worker
 # may take the dead one's entries.
@@ -98,12 +107,12 @@ def recorded_prompt(fake, marker: str) -> "list[dict]":
 
 def excerpt_lines(messages) -> "list[tuple[str, str, str]]":
     """(time, role, text) of the recalled-memory lines of a prompt; [] when it has none."""
-    excerpts = [m for m in messages if m["role"] == "system" and m["content"].startswith(EXCERPT_PREAMBLE)]
+    excerpts = [m for m in messages if m["role"] == "user" and m["content"].startswith(EXCERPT_PREAMBLE)]
     assert len(excerpts) <= 1, excerpts
     if not excerpts:
         return []
     lines = []
-    for line in excerpts[0]["content"].split("\n")[1:]:
+    for line in quoted_lines(excerpts[0]["content"]):
         match = MEMORY_LINE_RE.match(line)
         assert match, f"malformed memory line {line!r}"
         lines.append(match.groups())
@@ -205,7 +214,9 @@ def test_recent_turns_verbatim_then_older_ones_recalled_from_long_term_memory(st
     chat_ok(patient_url, user, question)
     prompt = recorded_prompt(stack.fake, question)
     assert prompt[0]["role"] == "system" and not prompt[0]["content"].startswith(EXCERPT_PREAMBLE)
-    assert prompt[1]["role"] == "system" and prompt[1]["content"].startswith(EXCERPT_PREAMBLE), prompt[1]
+    # Quoted at user level (issue 12): stored text never speaks as the system.
+    assert all(first not in m["content"] for m in prompt if m["role"] == "system")
+    assert prompt[1]["role"] == "user" and prompt[1]["content"].startswith(EXCERPT_PREAMBLE), prompt[1]
     assert prompt[-1] == {"role": "user", "content": question}
     lines = excerpt_lines(prompt)
     assert (utc_minute(first_record["metadata"]["ts"]), "user", first) in lines, lines

@@ -2,11 +2,13 @@
 its sockets open and never answers, which only timeouts can handle. Each test
 freezes its own copy, so the session's stack is never touched."""
 
+import concurrent.futures
 import os
 import signal
+import socket
 
 from harness.chroma_layout import user_records
-from harness.stack import Chroma, Redis, concurrently, poll_until, post_chat
+from harness.stack import Chroma, Redis, concurrently, http_request, poll_until, post_chat
 
 RECOVERY_TIMEOUT_S = 30.0
 
@@ -80,4 +82,62 @@ def test_a_frozen_redis_is_a_clean_503_and_the_pool_recovers(new_pool, unique, t
         assert sorted(front.pool.worker_pids()) == pids
         assert poll_until(lambda: post_chat(front.url, user, "after")[0] == 200, timeout=RECOVERY_TIMEOUT_S)
     finally:
+        redis.stop()
+
+
+# Far longer than the test: a health probe stuck on the frozen Chroma stays
+# stuck until the thaw, so nothing below can be explained by a timeout ending.
+STUCK_CHROMA_TIMEOUT_MS = "300000"
+# Shorter than STUCK_CHROMA_TIMEOUT_MS: a call still waiting this long can only
+# be waiting behind the stuck probe.
+CLIENT_TIMEOUT_S = 30.0
+# How long one look for "a probe is stuck" waits before calling it stuck.
+STUCK_PROBE_LOOK_S = 1.0
+HEALTH_BURST = 50
+
+
+def health_probe_is_stuck(url: str) -> bool:
+    """True when a health call does not answer at once: it became the one that
+    refreshes, and waits on the frozen Chroma (its worker thread keeps waiting
+    after we hang up). False when it was answered from the cache."""
+    try:
+        http_request(url, "GET", "/api/health", timeout=STUCK_PROBE_LOOK_S)
+        return False
+    except (socket.timeout, TimeoutError):
+        return True
+
+
+def test_health_calls_against_a_frozen_chroma_do_not_tie_up_the_pool(new_pool, unique, tmp_path):
+    # Issue 12: Check() held its mutex across the Redis PING and the Chroma
+    # heartbeat, and stamped the cache before the probes: with Chroma hung,
+    # every health call queued behind the one probing, each thread of the pool
+    # ended up waiting, and a chat could not get a thread.
+    chroma = Chroma(tmp_path / "chroma").start()
+    redis = Redis(tmp_path / "redis").start()
+    try:
+        # One process of four threads. Recall off: the chat itself never waits
+        # on Chroma, only the health probe does.
+        front = new_pool({"CHATD_CHROMA_URL": chroma.url, "CHATD_CHROMA_TIMEOUT_MS": STUCK_CHROMA_TIMEOUT_MS,
+                          "CHATD_RECALL_K": "0",
+                          "CHATD_REDIS_HOST": redis.host, "CHATD_REDIS_PORT": str(redis.port)},
+                         workers=1, threads=4)
+        user = unique("health-burst")
+        assert post_chat(front.url, user, "before the freeze")[0] == 200
+        with frozen(chroma), concurrent.futures.ThreadPoolExecutor(max_workers=HEALTH_BURST) as clients:
+            # Once the cached answer is a second old, a call refreshes and sticks.
+            assert poll_until(lambda: health_probe_is_stuck(front.url), timeout=RECOVERY_TIMEOUT_S)
+            health_calls = [clients.submit(http_request, front.url, "GET", "/api/health", timeout=CLIENT_TIMEOUT_S)
+                            for _ in range(HEALTH_BURST)]
+            # Sent while the health calls are in flight.
+            status, _, body = post_chat(front.url, user, "during the health burst", timeout=CLIENT_TIMEOUT_S)
+            assert status == 200, body
+            assert "last_user=during the health burst" in body["response"]
+            # Every health call got the previous answer instead of waiting for
+            # the probe, which is still stuck: Chroma is frozen until this block ends.
+            for call in health_calls:
+                status, _, body = call.result()
+                assert status == 200, body
+                assert body["dependencies"]["chroma"] == "ok"
+    finally:
+        chroma.stop()
         redis.stop()

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "chatd/auth.h"
+#include "chatd/secret_strength.h"
 
 using namespace chatd;
 
@@ -26,10 +27,10 @@ namespace {
 
 constexpr int64_t kNow = 1'700'000'000;
 constexpr int64_t kLeeway = 30;  // the default
-const std::string kSecret = "0123456789abcdef0123456789abcdef-test-secret";
+const std::string kSecret = "Zq3vN8kT1pXw6RbL0mHc4YsG9dJf2UeA7oKi";  // random-looking: passes the strength rules
 const std::string kOtherSecret = "fedcba9876543210fedcba9876543210-other-secret";
-const std::string kServiceTokenA = "svc-token-aaaaaaaaaaaaaaaaaaaaaaaa";
-const std::string kServiceTokenB = "svc-token-bbbbbbbbbbbbbbbbbbbbbbbb";
+const std::string kServiceTokenA = "svcA-7Hq2Lm9Xc4Rt8Vb1Nz6K";
+const std::string kServiceTokenB = "svcB-3Pw8Df5Jy0Gs7Ku2Ma9E";
 
 using Vars = std::map<std::string, std::string>;
 
@@ -361,7 +362,7 @@ BOOST_AUTO_TEST_CASE(hs256_secret_rules) {
   BOOST_TEST(Mentions(s, "CHATD_JWT_SECRET"));
   BOOST_TEST(Mentions(s, "32"));
   BOOST_TEST(!Mentions(s, short_secret));
-  MustMake(AuthMode::kJwt, {{"CHATD_JWT_ALGORITHM", "HS256"}, {"CHATD_JWT_SECRET", std::string(32, 's')}});
+  MustMake(AuthMode::kJwt, {{"CHATD_JWT_ALGORITHM", "HS256"}, {"CHATD_JWT_SECRET", kSecret.substr(0, 32)}});
 
   TempDir dir;
   std::string file = dir.Write("secret", kSecret + "\n", 0600);
@@ -420,6 +421,57 @@ BOOST_AUTO_TEST_CASE(leeway_is_bounded) {
   }
   MustMake(AuthMode::kJwt, Hs256Vars({{"CHATD_JWT_LEEWAY_S", "0"}}));
   MustMake(AuthMode::kJwt, Hs256Vars({{"CHATD_JWT_LEEWAY_S", "600"}}));
+}
+
+// Issue 12: the example file's CHATD_JWT_SECRET was accepted because only
+// its length was checked.
+BOOST_AUTO_TEST_CASE(placeholder_jwt_secret_from_the_example_is_refused) {
+  const std::string placeholder = "replace-with-at-least-32-random-bytes-0000";
+  Status s = ConfigError(AuthMode::kJwt, {{"CHATD_JWT_ALGORITHM", "HS256"}, {"CHATD_JWT_SECRET", placeholder}});
+  BOOST_TEST(Mentions(s, "CHATD_JWT_SECRET"));
+  BOOST_TEST(Mentions(s, "placeholder"));
+  BOOST_TEST(!Mentions(s, placeholder));
+  const std::vector<std::string> placeholders = {"CHANGEME-" + kSecret, kSecret + "-example", "my-Secret-" + kSecret,
+                                                 kSecret + "password"};
+  for (const std::string& bad : placeholders) {
+    BOOST_TEST(Mentions(ConfigError(AuthMode::kJwt, {{"CHATD_JWT_ALGORITHM", "HS256"}, {"CHATD_JWT_SECRET", bad}}),
+                        "placeholder"),
+               bad);
+  }
+}
+
+BOOST_AUTO_TEST_CASE(low_entropy_jwt_secret_is_refused_naming_the_variable) {
+  // Too few distinct bytes, a run of repeats, a counting run; each 32+ bytes.
+  const std::vector<std::string> weak_secrets = {
+      std::string(32, 's'), "abababababababababababababababab", "Zq3vN8kT1pXw6RbL0mHc" + std::string(12, 'x'),
+      "Zq3vN8kT1pXw6RbL0mHc4YsG12345678", "hgfedcbaZq3vN8kT1pXw6RbL0mHc4YsG"};
+  for (const std::string& weak : weak_secrets) {
+    Status s = ConfigError(AuthMode::kJwt, {{"CHATD_JWT_ALGORITHM", "HS256"}, {"CHATD_JWT_SECRET", weak}});
+    BOOST_TEST(Mentions(s, "CHATD_JWT_SECRET"), weak);
+    BOOST_TEST(!Mentions(s, weak), weak);
+  }
+  // The same rules for a secret read from a file, which the error names.
+  TempDir dir;
+  std::string file = dir.Write("weak", std::string(40, 'k') + "\n", 0600);
+  BOOST_TEST(Mentions(ConfigError(AuthMode::kJwt, {{"CHATD_JWT_ALGORITHM", "HS256"}, {"CHATD_JWT_SECRET_FILE", file}}),
+                      "CHATD_JWT_SECRET_FILE"));
+}
+
+BOOST_AUTO_TEST_CASE(secret_strength_rules_accept_random_values) {
+  BOOST_TEST(!SecretWeakness(kSecret).has_value());
+  BOOST_TEST(!SecretWeakness("3f9c2a71d8e04b6f5a1c9e7d2b8f4a60c3e1d7b9a5f2c8e6d4b0a7f3c1e9d5b2").has_value());
+  BOOST_TEST(!SecretWeakness("1234567" + kSecret).has_value());  // a run of 7 is allowed
+  BOOST_TEST(SecretWeakness("12345678" + kSecret).has_value());
+  BOOST_TEST(SecretWeakness("abcdefghij").has_value());
+  BOOST_TEST(SecretWeakness("0123456789").has_value());
+}
+
+BOOST_AUTO_TEST_CASE(placeholder_service_token_is_refused) {
+  Status s = ConfigError(AuthMode::kService, {{"CHATD_SERVICE_TOKENS", kServiceTokenA + ",my-service-token-example"}});
+  BOOST_TEST(Mentions(s, "CHATD_SERVICE_TOKENS"));
+  BOOST_TEST(Mentions(s, "entry 2"));
+  BOOST_TEST(!Mentions(s, "my-service-token-example"));
+  BOOST_TEST(Mentions(ConfigError(AuthMode::kService, {{"CHATD_SERVICE_TOKENS", std::string(24, 'a')}}), "entry 1"));
 }
 
 BOOST_AUTO_TEST_CASE(service_token_rules) {

@@ -64,6 +64,35 @@ BOOST_AUTO_TEST_CASE(invalid_utf8_is_refused_anywhere) {
   BOOST_TEST(ReasonOf("{\"userId\":\"a\",\"message\":\"x\"}\xfe") == "invalid_utf8");
 }
 
+// Issue 12: the body's bytes were checked, but RapidJSON decodes a lone
+// surrogate escape to ED B0 80, which is not UTF-8; it was answered 200.
+BOOST_AUTO_TEST_CASE(lone_surrogate_escape_is_invalid_utf8) {
+  BOOST_TEST(ReasonOf(R"({"userId":"a","message":"x \udc00"})") == "invalid_utf8");  // lone low half
+  BOOST_TEST(ReasonOf(R"({"userId":"a","message":"x \udfff y"})") == "invalid_utf8");
+  BOOST_TEST(ReasonOf(R"({"userId":"a","message":"x \ud800"})") == "invalid_utf8");  // high half alone
+  BOOST_TEST(ReasonOf(R"({"userId":"a","message":"x \udc00\ud800"})") == "invalid_utf8");  // wrong order
+  BOOST_TEST(ReasonOf(R"({"userId":"a","message":"x \ud83d\ude00"})") == "ok");  // a proper pair
+}
+
+BOOST_AUTO_TEST_CASE(decoded_strings_are_checked_everywhere_keys_included) {
+  BOOST_TEST(ReasonOf(R"({"userId":"a","message":"x","\udc00":1})") == "invalid_utf8");
+  BOOST_TEST(ReasonOf(R"({"userId":"a","message":"x","extra":{"k":["\udc00"]}})") == "invalid_utf8");
+  BOOST_TEST(ReasonOf(R"(["\udc00"])") == "invalid_utf8");
+  BOOST_TEST(ReasonOf(R"({"userId":"a","message":"x","extra":{"k":["\u00e9\u0000"]}})") == "ok");
+}
+
+BOOST_AUTO_TEST_CASE(strict_utf8_validator_refuses_surrogates_overlongs_and_beyond_10ffff) {
+  BOOST_TEST(!IsValidUtf8("\xed\xb0\x80"));      // U+DC00
+  BOOST_TEST(!IsValidUtf8("\xed\xa0\x80"));      // U+D800
+  BOOST_TEST(IsValidUtf8("\xed\x9f\xbf"));       // U+D7FF, just below
+  BOOST_TEST(IsValidUtf8("\xee\x80\x80"));       // U+E000, just above
+  BOOST_TEST(!IsValidUtf8("\xe0\x80\xaf"));      // overlong '/'
+  BOOST_TEST(!IsValidUtf8("\xf0\x80\x80\xaf"));  // overlong '/'
+  BOOST_TEST(IsValidUtf8("\xf4\x8f\xbf\xbf"));  // U+10FFFF
+  BOOST_TEST(!IsValidUtf8("\xf4\x90\x80\x80"));  // U+110000
+  BOOST_TEST(!IsValidUtf8("\xf5\x80\x80\x80"));
+}
+
 BOOST_AUTO_TEST_CASE(duplicate_fields_are_refused) {
   BOOST_TEST(ReasonOf(R"({"userId":"a","userId":"b","message":"x"})") == "invalid_json");
   BOOST_TEST(ReasonOf(R"({"userId":"a","message":"x","message":"y"})") == "invalid_json");

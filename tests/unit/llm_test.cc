@@ -61,4 +61,51 @@ BOOST_AUTO_TEST_CASE(retry_delay_prefers_server_hints_then_backs_off_with_jitter
   BOOST_TEST(RetryDelayMs(o, 1, "", "", 1.0) == 750);    // at most 25% jitter
 }
 
+// Issue 12: the hint was cast to an integer before the clamp, undefined for
+// 1e20 (and on x86 it came out as INT64_MIN: no wait at all).
+BOOST_AUTO_TEST_CASE(huge_retry_after_is_clamped_as_a_double_before_any_integer_cast) {
+  OpenAIChatOptions o;
+  o.backoff_base_ms = 500;
+  o.backoff_max_ms = 8000;
+  BOOST_TEST(RetryDelayMs(o, 0, "", "1e20", 0.0) == 60'000);
+  BOOST_TEST(RetryDelayMs(o, 0, "1e20", "", 0.0) == 60'000);
+  BOOST_TEST(RetryDelayMs(o, 0, "1e300", "", 0.0) == 60'000);  // * 1000 overflows to inf
+  BOOST_TEST(RetryDelayMs(o, 0, "", "60001", 0.0) == 60'000);
+}
+
+BOOST_AUTO_TEST_CASE(negative_nan_and_infinite_retry_after_fall_back_to_backoff) {
+  OpenAIChatOptions o;
+  o.backoff_base_ms = 500;
+  o.backoff_max_ms = 8000;
+  for (const char* bad : {"-5", "nan", "NaN", "inf", "-inf", "infinity", ""}) {
+    BOOST_TEST(RetryDelayMs(o, 0, "", bad, 0.0) == 500, bad);
+    BOOST_TEST(RetryDelayMs(o, 0, bad, "", 0.0) == 500, bad);
+  }
+}
+
+// Issue 12: a malformed reply was logged (512 bytes of it), and a reply is
+// conversation text. The description must hold none of it.
+BOOST_AUTO_TEST_CASE(malformed_reply_is_described_by_shape_never_by_content) {
+  const std::string secret = "my password is hunter2";
+  for (const std::string& body :
+       {"<html>" + secret + "</html>", secret, "{\"choices\":[{\"message\":{\"content\":\"" + secret + "\"}}",
+        "{\"choices\":[],\"note\":\"" + secret + "\"}", "\"" + secret + "\"",
+        "{\"error\":{\"message\":\"" + secret + "\",\"type\":\"" + secret + "\",\"code\":null}}"}) {
+    BodyShape shape = DescribeBody(body);
+    for (const std::string* field : {&shape.kind, &shape.error_type, &shape.error_code}) {
+      BOOST_TEST(field->find("hunter2") == std::string::npos, body);
+      BOOST_TEST(field->find("password") == std::string::npos, body);
+    }
+  }
+  BOOST_TEST(DescribeBody("<html>" + secret).kind == "not_json:markup");
+  BOOST_TEST(DescribeBody(secret).kind == "not_json:text");
+  BOOST_TEST(DescribeBody("{\"choices\":[{").kind == "not_json:truncated_or_bad_json");
+  BOOST_TEST(DescribeBody("  ").kind == "empty");
+  BOOST_TEST(DescribeBody("[1]").kind == "json:array");
+  BodyShape error = DescribeBody(R"({"error":{"message":"quota","type":"insufficient_quota","code":"rate_limit"}})");
+  BOOST_TEST(error.kind == "json:object");
+  BOOST_TEST(error.error_type == "insufficient_quota");
+  BOOST_TEST(error.error_code == "rate_limit");
+}
+
 BOOST_AUTO_TEST_SUITE_END()
