@@ -203,7 +203,7 @@ Result<Config> LoadConfig(const EnvLookup& env) {
          {{"fixed", RateAlgorithm::kFixed}, {"sliding", RateAlgorithm::kSliding}});
   r.Enum("CHATD_RATE_FAILURE_MODE", c.rate_failure_mode,
          {{"closed", FailureMode::kClosed}, {"open", FailureMode::kOpen}});
-  r.Int("CHATD_MAX_CONCURRENT_PER_USER", c.max_concurrent_per_user, 1, kMaxConcurrentPerUser);
+  r.Int("CHATD_MAX_CONCURRENT_PER_USER", c.max_concurrent_per_user, 0, kMaxConcurrentPerUser);
 
   r.Int("CHATD_RECENT_MESSAGES", c.recent_messages, 2, kMaxRecent);
   r.Int("CHATD_RECALL_K", c.recall_k, 0, kMaxRecall);

@@ -63,7 +63,7 @@ struct Config {
   FailureMode rate_failure_mode = FailureMode::kClosed;  // CHATD_RATE_FAILURE_MODE: closed|open
   // Chats of one user in flight at once, across every worker and host. Each
   // holds a thread for up to the request deadline, so without a cap one user
-  // could occupy the whole pool.
+  // could occupy the whole pool. 0: no cap (no lease is taken at all).
   int64_t max_concurrent_per_user = 4;  // CHATD_MAX_CONCURRENT_PER_USER
 
   // Memory

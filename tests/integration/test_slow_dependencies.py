@@ -5,7 +5,7 @@ freezes its own copy, so the session's stack is never touched."""
 import os
 import signal
 
-from harness.stack import Chroma, Redis, concurrently, http_json, poll_until, post_chat
+from harness.stack import UNCAPPED, Chroma, Redis, concurrently, http_json, poll_until, post_chat
 
 RECOVERY_TIMEOUT_S = 30.0
 
@@ -36,8 +36,10 @@ def test_a_frozen_chroma_degrades_to_short_term_memory_within_the_timeout(new_po
     chroma = Chroma(tmp_path / "chroma").start()
     redis = Redis(tmp_path / "redis").start()
     try:
+        # Concurrent chats of one user during the freeze: cap raised on purpose.
         front = new_pool({"CHATD_CHROMA_URL": chroma.url, "CHATD_CHROMA_TIMEOUT_MS": "300",
-                          "CHATD_REDIS_HOST": redis.host, "CHATD_REDIS_PORT": str(redis.port)})
+                          "CHATD_REDIS_HOST": redis.host, "CHATD_REDIS_PORT": str(redis.port),
+                          "CHATD_MAX_CONCURRENT_PER_USER": UNCAPPED})
         user = unique("frozen-chroma")
         assert post_chat(front.url, user, "before the freeze")[0] == 200
         pids = sorted(front.pool.worker_pids())
@@ -65,8 +67,9 @@ def test_a_frozen_chroma_degrades_to_short_term_memory_within_the_timeout(new_po
 def test_a_frozen_redis_is_a_clean_503_and_the_pool_recovers(new_pool, unique, tmp_path):
     redis = Redis(tmp_path).start()
     try:
+        # Concurrent chats of one user during the freeze: cap raised on purpose.
         front = new_pool({"CHATD_REDIS_HOST": redis.host, "CHATD_REDIS_PORT": str(redis.port),
-                          "CHATD_REDIS_TIMEOUT_MS": "200"})
+                          "CHATD_REDIS_TIMEOUT_MS": "200", "CHATD_MAX_CONCURRENT_PER_USER": UNCAPPED})
         user = unique("frozen-redis")
         assert post_chat(front.url, user, "before")[0] == 200
         pids = sorted(front.pool.worker_pids())

@@ -100,7 +100,10 @@ BOOST_AUTO_TEST_CASE(one_user_cannot_occupy_the_pool_the_cap_defaults_to_4_and_i
   auto c = LoadConfig(Env({}));
   BOOST_REQUIRE(c.ok());
   BOOST_TEST(c->max_concurrent_per_user == 4);
-  for (const char* bad : {"0", "-1", "x"}) {
+  auto off = LoadConfig(Env({{"CHATD_MAX_CONCURRENT_PER_USER", "0"}}));
+  BOOST_REQUIRE(off.ok());
+  BOOST_TEST(off->max_concurrent_per_user == 0);
+  for (const char* bad : {"-1", "x", "100001"}) {
     auto b = LoadConfig(Env({{"CHATD_MAX_CONCURRENT_PER_USER", bad}}));
     BOOST_REQUIRE(!b.ok());
     BOOST_TEST(b.status().message().find("CHATD_MAX_CONCURRENT_PER_USER") != std::string::npos);
