@@ -19,7 +19,10 @@ wrk (bench/chat.lua) and measures, in one run:
      or latency break: the largest concurrency held, throughput against the
      ideal (concurrency / 2 s), the pool's RSS per request in flight; for the
      full path and for the gateway alone;
-  5. Chroma at scale (bench/chroma_bench.cc): 2,000 users x 50 messages in
+  5. what the per-user cap on chats in flight costs ("cap"): the same chat
+     run on a pool with the cap on (the default, 4) and on one with it off
+     (0); Redis commands and pool CPU per chat side by side;
+  6. Chroma at scale (bench/chroma_bench.cc): 2,000 users x 50 messages in
      their own collections, add and query latency, Chroma's RSS and open
      files, the first query of a user whose collection is not loaded.
 
@@ -53,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from harness.stack import (  # noqa: E402
-    LOOPBACK, Chroma, FakeModel, Frontend, Nginx, Pool, Redis, Stack, StackError, _proc_children, concurrently,
+    LOOPBACK, UNCAPPED, Chroma, FakeModel, Frontend, Nginx, Pool, Redis, Stack, StackError, _proc_children, concurrently,
     free_port, http_json, http_request, nginx_limits_for, post_chat)
 
 BENCH_DIR = REPO / "bench"
@@ -98,6 +101,14 @@ RATE_WINDOW_S = 3600
 # harness shortens it for tests).
 BASE_POOL_ENV = {"CHATD_RATE_LIMIT": str(RATE_LIMIT), "CHATD_RATE_WINDOW_S": str(RATE_WINDOW_S),
                  "CHATD_INDEX_CLAIM_IDLE_MS": "30000"}
+# The main pool's rejected phase drives one user over its limit with 16 chats
+# at once, and the capacity runs keep up to 2,500 chats in flight over 2,000
+# random users, so some users have more than 4 at once: both measure the
+# pool, not the per-user cap, which is raised there on purpose. The "cap"
+# phase measures the cap itself.
+CAP_OFF_ENV = {"CHATD_MAX_CONCURRENT_PER_USER": UNCAPPED}
+CAP_RUN_S = 10
+CAP_CONNECTIONS = 64
 
 CAPACITY_WORKERS = 4
 CAPACITY_THREADS = 512        # workers x threads >= the largest step: one thread per chat in flight
@@ -499,7 +510,10 @@ def redis_breakdown(d: "dict[str, Any]") -> "dict[str, float]":
     or SCRIPT FLUSH only."""
     r = d.get("redis", {})
     c = lambda name: r.get("cmd." + name, 0.0)  # noqa: E731
-    limiter = c("hmget") + c("zcard")
+    # With the per-user cap the limiter's script also runs ZCARD (on the
+    # leases), so the fixed window's HMGET alone counts its calls; ZCARD
+    # counts them for the sliding log without a cap (twice with one).
+    limiter = c("hmget") or c("zcard")
     record = c("rpush")
     other_scripts = max(0.0, c("evalsha") + c("eval") - limiter - record)
     return {
@@ -755,10 +769,34 @@ class Sampler(threading.Thread):
         self.join()
 
 
+def phase_cap(stack: Stack) -> "dict[str, Any]":
+    """The full chat path with the per-user cap on (default) and off, one pool
+    after the other, same load: what the cap adds per chat."""
+    out: "dict[str, Any]" = {}
+    # 0 takes no lease at all: the chat path as it was before the cap.
+    for name, extra in (("off", {"CHATD_MAX_CONCURRENT_PER_USER": "0"}), ("on", {})):
+        say(f"bench: cap {name}, {CAP_CONNECTIONS} connections, {CAP_RUN_S} s, {CHAT_USERS} users")
+        frontend, _ = start_frontend(stack, f"cap-{name}", dict(BASE_POOL_ENV, **extra), POOL_WORKERS, POOL_THREADS,
+                                     trivial=False)
+        try:
+            probe = Probe(stack, frontend)
+            run_wrk(frontend.url, "/api/chat", WARMUP_CONNECTIONS, WARMUP_RUN_S, CHAT_USERS, CHAT_PREFIX)
+            figures = chat_figures(measured_run(probe, "/api/chat", CAP_CONNECTIONS, CAP_RUN_S, CHAT_USERS,
+                                                CHAT_PREFIX), 0.0)
+        finally:
+            stop_frontend(stack, frontend)
+        chats = figures["pool_statuses"].get("200", 0.0) or 1
+        figures["redis_commands_per_chat"] = {k: v / chats for k, v in figures["redis_commands"].items()}
+        out[name] = figures
+        say("bench:   " + chat_line(figures))
+    return out
+
+
 def phase_capacity(stack: Stack, name: str, env_extra: "dict[str, str]") -> "dict[str, Any]":
     say(f"bench: capacity ({name}), {CAPACITY_WORKERS} x {CAPACITY_THREADS} threads, "
         f"model delay {CAPACITY_DELAY_MS} ms")
-    frontend, _ = start_frontend(stack, f"capacity-{name}", dict(env_extra, **BASE_POOL_ENV), CAPACITY_WORKERS,
+    frontend, _ = start_frontend(stack, f"capacity-{name}", dict(env_extra, **BASE_POOL_ENV, **CAP_OFF_ENV),
+                                 CAPACITY_WORKERS,
                                  CAPACITY_THREADS, trivial=False)
     probe = Probe(stack, frontend)
     stack.fake.set_delay(CAPACITY_DELAY_MS)
@@ -1053,7 +1091,7 @@ def markdown_table(rows: "list[tuple[str, str, str, str]]") -> str:
 # ---------------------------------------------------------------------------
 
 
-PHASES = ("ceilings", "rejected", "chat", "gateway", "capacity", "capacity_gateway", "chroma")
+PHASES = ("ceilings", "rejected", "chat", "gateway", "cap", "capacity", "capacity_gateway", "chroma")
 
 
 def main() -> int:
@@ -1095,7 +1133,8 @@ def main() -> int:
     try:
         if any(p != "chroma" for p in phases):
             stack = start_stack(build_dir, args.tmp)
-            frontend, trivial = start_frontend(stack, "main", BASE_POOL_ENV, POOL_WORKERS, POOL_THREADS,
+            frontend, trivial = start_frontend(stack, "main", dict(BASE_POOL_ENV, **CAP_OFF_ENV), POOL_WORKERS,
+                                               POOL_THREADS,
                                                trivial=True)
             probe = Probe(stack, frontend, trivial)
             ceiling = 0.0
@@ -1109,6 +1148,8 @@ def main() -> int:
             stop_frontend(stack, frontend)
             if "gateway" in phases:
                 results["gateway"] = phase_gateway(stack, ceiling)
+            if "cap" in phases:
+                results["cap"] = phase_cap(stack)
             if "capacity" in phases:
                 results["capacity"] = phase_capacity(stack, "full", {})
             if "capacity_gateway" in phases:

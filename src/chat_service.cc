@@ -11,6 +11,36 @@
 
 namespace chatd {
 
+namespace {
+
+// Holds an admission's concurrency lease and gives it back when the chat ends,
+// whichever way it ends: every early return below releases it. Dismiss() when
+// the lease was released otherwise (with the recorded turn).
+class LeaseGuard {
+ public:
+  LeaseGuard(RateLimiter& limiter, const std::string& user_id, std::string lease_id)
+      : limiter_(limiter), user_id_(user_id), lease_id_(std::move(lease_id)) {}
+  ~LeaseGuard() {
+    if (lease_id_.empty()) return;
+    // A lost release costs the user one slot until the lease expires; worth a
+    // log line, not a failed answer.
+    Status s = limiter_.Release(user_id_, lease_id_);
+    if (!s.ok()) LogWarn("lease_release_failed").Str("reason", s.reason()).Str("user", user_id_).Emit();
+  }
+  LeaseGuard(const LeaseGuard&) = delete;
+  LeaseGuard& operator=(const LeaseGuard&) = delete;
+
+  const std::string& id() const { return lease_id_; }
+  void Dismiss() { lease_id_.clear(); }
+
+ private:
+  RateLimiter& limiter_;
+  const std::string& user_id_;
+  std::string lease_id_;
+};
+
+}  // namespace
+
 std::string NewTurnId() { return RandomHexId(); }
 
 ChatService::ChatService(RateLimiter& limiter, ShortTermStore& recent, LongTermStore& long_term,
@@ -24,16 +54,21 @@ ChatService::ChatService(RateLimiter& limiter, ShortTermStore& recent, LongTermS
 
 Result<ChatReply> ChatService::Chat(const std::string& user_id, const std::string& message, Deadline deadline,
                                     ChatTrace& trace) {
-  // 1. Rate limit first: a rejected request costs this one call and nothing more.
+  // 1. Rate limit and the cap on chats in flight first, in one call: a
+  // rejected request costs this call and nothing more.
   Result<RateDecision> decision = limiter_.Check(user_id);
   if (decision.ok()) {
     trace.rate = *decision;
+    if (decision->too_many_concurrent) {
+      return Status(Code::kRateLimited, "too_many_concurrent", "Too many chats of this user in flight");
+    }
     if (!decision->allowed) return Status(Code::kRateLimited, "rate_limited", "Too many requests");
   } else if (options_.rate_failure_mode == FailureMode::kOpen) {
     trace.rate_limiter_failed_open = true;  // admitted, logged and counted by the caller
   } else {
     return Unavailable("rate_limiter_unavailable", "The rate limiter is unavailable; try again shortly");
   }
+  LeaseGuard lease(limiter_, user_id, decision.ok() ? std::move(decision->lease_id) : std::string());
 
   // 2. Memory: the recent messages and the hot set, in one round trip.
   // Without it we could neither show the conversation nor record this turn,
@@ -111,7 +146,9 @@ Result<ChatReply> ChatService::Chat(const std::string& user_id, const std::strin
   turn.user_message = message;
   turn.assistant_message = reply->content;
   turn.user_embedding = std::move(embedding);
+  if (options_.record_turn_releases_lease) turn.release_lease_id = lease.id();
   Status recorded = recent_.RecordTurn(turn);
+  if (recorded.ok() && !turn.release_lease_id.empty()) lease.Dismiss();
   if (!recorded.ok()) {
     return Unavailable("memory_unavailable", "Conversation memory is unavailable; the turn was not recorded");
   }

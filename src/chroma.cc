@@ -21,7 +21,6 @@ namespace chatd {
 
 namespace {
 
-constexpr char kApiPrefix[] = "/api/v2/tenants/default_tenant/databases/default_database";
 // Each /get page carries up to this many records with their embeddings: at
 // 1536 dimensions a page stays around 2 MB, far below the response cap.
 constexpr int64_t kExportPageSize = 100;
@@ -475,9 +474,13 @@ std::string ChromaShardName(int shard, int shards) {
 ChromaStore::ChromaStore(ChromaOptions options) : options_(std::move(options)) {
   base_ = options_.base_url;
   while (!base_.empty() && base_.back() == '/') base_.pop_back();
-  api_ = base_ + kApiPrefix;
+  api_ = base_ + "/api/v2/tenants/" + options_.tenant + "/databases/" + options_.database;
   options_.shards = std::clamp(options_.shards, 1, kMaxChromaShards);
   shard_ids_.resize(static_cast<size_t>(options_.shards));
+  if (!options_.token.empty()) {
+    token_line_ = options_.token_header == "Authorization" ? "Authorization: Bearer " + options_.token
+                                                          : options_.token_header + ": " + options_.token;
+  }
 }
 
 Result<HttpResponse> ChromaStore::Call(const char* method, const std::string& url, std::string body) {
@@ -486,6 +489,7 @@ Result<HttpResponse> ChromaStore::Call(const char* method, const std::string& ur
   call.url = url;
   call.body = std::move(body);
   if (!call.body.empty()) call.headers.push_back("Content-Type: application/json");
+  if (!token_line_.empty()) call.headers.push_back(token_line_);
   call.connect_timeout_ms = options_.connect_timeout_ms;
   call.timeout_ms = options_.timeout_ms;
   if (options_.call_counter != nullptr) options_.call_counter->fetch_add(1, std::memory_order_relaxed);

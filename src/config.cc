@@ -5,6 +5,8 @@
 #include <limits>
 #include <string_view>
 
+#include "chatd/auth.h"
+
 namespace chatd {
 
 namespace {
@@ -76,6 +78,52 @@ class Reader {
     Fail(name, "must be one of " + allowed + ", got \"" + *v + "\"");
   }
 
+  // A secret from the file the variable names (never from the variable
+  // itself: the environment leaks into process listings and crash reports).
+  // One trailing newline, as editors leave it, is not part of the secret.
+  void SecretFile(const char* name, std::string& out) {
+    auto path = env_(name);
+    if (!path || !status_.ok()) return;
+    if (path->empty()) {
+      Fail(name, "must not be empty");
+      return;
+    }
+    Result<std::string> text = ReadProtectedFile(*path, name, kSecretFileForbiddenBits);
+    if (!text.ok()) {
+      status_ = text.status();
+      return;
+    }
+    std::string secret = std::move(*text);
+    if (secret.ends_with('\n')) secret.pop_back();
+    if (secret.ends_with('\r')) secret.pop_back();
+    // It travels in a protocol line or an HTTP header: a control character
+    // there would split it (header injection) or be refused far from here.
+    bool printable = !secret.empty();
+    for (unsigned char ch : secret) printable = printable && ch >= 0x20 && ch != 0x7f;
+    if (!printable) {
+      Fail(name, "names a file that is empty or holds control characters (the secret must be one line)");
+      return;
+    }
+    out = std::move(secret);
+  }
+
+  // A name that becomes one segment of a URL path.
+  void PathSegment(const char* name, std::string& out) {
+    auto v = env_(name);
+    if (!v || !status_.ok()) return;
+    bool ok = !v->empty() && v->size() <= kMaxPathSegment;
+    for (char ch : *v) {
+      ok = ok && ((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '_' ||
+                  ch == '-' || ch == '.');
+    }
+    if (!ok || *v == "." || *v == "..") {
+      Fail(name, "must be 1 to " + std::to_string(kMaxPathSegment) + " characters of A-Z a-z 0-9 _ - ., got \"" +
+                     *v + "\"");
+      return;
+    }
+    out = *v;
+  }
+
   void Fail(const char* name, const std::string& why) {
     if (status_.ok()) status_ = InvalidArgument("bad_config", std::string(name) + " " + why);
   }
@@ -83,6 +131,10 @@ class Reader {
   const Status& status() const { return status_; }
 
  private:
+  // Group may read, as for the environment file; others may not.
+  static constexpr mode_t kSecretFileForbiddenBits = 0027;
+  static constexpr size_t kMaxPathSegment = 128;
+
   const EnvLookup& env_;
   Status status_;
 };
@@ -102,6 +154,7 @@ constexpr int64_t kMaxTokens = 1 << 20;
 constexpr int64_t kMaxRateLimit = 1'000'000;
 constexpr int64_t kMaxWindowS = 24 * 3600;
 constexpr int64_t kMaxPort = 65535;
+constexpr int64_t kMaxConcurrentPerUser = 100'000;
 
 }  // namespace
 
@@ -138,15 +191,23 @@ Result<Config> LoadConfig(const EnvLookup& env) {
   r.String("CHATD_REDIS_HOST", c.redis_host, false);
   r.Int("CHATD_REDIS_PORT", c.redis_port, 1, kMaxPort);
   r.Int("CHATD_REDIS_TIMEOUT_MS", c.redis_timeout_ms, 1, kMaxTimeoutMs);
+  r.String("CHATD_REDIS_USERNAME", c.redis_username, false);
+  r.SecretFile("CHATD_REDIS_PASSWORD_FILE", c.redis_password);
 
   r.String("CHATD_RATE_REDIS_HOST", c.rate_redis_host, false);
   r.Int("CHATD_RATE_REDIS_PORT", c.rate_redis_port, 1, kMaxPort);
+  std::string rate_username, rate_password;
+  r.String("CHATD_RATE_REDIS_USERNAME", rate_username, false);
+  r.SecretFile("CHATD_RATE_REDIS_PASSWORD_FILE", rate_password);
+  if (!rate_username.empty()) c.rate_redis_username = std::move(rate_username);
+  if (!rate_password.empty()) c.rate_redis_password = std::move(rate_password);
   r.Int("CHATD_RATE_LIMIT", c.rate_limit, 1, kMaxRateLimit);
   r.Int("CHATD_RATE_WINDOW_S", c.rate_window_s, 1, kMaxWindowS);
   r.Enum("CHATD_RATE_ALGORITHM", c.rate_algorithm,
          {{"fixed", RateAlgorithm::kFixed}, {"sliding", RateAlgorithm::kSliding}});
   r.Enum("CHATD_RATE_FAILURE_MODE", c.rate_failure_mode,
          {{"closed", FailureMode::kClosed}, {"open", FailureMode::kOpen}});
+  r.Int("CHATD_MAX_CONCURRENT_PER_USER", c.max_concurrent_per_user, 0, kMaxConcurrentPerUser);
 
   r.Int("CHATD_RECENT_MESSAGES", c.recent_messages, 2, kMaxRecent);
   r.Int("CHATD_RECALL_K", c.recall_k, 0, kMaxRecall);
@@ -155,6 +216,11 @@ Result<Config> LoadConfig(const EnvLookup& env) {
   r.Int("CHATD_CHROMA_SYNC_THRESHOLD", c.chroma_sync_threshold, 2, 1'000'000);
   r.Int("CHATD_CHROMA_SHARDS", c.chroma_shards, 1, kMaxChromaShards);
   r.Int("CHATD_RECALL_HOT_MESSAGES", c.recall_hot_messages, 1, kMaxHotMessages);
+  r.PathSegment("CHATD_CHROMA_TENANT", c.chroma_tenant);
+  r.PathSegment("CHATD_CHROMA_DATABASE", c.chroma_database);
+  r.SecretFile("CHATD_CHROMA_TOKEN_FILE", c.chroma_token);
+  r.Enum("CHATD_CHROMA_TOKEN_HEADER", c.chroma_token_header,
+         {{"Authorization", std::string("Authorization")}, {"X-Chroma-Token", std::string("X-Chroma-Token")}});
   r.String("CHATD_SYSTEM_PROMPT", c.system_prompt, /*allow_empty=*/true);
   r.Size("CHATD_PROMPT_BUDGET_BYTES", c.prompt_budget_bytes, 256, kMaxBodyLimit);
 
@@ -182,8 +248,18 @@ Result<Config> LoadConfig(const EnvLookup& env) {
   if (!r.status().ok()) return r.status();
   if (c.rate_redis_host.empty()) c.rate_redis_host = c.redis_host;
   if (c.rate_redis_port == 0) c.rate_redis_port = c.redis_port;
+  if (!c.rate_redis_username) c.rate_redis_username = c.redis_username;
+  if (!c.rate_redis_password) c.rate_redis_password = c.redis_password;
 
   // Cross-field rules.
+  if (!c.redis_username.empty() && c.redis_password.empty()) {
+    return InvalidArgument("bad_config", "CHATD_REDIS_USERNAME needs CHATD_REDIS_PASSWORD_FILE: an ACL user "
+                                         "authenticates with a password");
+  }
+  if (!c.rate_redis_username->empty() && c.rate_redis_password->empty()) {
+    return InvalidArgument("bad_config", "CHATD_RATE_REDIS_USERNAME needs CHATD_RATE_REDIS_PASSWORD_FILE (or "
+                                         "CHATD_REDIS_PASSWORD_FILE)");
+  }
   if (c.recent_messages % 2 != 0) {
     return InvalidArgument("bad_config", "CHATD_RECENT_MESSAGES must be even: the recent list holds whole turns");
   }

@@ -39,6 +39,20 @@ constexpr int64_t kIndexerRedisTimeoutMs = 5000;
 constexpr int64_t kIndexerMarkerMarginMs = 1000;
 // Users over their limit remembered per process (a few MB at most).
 constexpr size_t kMaxRememberedRejections = 100000;
+// A concurrency lease must outlive the longest live chat: the request deadline
+// bounds everything up to the model's answer, and recording the turn may take
+// one Redis timeout after it. This margin covers scheduling delays on a busy
+// machine; a dead worker's lease frees its slot this long after it was taken.
+constexpr int64_t kLeaseMarginMs = 1000;
+
+// A clear line at start-up when Redis refuses us (wrong password, missing
+// ACL user), instead of only per-request 503s. Not fatal: exiting would make
+// multiwatch respawn and give up, which hides the cause.
+void ReportRedisAccess(chatd::RedisClient& redis, const char* role) {
+  chatd::Status s = redis.CheckAccess();
+  if (!s.ok()) chatd::LogError("redis_access_failed").Str("redis", role).Str("reason", s.reason())
+      .Str("detail", s.message()).Emit();
+}
 
 std::string ConsumerName() {
   char host[HOST_NAME_MAX + 1] = {0};
@@ -88,6 +102,8 @@ int main() {
   redis_options.host = config.redis_host;
   redis_options.port = config.redis_port;
   redis_options.timeout_ms = config.redis_timeout_ms;
+  redis_options.username = config.redis_username;
+  redis_options.password = config.redis_password;
   // Every request thread may hold a connection at once; keeping that many idle
   // spares a burst of synchronised requests a storm of new connections (which
   // is what made 2,000 chats in flight time out in the capacity benchmark).
@@ -98,14 +114,24 @@ int main() {
   RedisClient indexer_redis(indexer_redis_options);
 
   std::unique_ptr<RedisClient> rate_redis_own;
-  if (config.rate_redis_host != config.redis_host || config.rate_redis_port != config.redis_port) {
+  if (config.rate_redis_host != config.redis_host || config.rate_redis_port != config.redis_port ||
+      *config.rate_redis_username != config.redis_username || *config.rate_redis_password != config.redis_password) {
     RedisOptions o = redis_options;
     o.host = config.rate_redis_host;
     o.port = config.rate_redis_port;
+    o.username = *config.rate_redis_username;
+    o.password = *config.rate_redis_password;
     rate_redis_own = std::make_unique<RedisClient>(o);
   }
+  ReportRedisAccess(redis, "memory");
+  if (rate_redis_own) ReportRedisAccess(*rate_redis_own, "counters");
+  // The concurrency leases live with the rate counters: taking one is part of
+  // the limiter's script (one round trip for both).
+  ConcurrencyCap cap;
+  cap.max_in_flight = config.max_concurrent_per_user;
+  cap.lease_ttl_ms = config.request_deadline_ms + config.redis_timeout_ms + kLeaseMarginMs;
   RedisRateLimiter redis_limiter(rate_redis_own ? *rate_redis_own : redis, config.rate_limit, config.rate_window_s,
-                                 config.rate_algorithm);
+                                 config.rate_algorithm, cap);
   RejectionCache limiter(redis_limiter, kMaxRememberedRejections, SteadyNowMs);
   RedisShortTermStore recent(redis, config.recent_messages, config.recall_hot_messages);
 
@@ -114,6 +140,10 @@ int main() {
   chroma_options.timeout_ms = config.chroma_timeout_ms;
   chroma_options.sync_threshold = config.chroma_sync_threshold;
   chroma_options.shards = config.chroma_shards;
+  chroma_options.tenant = config.chroma_tenant;
+  chroma_options.database = config.chroma_database;
+  chroma_options.token = config.chroma_token;
+  chroma_options.token_header = config.chroma_token_header;
   Result<std::unique_ptr<Metrics>> metrics = Metrics::Open(config.metrics_path);
   if (!metrics.ok()) {
     std::fprintf(stderr, "chatd: %s\n", metrics.status().message().c_str());
@@ -142,6 +172,9 @@ int main() {
   chat_options.recall_k = static_cast<size_t>(config.recall_k);
   chat_options.system_prompt = config.system_prompt;
   chat_options.prompt_budget_bytes = config.prompt_budget_bytes;
+  // When the counters share the memory Redis, recording the turn gives the
+  // lease back in the same script; otherwise a ZREM on the counters' Redis.
+  chat_options.record_turn_releases_lease = !rate_redis_own;
   ChatService chat(limiter, recent, chroma, *embedder, llm, chat_options);
   Result<std::unique_ptr<Authenticator>> auth = MakeAuthenticator(config.auth_mode, ProcessEnv());
   if (!auth.ok()) {

@@ -84,13 +84,25 @@ int main(int argc, char** argv) {
   redis_options.host = config.redis_host;
   redis_options.port = config.redis_port;
   redis_options.timeout_ms = std::max(config.redis_timeout_ms, kCleanupRedisTimeoutMs);
+  redis_options.username = config.redis_username;
+  redis_options.password = config.redis_password;
   RedisClient redis(redis_options);
+  // Refused credentials end the run at once with the reason, rather than as
+  // one failure per user.
+  if (Status s = redis.CheckAccess(); !s.ok()) {
+    LogError("cleanup_failed").Str("reason", s.reason()).Str("detail", s.message()).Emit();
+    return kExitFailed;
+  }
 
   ChromaOptions chroma_options;
   chroma_options.base_url = config.chroma_url;
   chroma_options.timeout_ms = std::max(config.chroma_timeout_ms, kCleanupChromaTimeoutMs);
   chroma_options.sync_threshold = config.chroma_sync_threshold;
   chroma_options.shards = config.chroma_shards;
+  chroma_options.tenant = config.chroma_tenant;
+  chroma_options.database = config.chroma_database;
+  chroma_options.token = config.chroma_token;
+  chroma_options.token_header = config.chroma_token_header;
   ChromaStore chroma(chroma_options);
 
   std::unique_ptr<Embedder> embedder;

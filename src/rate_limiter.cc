@@ -50,7 +50,9 @@ Result<RateDecision> RejectionCache::Check(std::string_view user_id) {
     }
   }
   Result<RateDecision> decision = inner_.Check(user_id);
-  if (!decision.ok() || decision->allowed || decision->retry_after_ms <= 0) return decision;
+  if (!decision.ok() || decision->allowed || decision->too_many_concurrent || decision->retry_after_ms <= 0) {
+    return decision;
+  }
 
   std::lock_guard<std::mutex> lock(mu_);
   if (rejected_.size() >= max_users_) {
@@ -64,6 +66,10 @@ Result<RateDecision> RejectionCache::Check(std::string_view user_id) {
   r.until_ms = now + decision->retry_after_ms;
   rejected_.insert_or_assign(std::string(user_id), r);
   return decision;
+}
+
+Status RejectionCache::Release(std::string_view user_id, std::string_view lease_id) {
+  return inner_.Release(user_id, lease_id);
 }
 
 }  // namespace chatd

@@ -23,6 +23,10 @@ using ReplyPtr = std::unique_ptr<void, ReplyDeleter>;
 constexpr std::string_view kTimeoutErrstr = "Resource temporarily unavailable";
 constexpr std::string_view kNoScriptPrefix = "NOSCRIPT";
 
+// Only the first word of an error reply (WRONGPASS, NOAUTH, NOPERM...): the
+// rest can quote arguments.
+std::string_view ErrorCode(std::string_view redis_error) { return redis_error.substr(0, redis_error.find(' ')); }
+
 timeval ToTimeval(int64_t ms) {
   ms = std::max<int64_t>(ms, 1);  // a zero timeval would mean "block forever"
   timeval tv;
@@ -110,11 +114,38 @@ Status RedisClient::TransportError(const redisContext* c, std::string_view what)
   } else {
     detail = "error " + std::to_string(c->err);
   }
+  std::string message = "redis ";
+  message.append(Endpoint()).append(": ").append(what).append(": ").append(detail);
+  return Unavailable("redis_unavailable", std::move(message));
+}
+
+std::string RedisClient::Endpoint() const {
   std::string endpoint = options_.host;
   if (endpoint.empty() || endpoint.front() != '/') endpoint += ":" + std::to_string(options_.port);
+  return endpoint;
+}
+
+Status RedisClient::AuthError(std::string_view redis_error) const {
   std::string message = "redis ";
-  message.append(endpoint).append(": ").append(what).append(": ").append(detail);
-  return Unavailable("redis_unavailable", std::move(message));
+  message.append(Endpoint()).append(": credentials refused (").append(ErrorCode(redis_error));
+  message.append("): check the username and the password file (CHATD_REDIS_USERNAME / CHATD_REDIS_PASSWORD_FILE, "
+                 "or CHATD_RATE_REDIS_* for the counters)");
+  return Unavailable("redis_auth_failed", std::move(message));
+}
+
+Status RedisClient::CheckAccess() {
+  auto c = Connect();
+  if (!c.ok()) return c.status();
+  auto values = RoundTrip(c->get(), {{"PING"}});
+  if (!values.ok()) return values.status();
+  const RedisValue& pong = values->front();
+  if (pong.is_error()) {
+    // NOAUTH: Redis wants a password we were not given.
+    if (ErrorCode(pong.str) == "NOAUTH" || ErrorCode(pong.str) == "NOPERM") return AuthError(pong.str);
+    return Unavailable("redis_unavailable", "redis " + Endpoint() + ": PING refused: " + std::string(ErrorCode(pong.str)));
+  }
+  Return(std::move(*c));
+  return Status::Ok();
 }
 
 Result<RedisClient::Context> RedisClient::Connect() const {
@@ -129,6 +160,18 @@ Result<RedisClient::Context> RedisClient::Connect() const {
   // The connect timeout does not cover commands: without this a hung Redis
   // would hold the request thread forever.
   if (redisSetTimeout(c.get(), tv) != REDIS_OK) return TransportError(c.get(), "set timeout");
+  if (!options_.password.empty()) {
+    // hiredis 0.14 has no AUTH of its own: send it as the connection's first
+    // command. A refusal fails this connection (it is dropped, never pooled)
+    // and says so; every later call dials and tries again, so fixing the
+    // password file and restarting is all it takes.
+    std::vector<std::string_view> auth = {"AUTH"};
+    if (!options_.username.empty()) auth.push_back(options_.username);
+    auth.push_back(options_.password);
+    auto reply = RoundTrip(c.get(), {auth});
+    if (!reply.ok()) return reply.status();
+    if (reply->front().is_error()) return AuthError(reply->front().str);
+  }
   return c;
 }
 

@@ -6,15 +6,18 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "chatd/redis_rate_limiter.h"
 #include "chatd/user_id.h"
 
 namespace chatd {
 
 namespace {
 
-// KEYS: recent list, index stream, activity zset.
-// ARGV: user, turn id, user text, assistant text, max recent, packed embedding.
+// KEYS: recent list, index stream, activity zset[, the user's leases in flight].
+// ARGV: user, turn id, user text, assistant text, max recent, packed embedding
+// [, the lease to release].
 // The timestamp comes from Redis so that every worker and host agrees on it.
+// Releasing the chat's concurrency lease here saves the chat a round trip.
 const RedisScript kRecordTurn(R"lua(
 local t = redis.call('TIME')
 local ts = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -25,6 +28,7 @@ redis.call('LTRIM', KEYS[1], -tonumber(ARGV[5]), -1)
 redis.call('XADD', KEYS[2], '*', 'user', ARGV[1], 'turn', ARGV[2], 'ts', ts,
            'u', ARGV[3], 'a', ARGV[4], 'emb', ARGV[6])
 redis.call('ZADD', KEYS[3], ts, ARGV[1])
+if KEYS[4] then redis.call('ZREM', KEYS[4], ARGV[7]) end
 return ts
 )lua");
 
@@ -249,9 +253,15 @@ Status RedisShortTermStore::RecordTurn(const Turn& turn) {
   std::string key = RecentKey(turn.user_id);
   std::string max_recent = std::to_string(recent_messages_);
   std::string packed = PackEmbedding(turn.user_embedding);
-  Result<RedisValue> reply =
-      redis_.Eval(kRecordTurn, {key, kIndexStreamKey, kActivityKey},
-                  {turn.user_id, turn.turn_id, turn.user_message, turn.assistant_message, max_recent, packed});
+  std::vector<std::string_view> keys = {key, kIndexStreamKey, kActivityKey};
+  std::vector<std::string_view> args = {turn.user_id,           turn.turn_id, turn.user_message,
+                                        turn.assistant_message, max_recent,   packed};
+  const std::string inflight = turn.release_lease_id.empty() ? std::string() : InflightKey(turn.user_id);
+  if (!inflight.empty()) {
+    keys.push_back(inflight);
+    args.push_back(turn.release_lease_id);
+  }
+  Result<RedisValue> reply = redis_.Eval(kRecordTurn, keys, args);
   if (!reply.ok()) return reply.status();
   if (reply->type == RedisValue::Type::kError) return Unavailable("redis_error", "recording the turn failed");
   return Status::Ok();

@@ -3,11 +3,37 @@
 #include <algorithm>
 #include <array>
 
+#include "chatd/random_id.h"
 #include "chatd/user_id.h"
 
 namespace chatd {
 
 namespace {
+
+// The per-user cap on chats in flight, prepended to both algorithms. Active
+// only when the caller passes KEYS[2]: a sorted set of lease ids scored by
+// their expiry in ms of Redis time. ARGV[3]: the cap, ARGV[4]: the lease TTL
+// in ms, ARGV[5]: this request's lease id.
+//
+// Expired leases (their worker died before releasing) are dropped before
+// counting, so a crash costs a slot for one TTL at most. Every lease expires
+// within the TTL, so re-arming the key's TTL on each admission keeps the key
+// alive exactly as long as a lease may be in it. The scripts below ask only
+// after the rate check has passed and before anything is counted: a request
+// over the cap consumes no quota.
+constexpr char kInflightLua[] = R"lua(
+local function inflight_full(now_ms)
+  if KEYS[2] == nil then return false end
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', string.format('%d', now_ms))
+  return redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3])
+end
+local function inflight_add(now_ms)
+  if KEYS[2] == nil then return end
+  local ttl = tonumber(ARGV[4])
+  redis.call('ZADD', KEYS[2], string.format('%d', now_ms + ttl), ARGV[5])
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
+)lua";
 
 // Fixed window. KEYS[1]: hash {w = window index, n = admitted in it}.
 // ARGV: limit, window in ms.
@@ -34,9 +60,11 @@ local state = redis.call('HMGET', KEYS[1], 'w', 'n')
 local count = 0
 if state[1] == window_id then count = tonumber(state[2]) or 0 end
 if count < limit then
+  if inflight_full(now_ms) then return {2, limit - count, reset_ms, 0} end
   count = count + 1
   redis.call('HSET', KEYS[1], 'w', window_id, 'n', count)
   redis.call('PEXPIRE', KEYS[1], reset_ms)
+  inflight_add(now_ms)
   return {1, limit - count, reset_ms, 0}
 end
 if redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], reset_ms) end
@@ -67,10 +95,13 @@ local function ms_until_leaves(index)
   return math.ceil((tonumber(e[2]) + window_us - now) / 1000)
 end
 if count < limit then
+  local now_ms = math.floor(now / 1000)
+  if inflight_full(now_ms) then return {2, limit - count, ms_until_leaves(0), 0} end
   local now_id = string.format('%d', now)
   local seq = count
   while redis.call('ZADD', key, 'NX', now_id, now_id .. '-' .. seq) == 0 do seq = seq + 1 end
   redis.call('PEXPIRE', key, window_ms)
+  inflight_add(now_ms)
   count = count + 1
   return {1, limit - count, ms_until_leaves(0), 0}
 end
@@ -79,12 +110,12 @@ return {0, 0, ms_until_leaves(0), ms_until_leaves(count - limit)}
 )lua";
 
 const RedisScript& FixedWindowScript() {
-  static const RedisScript script(kFixedWindowLua);
+  static const RedisScript script(std::string(kInflightLua) + kFixedWindowLua);
   return script;
 }
 
 const RedisScript& SlidingLogScript() {
-  static const RedisScript script(kSlidingLogLua);
+  static const RedisScript script(std::string(kInflightLua) + kSlidingLogLua);
   return script;
 }
 
@@ -96,13 +127,17 @@ constexpr std::array<std::string_view, 9> kUnavailableErrors = {
 
 }  // namespace
 
-RedisRateLimiter::RedisRateLimiter(RedisClient& redis, int64_t limit, int64_t window_s, RateAlgorithm algorithm)
+RedisRateLimiter::RedisRateLimiter(RedisClient& redis, int64_t limit, int64_t window_s, RateAlgorithm algorithm,
+                                   ConcurrencyCap cap)
     : redis_(redis),
       limit_(std::max<int64_t>(limit, 0)),
       window_s_(std::max<int64_t>(window_s, 1)),
       algorithm_(algorithm),
       limit_arg_(std::to_string(limit_)),
-      window_ms_arg_(std::to_string(window_s_ * 1000)) {}
+      window_ms_arg_(std::to_string(window_s_ * 1000)),
+      cap_{std::max<int64_t>(cap.max_in_flight, 0), std::max<int64_t>(cap.lease_ttl_ms, 1)},
+      cap_arg_(std::to_string(cap_.max_in_flight)),
+      lease_ttl_ms_arg_(std::to_string(cap_.lease_ttl_ms)) {}
 
 std::string RedisRateLimiter::KeyFor(std::string_view user_id) const {
   return UserKey(user_id, algorithm_ == RateAlgorithm::kSliding ? kSlidingLogKeySuffix : kFixedWindowKeySuffix);
@@ -114,9 +149,28 @@ Result<RateDecision> RedisRateLimiter::Check(std::string_view user_id) {
   if (!IsValidUserId(user_id)) return InvalidArgument("invalid_user_id", "invalid user id");
   const std::string key = KeyFor(user_id);
   const RedisScript& script = algorithm_ == RateAlgorithm::kSliding ? SlidingLogScript() : FixedWindowScript();
-  auto reply = redis_.Eval(script, {key}, {limit_arg_, window_ms_arg_});
+  if (cap_.max_in_flight == 0) {
+    auto reply = redis_.Eval(script, {key}, {limit_arg_, window_ms_arg_});
+    if (!reply.ok()) return reply.status();
+    return RateDecisionFromReply(*reply, limit_, window_s_);
+  }
+  // Same hash tag as the rate key: one slot, one script, one round trip.
+  const std::string inflight = InflightKey(user_id);
+  std::string lease = RandomHexId();
+  auto reply = redis_.Eval(script, {key, inflight}, {limit_arg_, window_ms_arg_, cap_arg_, lease_ttl_ms_arg_, lease});
   if (!reply.ok()) return reply.status();
-  return RateDecisionFromReply(*reply, limit_, window_s_);
+  Result<RateDecision> decision = RateDecisionFromReply(*reply, limit_, window_s_);
+  if (decision.ok() && decision->allowed) decision->lease_id = std::move(lease);
+  return decision;
+}
+
+Status RedisRateLimiter::Release(std::string_view user_id, std::string_view lease_id) {
+  if (lease_id.empty()) return Status::Ok();
+  if (!IsValidUserId(user_id)) return InvalidArgument("invalid_user_id", "invalid user id");
+  auto reply = redis_.Command({"ZREM", InflightKey(user_id), lease_id});
+  if (!reply.ok()) return reply.status();
+  if (reply->is_error()) return Unavailable("redis_error", "releasing a concurrency lease failed");
+  return Status::Ok();
 }
 
 Result<RateDecision> RateDecisionFromReply(const RedisValue& reply, int64_t limit, int64_t window_s) {
@@ -136,14 +190,15 @@ Result<RateDecision> RateDecisionFromReply(const RedisValue& reply, int64_t limi
   for (const RedisValue& e : reply.elements) {
     if (e.type != RedisValue::Type::kInteger || e.integer < 0) return bad_reply();
   }
-  const int64_t allowed = reply.elements[0].integer;
-  if (allowed > 1) return bad_reply();
+  const int64_t verdict = reply.elements[0].integer;
+  if (verdict > 2) return bad_reply();
   RateDecision d;
-  d.allowed = allowed == 1;
+  d.allowed = verdict == 1;
+  d.too_many_concurrent = verdict == 2;
   d.limit = limit;
   d.remaining = reply.elements[1].integer;
   d.reset_ms = reply.elements[2].integer;
-  d.retry_after_ms = reply.elements[3].integer;
+  d.retry_after_ms = d.too_many_concurrent ? kTooManyConcurrentRetryAfterMs : reply.elements[3].integer;
   d.window_s = window_s;
   return d;
 }

@@ -24,6 +24,9 @@ struct ChatServiceOptions {
   size_t recall_k = 5;
   std::string system_prompt;
   size_t prompt_budget_bytes = 24 * 1024;
+  // The concurrency lease lives in the short-term store's Redis (the counters
+  // share it): recording the turn releases it in the same script.
+  bool record_turn_releases_lease = false;
 };
 
 // What happened along the way, for headers, logs and metrics; filled even when

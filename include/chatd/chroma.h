@@ -40,6 +40,14 @@ struct ChromaOptions {
   // Incremented once per HTTP call to Chroma (may be null): the benchmark
   // reports Chroma calls per chat request from the pool's metrics.
   std::atomic<uint64_t>* call_counter = nullptr;
+  // Where the collections live; both must exist (the operator creates them).
+  // Validated by LoadConfig: they become URL path segments.
+  std::string tenant = "default_tenant";
+  std::string database = "default_database";
+  // Sent on every call when not empty: "Authorization: Bearer <token>", or
+  // "<token_header>: <token>" for another header name (X-Chroma-Token).
+  std::string token;
+  std::string token_header = "Authorization";
 };
 
 // The shard of a user: FNV-1a 64 of the id's bytes, modulo `shards`. Stable
@@ -99,7 +107,8 @@ class ChromaStore : public LongTermStore {
 
   ChromaOptions options_;
   std::string base_;  // base_url without a trailing slash
-  std::string api_;   // base_ + the default tenant and database prefix
+  std::string api_;   // base_ + the tenant and database prefix
+  std::string token_line_;  // the token header, or empty
 
   std::mutex mu_;
   std::vector<std::string> shard_ids_;  // guarded by mu_; empty until resolved

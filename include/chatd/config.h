@@ -45,16 +45,26 @@ struct Config {
   // that a burst of thousands of chats on a small machine, where a thread
   // may wait for a core for a few hundred ms, reads as Redis being down.
   int64_t redis_timeout_ms = 1000;       // CHATD_REDIS_TIMEOUT_MS
+  // Credentials (AUTH on every new connection). Empty password: no AUTH.
+  std::string redis_username;  // CHATD_REDIS_USERNAME: an ACL user; empty = the default user
+  std::string redis_password;  // from CHATD_REDIS_PASSWORD_FILE (a secret: never logged)
 
   // Rate limit. Counters may live in a Redis of their own (default: the
   // memory Redis); only then does fail-open keep chats going during an outage
   // of the counter store.
   std::string rate_redis_host;  // CHATD_RATE_REDIS_HOST, default CHATD_REDIS_HOST
   int rate_redis_port = 0;      // CHATD_RATE_REDIS_PORT, default CHATD_REDIS_PORT
+  // Default to the memory Redis's credentials, like the address.
+  std::optional<std::string> rate_redis_username;  // CHATD_RATE_REDIS_USERNAME
+  std::optional<std::string> rate_redis_password;  // from CHATD_RATE_REDIS_PASSWORD_FILE
   int64_t rate_limit = 30;                           // CHATD_RATE_LIMIT: requests per window
   int64_t rate_window_s = 60;                        // CHATD_RATE_WINDOW_S
   RateAlgorithm rate_algorithm = RateAlgorithm::kFixed;  // CHATD_RATE_ALGORITHM: fixed|sliding
   FailureMode rate_failure_mode = FailureMode::kClosed;  // CHATD_RATE_FAILURE_MODE: closed|open
+  // Chats of one user in flight at once, across every worker and host. Each
+  // holds a thread for up to the request deadline, so without a cap one user
+  // could occupy the whole pool. 0: no cap (no lease is taken at all).
+  int64_t max_concurrent_per_user = 4;  // CHATD_MAX_CONCURRENT_PER_USER
 
   // Memory
   int recent_messages = 4;            // CHATD_RECENT_MESSAGES (even: whole turns)
@@ -64,6 +74,10 @@ struct Config {
   int chroma_sync_threshold = 1000;   // CHATD_CHROMA_SYNC_THRESHOLD: HNSW persistence for new collections
   int chroma_shards = 16;             // CHATD_CHROMA_SHARDS: collections the users are spread over
   int recall_hot_messages = 64;       // CHATD_RECALL_HOT_MESSAGES: per-user hot set ranked in process
+  std::string chroma_tenant = "default_tenant";      // CHATD_CHROMA_TENANT (must exist)
+  std::string chroma_database = "default_database";  // CHATD_CHROMA_DATABASE (must exist)
+  std::string chroma_token;  // from CHATD_CHROMA_TOKEN_FILE (a secret); empty sends no token
+  std::string chroma_token_header = "Authorization";  // CHATD_CHROMA_TOKEN_HEADER: Authorization|X-Chroma-Token
   std::string system_prompt = "You are a helpful assistant.";  // CHATD_SYSTEM_PROMPT
   size_t prompt_budget_bytes = 24 * 1024;  // CHATD_PROMPT_BUDGET_BYTES: memories + recent + new message
 

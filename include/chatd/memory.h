@@ -31,6 +31,11 @@ struct Turn {
   // The user message's embedding, computed once on the request path and reused
   // by the indexer; empty when embedding failed (the indexer computes it then).
   std::vector<float> user_embedding;
+  // When set, the store also releases this concurrency lease of the user's
+  // (RateDecision::lease_id) in the same atomic step: the chat then needs no
+  // extra round trip to give its slot back. Set only when the lease lives in
+  // the store's Redis.
+  std::string release_lease_id;
 };
 
 // A message as stored in (or recalled from) the long-term store.

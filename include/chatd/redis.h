@@ -56,6 +56,11 @@ struct RedisOptions {
   int port = 6379;                 // ignored for a Unix socket
   int64_t timeout_ms = 200;        // connect and every command
   size_t max_idle = 64;            // idle connections kept for reuse
+  // AUTH on every new connection when the password is set: with a username
+  // as an ACL user (AUTH user pass), else as the default user (requirepass).
+  // The password never appears in a Status or a log line.
+  std::string username;
+  std::string password;
 };
 
 class RedisClient {
@@ -89,6 +94,13 @@ class RedisClient {
 
   const RedisOptions& options() const { return options_; }
 
+  // PING on a new connection: ok when Redis answers and accepts our
+  // credentials; else the reason ("redis_unavailable", "redis_auth_failed" for
+  // refused credentials or NOAUTH) with a message that names the endpoint and
+  // the variables to check. For a clear line at start-up; the request path
+  // reports the same failure per request.
+  Status CheckAccess();
+
  private:
   struct ContextDeleter {
     void operator()(redisContext* c) const;
@@ -103,6 +115,8 @@ class RedisClient {
   Result<std::vector<RedisValue>> RoundTrip(redisContext* c,
                                             const std::vector<std::vector<std::string_view>>& commands) const;
   Status TransportError(const redisContext* c, std::string_view what) const;
+  Status AuthError(std::string_view redis_error) const;
+  std::string Endpoint() const;
 
   RedisOptions options_;
   std::mutex mu_;

@@ -68,6 +68,11 @@ DEFAULT_HTTP_TIMEOUT_S = 60.0
 LOG_TAIL_CHARS = 4000
 
 
+# CHATD_MAX_CONCURRENT_PER_USER for pools whose tests send many chats of one
+# user at once on purpose, to test something other than that cap.
+UNCAPPED = "1000"
+
+
 class StackError(RuntimeError):
     """A service could not be started or stopped as expected."""
 
@@ -338,13 +343,21 @@ class _RespReader:
         raise ConnectionError(f"unexpected RESP reply {line[:40]!r}")
 
 
-def resp_command(port: int, *args: Any, host: str = LOOPBACK, timeout: float = 5.0) -> Any:
+def resp_command(port: int, *args: Any, host: str = LOOPBACK, timeout: float = 5.0,
+                 auth: Optional[Sequence[str]] = None) -> Any:
     """Sends one command over a new connection and returns the parsed reply:
     str (status), int, bytes (bulk), None (nil) or a list. Error replies raise
-    RedisError; nested error replies inside arrays are returned as RedisError."""
+    RedisError; nested error replies inside arrays are returned as RedisError.
+    `auth`: the arguments of an AUTH sent first ([password] or [user, password])."""
     with socket.create_connection((host, port), timeout=timeout) as sock:
+        reader = _RespReader(sock)
+        if auth:
+            sock.sendall(_resp_encode(["AUTH", *auth]))
+            refused = reader.read()
+            if isinstance(refused, RedisError):
+                raise refused
         sock.sendall(_resp_encode(args))
-        reply = _RespReader(sock).read()
+        reply = reader.read()
     if isinstance(reply, RedisError):
         raise reply
     return reply
@@ -356,19 +369,32 @@ class Redis(_Service):
 
     name = "redis"
 
-    def __init__(self, tmpdir: Path | str, port: Optional[int] = None) -> None:
+    def __init__(self, tmpdir: Path | str, port: Optional[int] = None, requirepass: Optional[str] = None,
+                 acl_file: Optional[Path | str] = None, admin: Optional[Sequence[str]] = None) -> None:
+        """requirepass: the default user's password. acl_file: users and their
+        rules (Redis `aclfile`); `admin` is then the [user, password] the
+        harness itself authenticates with."""
         super().__init__()
         self.dir = Path(tmpdir) / "redis"
         self.dir.mkdir(parents=True, exist_ok=True)
         self._fixed_port = port is not None
         self.port = port or free_port()
         self.host = LOOPBACK
+        self._auth_args: "list[str]" = []
+        self.auth: Optional[Sequence[str]] = None
+        if requirepass is not None:
+            self._auth_args += ["--requirepass", requirepass]
+            self.auth = [requirepass]
+        if acl_file is not None:
+            self._auth_args += ["--aclfile", str(Path(acl_file).resolve())]
+            self.auth = admin
 
     def start(self) -> "Redis":
         self._start_on_free_port(
             lambda: self._spawn(["redis-server", "--bind", LOOPBACK, "--port", str(self.port),
                                  "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "everysec",
-                                 "--save", "", "--daemonize", "no", "--protected-mode", "no"],
+                                 "--save", "", "--daemonize", "no", "--protected-mode", "no",
+                                 *self._auth_args],
                                 self.dir / "redis.log"),
             lambda: wait_until(self._ready, REDIS_START_TIMEOUT_S, "redis", self.proc, self.log_path),
             self.log_text)
@@ -389,7 +415,7 @@ class Redis(_Service):
         return self._terminate(signal.SIGTERM, timeout)
 
     def redis_command(self, *args: Any) -> Any:
-        return resp_command(self.port, *args, host=self.host)
+        return resp_command(self.port, *args, host=self.host, auth=self.auth)
 
     command = redis_command
 

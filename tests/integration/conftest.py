@@ -12,7 +12,7 @@ import pytest
 TESTS_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS_DIR))
 
-from harness.stack import REPO_ROOT, Frontend, Redis, Stack  # noqa: E402
+from harness.stack import REPO_ROOT, UNCAPPED, Frontend, Redis, Stack  # noqa: E402
 
 DEFAULT_WORKERS = 2
 DEFAULT_THREADS = 4
@@ -27,7 +27,13 @@ def build_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def stack(build_dir):
-    started = Stack.start(build_dir, workers=DEFAULT_WORKERS, threads=DEFAULT_THREADS, with_chroma=True)
+    # The session's pool serves tests that send many chats of one user at once
+    # to test something else (exact rate limits, concurrent turns): the
+    # per-user cap on chats in flight is raised here on purpose, so it does not
+    # turn their bursts into 429 too_many_concurrent. test_concurrency_cap.py
+    # tests the cap on pools of its own.
+    started = Stack.start(build_dir, {"CHATD_MAX_CONCURRENT_PER_USER": UNCAPPED}, workers=DEFAULT_WORKERS,
+                          threads=DEFAULT_THREADS, with_chroma=True)
     try:
         yield started
     finally:

@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from harness.stack import Redis, concurrently, poll_until, post_chat
+from harness.stack import UNCAPPED, Redis, concurrently, poll_until, post_chat
 
 DEFAULT_LIMIT = 30  # include/chatd/config.h
 DEFAULT_WINDOW_S = 60
@@ -96,8 +96,11 @@ def test_seed_31_concurrent_requests_for_one_user(stack, unique):
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_exactly_the_limit_is_admitted_under_concurrency(stack, new_pool, unique, algorithm):
     limit, window_s, burst, rounds, bystander_requests = 30, 600, 60, 3, 8
+    # 60 chats of one user at once: the concurrency cap would refuse most of
+    # them before the rate limiter is tested, so it is raised on purpose.
     frontend = new_pool({"CHATD_RATE_LIMIT": str(limit), "CHATD_RATE_WINDOW_S": str(window_s),
-                         "CHATD_RATE_ALGORITHM": algorithm}, workers=3, threads=4)
+                         "CHATD_RATE_ALGORITHM": algorithm, "CHATD_MAX_CONCURRENT_PER_USER": UNCAPPED},
+                        workers=3, threads=4)
 
     def one_round():
         user, bystander = unique("burst"), unique("bystander")
@@ -156,8 +159,9 @@ def test_sliding_log_never_admits_more_than_the_limit_in_any_rolling_window(stac
     # Every admission stays in the sorted set for at least one window, so a
     # snapshot this often sees each of them.
     sample_interval_s = 0.2
+    # Several clients of one user at once test the rate only: cap raised on purpose.
     frontend = new_pool({"CHATD_RATE_LIMIT": str(limit), "CHATD_RATE_WINDOW_S": str(window_s),
-                         "CHATD_RATE_ALGORITHM": "sliding"})
+                         "CHATD_RATE_ALGORITHM": "sliding", "CHATD_MAX_CONCURRENT_PER_USER": UNCAPPED})
     user = unique("rolling")
     key = rl_key(user, "sliding")
     stop = threading.Event()
@@ -256,8 +260,9 @@ def test_counter_redis_outage_follows_the_failure_mode_and_recovers_without_rest
     # open admits while memory (the stack's Redis) keeps working.
     counters = Redis(tmp_path).start()
     try:
+        # Bursts of one user test the failure mode only: cap raised on purpose.
         env = {"CHATD_RATE_REDIS_HOST": counters.host, "CHATD_RATE_REDIS_PORT": str(counters.port),
-               "CHATD_RATE_LIMIT": "1000"}
+               "CHATD_RATE_LIMIT": "1000", "CHATD_MAX_CONCURRENT_PER_USER": UNCAPPED}
         closed = new_pool({**env, "CHATD_RATE_FAILURE_MODE": "closed"})
         opened = new_pool({**env, "CHATD_RATE_FAILURE_MODE": "open"})
         user = unique("outage")
@@ -297,8 +302,10 @@ def test_a_flood_from_a_limited_user_costs_redis_at_most_one_call_per_worker_thr
     counters = Redis(tmp_path).start()
     try:
         workers, threads, flood_size = 2, 4, 200
+        # The flood counts rate-limit calls only: cap raised on purpose.
         front = new_pool({"CHATD_RATE_REDIS_HOST": counters.host, "CHATD_RATE_REDIS_PORT": str(counters.port),
-                          "CHATD_RATE_LIMIT": "2"}, workers=workers, threads=threads)
+                          "CHATD_RATE_LIMIT": "2", "CHATD_MAX_CONCURRENT_PER_USER": UNCAPPED},
+                         workers=workers, threads=threads)
         user = unique("flood")
         assert [chat(front.url, user)[0] for _ in range(2)] == [200, 200]
 

@@ -8,7 +8,7 @@ import signal
 import socket
 
 from harness.chroma_layout import user_records
-from harness.stack import Chroma, Redis, concurrently, http_request, poll_until, post_chat
+from harness.stack import UNCAPPED, Chroma, Redis, concurrently, http_request, poll_until, post_chat
 
 RECOVERY_TIMEOUT_S = 30.0
 
@@ -36,9 +36,11 @@ def test_a_frozen_chroma_degrades_to_short_term_memory_within_the_timeout(new_po
     try:
         # A hot set of one message is full as soon as one turn is indexed, so
         # every later chat asks Chroma for older memories: what freezes.
+        # Concurrent chats of one user during the freeze: cap raised on purpose.
         front = new_pool({"CHATD_CHROMA_URL": chroma.url, "CHATD_CHROMA_TIMEOUT_MS": "300",
                           "CHATD_RECALL_HOT_MESSAGES": "1",
-                          "CHATD_REDIS_HOST": redis.host, "CHATD_REDIS_PORT": str(redis.port)})
+                          "CHATD_REDIS_HOST": redis.host, "CHATD_REDIS_PORT": str(redis.port),
+                          "CHATD_MAX_CONCURRENT_PER_USER": UNCAPPED})
         user = unique("frozen-chroma")
         assert post_chat(front.url, user, "before the freeze")[0] == 200
         assert poll_until(lambda: chroma_count(chroma.url, user) == 2, timeout=RECOVERY_TIMEOUT_S)
@@ -68,8 +70,9 @@ def test_a_frozen_chroma_degrades_to_short_term_memory_within_the_timeout(new_po
 def test_a_frozen_redis_is_a_clean_503_and_the_pool_recovers(new_pool, unique, tmp_path):
     redis = Redis(tmp_path).start()
     try:
+        # Concurrent chats of one user during the freeze: cap raised on purpose.
         front = new_pool({"CHATD_REDIS_HOST": redis.host, "CHATD_REDIS_PORT": str(redis.port),
-                          "CHATD_REDIS_TIMEOUT_MS": "200"})
+                          "CHATD_REDIS_TIMEOUT_MS": "200", "CHATD_MAX_CONCURRENT_PER_USER": UNCAPPED})
         user = unique("frozen-redis")
         assert post_chat(front.url, user, "before")[0] == 200
         pids = sorted(front.pool.worker_pids())

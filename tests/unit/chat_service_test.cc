@@ -189,4 +189,67 @@ BOOST_AUTO_TEST_CASE(turn_ids_are_unique_hex) {
   BOOST_TEST(a.find_first_not_of("0123456789abcdef") == std::string::npos);
 }
 
+// Issue 12 A: one user must not occupy the whole pool.
+
+BOOST_FIXTURE_TEST_CASE(one_user_over_the_concurrency_cap_gets_429_too_many_concurrent_and_costs_nothing_else,
+                        ServiceFixture) {
+  limiter.too_many_concurrent = true;
+  auto r = Chat("alice", "Hi");
+  BOOST_REQUIRE(!r.ok());
+  BOOST_TEST((r.status().code() == Code::kRateLimited));
+  BOOST_TEST(r.status().reason() == "too_many_concurrent");
+  BOOST_REQUIRE(trace.rate.has_value());
+  BOOST_TEST(RetryAfterSeconds(*trace.rate) == 1);
+  BOOST_TEST(recent.recent_calls == 0);
+  BOOST_TEST(llm.calls == 0);
+  BOOST_TEST(limiter.released.empty());  // nothing was taken
+}
+
+BOOST_FIXTURE_TEST_CASE(concurrency_lease_is_released_when_the_model_fails, ServiceFixture) {
+  limiter.lease_id = "L1";
+  llm.status = Status(Code::kUpstream, "model_error", "boom");
+  BOOST_REQUIRE(!Chat("alice", "Hi").ok());
+  BOOST_TEST(limiter.released == std::vector<std::string>{"L1"});
+}
+
+BOOST_FIXTURE_TEST_CASE(concurrency_lease_is_released_when_memory_is_down, ServiceFixture) {
+  limiter.lease_id = "L1";
+  recent.recent_status = Unavailable("redis_unavailable", "down");
+  BOOST_REQUIRE(!Chat("alice", "Hi").ok());
+  BOOST_TEST(limiter.released == std::vector<std::string>{"L1"});
+}
+
+BOOST_FIXTURE_TEST_CASE(concurrency_lease_is_released_when_recording_fails_even_if_folded, ServiceFixture) {
+  limiter.lease_id = "L1";
+  options.record_turn_releases_lease = true;
+  recent.record_status = Unavailable("redis_unavailable", "down");
+  BOOST_REQUIRE(!Chat("alice", "Hi").ok());
+  BOOST_TEST(limiter.released == std::vector<std::string>{"L1"});
+}
+
+BOOST_FIXTURE_TEST_CASE(concurrency_lease_is_released_with_the_recorded_turn_when_redis_is_shared, ServiceFixture) {
+  limiter.lease_id = "L1";
+  options.record_turn_releases_lease = true;
+  BOOST_REQUIRE(Chat("alice", "Hi").ok());
+  BOOST_TEST(recent.released_leases == std::vector<std::string>{"L1"});
+  BOOST_TEST(limiter.released.empty());  // no second round trip
+}
+
+BOOST_FIXTURE_TEST_CASE(concurrency_lease_is_released_by_the_limiter_when_counters_live_elsewhere, ServiceFixture) {
+  limiter.lease_id = "L1";
+  options.record_turn_releases_lease = false;
+  BOOST_REQUIRE(Chat("alice", "Hi").ok());
+  BOOST_TEST(recent.released_leases.empty());
+  BOOST_TEST(limiter.released == std::vector<std::string>{"L1"});
+}
+
+BOOST_FIXTURE_TEST_CASE(failed_open_admission_holds_no_lease_and_releases_nothing, ServiceFixture) {
+  options.rate_failure_mode = FailureMode::kOpen;
+  options.record_turn_releases_lease = true;
+  limiter.status = Unavailable("redis_unavailable", "down");
+  BOOST_REQUIRE(Chat("alice", "Hi").ok());
+  BOOST_TEST(limiter.released.empty());
+  BOOST_TEST(recent.released_leases.empty());
+}
+
 BOOST_AUTO_TEST_SUITE_END()

@@ -20,7 +20,19 @@ class FakeLimiter : public RateLimiter {
     ++calls;
     if (!status.ok()) return status;
     RateDecision d;
+    if (too_many_concurrent) {
+      d.too_many_concurrent = true;
+      d.limit = 30;
+      d.remaining = 29;
+      d.retry_after_ms = kTooManyConcurrentRetryAfterMs;
+      d.window_s = 60;
+      return d;
+    }
     d.allowed = allowed;
+    if (allowed && !lease_id.empty()) {
+      d.lease_id = lease_id;
+      held.push_back(lease_id);
+    }
     d.limit = 30;
     d.remaining = allowed ? 29 : 0;
     d.reset_ms = 1500;
@@ -28,8 +40,15 @@ class FakeLimiter : public RateLimiter {
     d.window_s = 60;
     return d;
   }
+  Status Release(std::string_view, std::string_view lease) override {
+    released.emplace_back(lease);
+    return release_status;
+  }
   bool allowed = true;
-  Status status;
+  bool too_many_concurrent = false;
+  std::string lease_id;  // handed out with each admission when set
+  std::vector<std::string> held, released;
+  Status status, release_status;
   int calls = 0;
 };
 
@@ -46,6 +65,7 @@ class FakeShortTerm : public ShortTermStore {
   }
   Status RecordTurn(const Turn& turn) override {
     if (!record_status.ok()) return record_status;
+    if (!turn.release_lease_id.empty()) released_leases.push_back(turn.release_lease_id);
     turns.push_back(turn);
     auto& list = messages[turn.user_id];
     list.push_back({Role::kUser, turn.user_message, 1, turn.turn_id + ":u"});
@@ -57,6 +77,7 @@ class FakeShortTerm : public ShortTermStore {
   std::map<std::string, std::vector<StoredMessage>> hot;
   std::map<std::string, bool> older;
   std::vector<Turn> turns;
+  std::vector<std::string> released_leases;  // released with a recorded turn
   Status recent_status, record_status;
   int recent_calls = 0;
 };

@@ -138,11 +138,24 @@ BOOST_AUTO_TEST_CASE(reply_of_an_admission_and_of_a_rejection) {
   BOOST_TEST(no->retry_after_ms == 4000);
 }
 
+BOOST_AUTO_TEST_CASE(one_user_cannot_occupy_the_pool_verdict_2_is_too_many_concurrent_retry_in_1s) {
+  auto over = RateDecisionFromReply(Array({Int(2), Int(12), Int(4000), Int(0)}), 30, 60);
+  BOOST_REQUIRE(over.ok());
+  BOOST_TEST(!over->allowed);
+  BOOST_TEST(over->too_many_concurrent);
+  BOOST_TEST(over->remaining == 12);  // no quota consumed: what was left is still left
+  BOOST_TEST(over->retry_after_ms == kTooManyConcurrentRetryAfterMs);
+  BOOST_TEST(HeaderValue(RateLimitHeaders(*over), "Retry-After") == "1");
+  auto rate = RateDecisionFromReply(Array({Int(0), Int(0), Int(4000), Int(4000)}), 30, 60);
+  BOOST_REQUIRE(rate.ok());
+  BOOST_TEST(!rate->too_many_concurrent);
+}
+
 BOOST_AUTO_TEST_CASE(malformed_replies_are_internal_errors) {
   const std::vector<RedisValue> bad = {
       Int(1),                                          // not an array
       Array({Int(1), Int(29), Int(5)}),                // too short
-      Array({Int(2), Int(29), Int(5), Int(0)}),        // allowed is not 0/1
+      Array({Int(3), Int(29), Int(5), Int(0)}),        // verdict is not 0/1/2
       Array({Int(1), Int(-1), Int(5), Int(0)}),        // negative
       Array({Int(1), RedisValue(), Int(5), Int(0)}),   // nil element
   };
@@ -233,9 +246,16 @@ class ScriptedLimiter : public chatd::RateLimiter {
     d.remaining = allowed ? 5 : 0;
     d.reset_ms = 9000;
     d.retry_after_ms = allowed ? 0 : 4000;
+    d.too_many_concurrent = !allowed && too_many_concurrent;
     return d;
   }
+  chatd::Status Release(std::string_view, std::string_view lease) override {
+    released.emplace_back(lease);
+    return chatd::Status::Ok();
+  }
   bool allowed = true;
+  bool too_many_concurrent = false;
+  std::vector<std::string> released;
   chatd::Status status;
   int calls = 0;
   std::string last_user;
@@ -297,6 +317,20 @@ BOOST_FIXTURE_TEST_CASE(memory_stays_bounded, CacheFixture) {
   // "a" asks the shared limiter again (and is still rejected there).
   BOOST_TEST(!cache.Check("a")->allowed);
   BOOST_TEST(inner.calls == 5);
+}
+
+BOOST_FIXTURE_TEST_CASE(too_many_concurrent_is_not_remembered_a_slot_may_free_any_time, CacheFixture) {
+  inner.allowed = false;
+  inner.too_many_concurrent = true;
+  BOOST_TEST(cache.Check("alice")->too_many_concurrent);
+  inner.allowed = true;
+  BOOST_TEST(cache.Check("alice")->allowed);  // asked Redis again at once
+  BOOST_TEST(inner.calls == 2);
+}
+
+BOOST_FIXTURE_TEST_CASE(release_reaches_the_shared_limiter, CacheFixture) {
+  BOOST_REQUIRE(cache.Release("alice", "lease-1").ok());
+  BOOST_TEST(inner.released == std::vector<std::string>{"lease-1"});
 }
 
 BOOST_AUTO_TEST_SUITE_END()

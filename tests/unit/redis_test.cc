@@ -484,6 +484,66 @@ BOOST_AUTO_TEST_CASE(concurrent_callers_share_the_pool_safely) {
   BOOST_TEST(server.accepted() <= kThreads);
 }
 
+// Issue 12 B: Redis was used without credentials.
+
+namespace {
+// Accepts AUTH chatd right-pass only; everything else before it is NOAUTH.
+FakeRedis::Handler AuthHandler() {
+  auto authed = std::make_shared<std::atomic<bool>>(false);
+  return [authed](const std::vector<std::string>& argv) {
+    if (argv[0] == "AUTH") {
+      bool ok = argv.size() == 3 && argv[1] == "chatd" && argv[2] == "right-pass";
+      authed->store(ok);
+      return FakeReply::Send(ok ? "+OK\r\n" : "-WRONGPASS invalid username-password pair or user is disabled.\r\n");
+    }
+    if (!authed->load()) return FakeReply::Send("-NOAUTH Authentication required.\r\n");
+    return FakeReply::Send("+PONG\r\n");
+  };
+}
+
+RedisOptions AclUser(int port, const std::string& password) {
+  RedisOptions o = OptionsFor(port);
+  o.username = "chatd";
+  o.password = password;
+  return o;
+}
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(redis_without_credentials_auth_is_the_first_command_of_every_new_connection) {
+  FakeRedis server(AuthHandler());
+  RedisClient client(AclUser(server.port(), "right-pass"));
+  BOOST_REQUIRE(client.CheckAccess().ok());
+  auto r = client.Command({"PING"});
+  BOOST_REQUIRE(r.ok());
+  BOOST_TEST(r->str == "PONG");
+  auto commands = server.commands();
+  BOOST_REQUIRE(commands.size() >= 2u);
+  BOOST_TEST(commands[0] == (std::vector<std::string>{"AUTH", "chatd", "right-pass"}));
+  BOOST_TEST(server.accepted() == 1);  // the authenticated connection is reused
+}
+
+BOOST_AUTO_TEST_CASE(redis_wrong_password_is_a_clear_error_that_never_shows_the_password) {
+  FakeRedis server(AuthHandler());
+  RedisClient client(AclUser(server.port(), "wrong-pass"));
+  for (int i = 0; i < 2; ++i) {  // not cached: each call dials and tries again
+    auto r = client.Command({"PING"});
+    BOOST_REQUIRE(!r.ok());
+    BOOST_TEST(r.status().reason() == "redis_auth_failed");
+    BOOST_TEST(r.status().message().find("WRONGPASS") != std::string::npos);
+    BOOST_TEST(r.status().message().find("CHATD_REDIS_PASSWORD_FILE") != std::string::npos);
+    BOOST_TEST(r.status().message().find("wrong-pass") == std::string::npos);
+  }
+  BOOST_TEST(server.accepted() == 2);
+}
+
+BOOST_AUTO_TEST_CASE(redis_without_a_password_configured_noauth_is_reported_as_an_auth_failure) {
+  FakeRedis server(AuthHandler());
+  RedisClient client(OptionsFor(server.port()));
+  Status s = client.CheckAccess();
+  BOOST_TEST(s.reason() == "redis_auth_failed");
+  BOOST_TEST(s.message().find("NOAUTH") != std::string::npos);
+}
+
 BOOST_AUTO_TEST_SUITE_END()
 
 }  // namespace chatd
