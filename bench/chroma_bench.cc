@@ -262,7 +262,7 @@ int RunQuery(const Options& o) {
     std::vector<float> embedding = QueryEmbedding(rng, dims);
     std::vector<std::string> exclude = ExcludedIds(user, o.messages);
     auto call_started = Clock::now();
-    auto r = store.Recall(UserId(user), embedding, kRecallK, exclude, 0);
+    auto r = store.Recall(UserId(user), embedding, kRecallK, exclude);
     out.push_back(MsSince(call_started));
     if (!r.ok()) {
       ++failures;
@@ -333,7 +333,7 @@ int RunQuery(const Options& o) {
         int user = sampled[local_pick(local)];
         std::vector<float> embedding = QueryEmbedding(local, dims);
         auto call_started = Clock::now();
-        auto r = store.Recall(UserId(user), embedding, kRecallK, ExcludedIds(user, o.messages), 0);
+        auto r = store.Recall(UserId(user), embedding, kRecallK, ExcludedIds(user, o.messages));
         parallel.Add(MsSince(call_started));
         if (!r.ok()) parallel_failures.fetch_add(1);
       }
@@ -385,7 +385,7 @@ class RawChroma {
   }
 
   chatd::Status Query(const std::string& collection_id, const std::string& user_id, const std::vector<float>& e) {
-    auto body = chatd::chroma_json::QueryRequest(e, static_cast<int64_t>(kRecallK + kRecentExcluded), user_id, 0);
+    auto body = chatd::chroma_json::QueryRequest(e, static_cast<int64_t>(kRecallK + kRecentExcluded), user_id);
     if (!body.ok()) return body.status();
     auto r = Send("POST", api_ + "/collections/" + collection_id + "/query", body.value());
     if (!r.ok()) return r.status();

@@ -91,11 +91,13 @@ Result<ChatReply> ChatService::Chat(const std::string& user_id, const std::strin
       for (const auto& m : recent) exclude.insert(m.id);
       memories = RankHot(memory->hot, embedding, options_.recall_k, exclude);
       if (memory->older_in_long_term) {
-        int64_t oldest_hot = INT64_MAX;
-        for (const StoredMessage& m : memory->hot) oldest_hot = std::min(oldest_hot, m.ts_ms);
+        // Everything in the hot set was ranked already: ask only for the rest.
         std::vector<std::string> exclude_ids(exclude.begin(), exclude.end());
+        for (const StoredMessage& m : memory->hot) {
+          if (exclude.count(m.id) == 0) exclude_ids.push_back(m.id);
+        }
         trace.long_term_queried = true;
-        auto recalled = long_term_.Recall(user_id, embedding, options_.recall_k, exclude_ids, oldest_hot);
+        auto recalled = long_term_.Recall(user_id, embedding, options_.recall_k, exclude_ids);
         if (recalled.ok()) {
           trace.foreign_records_dropped = recalled->foreign_dropped;
           if (recalled->foreign_dropped > 0) {

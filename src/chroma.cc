@@ -135,19 +135,8 @@ Status ReadRecord(const rapidjson::Value& id, const rapidjson::Value& meta, std:
 
 bool IsForeign(const Status& s) { return s.reason() == "chroma_foreign_record"; }
 
-bool WriteUserFilter(JsonWriter& w, std::string_view user_id, int64_t before_ts_ms) {
-  bool ok = w.Key("where") && w.StartObject();
-  if (before_ts_ms > 0) {
-    // Chroma takes exactly one top-level operator: both conditions go in $and.
-    ok = ok && w.Key("$and") && w.StartArray();
-    ok = ok && w.StartObject() && w.Key(kMetaUser) && WriteString(w, user_id) && w.EndObject();
-    ok = ok && w.StartObject() && w.Key(kMetaTs) && w.StartObject() && w.Key("$lt") && w.Int64(before_ts_ms) &&
-         w.EndObject() && w.EndObject();
-    ok = ok && w.EndArray();
-  } else {
-    ok = ok && w.Key(kMetaUser) && WriteString(w, user_id);
-  }
-  return ok && w.EndObject();
+bool WriteUserFilter(JsonWriter& w, std::string_view user_id) {
+  return w.Key("where") && w.StartObject() && w.Key(kMetaUser) && WriteString(w, user_id) && w.EndObject();
 }
 
 Result<std::vector<float>> ReadVector(const rapidjson::Value& v) {
@@ -259,8 +248,7 @@ Result<std::string> UpsertRequest(const std::vector<StoredMessage>& messages) {
   return Finish(buffer);
 }
 
-Result<std::string> QueryRequest(const std::vector<float>& embedding, int64_t n_results, std::string_view user_id,
-                                 int64_t before_ts_ms) {
+Result<std::string> QueryRequest(const std::vector<float>& embedding, int64_t n_results, std::string_view user_id) {
   if (embedding.empty()) return InvalidArgument("missing_embedding", "recall needs an embedding");
   rapidjson::StringBuffer buffer;
   JsonWriter w(buffer);
@@ -268,7 +256,7 @@ Result<std::string> QueryRequest(const std::vector<float>& embedding, int64_t n_
             w.EndArray();
   if (!ok) return InvalidArgument("bad_embedding", "the embedding holds a value that is not a finite number");
   ok = w.Key("n_results") && w.Int64(n_results);
-  ok = ok && WriteUserFilter(w, user_id, before_ts_ms);
+  ok = ok && WriteUserFilter(w, user_id);
   ok = ok && w.Key("include") && w.StartArray() && w.String("documents") && w.String("metadatas") &&
        w.String("distances") && w.EndArray();
   ok = ok && w.EndObject();
@@ -280,7 +268,7 @@ std::string GetPageRequest(std::string_view user_id, int64_t limit, int64_t offs
   rapidjson::StringBuffer buffer;
   JsonWriter w(buffer);
   w.StartObject();
-  if (!user_id.empty()) WriteUserFilter(w, user_id, 0);  // valid user ids are ASCII: cannot fail
+  if (!user_id.empty()) WriteUserFilter(w, user_id);  // valid user ids are ASCII: cannot fail
   w.Key("limit");
   w.Int64(limit);
   w.Key("offset");
@@ -559,11 +547,11 @@ Result<std::optional<HttpResponse>> ChromaStore::LegacyCall(std::string_view use
 }
 
 Result<RecallResult> ChromaStore::Recall(std::string_view user_id, const std::vector<float>& embedding, size_t k,
-                                         const std::vector<std::string>& exclude_ids, int64_t before_ts_ms) {
+                                         const std::vector<std::string>& exclude_ids) {
   if (k == 0) return RecallResult{};
   const int64_t n_results = std::min<int64_t>(static_cast<int64_t>(k + exclude_ids.size()),
                                               chroma_json::kMaxQueryResults);
-  auto body = chroma_json::QueryRequest(embedding, n_results, user_id, before_ts_ms);
+  auto body = chroma_json::QueryRequest(embedding, n_results, user_id);
   if (!body.ok()) return body.status();
   auto response = ShardCall(ChromaShardOf(user_id, options_.shards), "/query", body.value());
   if (!response.ok()) return response.status();

@@ -230,6 +230,7 @@ Result<Config> LoadConfig(const EnvLookup& env) {
 
   r.Int("CHATD_INDEX_CLAIM_IDLE_MS", c.index_claim_idle_ms, 100, kMaxTimeoutMs);
   r.Int("CHATD_INDEX_BATCH", c.index_batch, 1, 1000);
+  r.Int("CHATD_INDEX_LINGER_MS", c.index_linger_ms, 0, 10000);
   r.Int("CHATD_INDEX_RETRY_MS", c.index_retry_ms, 10, kMaxTimeoutMs);
   r.Int("CHATD_INDEX_MAX_DELIVERIES", c.index_max_deliveries, 1, 1000);
   r.Int("CHATD_INDEX_LAG_DEGRADED_MS", c.index_lag_degraded_ms, 100, kMaxTimeoutMs);

@@ -239,13 +239,13 @@ Result<std::vector<IndexEntry>> Indexer::ClaimStale() {
   return entries;
 }
 
-Result<std::vector<IndexEntry>> Indexer::ReadNew(int count, bool block) {
+Result<std::vector<IndexEntry>> Indexer::ReadNew(int count, int64_t block_ms) {
   const std::string batch = std::to_string(count);
-  const std::string block_ms = std::to_string(options_.block_ms);
+  const std::string block = std::to_string(block_ms);
   std::vector<std::string_view> argv = {"XREADGROUP", "GROUP", kIndexGroup, options_.consumer, "COUNT", batch};
-  if (block) {
+  if (block_ms > 0) {
     argv.push_back("BLOCK");
-    argv.push_back(block_ms);
+    argv.push_back(block);
   }
   argv.insert(argv.end(), {"STREAMS", kIndexStreamKey, ">"});
   Result<RedisValue> r = redis_.Command(argv);
@@ -274,9 +274,22 @@ Result<int> Indexer::RunOnce() {
   // New turns ride along with retried ones, so a turn that keeps failing
   // never holds the others back; they wait in BLOCK only when nothing is due.
   if (static_cast<int>(entries.size()) < options_.batch) {
-    auto fresh = ReadNew(options_.batch - static_cast<int>(entries.size()), /*block=*/entries.empty());
+    auto fresh = ReadNew(options_.batch - static_cast<int>(entries.size()), entries.empty() ? options_.block_ms : 0);
     if (!fresh.ok()) return fresh.status();
     for (IndexEntry& e : *fresh) entries.push_back(std::move(e));
+  }
+  // Chroma's cost is mostly per call, not per record: while turns keep
+  // arriving, gather them for up to linger_ms so that a busy indexer writes
+  // few large batches instead of many small ones.
+  const auto linger_until = SteadyClock::now() + std::chrono::milliseconds(options_.linger_ms);
+  while (!entries.empty() && static_cast<int>(entries.size()) < options_.batch && !stop_) {
+    const int64_t left =
+        std::chrono::duration_cast<std::chrono::milliseconds>(linger_until - SteadyClock::now()).count();
+    if (left <= 0) break;
+    auto more = ReadNew(options_.batch - static_cast<int>(entries.size()), left);
+    if (!more.ok()) return more.status();
+    if (more->empty()) break;  // nothing came within the linger
+    for (IndexEntry& e : *more) entries.push_back(std::move(e));
   }
   if (entries.empty()) return 0;
   return Index(entries);

@@ -198,6 +198,7 @@ int main() {
   indexer_options.block_ms = kIndexerBlockMs;
   indexer_options.claim_idle_ms = config.index_claim_idle_ms;
   indexer_options.retry_pause_ms = config.index_retry_ms;
+  indexer_options.linger_ms = config.index_linger_ms;
   indexer_options.max_deliveries = config.index_max_deliveries;
   indexer_options.hot_messages = config.recall_hot_messages;
   // One pass writes each shard of the batch once (two calls when a shard

@@ -88,7 +88,8 @@ struct Config {
 
   // Background indexer (Redis stream -> Chroma)
   int64_t index_claim_idle_ms = 30000;  // CHATD_INDEX_CLAIM_IDLE_MS: take over entries a dead worker left
-  int index_batch = 64;                 // CHATD_INDEX_BATCH
+  int index_batch = 256;                // CHATD_INDEX_BATCH
+  int64_t index_linger_ms = 100;        // CHATD_INDEX_LINGER_MS: gather arriving turns before a write
   int64_t index_retry_ms = 1000;        // CHATD_INDEX_RETRY_MS: pause before a failed entry is retried
   int index_max_deliveries = 5;         // CHATD_INDEX_MAX_DELIVERIES: then a turn failing alone is dead-lettered
   int64_t index_lag_degraded_ms = 60000;  // CHATD_INDEX_LAG_DEGRADED_MS: health says degraded past this backlog age

@@ -52,7 +52,8 @@ namespace chatd {
 
 struct IndexerOptions {
   std::string consumer;          // unique per process: host-pid
-  int batch = 64;
+  int batch = 256;
+  int64_t linger_ms = 100;       // gather arriving turns this long before a write
   int64_t block_ms = 500;        // XREADGROUP BLOCK: also bounds how long Stop() waits
   int64_t claim_idle_ms = 30000;  // another consumer's entry this idle: its worker is dead
   int64_t retry_pause_ms = 1000;  // own failed entries are retried after this
@@ -99,7 +100,8 @@ class Indexer {
   struct Outcome;
   Status EnsureGroup();
   Result<std::vector<IndexEntry>> ClaimStale();
-  Result<std::vector<IndexEntry>> ReadNew(int count, bool block);
+  // Up to `count` new entries, waiting up to block_ms for the first (0: not at all).
+  Result<std::vector<IndexEntry>> ReadNew(int count, int64_t block_ms);
   Result<int> Index(std::vector<IndexEntry>& entries);
   // Writes the turns of `entries` (all users) and says for each whether it
   // was written (ok), failed for good, or failed for now.

@@ -62,8 +62,8 @@ struct UserMemory {
   // Everything here is also in the long-term store.
   std::vector<StoredMessage> hot;
   // True once the hot set was trimmed: older messages then live only in the
-  // long-term store, and recall asks it for those (older than the oldest hot
-  // message). False means the hot set is the user's whole long-term memory,
+  // long-term store, and recall asks it for those (all but the hot ones).
+  // False means the hot set is the user's whole long-term memory,
   // so a user without memory costs no long-term call at all.
   bool older_in_long_term = false;
 };
@@ -91,11 +91,12 @@ class LongTermStore {
  public:
   virtual ~LongTermStore() = default;
   // Up to k of the user's messages closest to `embedding`, skipping ids in
-  // `exclude_ids`; with before_ts_ms > 0 only messages older than it. A user
+  // `exclude_ids` (the recent messages and the hot set, which the caller has
+  // already). A user
   // with no memory gets an empty list, not an error. Every returned record is
   // checked to belong to the user.
   virtual Result<RecallResult> Recall(std::string_view user_id, const std::vector<float>& embedding, size_t k,
-                                      const std::vector<std::string>& exclude_ids, int64_t before_ts_ms) = 0;
+                                      const std::vector<std::string>& exclude_ids) = 0;
   // Many users' messages in as few calls as the layout allows (each message
   // names its user). Idempotent: writing the same ids again changes nothing.
   virtual Status Upsert(const std::vector<StoredMessage>& messages) = 0;

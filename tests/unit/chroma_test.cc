@@ -118,7 +118,7 @@ BOOST_AUTO_TEST_CASE(floats_round_trip_through_the_json) {
   // The shortest text of a float must read back as the very same float.
   const std::vector<float> v = {0.1f,        -0.42426407f, 1e-30f,         3.4028235e38f, -3.4028235e38f,
                                 -0.0f,       0.33333334f,  1.17549435e-38f, 1e-45f /* denormal */};
-  auto body = chroma_json::QueryRequest(v, 3, "u", 0);
+  auto body = chroma_json::QueryRequest(v, 3, "u");
   BOOST_REQUIRE(body.ok());
   // Reuse the /get parser to read the numbers back.
   const std::string vector_json = body->substr(body->find("[[") + 1, body->find("]]") - body->find("[[") - 0);
@@ -131,16 +131,11 @@ BOOST_AUTO_TEST_CASE(floats_round_trip_through_the_json) {
 }
 
 BOOST_AUTO_TEST_CASE(query_request) {
-  auto body = chroma_json::QueryRequest({0.5f, 0.25f}, 7, "alice", 0);
+  auto body = chroma_json::QueryRequest({0.5f, 0.25f}, 7, "alice");
   BOOST_REQUIRE(body.ok());
   BOOST_TEST(*body == R"({"query_embeddings":[[0.5,0.25]],"n_results":7,"where":{"user":"alice"},)"
                       R"("include":["documents","metadatas","distances"]})");
-  auto older = chroma_json::QueryRequest({0.5f}, 7, "alice", 1700000000000);
-  BOOST_REQUIRE(older.ok());
-  BOOST_TEST(*older == R"({"query_embeddings":[[0.5]],"n_results":7,)"
-                       R"("where":{"$and":[{"user":"alice"},{"ts":{"$lt":1700000000000}}]},)"
-                       R"("include":["documents","metadatas","distances"]})");
-  BOOST_TEST(chroma_json::QueryRequest({}, 7, "alice", 0).status().reason() == "missing_embedding");
+  BOOST_TEST(chroma_json::QueryRequest({}, 7, "alice").status().reason() == "missing_embedding");
   BOOST_TEST(chroma_json::GetPageRequest("alice", 100, 200, true) ==
              R"({"where":{"user":"alice"},"limit":100,"offset":200,)"
              R"("include":["metadatas","documents","embeddings"]})");
@@ -344,7 +339,7 @@ BOOST_AUTO_TEST_CASE(unreachable_chroma_fails_fast_with_chroma_unreachable) {
   ChromaOptions options;
   options.base_url = "http://127.0.0.1:" + std::to_string(ClosedPort()) + "/";
   ChromaStore store(options);
-  auto recall = store.Recall("alice", {1.0f, 0.0f}, 5, {}, 0);
+  auto recall = store.Recall("alice", {1.0f, 0.0f}, 5, {});
   BOOST_REQUIRE(!recall.ok());
   BOOST_TEST(recall.status().reason() == "chroma_unreachable");
   BOOST_TEST(static_cast<int>(recall.status().code()) == static_cast<int>(Code::kUnavailable));
@@ -353,7 +348,7 @@ BOOST_AUTO_TEST_CASE(unreachable_chroma_fails_fast_with_chroma_unreachable) {
   BOOST_TEST(store.Heartbeat().reason() == "chroma_unreachable");
   // Nothing to do needs no server.
   BOOST_TEST(store.Upsert({}).ok());
-  auto none = store.Recall("alice", {1.0f}, 0, {}, 0);
+  auto none = store.Recall("alice", {1.0f}, 0, {});
   BOOST_REQUIRE(none.ok());
   BOOST_TEST(none->messages.empty());
 }

@@ -85,10 +85,9 @@ class FakeShortTerm : public ShortTermStore {
 class FakeLongTerm : public LongTermStore {
  public:
   Result<RecallResult> Recall(std::string_view, const std::vector<float>&, size_t k,
-                              const std::vector<std::string>& exclude, int64_t before_ts_ms) override {
+                              const std::vector<std::string>& exclude) override {
     ++recall_calls;
     last_exclude = exclude;
-    last_before_ts_ms = before_ts_ms;
     if (!status.ok()) return status;
     RecallResult out;
     out.foreign_dropped = foreign_dropped;
@@ -110,7 +109,6 @@ class FakeLongTerm : public LongTermStore {
   }
   std::vector<RecalledMessage> memories;
   std::vector<std::string> last_exclude;
-  int64_t last_before_ts_ms = -1;
   size_t foreign_dropped = 0;
   Status status;
   int recall_calls = 0;
