@@ -110,14 +110,16 @@ int64_t RetryDelayMs(const OpenAIChatOptions& options, int attempt, std::string_
     out = std::strtod(text.c_str(), &end);
     return !text.empty() && end && *end == '\0' && std::isfinite(out) && out >= 0;
   };
+  // Capped while still a double: a hint such as "1e300" does not fit in
+  // int64_t, and converting it would be undefined behaviour (found by
+  // tests/fuzz/fuzz_llm.cc).
+  auto capped_ms = [](double ms) {
+    return static_cast<int64_t>(std::min(ms, static_cast<double>(kMaxRetryAfterMs)));
+  };
   double hint = 0;
-  if (!retry_after_ms.empty() && parse_number(retry_after_ms, hint)) {
-    return std::min<int64_t>(static_cast<int64_t>(hint), kMaxRetryAfterMs);
-  }
+  if (!retry_after_ms.empty() && parse_number(retry_after_ms, hint)) return capped_ms(hint);
   // Only the delta-seconds form; an HTTP-date hint falls back to backoff.
-  if (!retry_after.empty() && parse_number(retry_after, hint)) {
-    return std::min<int64_t>(static_cast<int64_t>(hint * 1000), kMaxRetryAfterMs);
-  }
+  if (!retry_after.empty() && parse_number(retry_after, hint)) return capped_ms(hint * 1000);
   double backoff = static_cast<double>(options.backoff_base_ms) * std::pow(2.0, attempt);
   backoff = std::min(backoff, static_cast<double>(options.backoff_max_ms));
   return static_cast<int64_t>(backoff * (1.0 - kJitterFraction * jitter01));
