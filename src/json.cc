@@ -115,6 +115,10 @@ Result<ChatRequest> ParseChatRequest(std::string_view body, size_t max_message_b
   if (msg == doc.MemberEnd()) return InvalidArgument("missing_field", "The field \"message\" is required");
   if (!msg->value.IsString()) return InvalidArgument("wrong_type", "The field \"message\" must be a string");
   std::string_view text(msg->value.GetString(), msg->value.GetStringLength());
+  // Checked again after decoding: RapidJSON 1.1.0 refuses a lone high
+  // surrogate escape but decodes a lone low one ("\udc00") into the bytes of
+  // a surrogate, which are not UTF-8 (found by tests/fuzz/fuzz_chat_request.cc).
+  if (!IsValidUtf8(text)) return InvalidArgument("invalid_utf8", "The field \"message\" is not valid UTF-8");
   if (IsBlank(text)) return InvalidArgument("empty_message", "The field \"message\" must not be empty");
   if (text.size() > max_message_bytes) {
     return InvalidArgument("message_too_long", "The field \"message\" is longer than " +
