@@ -132,27 +132,25 @@ def replay_fuzz_corpora(fuzz_build: Path) -> Outcome:
     outcome = Outcome("fuzz replay")
     targets = sorted(p.name for p in FUZZ_CORPORA.iterdir() if p.is_dir())
     print(f"\n=== fuzz replay: {len(targets)} targets in {fuzz_build}", flush=True)
-    # Not under a parent make's jobserver: the fds are not passed down.
+    # Relative, as the Makefile names its objects: the header dependencies it
+    # recorded are keyed by those names.
+    folder = os.path.relpath(fuzz_build, REPO_ROOT)
+    make = ["make", "--no-print-directory", f"-j{os.cpu_count() or 1}", f"FUZZ_BUILD={folder}"]
+    # Not under a parent make's jobserver: its fds are not passed down.
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     for target in targets:
-        binary = fuzz_build / "bin" / target
         try:
-            # Relative, as the Makefile names its objects: the header
-            # dependencies it recorded are keyed by those names.
-            folder = os.path.relpath(fuzz_build, REPO_ROOT)
-            rc = run_command(["make", "--no-print-directory", f"FUZZ_BUILD={folder}", f"{folder}/bin/{target}"],
-                             FUZZ_BUILD_TIMEOUT_S, env)
+            rc = run_command([*make, f"{folder}/bin/{target}"], FUZZ_BUILD_TIMEOUT_S, env)
             if rc != 0:
                 why = "timed out" if rc is None else f"exit status {rc}"
                 outcome.failed += 1
                 outcome.failures.append(f"{target}: did not build ({why})")
                 continue
-            rc = run_command([str(binary), *FUZZ_REPLAY_FLAGS, str(FUZZ_CORPORA / target)],
+            rc = run_command([str(fuzz_build / "bin" / target), *FUZZ_REPLAY_FLAGS, str(FUZZ_CORPORA / target)],
                              FUZZ_REPLAY_TIMEOUT_S, env)
+            why = "timed out" if rc is None else f"exit status {rc}"
         except OSError as exc:
             rc, why = -1, f"could not start: {exc}"
-        else:
-            why = "timed out" if rc is None else f"exit status {rc}"
         if rc == 0:
             outcome.passed += 1
         else:
