@@ -152,6 +152,13 @@ Result<Archive> ParseArchive(std::string_view json) {
       return bad("incomplete metadata");
     }
     if (role != "user" && role != "assistant") return bad("bad role");
+    // RapidJSON 1.1.0 decodes an escaped lone low surrogate ("\udd00") into
+    // bytes that are not UTF-8, despite kParseValidateEncodingFlag; such a
+    // record could never be written back to Chroma (found by
+    // tests/fuzz/fuzz_archive.cc).
+    if (!IsValidUtf8(m.id) || !IsValidUtf8(m.content) || !IsValidUtf8(m.user_id) || !IsValidUtf8(m.turn_id)) {
+      return bad("record text is not UTF-8");
+    }
     m.role = role == "user" ? Role::kUser : Role::kAssistant;
     m.embedding.reserve(emb->value.Size());
     for (const auto& x : emb->value.GetArray()) {

@@ -35,6 +35,17 @@ BOOST_AUTO_TEST_CASE(zero_with_a_large_exponent_reads_as_zero) {
   for (float x : a->records[0].embedding) BOOST_TEST(x == 0.0f);
 }
 
+// Found by fuzz_archive: an escaped lone low surrogate decoded into bytes
+// that are not UTF-8, which the archive's own writer then could not read back.
+BOOST_AUTO_TEST_CASE(lone_surrogate_escapes_are_refused) {
+  std::string text = OneRecordArchive("[]");
+  BOOST_REQUIRE(ParseArchive(text).ok());
+  text.replace(text.find("\"d\""), 3, R"("a\udd00b")");
+  auto a = ParseArchive(text);
+  BOOST_REQUIRE(!a.ok());
+  BOOST_TEST(a.status().reason() == "bad_archive");
+}
+
 // Every finite float survives SerializeArchive and ParseArchive bit for bit
 // (apart from the sign of zero), including the extremes.
 BOOST_AUTO_TEST_CASE(floats_round_trip_exactly) {
