@@ -27,7 +27,7 @@ UNIT_OBJS := $(UNIT_SRCS:tests/unit/%.cc=$(BUILD)/obj/unit/%.o)
 BINS      := $(BUILD)/bin/chatd $(BUILD)/bin/chatd-cleanup $(BUILD)/bin/chatd-cleanup-testhooks \
              $(BUILD)/bin/unit_tests
 
-.PHONY: all deps run test asan unit integration bench install install-chroma uninstall clean
+.PHONY: all deps run test asan fuzz fuzz-build unit integration bench install install-chroma uninstall clean
 all: $(BINS)
 
 $(BUILD)/obj/%.o: src/%.cc
@@ -80,12 +80,67 @@ $(BUILD)/bin/chroma_bench: $(BUILD)/obj/bench/chroma_bench.o $(BUILD)/libchatd.a
 -include $(wildcard $(BUILD)/obj/*.d $(BUILD)/obj/unit/*.d $(BUILD)/obj/bench/*.d)
 
 # ---------------------------------------------------------------------------
+# Fuzzing (docs/testing.md, "Fuzzing"): one libFuzzer target per parser of
+# untrusted bytes, built with Debian's clang 14 in its own folder because the
+# whole library must carry the fuzzer's coverage hooks and the sanitizers.
+FUZZ_CXX     ?= clang++-14
+FUZZ_BUILD   ?= build-fuzz
+FUZZ_SECONDS ?= 60
+# -Wno-ambiguous-reversed-operator: Debian's RapidJSON 1.1.0 declares its member
+# iterator's operator== with a non-const-matching parameter, which C++20's
+# reversed candidates make formally ambiguous at every `it == obj.MemberEnd()`;
+# both candidates do the same comparison (fixed upstream after 1.1.0).
+FUZZ_CXXFLAGS := $(CXXFLAGS_BASE) -Wno-ambiguous-reversed-operator -O1 -g -fno-omit-frame-pointer \
+  -fno-sanitize-recover=undefined -fsanitize-ignorelist=tests/fuzz/ubsan-ignorelist.txt
+FUZZ_TARGETS := $(patsubst tests/fuzz/%.cc,%,$(wildcard tests/fuzz/fuzz_*.cc))
+FUZZ_BINS    := $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/bin/%)
+FUZZ_LIB_OBJS := $(LIB_SRCS:src/%.cc=$(FUZZ_BUILD)/obj/%.o)
+# libFuzzer's own options for every run: stderr of the code under test is
+# closed (the JWT verifier logs each refusal) while libFuzzer's report stays.
+FUZZ_RUN_FLAGS := -close_fd_mask=2 -timeout=10
+
+$(FUZZ_BUILD)/obj/%.o: src/%.cc tests/fuzz/ubsan-ignorelist.txt
+	@mkdir -p $(@D)
+	$(FUZZ_CXX) $(FUZZ_CXXFLAGS) -fsanitize=fuzzer-no-link,address,undefined -c $< -o $@
+
+$(FUZZ_BUILD)/obj/fuzz/%.o: tests/fuzz/%.cc tests/fuzz/ubsan-ignorelist.txt
+	@mkdir -p $(@D)
+	$(FUZZ_CXX) $(FUZZ_CXXFLAGS) -fsanitize=fuzzer,address,undefined -c $< -o $@
+
+$(FUZZ_BUILD)/libchatd.a: $(FUZZ_LIB_OBJS)
+	@mkdir -p $(@D)
+	$(AR) rcs $@ $^
+
+$(FUZZ_BUILD)/bin/%: $(FUZZ_BUILD)/obj/fuzz/%.o $(FUZZ_BUILD)/libchatd.a
+	@mkdir -p $(@D)
+	$(FUZZ_CXX) -fsanitize=fuzzer,address,undefined $^ $(LDLIBS) -o $@
+
+# The harness objects are intermediate files of the pattern chain: keep them.
+.PRECIOUS: $(FUZZ_BUILD)/obj/fuzz/%.o
+
+-include $(wildcard $(FUZZ_BUILD)/obj/*.d $(FUZZ_BUILD)/obj/fuzz/*.d)
+
+fuzz-build: $(FUZZ_BINS)
+
+# Each target for FUZZ_SECONDS, one after the other. New inputs go to the
+# scratch folder (the first corpus argument); the committed seeds are only read.
+fuzz: $(FUZZ_BINS)
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p $(FUZZ_BUILD)/corpus/$$t $(FUZZ_BUILD)/artifacts/$$t && \
+	  echo "=== $$t for $(FUZZ_SECONDS) s" && \
+	  $(FUZZ_BUILD)/bin/$$t $(FUZZ_RUN_FLAGS) -max_total_time=$(FUZZ_SECONDS) \
+	    -artifact_prefix=$(FUZZ_BUILD)/artifacts/$$t/ \
+	    $(FUZZ_BUILD)/corpus/$$t tests/fuzz/corpus/$$t || exit 1; \
+	done
+
+# ---------------------------------------------------------------------------
 # Dependencies: Debian 12 packages (docs/dependencies.md says why each) and the
 # Chroma server from PyPI in a virtualenv. Idempotent: installs only what is
 # missing, so it costs a few dpkg look-ups when everything is there.
 DEB_PACKAGES := g++ make pkg-config libfcgi-dev spawn-fcgi multiwatch libhiredis-dev \
   libcurl4-openssl-dev rapidjson-dev libboost-test-dev libssl-dev \
-  nginx redis-server python3 python3-venv python3-pytest python3-uvloop python3-yaml curl wrk systemd
+  nginx redis-server python3 python3-venv python3-pytest python3-uvloop python3-yaml curl wrk systemd \
+  clang-14 libfuzzer-14-dev libclang-rt-14-dev
 CHROMA_VENV  := .venv/chroma
 CHROMA_STAMP := $(CHROMA_VENV)/.installed-$(shell sha1sum requirements-chroma.txt | cut -c1-12)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -119,7 +174,7 @@ unit: all
 # Unit tests (Boost.Test) and integration tests (pytest against the real stack),
 # ending with one line "N passed, N failed".
 test: deps all
-	$(PYTHON) tests/run_all.py --build $(BUILD)
+	$(PYTHON) tests/run_all.py --build $(BUILD) --fuzz-build $(FUZZ_BUILD)
 
 # The same tests against an AddressSanitizer + UBSan build.
 asan:
@@ -191,4 +246,4 @@ uninstall:
 	rm -rf $(DESTDIR)$(DOCDIR) $(DESTDIR)$(LIBDIR)
 
 clean:
-	rm -rf build build-asan
+	rm -rf build build-asan build-fuzz

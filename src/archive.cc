@@ -109,8 +109,13 @@ std::string SerializeArchive(const Archive& a) {
 Result<Archive> ParseArchive(std::string_view json) {
   auto bad = [](const std::string& why) { return Status(Code::kInternal, "bad_archive", "archive: " + why); };
   rapidjson::Document doc;
-  doc.Parse<rapidjson::kParseFullPrecisionFlag | rapidjson::kParseIterativeFlag |
-            rapidjson::kParseValidateEncodingFlag>(json.data(), json.size());
+  // Not kParseFullPrecisionFlag: in RapidJSON 1.1.0 that path misreads a zero
+  // with a large exponent ("0e39" becomes -1.5e228, through an undefined
+  // __builtin_clzll(0); found by tests/fuzz/fuzz_archive.cc). The default
+  // path is within a few double ulps, far below the gap between the 9 digits
+  // we write and the midpoint of two floats, so every float still reads back
+  // exactly (tests/unit/archive_test.cc checks it).
+  doc.Parse<rapidjson::kParseIterativeFlag | rapidjson::kParseValidateEncodingFlag>(json.data(), json.size());
   if (doc.HasParseError() || !doc.IsObject()) return bad("not a JSON object");
   auto str = [](const rapidjson::Value& obj, const char* key, std::string& out) {
     auto it = obj.FindMember(key);
@@ -148,6 +153,13 @@ Result<Archive> ParseArchive(std::string_view json) {
       return bad("incomplete metadata");
     }
     if (role != "user" && role != "assistant") return bad("bad role");
+    // RapidJSON 1.1.0 decodes an escaped lone low surrogate ("\udd00") into
+    // bytes that are not UTF-8, despite kParseValidateEncodingFlag; such a
+    // record could never be written back to Chroma (found by
+    // tests/fuzz/fuzz_archive.cc).
+    if (!IsValidUtf8(m.id) || !IsValidUtf8(m.content) || !IsValidUtf8(m.user_id) || !IsValidUtf8(m.turn_id)) {
+      return bad("record text is not UTF-8");
+    }
     m.role = role == "user" ? Role::kUser : Role::kAssistant;
     m.embedding.reserve(emb->value.Size());
     for (const auto& x : emb->value.GetArray()) {

@@ -20,8 +20,6 @@ namespace chatd {
 
 namespace {
 
-// Longest CONTENT_LENGTH we even try to parse: 20 digits overflow int64 anyway.
-constexpr size_t kMaxContentLengthDigits = 18;
 // Chunk for reading the body; the body itself is capped by max_body_bytes.
 constexpr int kReadChunk = 16 * 1024;
 // After an accept error that is not "someone else took it", pause before
@@ -40,19 +38,6 @@ std::string Param(FCGX_Request& req, const char* name) {
   const char* v = FCGX_GetParam(name, req.envp);
   return v ? std::string(v) : std::string();
 }
-
-// Strict: digits only, no sign, no spaces, bounded.
-bool ParseContentLength(const std::string& s, size_t& out) {
-  if (s.empty() || s.size() > kMaxContentLengthDigits) return false;
-  size_t v = 0;
-  for (char c : s) {
-    if (c < '0' || c > '9') return false;
-    v = v * 10 + static_cast<size_t>(c - '0');
-  }
-  out = v;
-  return true;
-}
-
 
 void ReadRequest(FCGX_Request& req, size_t max_body, HttpRequest& out) {
   out.method = Param(req, "REQUEST_METHOD");

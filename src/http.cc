@@ -4,6 +4,17 @@
 
 namespace chatd {
 
+bool ParseContentLength(std::string_view s, size_t& out) {
+  if (s.empty() || s.size() > kMaxContentLengthDigits) return false;
+  size_t v = 0;
+  for (char c : s) {
+    if (c < '0' || c > '9') return false;
+    v = v * 10 + static_cast<size_t>(c - '0');
+  }
+  out = v;
+  return true;
+}
+
 int HttpStatusFor(Code code) {
   switch (code) {
     case Code::kOk: return 200;

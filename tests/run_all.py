@@ -1,14 +1,17 @@
 #!/usr/bin/python3
-"""`make test`: the unit tests (Boost.Test) and then the Python tests (pytest:
-the fake model's own tests and the integration tests against the real stack).
+"""`make test`: the unit tests (Boost.Test), the replay of every fuzz target's
+seed corpus, and then the Python tests (pytest: the fake model's own tests and
+the integration tests against the real stack).
 
 Both runners write JUnit XML; the summary comes from those files, not from the
 console, and its very last line is exactly `N passed, N failed` (failures and
 errors of both runners). A runner that dies without usable XML counts as one
 failure, so a crash can never look like success. Exit status 0 only when
-nothing failed.
+nothing failed. Each fuzz target counts as one test: built here through make
+(so a target that no longer compiles fails instead of replaying a stale
+binary) and failed when its replay crashes or trips a sanitizer.
 
-    /usr/bin/python3 tests/run_all.py --build build
+    /usr/bin/python3 tests/run_all.py --build build --fuzz-build build-fuzz
 """
 
 import argparse
@@ -23,10 +26,18 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SYSTEM_PYTHON = "/usr/bin/python3"
 PYTEST_PATHS = ("tests/fake_model", "tests/integration")
+FUZZ_CORPORA = REPO_ROOT / "tests" / "fuzz" / "corpus"
 # Bounds so a hung test ends the run instead of blocking CI forever. Far above
 # the normal durations (unit tests: seconds; pytest: a few minutes).
 UNIT_TIMEOUT_S = 10 * 60
 PYTEST_TIMEOUT_S = 45 * 60
+# Building the fuzz library the first time takes minutes on a busy machine; a
+# replay takes well under a second per target.
+FUZZ_BUILD_TIMEOUT_S = 20 * 60
+FUZZ_REPLAY_TIMEOUT_S = 2 * 60
+# -runs=0: execute each corpus input once and stop. close_fd_mask=2 keeps the
+# verifier's log lines out of the console; crash reports still appear.
+FUZZ_REPLAY_FLAGS = ("-runs=0", "-close_fd_mask=2", "-timeout=10")
 MAX_LISTED_FAILURES = 30
 
 
@@ -105,11 +116,56 @@ def run(runner: str, argv: "list[str]", xml_path: Path, timeout_s: int,
     return outcome
 
 
+def run_command(argv: "list[str]", timeout_s: int, env: "dict[str, str] | None" = None) -> "int | None":
+    """Exit status, or None when it timed out (the whole group is killed)."""
+    proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+        return None
+
+
+def replay_fuzz_corpora(fuzz_build: Path) -> Outcome:
+    """One test per target with a seed corpus: build it, then run every seed once."""
+    outcome = Outcome("fuzz replay")
+    targets = sorted(p.name for p in FUZZ_CORPORA.iterdir() if p.is_dir())
+    print(f"\n=== fuzz replay: {len(targets)} targets in {fuzz_build}", flush=True)
+    # Relative, as the Makefile names its objects: the header dependencies it
+    # recorded are keyed by those names.
+    folder = os.path.relpath(fuzz_build, REPO_ROOT)
+    make = ["make", "--no-print-directory", f"-j{os.cpu_count() or 1}", f"FUZZ_BUILD={folder}"]
+    # Not under a parent make's jobserver: its fds are not passed down.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    for target in targets:
+        try:
+            rc = run_command([*make, f"{folder}/bin/{target}"], FUZZ_BUILD_TIMEOUT_S, env)
+            if rc != 0:
+                why = "timed out" if rc is None else f"exit status {rc}"
+                outcome.failed += 1
+                outcome.failures.append(f"{target}: did not build ({why})")
+                continue
+            rc = run_command([str(fuzz_build / "bin" / target), *FUZZ_REPLAY_FLAGS, str(FUZZ_CORPORA / target)],
+                             FUZZ_REPLAY_TIMEOUT_S, env)
+            why = "timed out" if rc is None else f"exit status {rc}"
+        except OSError as exc:
+            rc, why = -1, f"could not start: {exc}"
+        if rc == 0:
+            outcome.passed += 1
+        else:
+            outcome.failed += 1
+            outcome.failures.append(f"{target}: replay failed ({why})")
+    return outcome
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--build", default="build", help="build folder (make's BUILD)")
+    parser.add_argument("--fuzz-build", default="build-fuzz", help="fuzz build folder (make's FUZZ_BUILD)")
     args = parser.parse_args()
-    build = (REPO_ROOT / args.build).resolve() if not os.path.isabs(args.build) else Path(args.build)
+    build = (REPO_ROOT / args.build).resolve()
+    fuzz_build = (REPO_ROOT / args.fuzz_build).resolve()
 
     outcomes = []
     with tempfile.TemporaryDirectory(prefix="chatd-test-results-") as results:
@@ -123,6 +179,8 @@ def main() -> int:
             f"--logger=HRF,error,stdout:JUNIT,error,{unit_xml}",
             "--report_level=short", f"--color_output={color}",
         ], unit_xml, UNIT_TIMEOUT_S))
+
+        outcomes.append(replay_fuzz_corpora(fuzz_build))
 
         py_xml = results_dir / "pytest.xml"
         env = dict(os.environ, CHATD_BUILD_DIR=str(build), PYTHONDONTWRITEBYTECODE="1")

@@ -2,9 +2,11 @@
 // so the routing and the contract can be unit-tested without a server.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -38,6 +40,14 @@ struct RequestLog {
   int64_t upstream_ms = -1;  // model time, when the model was called
   bool recall_degraded = false;
 };
+
+// Longest CONTENT_LENGTH we even try to parse: 20 digits overflow int64 anyway.
+inline constexpr size_t kMaxContentLengthDigits = 18;
+
+// CONTENT_LENGTH as libfcgi hands it over, i.e. untrusted bytes. Strict:
+// digits only, no sign, no spaces, at most kMaxContentLengthDigits; `out` is
+// left alone on failure. Outside the FastCGI server so it can be fuzzed.
+bool ParseContentLength(std::string_view s, size_t& out);
 
 // The one place a Status becomes an HTTP status.
 int HttpStatusFor(Code code);

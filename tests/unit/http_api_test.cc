@@ -111,4 +111,18 @@ BOOST_AUTO_TEST_CASE(every_code_maps_to_one_status) {
   BOOST_TEST(HttpStatusFor(Code::kInternal) == 500);
 }
 
+BOOST_AUTO_TEST_CASE(content_length_is_digits_only) {
+  size_t n = 7;
+  BOOST_TEST(ParseContentLength("0", n));
+  BOOST_TEST(n == 0u);
+  BOOST_TEST(ParseContentLength("65536", n));
+  BOOST_TEST(n == 65536u);
+  BOOST_TEST(ParseContentLength("999999999999999999", n));  // 18 digits: the longest accepted
+  n = 7;
+  for (std::string_view bad : {"", "-1", "+1", " 1", "1 ", "0x10", "1e3", "1000000000000000000"}) {
+    BOOST_TEST(!ParseContentLength(bad, n), bad);
+    BOOST_TEST(n == 7u);  // untouched on failure
+  }
+}
+
 BOOST_AUTO_TEST_SUITE_END()

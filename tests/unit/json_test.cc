@@ -125,4 +125,13 @@ BOOST_AUTO_TEST_CASE(error_body_has_error_and_code) {
              R"({"error":"Say \"something\"","code":"empty_message"})");
 }
 
+// Found by fuzz_chat_request: RapidJSON decoded a lone low surrogate escape
+// into bytes that are not UTF-8, and the message was accepted.
+BOOST_AUTO_TEST_CASE(lone_surrogate_escapes_are_refused) {
+  BOOST_TEST(ReasonOf(R"({"message":"a\udc00b"})") == "invalid_utf8");
+  BOOST_TEST(ReasonOf(R"({"message":"\ud83d\ude08 \ude00"})") == "invalid_utf8");
+  BOOST_TEST(ReasonOf(R"({"message":"a\ud800b"})") == "invalid_utf8");  // a lone high one too
+  BOOST_TEST(ReasonOf(R"({"message":"\ud83d\ude00"})") == "ok");  // a proper pair
+}
+
 BOOST_AUTO_TEST_SUITE_END()

@@ -108,4 +108,13 @@ BOOST_AUTO_TEST_CASE(malformed_reply_is_described_by_shape_never_by_content) {
   BOOST_TEST(error.error_code == "rate_limit");
 }
 
+// Found by fuzz_llm: the cast of a huge hint to int64_t was undefined.
+BOOST_AUTO_TEST_CASE(huge_retry_hints_are_capped_not_overflowed) {
+  OpenAIChatOptions o;
+  BOOST_TEST(RetryDelayMs(o, 0, "", "1e300", 0.0) == 60'000);
+  BOOST_TEST(RetryDelayMs(o, 0, "1e300", "", 0.0) == 60'000);
+  BOOST_TEST(RetryDelayMs(o, 0, "1e308", "", 0.0) == 60'000);  // times 1000 is infinite
+  BOOST_TEST(RetryDelayMs(o, 0, "", "9223372036854775808", 0.0) == 60'000);
+}
+
 BOOST_AUTO_TEST_SUITE_END()
