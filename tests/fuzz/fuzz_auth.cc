@@ -22,7 +22,8 @@ namespace {
 
 using namespace chatd;
 
-constexpr char kSecret[] = "fuzzing-secret-of-at-least-32-bytes!";
+// Random-looking: chatd refuses placeholder and low-entropy secrets at start.
+constexpr char kSecret[] = "q7Vx2LmR9tKp4ZsW8nBc3HyJ6dFg1AeU";
 constexpr char kIssuer[] = "https://issuer.example";
 constexpr char kAudience[] = "chatd";
 // Fixed "now", so exp and nbf around it in the seeds stay meaningful.
