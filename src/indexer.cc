@@ -306,16 +306,26 @@ std::vector<Status> Indexer::Write(const std::vector<const IndexEntry*>& entries
   copies.reserve(n);
   for (const IndexEntry* e : entries) copies.push_back(*e);
   auto all = BuildStoredMessages(copies, embedder_);
+  int embed_failures_in_a_row = 0;
+  bool any_embedded = false;
   for (size_t i = 0; i < n; ++i) {
     if (all.ok()) {
       messages[i] = {std::move((*all)[2 * i]), std::move((*all)[2 * i + 1])};
       continue;
     }
+    // The embedder looks down for everyone: the rest waits too.
+    if (!any_embedded && embed_failures_in_a_row >= kProbeFailuresBeforeDown) {
+      result[i] = all.status();
+      continue;
+    }
     auto one = n == 1 ? std::move(all) : BuildStoredMessages({copies[i]}, embedder_);
     if (one.ok()) {
       messages[i] = std::move(*one);
+      any_embedded = true;
+      embed_failures_in_a_row = 0;
     } else {
       result[i] = one.status();
+      ++embed_failures_in_a_row;
     }
   }
   // 2. The store: one call for the batch (one per shard inside it).
