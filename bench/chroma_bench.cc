@@ -5,7 +5,7 @@
 //                [--threads 4] [--first 200] [--queries 2000] [--adds 100]
 //                [--sample 50] [--timeout-ms 10000] [--pid PID] [--shards 16]
 //                [--sync-threshold 1000] [--first-user 0] [--batch-users 1]
-//                load|query|cold
+//                [--range-queries 50] load|query|cold
 //
 //   load   users --first-user .. --users - 1 get M messages each, upserted B
 //          users (--batch-users) per adapter call, P calls at a time; the
@@ -15,9 +15,10 @@
 //          wall time; with --pid, Chroma's CPU per user and per turn.
 //   query  a first query for F users (what the first request of a user costs
 //          right after the load), then random-user queries one at a time (the
-//          recall latency a chat sees), single-turn adds (what the indexer does
-//          per turn), and the same queries from P threads at once (Chroma's
-//          query throughput on this machine).
+//          recall latency a chat sees), R recalls with a ts bound (what the
+//          request path asks of Chroma for a user whose hot set is full),
+//          single-turn adds (what the indexer does per turn), and the same
+//          queries from P threads at once (Chroma's query throughput here).
 //   cold   run right after a restart of Chroma: the very first query, then
 //          for a sample of users the collection lookup, a first (cold) query
 //          and a second (warm) one, timed separately over raw HTTP.
@@ -85,6 +86,7 @@ struct Options {
   int sync_threshold = 1000;
   int first_user = 0;   // load: users before this one are already in Chroma
   int batch_users = 1;  // load: users per Upsert call (one upsert per shard inside)
+  int range_queries = 50;  // query: recalls with a ts bound, as for a user whose hot set is full
 };
 
 // utime + stime of `pid` in milliseconds (fields 14 and 15 of proc(5)), or -1.
@@ -257,6 +259,30 @@ int RunQuery(const Options& o) {
   const double query_cpu_ms = query_cpu.PerCall(random.size());
   const uint64_t calls_per_query_x1000 = o.queries > 0 ? (calls.load() - calls_before) * 1000 / o.queries : 0;
 
+  // The query the request path really sends to Chroma since the hot set: only
+  // for a user whose hot set is full, and only for messages older than its
+  // oldest hot one (where user AND ts $lt). Bound: the newer half of the
+  // user's messages is taken as hot. Few: the layout study found this filter's
+  // CPU grows with all the records in Chroma (hundreds of ms at 250k).
+  std::vector<double> ranged;
+  const int64_t bound = MakeMessage("", 0, o.messages / 2, 1).ts_ms;
+  CpuMeter range_cpu(o.pid);
+  int range_short = 0;
+  for (int i = 0; i < o.range_queries; ++i) {
+    const int user = sampled[pick(rng)];
+    std::vector<float> embedding = QueryEmbedding(rng, dims);
+    auto call_started = Clock::now();
+    auto r = store.Recall(UserId(user), embedding, kRecallK, {}, bound);
+    ranged.push_back(MsSince(call_started));
+    if (!r.ok()) {
+      ++failures;
+      std::fprintf(stderr, "chroma_bench: ranged recall: %s\n", r.status().message().c_str());
+    } else if (r->messages.size() != kRecallK) {
+      ++range_short;
+    }
+  }
+  const double range_cpu_ms = range_cpu.PerCall(ranged.size());
+
   // One turn (both messages) into a user's collection, as the indexer writes
   // it, then that user's next recall: does a write make the next read cold?
   std::vector<double> adds, after_add;
@@ -308,12 +334,14 @@ int RunQuery(const Options& o) {
 
   std::printf(
       "{\"users\":%d,\"sampled_users\":%zu,\"first_query_ms\":%s,\"query_ms\":%s,\"http_calls_per_query\":%s,"
+      "\"query_before_ts_ms\":%s,\"query_before_ts_short_answers\":%d,\"query_before_ts_cpu_ms\":%s,"
       "\"add_turn_ms\":%s,\"query_after_add_ms\":%s,"
       "\"chroma_cpu_ms_per_call\":{\"first_query\":%s,\"query\":%s,\"add_turn\":%s,\"parallel_query\":%s},"
       "\"parallel\":{\"threads\":%d,\"queries\":%d,\"seconds\":%s,\"qps\":%s,\"query_ms\":%s},"
       "\"short_answers\":%d,\"failures\":%d}\n",
       o.users, sampled.size(), Series(std::move(first)).c_str(), Series(std::move(random)).c_str(),
-      Num(static_cast<double>(calls_per_query_x1000) / 1000.0).c_str(), Series(std::move(adds)).c_str(),
+      Num(static_cast<double>(calls_per_query_x1000) / 1000.0).c_str(), Series(std::move(ranged)).c_str(), range_short,
+      Num(range_cpu_ms).c_str(), Series(std::move(adds)).c_str(),
       Series(std::move(after_add)).c_str(), Num(first_cpu_ms).c_str(), Num(query_cpu_ms).c_str(),
       Num(add_cpu_ms).c_str(), Num(parallel_cpu_ms).c_str(),
       o.threads, o.queries, Num(parallel_seconds).c_str(),
@@ -432,6 +460,7 @@ bool ParseArgs(int argc, char** argv, Options& o) {
       {"--pid", 1, 4194304, &o.pid},          {"--shards", 1, chatd::kMaxChromaShards, &o.shards},
       {"--sync-threshold", 2, 1000000, &o.sync_threshold},
       {"--first-user", 0, 1000000, &o.first_user},   {"--batch-users", 1, 10000, &o.batch_users},
+      {"--range-queries", 0, 1000000, &o.range_queries},
   };
   for (int i = 1; i < argc; ++i) {
     std::string_view arg = argv[i];
@@ -471,7 +500,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr,
                  "usage: chroma_bench --url URL [--users N] [--messages M] [--dims D] [--threads P] "
                  "[--first F] [--queries Q] [--adds A] [--sample S] [--timeout-ms T] [--pid PID] [--shards N] "
-                 "[--sync-threshold S] [--first-user U] [--batch-users B] load|query|cold\n");
+                 "[--sync-threshold S] [--first-user U] [--batch-users B] [--range-queries R] load|query|cold\n");
     return 2;
   }
   chatd::InitHttpGlobal();
