@@ -62,8 +62,9 @@ $(BUILD)/bin/unit_tests: $(UNIT_OBJS) $(BUILD)/libchatd.a
 	@mkdir -p $(@D)
 	$(CXX) $(LDFLAGS) $^ $(LDLIBS) -lboost_unit_test_framework -o $@
 
-# Benchmark tools (make bench): the FastCGI ceiling and the Chroma driver.
-BENCH_BINS := $(BUILD)/bin/trivial_fcgi $(BUILD)/bin/chroma_bench
+# Benchmark tools (make bench): the FastCGI ceiling and the Chroma drivers
+# (chroma_layouts: the raw-API layout study, kept to rerun its figures).
+BENCH_BINS := $(BUILD)/bin/trivial_fcgi $(BUILD)/bin/chroma_bench $(BUILD)/bin/chroma_layouts
 
 $(BUILD)/obj/bench/%.o: bench/%.cc
 	@mkdir -p $(@D)
@@ -74,6 +75,10 @@ $(BUILD)/bin/trivial_fcgi: $(BUILD)/obj/bench/trivial_fcgi.o
 	$(CXX) $(LDFLAGS) $^ -lfcgi -pthread -o $@
 
 $(BUILD)/bin/chroma_bench: $(BUILD)/obj/bench/chroma_bench.o $(BUILD)/libchatd.a
+	@mkdir -p $(@D)
+	$(CXX) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+$(BUILD)/bin/chroma_layouts: $(BUILD)/obj/bench/chroma_layouts.o $(BUILD)/libchatd.a
 	@mkdir -p $(@D)
 	$(CXX) $(LDFLAGS) $^ $(LDLIBS) -o $@
 

@@ -4,16 +4,21 @@
 //   chroma_bench --url URL [--users 2000] [--messages 50] [--dims 256]
 //                [--threads 4] [--first 200] [--queries 2000] [--adds 100]
 //                [--sample 50] [--timeout-ms 10000] [--pid PID] [--shards 16]
-//                [--sync-threshold 1000] load|query|cold
+//                [--sync-threshold 1000] [--first-user 0] [--batch-users 1]
+//                [--range-queries 50] load|query|cold
 //
-//   load   every user gets its collection and M messages, upserted in one
-//          batch of M per user, P users at a time; the latency of each user's
-//          batch (collection creation included) and the wall time.
+//   load   users --first-user .. --users - 1 get M messages each, upserted B
+//          users (--batch-users) per adapter call, P calls at a time; the
+//          adapter splits a call into one upsert per shard touched, as the
+//          indexer's batches do. --first-user makes loads incremental (load
+//          1k, measure, add 4k, measure...). The latency of each call and the
+//          wall time; with --pid, Chroma's CPU per user and per turn.
 //   query  a first query for F users (what the first request of a user costs
 //          right after the load), then random-user queries one at a time (the
-//          recall latency a chat sees), single-turn adds (what the indexer does
-//          per turn), and the same queries from P threads at once (Chroma's
-//          query throughput on this machine).
+//          recall latency a chat sees), R recalls with a ts bound (what the
+//          request path asks of Chroma for a user whose hot set is full),
+//          single-turn adds (what the indexer does per turn), and the same
+//          queries from P threads at once (Chroma's query throughput here).
 //   cold   run right after a restart of Chroma: the very first query, then
 //          for a sample of users the collection lookup, a first (cold) query
 //          and a second (warm) one, timed separately over raw HTTP.
@@ -49,6 +54,10 @@
 #include "chatd/status.h"
 #include "chatd/user_id.h"
 
+#include "bench_util.h"
+
+using namespace bench;  // NOLINT: the shared bench helpers, bench_util.h
+
 namespace {
 
 constexpr char kApiPrefix[] = "/api/v2/tenants/default_tenant/databases/default_database";
@@ -59,16 +68,6 @@ constexpr size_t kRecallK = 5;
 constexpr size_t kRecentExcluded = 4;
 constexpr int64_t kConnectTimeoutMs = 2000;
 constexpr uint64_t kSeed = 20240601;
-
-constexpr const char* kTopics[] = {
-    "the weather in Lisbon",      "a recipe for lentil soup", "how tides work",
-    "learning the cello",         "the history of paper",     "training for a marathon",
-    "repairing a bicycle chain",  "planting tomatoes",        "the rules of cricket",
-    "why the sky is blue",        "saving money on groceries", "the moons of Jupiter",
-    "writing a short story",      "caring for a cat",         "baking sourdough bread",
-    "the French revolution",
-};
-constexpr size_t kTopicCount = sizeof(kTopics) / sizeof(kTopics[0]);
 
 struct Options {
   std::string url;
@@ -85,13 +84,10 @@ struct Options {
   int pid = 0;  // Chroma's, for its CPU time; 0: not measured
   int shards = chatd::kDefaultChromaShards;
   int sync_threshold = 1000;
+  int first_user = 0;   // load: users before this one are already in Chroma
+  int batch_users = 1;  // load: users per Upsert call (one upsert per shard inside)
+  int range_queries = 50;  // query: recalls with a ts bound, as for a user whose hot set is full
 };
-
-using Clock = std::chrono::steady_clock;
-
-double MsSince(Clock::time_point start) {
-  return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
-}
 
 // utime + stime of `pid` in milliseconds (fields 14 and 15 of proc(5)), or -1.
 double ProcessCpuMs(int pid) {
@@ -148,47 +144,6 @@ chatd::StoredMessage MakeMessage(const std::string& user_id, int user, int j, si
   return m;
 }
 
-// Percentiles of a sample, nearest rank; the JSON object of one latency series.
-std::string Series(std::vector<double> ms) {
-  if (ms.empty()) return "{\"n\":0}";
-  std::sort(ms.begin(), ms.end());
-  auto rank = [&ms](double p) {
-    size_t i = static_cast<size_t>(std::ceil(p / 100.0 * static_cast<double>(ms.size())));
-    return ms[std::min(ms.size() - 1, i == 0 ? 0 : i - 1)];
-  };
-  double sum = 0;
-  for (double x : ms) sum += x;
-  char buf[320];
-  std::snprintf(buf, sizeof(buf),
-                "{\"n\":%zu,\"mean\":%.3f,\"p50\":%.3f,\"p90\":%.3f,\"p99\":%.3f,\"p999\":%.3f,\"max\":%.3f}",
-                ms.size(), sum / static_cast<double>(ms.size()), rank(50), rank(90), rank(99), rank(99.9),
-                ms.back());
-  return buf;
-}
-
-std::string Num(double x) {
-  char buf[64];
-  std::snprintf(buf, sizeof(buf), "%.3f", x);
-  return buf;
-}
-
-// Latencies gathered by several threads.
-class Samples {
- public:
-  void Add(double ms) {
-    std::lock_guard<std::mutex> lock(mu_);
-    ms_.push_back(ms);
-  }
-  std::vector<double> Take() {
-    std::lock_guard<std::mutex> lock(mu_);
-    return std::move(ms_);
-  }
-
- private:
-  std::mutex mu_;
-  std::vector<double> ms_;
-};
-
 chatd::ChromaStore MakeStore(const Options& o, std::atomic<uint64_t>* calls) {
   chatd::ChromaOptions co;
   co.base_url = o.url;
@@ -218,35 +173,44 @@ int RunLoad(const Options& o) {
   chatd::ChromaStore store = MakeStore(o, &calls);
   Samples batches;
   std::atomic<int> failures{0};
-  std::atomic<int> next{0};
+  std::atomic<int> next{o.first_user};
   const size_t dims = static_cast<size_t>(o.dims);
+  const int loaded = std::max(0, o.users - o.first_user);
   CpuMeter cpu(o.pid);
   auto started = Clock::now();
   std::vector<std::thread> workers;
   for (int t = 0; t < o.threads; ++t) {
     workers.emplace_back([&] {
-      for (int user = next.fetch_add(1); user < o.users; user = next.fetch_add(1)) {
-        const std::string id = UserId(user);
+      for (int first = next.fetch_add(o.batch_users); first < o.users; first = next.fetch_add(o.batch_users)) {
+        const int end = std::min(o.users, first + o.batch_users);
         std::vector<chatd::StoredMessage> batch;
-        batch.reserve(static_cast<size_t>(o.messages));
-        for (int j = 0; j < o.messages; ++j) batch.push_back(MakeMessage(id, user, j, dims));
+        batch.reserve(static_cast<size_t>(o.messages) * static_cast<size_t>(end - first));
+        for (int user = first; user < end; ++user) {
+          const std::string id = UserId(user);
+          for (int j = 0; j < o.messages; ++j) batch.push_back(MakeMessage(id, user, j, dims));
+        }
         auto call_started = Clock::now();
         chatd::Status s = store.Upsert(batch);
         batches.Add(MsSince(call_started));
         if (!s.ok()) {
           failures.fetch_add(1);
-          std::fprintf(stderr, "chroma_bench: upsert %s: %s\n", id.c_str(), s.message().c_str());
+          std::fprintf(stderr, "chroma_bench: upsert users %d..%d: %s\n", first, end - 1, s.message().c_str());
         }
       }
     });
   }
   for (auto& w : workers) w.join();
   double seconds = MsSince(started) / 1000.0;
+  const double per_user = cpu.PerCall(static_cast<size_t>(loaded));
+  // A turn is two messages (user + assistant), as the indexer writes them.
+  const double per_turn = per_user < 0 ? -1 : per_user / (o.messages / 2.0);
   std::printf(
-      "{\"users\":%d,\"messages_per_user\":%d,\"dims\":%d,\"threads\":%d,\"seconds\":%s,\"http_calls\":%llu,"
-      "\"failures\":%d,\"user_batch_ms\":%s,\"chroma_cpu_ms_per_user\":%s}\n",
-      o.users, o.messages, o.dims, o.threads, Num(seconds).c_str(), static_cast<unsigned long long>(calls.load()),
-      failures.load(), Series(batches.Take()).c_str(), Num(cpu.PerCall(static_cast<size_t>(o.users))).c_str());
+      "{\"users\":%d,\"first_user\":%d,\"users_loaded\":%d,\"batch_users\":%d,\"messages_per_user\":%d,"
+      "\"dims\":%d,\"threads\":%d,\"seconds\":%s,\"http_calls\":%llu,\"failures\":%d,\"call_ms\":%s,"
+      "\"chroma_cpu_ms_per_user\":%s,\"chroma_cpu_ms_per_turn\":%s}\n",
+      o.users, o.first_user, loaded, o.batch_users, o.messages, o.dims, o.threads, Num(seconds).c_str(),
+      static_cast<unsigned long long>(calls.load()), failures.load(), Series(batches.Take()).c_str(),
+      Num(per_user).c_str(), Num(per_turn).c_str());
   return failures.load() == 0 ? 0 : 1;
 }
 
@@ -294,6 +258,30 @@ int RunQuery(const Options& o) {
   for (int i = 0; i < o.queries; ++i) recall(sampled[pick(rng)], random);
   const double query_cpu_ms = query_cpu.PerCall(random.size());
   const uint64_t calls_per_query_x1000 = o.queries > 0 ? (calls.load() - calls_before) * 1000 / o.queries : 0;
+
+  // The query the request path really sends to Chroma since the hot set: only
+  // for a user whose hot set is full, and only for messages older than its
+  // oldest hot one (where user AND ts $lt). Bound: the newer half of the
+  // user's messages is taken as hot. Few: the layout study found this filter's
+  // CPU grows with all the records in Chroma (hundreds of ms at 250k).
+  std::vector<double> ranged;
+  const int64_t bound = MakeMessage("", 0, o.messages / 2, 1).ts_ms;
+  CpuMeter range_cpu(o.pid);
+  int range_short = 0;
+  for (int i = 0; i < o.range_queries; ++i) {
+    const int user = sampled[pick(rng)];
+    std::vector<float> embedding = QueryEmbedding(rng, dims);
+    auto call_started = Clock::now();
+    auto r = store.Recall(UserId(user), embedding, kRecallK, {}, bound);
+    ranged.push_back(MsSince(call_started));
+    if (!r.ok()) {
+      ++failures;
+      std::fprintf(stderr, "chroma_bench: ranged recall: %s\n", r.status().message().c_str());
+    } else if (r->messages.size() != kRecallK) {
+      ++range_short;
+    }
+  }
+  const double range_cpu_ms = range_cpu.PerCall(ranged.size());
 
   // One turn (both messages) into a user's collection, as the indexer writes
   // it, then that user's next recall: does a write make the next read cold?
@@ -346,12 +334,14 @@ int RunQuery(const Options& o) {
 
   std::printf(
       "{\"users\":%d,\"sampled_users\":%zu,\"first_query_ms\":%s,\"query_ms\":%s,\"http_calls_per_query\":%s,"
+      "\"query_before_ts_ms\":%s,\"query_before_ts_short_answers\":%d,\"query_before_ts_cpu_ms\":%s,"
       "\"add_turn_ms\":%s,\"query_after_add_ms\":%s,"
       "\"chroma_cpu_ms_per_call\":{\"first_query\":%s,\"query\":%s,\"add_turn\":%s,\"parallel_query\":%s},"
       "\"parallel\":{\"threads\":%d,\"queries\":%d,\"seconds\":%s,\"qps\":%s,\"query_ms\":%s},"
       "\"short_answers\":%d,\"failures\":%d}\n",
       o.users, sampled.size(), Series(std::move(first)).c_str(), Series(std::move(random)).c_str(),
-      Num(static_cast<double>(calls_per_query_x1000) / 1000.0).c_str(), Series(std::move(adds)).c_str(),
+      Num(static_cast<double>(calls_per_query_x1000) / 1000.0).c_str(), Series(std::move(ranged)).c_str(), range_short,
+      Num(range_cpu_ms).c_str(), Series(std::move(adds)).c_str(),
       Series(std::move(after_add)).c_str(), Num(first_cpu_ms).c_str(), Num(query_cpu_ms).c_str(),
       Num(add_cpu_ms).c_str(), Num(parallel_cpu_ms).c_str(),
       o.threads, o.queries, Num(parallel_seconds).c_str(),
@@ -456,15 +446,6 @@ int RunCold(const Options& o) {
   return failures == 0 ? 0 : 1;
 }
 
-bool ParseInt(const char* text, int64_t min, int64_t max, int64_t& out) {
-  char* end = nullptr;
-  errno = 0;
-  long long v = std::strtoll(text, &end, 10);
-  if (errno != 0 || end == text || *end != '\0' || v < min || v > max) return false;
-  out = v;
-  return true;
-}
-
 bool ParseArgs(int argc, char** argv, Options& o) {
   struct IntFlag {
     const char* name;
@@ -478,6 +459,8 @@ bool ParseArgs(int argc, char** argv, Options& o) {
       {"--sample", 1, 100000, &o.sample},      {"--first", 0, 1000000, &o.first},
       {"--pid", 1, 4194304, &o.pid},          {"--shards", 1, chatd::kMaxChromaShards, &o.shards},
       {"--sync-threshold", 2, 1000000, &o.sync_threshold},
+      {"--first-user", 0, 1000000, &o.first_user},   {"--batch-users", 1, 10000, &o.batch_users},
+      {"--range-queries", 0, 1000000, &o.range_queries},
   };
   for (int i = 1; i < argc; ++i) {
     std::string_view arg = argv[i];
@@ -517,7 +500,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr,
                  "usage: chroma_bench --url URL [--users N] [--messages M] [--dims D] [--threads P] "
                  "[--first F] [--queries Q] [--adds A] [--sample S] [--timeout-ms T] [--pid PID] [--shards N] "
-                 "[--sync-threshold S] load|query|cold\n");
+                 "[--sync-threshold S] [--first-user U] [--batch-users B] [--range-queries R] load|query|cold\n");
     return 2;
   }
   chatd::InitHttpGlobal();
