@@ -422,6 +422,17 @@ Result<int64_t> Cleanup::MigrateUser(const std::string& user) {
   // from a quiet state; the cleanup's own run cannot archive them meanwhile.
   if (Status s = TakeLock(user, kMigratePurpose); !s.ok()) return s;
   CrashIf("migrate_after_lock");
+  Result<int64_t> moved = MoveLegacyUser(user);
+  // Succeeded or not, the indexers may have the user back now: a failed user
+  // is listed again by the next migration, and every step is idempotent.
+  std::string lock = CleanupLockKey(user);
+  auto released = redis_.Eval(kReleaseLock, {lock, kCleanupInProgressKey}, {user, kMigratePurpose});
+  if (!moved.ok()) return moved;
+  if (Status s = RedisErrorIf(released, "release"); !s.ok()) return s;
+  return moved;
+}
+
+Result<int64_t> Cleanup::MoveLegacyUser(const std::string& user) {
   auto records = chroma_.ExportLegacy(user);
   if (!records.ok()) return records.status();
   for (StoredMessage& m : *records) m.user_id = user;
@@ -436,9 +447,6 @@ Result<int64_t> Cleanup::MigrateUser(const std::string& user) {
   if (Status s = AddToHotSet(redis_, user, *records, options_.hot_messages); !s.ok()) return s;
   if (Status s = chroma_.DeleteLegacy(user); !s.ok()) return s;
   CrashIf("migrate_after_delete");
-  std::string lock = CleanupLockKey(user);
-  auto released = redis_.Eval(kReleaseLock, {lock, kCleanupInProgressKey}, {user, kMigratePurpose});
-  if (Status s = RedisErrorIf(released, "release"); !s.ok()) return s;
   return static_cast<int64_t>(records->size());
 }
 

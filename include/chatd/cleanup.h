@@ -89,7 +89,8 @@ class Cleanup {
   enum class Outcome { kArchived, kReturned };
   Result<Outcome> ArchiveUser(const std::string& user, int64_t last_activity, const std::vector<IndexEntry>& queued,
                               int64_t& records);
-  Result<int64_t> MigrateUser(const std::string& user);
+  Result<int64_t> MigrateUser(const std::string& user);     // under the user's lock
+  Result<int64_t> MoveLegacyUser(const std::string& user);  // the steps the lock covers
   Result<int64_t> NowMs();
   // Turns of these users still in the index stream (one pass over the stream).
   Result<std::map<std::string, std::vector<IndexEntry>>> QueuedTurns(const std::vector<std::string>& users);
