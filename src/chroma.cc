@@ -14,7 +14,6 @@
 #include <utility>
 
 #include "chatd/json.h"
-#include "chatd/log.h"
 #include "chatd/user_id.h"
 
 namespace chatd {

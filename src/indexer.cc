@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <deque>
 #include <set>
 
 #include "chatd/clock.h"
@@ -440,10 +441,12 @@ Result<int> Indexer::Index(std::vector<IndexEntry>& entries) {
   // can never be written go to the dead letters; the rest stays pending.
   std::vector<std::pair<const IndexEntry*, Status>> dead;
   std::map<std::string, std::vector<size_t>> settled_by_user;
+  std::set<std::string> in_doubt;  // users with a write that timed out: Chroma may still apply it
   Status first_error;
   for (size_t i = 0; i < writable.size(); ++i) {
     const IndexEntry* e = writable[i];
     const Status& s = results[i];
+    if (s.code() == Code::kDeadlineExceeded) in_doubt.insert(e->user);
     if (s.ok()) {
       settled_by_user[e->user].push_back(i);
     } else if (IsPermanent(s) || (StoreAnswered(s) && chroma_writes && e->deliveries >= options_.max_deliveries)) {
@@ -456,34 +459,20 @@ Result<int> Indexer::Index(std::vector<IndexEntry>& entries) {
   if (Status d = DeadLetter(dead); !d.ok()) return d;
 
   const std::string hot_bound = std::to_string(options_.hot_messages);
-  std::vector<std::string> numbers, packed;
-  size_t hot_records = 0;
-  for (const auto& [user, idx] : settled_by_user) hot_records += 2 * idx.size();
-  numbers.reserve(users.size() + hot_records);
-  packed.reserve(hot_records);
+  std::deque<std::string> backing;  // owns what the script arguments view
   std::vector<RedisClient::ScriptCall> finishes;
   size_t acked_total = 0, written_total = 0;
   for (const std::string& user : users) {
     const UserKeys& k = keys[user];
     const std::vector<size_t>& idx = settled_by_user[user];
-    numbers.push_back(std::to_string(idx.size()));
-    bool in_doubt = false;
-    for (size_t i = 0; i < writable.size(); ++i) {
-      in_doubt |= writable[i]->user == user && results[i].code() == Code::kDeadlineExceeded;
-    }
     RedisClient::ScriptCall call{{k.lock, k.marker, kIndexStreamKey, k.hot, k.hot_index},
-                                 {kIndexGroup, hot_bound, in_doubt ? "1" : "0", numbers.back()}};
+                                 {kIndexGroup, hot_bound, in_doubt.count(user) != 0 ? "1" : "0",
+                                  backing.emplace_back(std::to_string(idx.size()))}};
     for (size_t i : idx) call.args.push_back(writable[i]->stream_id);
     for (size_t i : idx) {
       if (!results[i].ok()) continue;
       ++written_total;
-      for (const StoredMessage& m : messages[i]) {
-        numbers.push_back(std::to_string(m.ts_ms));
-        packed.push_back(PackHotRecord(m));
-        call.args.push_back(m.id);
-        call.args.push_back(numbers.back());
-        call.args.push_back(packed.back());
-      }
+      for (const StoredMessage& m : messages[i]) AppendHotSetArgs(m, backing, call.args);
     }
     finishes.push_back(std::move(call));
   }

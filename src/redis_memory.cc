@@ -55,8 +55,15 @@ local hot_key, hot_index_key, bound, first = KEYS[1], KEYS[2], tonumber(ARGV[1])
 
 }  // namespace
 
+void AppendHotSetArgs(const StoredMessage& m, std::deque<std::string>& backing, std::vector<std::string_view>& args) {
+  args.push_back(m.id);
+  args.push_back(backing.emplace_back(std::to_string(m.ts_ms)));
+  args.push_back(backing.emplace_back(PackHotRecord(m)));
+}
+
 Status AddToHotSet(RedisClient& redis, std::string_view user_id, const std::vector<StoredMessage>& messages,
                    int bound) {
+  if (messages.empty()) return Status::Ok();
   // Only the newest `bound` can stay: sending more would be trimmed at once.
   std::vector<const StoredMessage*> newest;
   for (const StoredMessage& m : messages) newest.push_back(&m);
@@ -64,18 +71,9 @@ Status AddToHotSet(RedisClient& redis, std::string_view user_id, const std::vect
             [](const StoredMessage* a, const StoredMessage* b) { return a->ts_ms > b->ts_ms; });
   if (newest.size() > static_cast<size_t>(bound)) newest.resize(static_cast<size_t>(bound));
   const std::string hot = HotKey(user_id), index = HotIndexKey(user_id), bound_text = std::to_string(bound);
-  std::vector<std::string> backing;
-  backing.reserve(2 * newest.size());
+  std::deque<std::string> backing;
   std::vector<std::string_view> args = {bound_text};
-  for (const StoredMessage* m : newest) {
-    backing.push_back(std::to_string(m->ts_ms));
-    const std::string& ts = backing.back();
-    backing.push_back(PackHotRecord(*m));
-    args.push_back(m->id);
-    args.push_back(ts);
-    args.push_back(backing.back());
-  }
-  if (newest.empty()) return Status::Ok();
+  for (const StoredMessage* m : newest) AppendHotSetArgs(*m, backing, args);
   auto r = redis.Eval(kAddToHot, {hot, index}, args);
   if (!r.ok()) return r.status();
   if (r->is_error()) return Unavailable("redis_error", "filling the hot set failed: " + r->str);

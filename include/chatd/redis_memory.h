@@ -19,6 +19,7 @@
 // and concurrent turns of one user never leave half a turn in the list.
 #pragma once
 
+#include <deque>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -102,6 +103,11 @@ Result<StoredMessage> UnpackHotRecord(std::string_view bytes);
 // hot_index_key, bound and first (the ARGV index of the first
 // (message id, ts, packed record) triple) to be set.
 extern const char kHotSetAddLua[];
+
+// Appends `m` as the (message id, ts, packed record) triple that the scripts
+// built on kHotSetAddLua take. `backing` owns the strings the views point
+// into (a deque: appending never moves them).
+void AppendHotSetArgs(const StoredMessage& m, std::deque<std::string>& backing, std::vector<std::string_view>& args);
 
 // Adds `messages` (of one user) to the user's hot set, keeping the newest
 // `bound`. Used where records reach the long-term store outside the indexer
