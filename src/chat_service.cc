@@ -91,11 +91,11 @@ Result<ChatReply> ChatService::Chat(const std::string& user_id, const std::strin
       for (const auto& m : recent) exclude.insert(m.id);
       memories = RankHot(memory->hot, embedding, options_.recall_k, exclude);
       if (memory->older_in_long_term) {
-        // Everything in the hot set was ranked already: ask only for the rest.
+        // Chroma holds the hot messages too, so its k nearest, merged with the
+        // hot ranking (each id once), are the k nearest overall. Excluding the
+        // hot ids instead would make it return k + the hot set's size records
+        // (73 by default) and the worker parse them all, for the same answer.
         std::vector<std::string> exclude_ids(exclude.begin(), exclude.end());
-        for (const StoredMessage& m : memory->hot) {
-          if (exclude.count(m.id) == 0) exclude_ids.push_back(m.id);
-        }
         trace.long_term_queried = true;
         auto recalled = long_term_.Recall(user_id, embedding, options_.recall_k, exclude_ids);
         if (recalled.ok()) {

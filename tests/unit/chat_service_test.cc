@@ -117,22 +117,28 @@ BOOST_FIXTURE_TEST_CASE(a_brand_new_user_costs_no_long_term_call, ServiceFixture
   BOOST_TEST(trace.memories_recalled == 0u);
 }
 
-BOOST_FIXTURE_TEST_CASE(older_memories_are_asked_for_without_the_hot_ones_and_merged, ServiceFixture) {
+BOOST_FIXTURE_TEST_CASE(older_memories_are_merged_with_the_hot_ones_each_id_once, ServiceFixture) {
   recent.older["alice"] = true;
+  recent.messages["alice"] = {{Role::kUser, "recent", 7000, "t7:u"}};
   // The hot message is far from the query; the older one is exactly on it.
   recent.hot["alice"] = {{"t5:u", "alice", "t5", Role::kUser, "hot and far", 5000, {0, 1, 0, 0}},
                          {"t6:u", "alice", "t6", Role::kUser, "hot and newer", 6000, {0, 0, 1, 0}}};
   RecalledMessage near;
   near.message = {"t1:u", "alice", "t1", Role::kUser, "old and near", 1000, {}};
   near.distance = 0;
-  long_term.memories.push_back(near);
-  options.recall_k = 1;
+  // Chroma holds the hot messages too and may return one of them.
+  RecalledMessage hot_again;
+  hot_again.message = {"t6:u", "alice", "t6", Role::kUser, "hot and newer", 6000, {}};
+  hot_again.distance = 0.5;
+  long_term.memories = {near, hot_again};
+  options.recall_k = 3;
   BOOST_REQUIRE(Chat("alice", "q").ok());
-  std::vector<std::string> excluded = long_term.last_exclude;
-  std::sort(excluded.begin(), excluded.end());
-  BOOST_TEST(excluded == (std::vector<std::string>{"t5:u", "t6:u"}));
-  BOOST_TEST(trace.memories_recalled == 1u);
-  BOOST_TEST(llm.last_prompt[1].content.find("old and near") != std::string::npos);
+  // Only the recent messages are excluded: Chroma's nearest are merged.
+  BOOST_TEST(long_term.last_exclude == (std::vector<std::string>{"t7:u"}));
+  BOOST_TEST(trace.memories_recalled == 3u);  // old, and both hot ones, t6 once
+  const std::string& quoted = llm.last_prompt[1].content;
+  BOOST_TEST(quoted.find("old and near") != std::string::npos);
+  BOOST_TEST(quoted.find("hot and newer") == quoted.rfind("hot and newer"));
 }
 
 BOOST_FIXTURE_TEST_CASE(foreign_records_dropped_by_the_store_reach_the_trace, ServiceFixture) {
