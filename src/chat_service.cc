@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <unordered_set>
 
 #include "chatd/log.h"
 #include "chatd/prompt.h"
@@ -87,15 +86,15 @@ Result<ChatReply> ChatService::Chat(const std::string& user_id, const std::strin
     auto vectors = embedder_.Embed({message});
     if (vectors.ok() && vectors->size() == 1) {
       embedding = std::move((*vectors)[0]);
-      std::unordered_set<std::string> exclude;
-      for (const auto& m : recent) exclude.insert(m.id);
-      memories = RankHot(memory->hot, embedding, options_.recall_k, exclude);
+      std::vector<std::string> exclude_ids;  // the recent messages: in the prompt already
+      exclude_ids.reserve(recent.size());
+      for (const auto& m : recent) exclude_ids.push_back(m.id);
+      memories = RankHot(memory->hot, embedding, options_.recall_k, exclude_ids);
       if (memory->older_in_long_term) {
         // Chroma holds the hot messages too, so its k nearest, merged with the
         // hot ranking (each id once), are the k nearest overall. Excluding the
         // hot ids instead would make it return k + the hot set's size records
         // (73 by default) and the worker parse them all, for the same answer.
-        std::vector<std::string> exclude_ids(exclude.begin(), exclude.end());
         trace.long_term_queried = true;
         auto recalled = long_term_.Recall(user_id, embedding, options_.recall_k, exclude_ids);
         if (recalled.ok()) {

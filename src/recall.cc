@@ -3,35 +3,16 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <string_view>
+#include <unordered_set>
+
+#include "chatd/hot_record.h"
 
 namespace chatd {
 
-namespace {
-// Partial sums of a distance: 8 floats fill one AVX register.
-constexpr size_t kDistanceLanes = 8;
-}  // namespace
-
 double SquaredL2(const std::vector<float>& a, const std::vector<float>& b) {
-  if (a.size() != b.size() || a.empty()) return std::numeric_limits<double>::infinity();
-  // Independent float lanes, summed at the end, let the compiler use SIMD
-  // (one running sum cannot be reordered without -ffast-math); Chroma's HNSW
-  // sums in SIMD lanes too. Identical vectors still give exactly 0.
-  float lanes[kDistanceLanes] = {};
-  const size_t n = a.size();
-  const size_t whole = n - n % kDistanceLanes;
-  for (size_t i = 0; i < whole; i += kDistanceLanes) {
-    for (size_t j = 0; j < kDistanceLanes; ++j) {
-      const float d = a[i + j] - b[i + j];
-      lanes[j] += d * d;
-    }
-  }
-  float sum = 0;
-  for (size_t i = whole; i < n; ++i) {
-    const float d = a[i] - b[i];
-    sum += d * d;
-  }
-  for (float lane : lanes) sum += lane;
-  return sum;
+  if (a.size() != b.size()) return std::numeric_limits<double>::infinity();
+  return SquaredL2Packed(reinterpret_cast<const char*>(a.data()), b.data(), a.size());
 }
 
 namespace {
@@ -45,32 +26,55 @@ bool NearerMessage(const RecalledMessage& x, const RecalledMessage& y) {
   return Nearer(x.distance, x.message.ts_ms, y.distance, y.message.ts_ms);
 }
 
+// Whether the record's message id (turn id + ":u" or ":a") is one of `ids`,
+// without building it: a handful of recent ids, compared for every record.
+bool IsExcluded(const HotRecordView& record, const std::vector<std::string>& ids) {
+  const std::string_view suffix = record.role == Role::kUser ? ":u" : ":a";
+  for (const std::string& id : ids) {
+    std::string_view v(id);
+    if (v.size() == record.turn_id.size() + suffix.size() && v.starts_with(record.turn_id) &&
+        v.ends_with(suffix)) {
+      return true;
+    }
+  }
+  return false;
+}
+
 }  // namespace
 
-std::vector<RecalledMessage> RankHot(const std::vector<StoredMessage>& hot, const std::vector<float>& query,
-                                     size_t k, const std::unordered_set<std::string>& exclude) {
+std::vector<RecalledMessage> RankHot(const std::vector<std::string>& hot, const std::vector<float>& query,
+                                     size_t k, const std::vector<std::string>& exclude_ids) {
   std::vector<RecalledMessage> out;
   if (k == 0) return out;
-  // Rank (distance, index) pairs and copy only the k kept messages: a hot set
-  // is up to CHATD_RECALL_HOT_MESSAGES messages of a vector each, and copying
-  // them all cost more than the distances.
+  // Rank the records in place and decode only the k kept: a hot set is up
+  // to CHATD_RECALL_HOT_MESSAGES records of a vector each, and decoding them
+  // all cost more than the distances.
   struct Candidate {
     double distance;
-    const StoredMessage* message;
+    int64_t ts_ms;
+    const std::string* record;
   };
   std::vector<Candidate> candidates;
   candidates.reserve(hot.size());
-  for (const StoredMessage& m : hot) {
-    if (m.embedding.size() != query.size() || exclude.count(m.id) != 0) continue;
-    candidates.push_back(Candidate{SquaredL2(m.embedding, query), &m});
+  HotRecordView view;
+  for (const std::string& record : hot) {
+    // A corrupt record costs recall one candidate; the chat goes on.
+    if (!ViewHotRecord(record, view) || view.dimensions() != query.size() || IsExcluded(view, exclude_ids)) {
+      continue;
+    }
+    candidates.push_back(
+        Candidate{SquaredL2Packed(view.embedding.data(), query.data(), query.size()), view.ts_ms, &record});
   }
   const size_t keep = std::min(k, candidates.size());
   std::partial_sort(candidates.begin(), candidates.begin() + static_cast<std::ptrdiff_t>(keep), candidates.end(),
                     [](const Candidate& x, const Candidate& y) {
-                      return Nearer(x.distance, x.message->ts_ms, y.distance, y.message->ts_ms);
+                      return Nearer(x.distance, x.ts_ms, y.distance, y.ts_ms);
                     });
   out.reserve(keep);
-  for (size_t i = 0; i < keep; ++i) out.push_back(RecalledMessage{*candidates[i].message, candidates[i].distance});
+  for (size_t i = 0; i < keep; ++i) {
+    Result<StoredMessage> m = UnpackHotRecord(*candidates[i].record);  // viewed above: cannot fail
+    if (m.ok()) out.push_back(RecalledMessage{std::move(*m), candidates[i].distance});
+  }
   return out;
 }
 

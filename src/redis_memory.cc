@@ -82,78 +82,6 @@ Status AddToHotSet(RedisClient& redis, std::string_view user_id, const std::vect
 
 std::string_view RoleName(Role role) { return role == Role::kUser ? "user" : "assistant"; }
 
-std::string PackEmbedding(const std::vector<float>& v) {
-  static_assert(sizeof(float) == 4);
-  std::string out(v.size() * sizeof(float), '\0');
-  if (!v.empty()) std::memcpy(out.data(), v.data(), out.size());  // x86-64 and arm64 are little-endian
-  return out;
-}
-
-bool UnpackEmbedding(std::string_view bytes, std::vector<float>& out) {
-  if (bytes.size() % sizeof(float) != 0) return false;
-  out.resize(bytes.size() / sizeof(float));
-  if (!out.empty()) std::memcpy(out.data(), bytes.data(), bytes.size());
-  return true;
-}
-
-namespace {
-
-constexpr uint8_t kHotRecordVersion = 1;
-constexpr uint8_t kHotRoleUser = 0;
-constexpr uint8_t kHotRoleAssistant = 1;
-
-template <typename T>
-void AppendLe(std::string& out, T v) {
-  char bytes[sizeof(T)];
-  std::memcpy(bytes, &v, sizeof(T));  // x86-64 and arm64 are little-endian
-  out.append(bytes, sizeof(T));
-}
-
-template <typename T>
-bool ReadLe(std::string_view& in, T& v) {
-  if (in.size() < sizeof(T)) return false;
-  std::memcpy(&v, in.data(), sizeof(T));
-  in.remove_prefix(sizeof(T));
-  return true;
-}
-
-}  // namespace
-
-std::string PackHotRecord(const StoredMessage& m) {
-  std::string out;
-  out.reserve(1 + 8 + 1 + 2 + m.turn_id.size() + 4 + m.content.size() + m.embedding.size() * sizeof(float));
-  AppendLe<uint8_t>(out, kHotRecordVersion);
-  AppendLe<int64_t>(out, m.ts_ms);
-  AppendLe<uint8_t>(out, m.role == Role::kUser ? kHotRoleUser : kHotRoleAssistant);
-  AppendLe<uint16_t>(out, static_cast<uint16_t>(m.turn_id.size()));  // turn ids are 32 hex characters
-  out += m.turn_id;
-  AppendLe<uint32_t>(out, static_cast<uint32_t>(m.content.size()));  // messages are bounded far below 4 GiB
-  out += m.content;
-  out += PackEmbedding(m.embedding);
-  return out;
-}
-
-Result<StoredMessage> UnpackHotRecord(std::string_view in) {
-  auto bad = [] { return Internal("bad_hot_record", "a hot-set record is malformed"); };
-  uint8_t version = 0, role = 0;
-  uint16_t turn_len = 0;
-  uint32_t content_len = 0;
-  StoredMessage m;
-  if (!ReadLe(in, version) || version != kHotRecordVersion || !ReadLe(in, m.ts_ms) || !ReadLe(in, role) ||
-      role > kHotRoleAssistant || !ReadLe(in, turn_len) || in.size() < turn_len) {
-    return bad();
-  }
-  m.role = role == kHotRoleUser ? Role::kUser : Role::kAssistant;
-  m.turn_id.assign(in.substr(0, turn_len));
-  in.remove_prefix(turn_len);
-  if (!ReadLe(in, content_len) || in.size() < content_len) return bad();
-  m.content.assign(in.substr(0, content_len));
-  in.remove_prefix(content_len);
-  if (in.empty() || !UnpackEmbedding(in, m.embedding)) return bad();
-  m.id = m.turn_id + (m.role == Role::kUser ? ":u" : ":a");
-  return m;
-}
-
 Result<Message> ParseRecentEntry(std::string_view json) {
   auto bad = [] { return Internal("bad_memory_entry", "A stored message is malformed"); };
   rapidjson::Document doc;
@@ -237,11 +165,8 @@ Result<UserMemory> RedisShortTermStore::Read(std::string_view user_id) {
     if (m.ok()) out.recent.push_back(std::move(*m));  // a corrupt entry is skipped, not fatal
   }
   out.hot.reserve(hot.elements.size());
-  for (const auto& e : hot.elements) {
-    Result<StoredMessage> m = UnpackHotRecord(e.str);
-    if (!m.ok()) continue;  // likewise: recall loses one candidate, the chat goes on
-    m->user_id.assign(user_id);
-    out.hot.push_back(std::move(*m));
+  for (auto& e : (*replies)[1].elements) {
+    if (e.type == RedisValue::Type::kString) out.hot.push_back(std::move(e.str));  // decoded by recall
   }
   out.older_in_long_term = static_cast<int64_t>(hot.elements.size()) >= hot_messages_;
   return out;

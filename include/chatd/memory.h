@@ -59,8 +59,9 @@ struct UserMemory {
   std::vector<Message> recent;  // the last few messages, oldest first
   // The user's latest indexed messages, with their embeddings, ranked in
   // process (recall.h) so that recall usually needs no vector database call.
-  // Everything here is also in the long-term store.
-  std::vector<StoredMessage> hot;
+  // Everything here is also in the long-term store. Kept as records packed by
+  // hot_record.h, because a chat ranks them all but decodes only the k kept.
+  std::vector<std::string> hot;
   // True once the hot set was trimmed: older messages then live only in the
   // long-term store, and recall asks it for those (all but the hot ones).
   // False means the hot set is the user's whole long-term memory,

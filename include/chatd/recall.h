@@ -6,7 +6,6 @@
 
 #include <cstddef>
 #include <string>
-#include <unordered_set>
 #include <vector>
 
 #include "chatd/memory.h"
@@ -17,10 +16,11 @@ namespace chatd {
 // ranks exactly as cosine does. Vectors of different sizes are infinitely far.
 double SquaredL2(const std::vector<float>& a, const std::vector<float>& b);
 
-// The k messages of `hot` nearest to `query`, nearest first, skipping ids in
-// `exclude` and messages whose embedding has another size.
-std::vector<RecalledMessage> RankHot(const std::vector<StoredMessage>& hot, const std::vector<float>& query,
-                                     size_t k, const std::unordered_set<std::string>& exclude);
+// The k messages of `hot` (records as hot_record.h packs them) nearest to
+// `query`, nearest first, skipping the message ids in `exclude_ids`, records
+// whose embedding has another size, and records that do not decode.
+std::vector<RecalledMessage> RankHot(const std::vector<std::string>& hot, const std::vector<float>& query,
+                                     size_t k, const std::vector<std::string>& exclude_ids);
 
 // The k nearest of both lists, nearest first, each id once.
 std::vector<RecalledMessage> MergeNearest(std::vector<RecalledMessage> a, std::vector<RecalledMessage> b,

@@ -10,7 +10,7 @@
 //                         pending meanwhile
 //   chat:{<user>}:indexing  indexers writing the user's turns right now
 //   chatd:cleanup:inprogress  users a cleanup has locked and not finished
-//   chat:{<user>}:hot     hash: message id -> packed record (PackHotRecord),
+//   chat:{<user>}:hot     hash: message id -> packed record (hot_record.h),
 //                         the user's latest indexed messages with embeddings
 //   chat:{<user>}:hotidx  sorted set: message id by timestamp, to trim the
 //                         hot set to its oldest-first bound
@@ -24,6 +24,7 @@
 #include <string_view>
 #include <vector>
 
+#include "chatd/hot_record.h"
 #include "chatd/memory.h"
 #include "chatd/redis.h"
 #include "chatd/user_id.h"
@@ -84,18 +85,6 @@ class RedisShortTermStore : public ShortTermStore {
 
 // Parses one entry of the recent list.
 Result<Message> ParseRecentEntry(std::string_view json);
-
-// Float vectors travel through Redis as little-endian float32 bytes.
-std::string PackEmbedding(const std::vector<float>& v);
-bool UnpackEmbedding(std::string_view bytes, std::vector<float>& out);
-
-// A hot-set record, binary because the request path reads dozens per chat:
-// version byte, ts (int64), role byte, turn id (u16 length + bytes), content
-// (u32 length + bytes), then the embedding as float32 to the end; all
-// little-endian. The user is the key's, so it is not stored.
-std::string PackHotRecord(const StoredMessage& m);
-// Refuses anything truncated or of another version (kInternal "bad_hot_record").
-Result<StoredMessage> UnpackHotRecord(std::string_view bytes);
 
 // The Lua that adds records to a hot set and trims it to its newest `bound`,
 // shared by every script that fills one (the indexer's, restore's and

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "chatd/embeddings.h"
+#include "chatd/hot_record.h"
 #include "chatd/llm.h"
 #include "chatd/memory.h"
 #include "chatd/rate_limiter.h"
@@ -59,7 +60,7 @@ class FakeShortTerm : public ShortTermStore {
     if (!recent_status.ok()) return recent_status;
     UserMemory m;
     m.recent = messages[std::string(user)];
-    m.hot = hot[std::string(user)];
+    for (const StoredMessage& h : hot[std::string(user)]) m.hot.push_back(PackHotRecord(h));
     m.older_in_long_term = older[std::string(user)];
     return m;
   }

@@ -4,7 +4,7 @@
 #include <cmath>
 #include <limits>
 
-#include "chatd/redis_memory.h"
+#include "chatd/hot_record.h"
 
 namespace chatd {
 namespace {
@@ -20,6 +20,12 @@ StoredMessage Msg(const std::string& id, int64_t ts, std::vector<float> v) {
   return m;
 }
 
+std::vector<std::string> Packed(const std::vector<StoredMessage>& messages) {
+  std::vector<std::string> out;
+  for (const StoredMessage& m : messages) out.push_back(PackHotRecord(m));
+  return out;
+}
+
 }  // namespace
 
 BOOST_AUTO_TEST_SUITE(recall)
@@ -31,19 +37,43 @@ BOOST_AUTO_TEST_CASE(squared_l2_is_chromas_distance) {
   BOOST_TEST(std::isinf(SquaredL2({}, {})));
 }
 
+BOOST_AUTO_TEST_CASE(the_distance_in_lanes_matches_a_plain_sum_at_every_length) {
+  // The lanes cover whole groups of 8 and the tail separately: try lengths
+  // around the group size and a real embedding size.
+  for (size_t n : {1u, 7u, 8u, 9u, 17u, 256u, 1536u}) {
+    std::vector<float> a(n), b(n);
+    double plain = 0;
+    for (size_t i = 0; i < n; ++i) {
+      a[i] = static_cast<float>(std::sin(static_cast<double>(i) + 1));
+      b[i] = static_cast<float>(std::cos(static_cast<double>(i) * 0.5));
+      plain += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
+    }
+    BOOST_TEST(SquaredL2(a, b) == plain, boost::test_tools::tolerance(1e-5));
+    BOOST_TEST(SquaredL2(a, a) == 0.0);
+    // In place from a record's unaligned bytes, the same figure.
+    std::string bytes = "x" + PackEmbedding(a);
+    BOOST_TEST(SquaredL2Packed(bytes.data() + 1, b.data(), n) == SquaredL2(a, b));
+  }
+}
+
 BOOST_AUTO_TEST_CASE(the_hot_set_is_ranked_nearest_first_without_excluded_or_odd_sized_vectors) {
-  std::vector<StoredMessage> hot = {Msg("t1:u", 1, {0, 1}), Msg("t2:u", 2, {1, 0}), Msg("t3:u", 3, {0.8f, 0.6f}),
-                                    Msg("t4:u", 4, {1, 0, 0}), Msg("t5:u", 5, {1, 0})};
-  auto ranked = RankHot(hot, {1, 0}, 2, {"t5:u"});
+  std::vector<std::string> hot = Packed({Msg("t1:u", 1, {0, 1}), Msg("t2:u", 2, {1, 0}), Msg("t3:u", 3, {0.8f, 0.6f}),
+                                         Msg("t4:u", 4, {1, 0, 0}), Msg("t5:u", 5, {1, 0}), Msg("t6:a", 6, {1, 0})});
+  hot.push_back("not a record");  // costs recall one candidate, nothing else
+  auto ranked = RankHot(hot, {1, 0}, 2, {"t5:u", "t6:a"});
   BOOST_REQUIRE_EQUAL(ranked.size(), 2u);
   BOOST_TEST(ranked[0].message.id == "t2:u");
+  BOOST_TEST(ranked[0].message.content == "text of t2:u");  // decoded whole
+  BOOST_TEST(ranked[0].message.embedding == (std::vector<float>{1, 0}));
+  BOOST_TEST(ranked[0].distance == 0.0);
   BOOST_TEST(ranked[1].message.id == "t3:u");
   BOOST_TEST(RankHot(hot, {1, 0}, 0, {}).empty());
-  BOOST_TEST(RankHot(hot, {1, 0}, 10, {}).size() == 4u);  // the 3-d vector never ranks
+  BOOST_TEST(RankHot(hot, {1, 0}, 10, {}).size() == 5u);  // the 3-d vector and the junk never rank
+  BOOST_TEST(RankHot(hot, {1, 0}, 10, {"t6:u", "t5:a"}).size() == 5u);  // the role is part of the id
 }
 
 BOOST_AUTO_TEST_CASE(a_tie_goes_to_the_newer_message) {
-  auto ranked = RankHot({Msg("old:u", 1, {1, 0}), Msg("new:u", 9, {1, 0})}, {1, 0}, 1, {});
+  auto ranked = RankHot(Packed({Msg("old:u", 1, {1, 0}), Msg("new:u", 9, {1, 0})}), {1, 0}, 1, {});
   BOOST_REQUIRE_EQUAL(ranked.size(), 1u);
   BOOST_TEST(ranked[0].message.id == "new:u");
 }
