@@ -22,9 +22,10 @@ return {'busy'}
 )lua");
 
 // KEYS[1]: the key's hash. ARGV: token. Deletes only this request's claim,
-// never an answer or another request's claim.
+// never an answer or another request's claim. (HMGET, not HGET: the ACL of
+// systemd/redis-acl.conf.example allows the former.)
 const RedisScript kRelease(R"lua(
-if redis.call('HGET', KEYS[1], 'tok') == ARGV[1] then redis.call('DEL', KEYS[1]) end
+if redis.call('HMGET', KEYS[1], 'tok')[1] == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 )lua");
 
