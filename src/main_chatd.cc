@@ -138,7 +138,8 @@ int main() {
                                  config.rate_algorithm, cap);
   RejectionCache limiter(redis_limiter, kMaxRememberedRejections, SteadyNowMs);
   // The longest a chat can still be recording its turn: an Idempotency-Key's
-  // claim and a turn's marker must outlive it, so no retry records twice.
+  // claim, and a turn's entry in the user's recorded turns, must outlive it,
+  // so no retry records twice.
   const int64_t chat_lifetime_ms =
       config.request_deadline_ms + kRecordRedisTimeouts * config.redis_timeout_ms + kLeaseMarginMs;
   RedisShortTermStore recent(redis, config.recent_messages, config.recall_hot_messages, chat_lifetime_ms);

@@ -14,11 +14,11 @@ namespace chatd {
 
 namespace {
 
-// KEYS: recent list, index stream, activity zset, the turn's marker, the
-// user's leases in flight[, the request's idempotency key].
+// KEYS: recent list, index stream, activity zset, the user's recorded turns,
+// the user's leases in flight[, the request's idempotency key].
 // ARGV: user, turn id, user text, assistant text, max recent, packed embedding,
-// the lease to release ('' for none), the marker's lifetime in ms
-// [, idempotency token, request fingerprint, ms to keep the answer].
+// the lease to release ('' for none), how long a recorded turn stays listed
+// in ms [, idempotency token, request fingerprint, ms to keep the answer].
 // The timestamp comes from Redis so that every worker and host agrees on it.
 // Releasing the chat's concurrency lease here saves the chat a round trip.
 //
@@ -29,8 +29,8 @@ namespace {
 // Only 'recorded' wrote anything besides the lease release.
 const RedisScript kRecordTurn(R"lua(
 if ARGV[7] ~= '' then redis.call('ZREM', KEYS[5], ARGV[7]) end
--- Idempotent by turn id: the marker outlives any retry of this script.
-if redis.call('EXISTS', KEYS[4]) == 1 then return {'already'} end
+-- Idempotent by turn id: a turn stays listed longer than any retry may come.
+if redis.call('ZSCORE', KEYS[4], ARGV[2]) then return {'already'} end
 -- The key's claim is this request's unless it expired meanwhile and another
 -- request took the key; then that request's turn is the one to keep.
 if KEYS[6] then
@@ -47,7 +47,9 @@ redis.call('LTRIM', KEYS[1], -tonumber(ARGV[5]), -1)
 redis.call('XADD', KEYS[2], '*', 'user', ARGV[1], 'turn', ARGV[2], 'ts', ts,
            'u', ARGV[3], 'a', ARGV[4], 'emb', ARGV[6])
 redis.call('ZADD', KEYS[3], ts, ARGV[1])
-redis.call('SET', KEYS[4], ts, 'PX', ARGV[8])
+redis.call('ZADD', KEYS[4], ts, ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ts - tonumber(ARGV[8]))
+redis.call('PEXPIRE', KEYS[4], ARGV[8])
 if KEYS[6] then
   -- The answer replaces the claim, in this same step: a retry replays it.
   redis.call('HSET', KEYS[6], 'fp', ARGV[10], 'turn', ARGV[2], 'resp', ARGV[4])
@@ -243,11 +245,11 @@ std::vector<IndexEntry> ParseIndexEntries(const RedisValue& list, std::vector<st
 }
 
 RedisShortTermStore::RedisShortTermStore(RedisClient& redis, int recent_messages, int hot_messages,
-                                         int64_t turn_marker_ms)
+                                         int64_t recorded_window_ms)
     : redis_(redis),
       recent_messages_(recent_messages),
       hot_messages_(hot_messages),
-      turn_marker_ms_(std::to_string(turn_marker_ms)) {}
+      recorded_window_ms_(std::to_string(recorded_window_ms)) {}
 
 Result<UserMemory> RedisShortTermStore::Read(std::string_view user_id) {
   const std::string recent_key = RecentKey(user_id);
@@ -277,13 +279,13 @@ Result<UserMemory> RedisShortTermStore::Read(std::string_view user_id) {
 }
 
 Status RedisShortTermStore::RecordTurn(const Turn& turn) {
-  const std::string key = RecentKey(turn.user_id), marker = TurnMarkerKey(turn.user_id, turn.turn_id);
+  const std::string key = RecentKey(turn.user_id), recorded = RecordedTurnsKey(turn.user_id);
   const std::string inflight = InflightKey(turn.user_id);
   std::string max_recent = std::to_string(recent_messages_);
   std::string packed = PackEmbedding(turn.user_embedding);
-  std::vector<std::string_view> keys = {key, kIndexStreamKey, kActivityKey, marker, inflight};
+  std::vector<std::string_view> keys = {key, kIndexStreamKey, kActivityKey, recorded, inflight};
   std::vector<std::string_view> args = {turn.user_id, turn.turn_id, turn.user_message, turn.assistant_message,
-                                        max_recent,   packed,       turn.release_lease_id, turn_marker_ms_};
+                                        max_recent,   packed,       turn.release_lease_id, recorded_window_ms_};
   std::string idem_key, keep_ms;
   if (turn.idempotency != nullptr) {
     Result<std::string> name = IdempotencyRedisKey(turn.user_id, turn.idempotency->key);

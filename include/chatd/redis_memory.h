@@ -14,9 +14,9 @@
 //                         the user's latest indexed messages with embeddings
 //   chat:{<user>}:hotidx  sorted set: message id by timestamp, to trim the
 //                         hot set to its oldest-first bound
-//   chat:{<user>}:turn:<turn id>  marker of a recorded turn, kept for as long
-//                         as a chat may still retry its record (the record
-//                         script is idempotent by turn id)
+//   chat:{<user>}:turns   sorted set: the user's recently recorded turn ids
+//                         by time, kept for as long as a chat may still retry
+//                         its record (the record script is idempotent by turn id)
 //   chat:{<user>}:idem:<sha-256 of key>  an Idempotency-Key's claim or answer
 //                         (redis_idempotency.h)
 // RecordTurn updates all three in one Lua script, so a turn is either fully
@@ -50,11 +50,10 @@ inline std::string IndexingKey(std::string_view user_id) { return UserKey(user_i
 // store, read by the request path with the recent list in one round trip.
 inline std::string HotKey(std::string_view user_id) { return UserKey(user_id, "hot"); }
 inline std::string HotIndexKey(std::string_view user_id) { return UserKey(user_id, "hotidx"); }
-// Set by the record script with the turn: a retry of the script that finds it
-// records nothing.
-inline std::string TurnMarkerKey(std::string_view user_id, std::string_view turn_id) {
-  return UserKey(user_id, std::string("turn:").append(turn_id));
-}
+// Written by the record script with the turn: a retry of the script that
+// finds the turn there records nothing. One key per user, so the cleanup
+// removes it with the user's other keys.
+inline std::string RecordedTurnsKey(std::string_view user_id) { return UserKey(user_id, "turns"); }
 // Users whose cleanup started and has not finished (a run killed midway):
 // every run settles them first.
 inline constexpr std::string_view kCleanupInProgressKey = "chatd:cleanup:inprogress";
@@ -80,9 +79,9 @@ class RedisShortTermStore : public ShortTermStore {
  public:
   // `hot_messages` is the bound of the hot set that the indexer keeps
   // (CHATD_RECALL_HOT_MESSAGES): a full hot set means older messages exist.
-  // `turn_marker_ms`: how long a recorded turn's marker lives, at least as
+  // `recorded_window_ms`: how long a recorded turn stays listed, at least as
   // long as a chat may still be recording (then no retry can record twice).
-  RedisShortTermStore(RedisClient& redis, int recent_messages, int hot_messages, int64_t turn_marker_ms);
+  RedisShortTermStore(RedisClient& redis, int recent_messages, int hot_messages, int64_t recorded_window_ms);
 
   // LRANGE of the recent list and HVALS of the hot set, pipelined.
   Result<UserMemory> Read(std::string_view user_id) override;
@@ -94,7 +93,7 @@ class RedisShortTermStore : public ShortTermStore {
   RedisClient& redis_;
   int recent_messages_;
   int hot_messages_;
-  std::string turn_marker_ms_;
+  std::string recorded_window_ms_;
 };
 
 // The record script's reply as RecordTurn's status (memory.h). Exposed for tests.

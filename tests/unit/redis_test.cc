@@ -567,27 +567,28 @@ FakeRedis::Handler RecordReplies(std::vector<FakeReply> replies) {
 }
 
 constexpr int64_t kShortTimeoutMs = 100;
-constexpr int64_t kMarkerMs = 60000;
+constexpr int64_t kRecordedWindowMs = 60000;
 }  // namespace
 
 BOOST_AUTO_TEST_CASE(record_that_timed_out_after_running_is_confirmed_by_the_retry, *boost::unit_test::timeout(30)) {
   FakeRedis server(RecordReplies({FakeReply::Silence(), FakeReply::Send("*1\r\n$7\r\nalready\r\n")}));
   RedisClient client(OptionsFor(server.port(), kShortTimeoutMs));
-  RedisShortTermStore store(client, 4, 64, kMarkerMs);
+  RedisShortTermStore store(client, 4, 64, kRecordedWindowMs);
   Status s = store.RecordTurn(SomeTurn());
   BOOST_TEST(s.ok(), s.reason());
   const auto commands = server.commands();
   BOOST_REQUIRE_EQUAL(commands.size(), 2u);
   BOOST_TEST((commands[0] == commands[1]));  // the same turn id, so the script can tell
-  BOOST_TEST(commands[0][2] == "5");  // recent, stream, activity, marker, leases
-  BOOST_TEST(commands[0][6] == "chat:{alice}:turn:0123456789abcdef0123456789abcdef");
+  BOOST_TEST(commands[0][2] == "5");  // recent, stream, activity, recorded turns, leases
+  BOOST_TEST(commands[0][6] == "chat:{alice}:turns");
+  BOOST_TEST(commands[0][9] == "0123456789abcdef0123456789abcdef");
 }
 
 BOOST_AUTO_TEST_CASE(record_unconfirmed_twice_is_unknown_never_not_recorded, *boost::unit_test::timeout(30)) {
   for (FakeReply second : {FakeReply::Silence(), FakeReply::Send("-LOADING Redis is loading\r\n")}) {
     FakeRedis server(RecordReplies({FakeReply::Silence(), second}));
     RedisClient client(OptionsFor(server.port(), kShortTimeoutMs));
-    RedisShortTermStore store(client, 4, 64, kMarkerMs);
+    RedisShortTermStore store(client, 4, 64, kRecordedWindowMs);
     Status s = store.RecordTurn(SomeTurn());
     BOOST_TEST(s.reason() == "record_outcome_unknown");
     BOOST_TEST(server.commands().size() == 2u);
@@ -598,7 +599,7 @@ BOOST_AUTO_TEST_CASE(record_refused_or_never_sent_is_not_recorded) {
   {
     FakeRedis server(RecordReplies({FakeReply::Send("-OOM command not allowed\r\n")}));
     RedisClient client(OptionsFor(server.port()));
-    RedisShortTermStore store(client, 4, 64, kMarkerMs);
+    RedisShortTermStore store(client, 4, 64, kRecordedWindowMs);
     Status s = store.RecordTurn(SomeTurn());
     BOOST_TEST(s.reason() == "redis_error");
     BOOST_TEST(server.commands().size() == 1u);  // a refusal wrote nothing: no retry
@@ -606,7 +607,7 @@ BOOST_AUTO_TEST_CASE(record_refused_or_never_sent_is_not_recorded) {
   int port = 0;
   Fd held = BoundLoopbackSocket(false, &port);
   RedisClient client(OptionsFor(port));
-  RedisShortTermStore store(client, 4, 64, kMarkerMs);
+  RedisShortTermStore store(client, 4, 64, kRecordedWindowMs);
   bool may_have_run = true;
   BOOST_TEST(!client.Eval(RedisScript("return 1"), {}, {}, &may_have_run).ok());
   BOOST_TEST(!may_have_run);
