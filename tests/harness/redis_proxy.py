@@ -5,7 +5,8 @@ answer is lost after Redis acted on the command (a timeout, a dead worker):
   command containing `pattern` (bytes) get no more replies from Redis. The
   command itself is passed on, so Redis runs it: the reply is what is lost.
   `reached` counts the holds so far; `held_ports` lists the client ports of
-  the held connections (to find the process holding one: `pid_of_client`).
+  the held connections (to find the process holding one: `pid_of_client`,
+  with the proxy's `port`).
 
 Each connection is two pumping threads; everything else passes unchanged."""
 
@@ -17,8 +18,6 @@ from typing import Iterable, Optional
 from harness.stack import LOOPBACK
 
 CHUNK = 65536
-# A held pattern may straddle two reads: keep this much of the previous one.
-PATTERN_OVERLAP = 4096
 
 
 class RedisProxy:
@@ -72,10 +71,13 @@ class RedisProxy:
                 data = src.recv(CHUNK)
                 if not data:
                     break
-                window = tail + data
-                tail = window[-PATTERN_OVERLAP:]
                 matched = False
                 with self.lock:
+                    # A pattern may straddle two reads; the tail kept is one
+                    # byte too short to hold a whole (earlier) match.
+                    window = tail + data
+                    keep = len(self.pattern) - 1 if self.pattern else 0
+                    tail = window[len(window) - keep:] if keep else b""
                     if (not state["held"] and self.pattern is not None and self.holds_left > 0
                             and self.pattern in window):
                         self.holds_left -= 1
@@ -127,15 +129,17 @@ class RedisProxy:
             s.close()
 
 
-def pid_of_client(pids: Iterable[int], local_port: int) -> Optional[int]:
-    """The process among `pids` that owns the TCP socket bound to loopback
-    `local_port` (found through /proc/net/tcp and /proc/PID/fd)."""
+def pid_of_client(pids: Iterable[int], local_port: int, remote_port: int) -> Optional[int]:
+    """The process among `pids` that owns the TCP connection from loopback
+    `local_port` to `remote_port` (found through /proc/net/tcp and
+    /proc/PID/fd). Closed sockets still listed (TIME_WAIT) have inode 0."""
     inode = None
     with open("/proc/net/tcp") as f:
         next(f)
         for line in f:
             fields = line.split()
-            if int(fields[1].split(":")[1], 16) == local_port:
+            if (int(fields[1].split(":")[1], 16) == local_port and int(fields[2].split(":")[1], 16) == remote_port
+                    and fields[9] != "0"):
                 inode = fields[9]
                 break
     if inode is None:

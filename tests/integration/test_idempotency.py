@@ -43,10 +43,22 @@ def idem_redis_key(user, key):
     return f"chat:{{{user}}}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
+def turn_id_of(redis, user, message):
+    """The turn id of `message` in the user's recent list."""
+    return next(m["id"][:-2] for m in recent_messages(redis, user) if m["content"] == message)
+
+
+def warm_up(url, user):
+    """One chat through a new pool first: Redis then knows the record script
+    (EVALSHA), so a held answer is the script's, not a NOSCRIPT."""
+    status, _, body = chat(url, user, "warm-up")
+    assert status == 200, body
+
+
 def record_script_of(user):
-    """Bytes only the record script of this user's turns sends (its turn
-    marker key), to hold Redis's answer to exactly that script."""
-    return f"chat:{{{user}}}:turn:".encode()
+    """Bytes only the record script of this user's turns sends (the key of
+    the user's recorded turns), to hold Redis's answer to exactly that script."""
+    return f"chat:{{{user}}}:turns".encode()
 
 
 def test_a_repeat_gets_the_first_answer_and_the_model_is_called_once(stack, unique):
@@ -182,6 +194,7 @@ def test_a_redis_timeout_after_the_record_ran_is_answered_truthfully(new_pool, s
         front = new_pool({"CHATD_REDIS_PORT": str(proxy.port)})
         user, marker = unique("idem-timeout"), unique("m")
         message = f"answer lost {marker}"
+        warm_up(front.url, user)
         # Redis runs the record script, its answer never comes: chatd times
         # out, asks again, and the script says the turn is already there.
         proxy.hold(record_script_of(user), count=1)
@@ -189,8 +202,7 @@ def test_a_redis_timeout_after_the_record_ran_is_answered_truthfully(new_pool, s
         assert proxy.holds() == 1
         assert status == 200, body
         assert times_recorded(stack.redis, user, message) == 1
-        assert [m["id"] for m in recent_messages(stack.redis, user)] == [f"{body['turnId']}:u",
-                                                                          f"{body['turnId']}:a"]
+        assert turn_id_of(stack.redis, user, message) == body["turnId"]
 
 
 def test_a_record_unconfirmed_twice_says_so_and_a_keyed_retry_learns_the_truth(new_pool, stack, unique):
@@ -198,6 +210,7 @@ def test_a_record_unconfirmed_twice_says_so_and_a_keyed_retry_learns_the_truth(n
         front = new_pool({"CHATD_REDIS_PORT": str(proxy.port)})
         user, key, marker = unique("idem-unknown"), unique("key"), unique("m")
         message = f"answer lost twice {marker}"
+        warm_up(front.url, user)
         proxy.hold(record_script_of(user), count=2)
         status, _, body = chat(front.url, user, message, key)
         assert proxy.holds() == 2
@@ -205,7 +218,7 @@ def test_a_record_unconfirmed_twice_says_so_and_a_keyed_retry_learns_the_truth(n
         assert body["code"] == "record_outcome_unknown" and "may or may not" in body["error"], body
         # It did land: "not recorded" would have been a lie.
         assert times_recorded(stack.redis, user, message) == 1
-        assert recent_messages(stack.redis, user)[0]["id"] == f"{body['turnId']}:u"
+        assert turn_id_of(stack.redis, user, message) == body["turnId"]
         status, headers, again = chat(front.url, user, message, key)
         assert status == 200 and headers.get("idempotent-replayed") == "true", again
         assert again["turnId"] == body["turnId"]
@@ -218,13 +231,14 @@ def test_a_worker_killed_after_the_record_leaves_nothing_for_a_retry_to_record(n
         front = new_pool({"CHATD_REDIS_PORT": str(proxy.port), "CHATD_REDIS_TIMEOUT_MS": PATIENT_REDIS_TIMEOUT_MS})
         user, key, marker = unique("idem-kill"), unique("key"), unique("m")
         message = f"worker dies {marker}"
+        warm_up(front.url, user)
         proxy.hold(record_script_of(user), count=1)
         first = {}
         runner = threading.Thread(target=lambda: first.setdefault("r", chat(front.url, user, message, key)))
         runner.start()
         try:
             assert proxy.reached.acquire(timeout=POLL_TIMEOUT_S), "the record script never ran"
-            pid = pid_of_client(front.pool.worker_pids(), proxy.held_ports[0])
+            pid = pid_of_client(front.pool.worker_pids(), proxy.held_ports[0], proxy.port)
             assert pid is not None
             os.kill(pid, signal.SIGKILL)
         finally:
@@ -232,7 +246,7 @@ def test_a_worker_killed_after_the_record_leaves_nothing_for_a_retry_to_record(n
         status, _, body = first["r"]
         assert status == 502, body  # nginx: the worker died mid-request
         assert poll_until(lambda: times_recorded(stack.redis, user, message) == 1, POLL_TIMEOUT_S)
-        turn_id = recent_messages(stack.redis, user)[0]["id"][:-2]
+        turn_id = turn_id_of(stack.redis, user, message)
         status, headers, again = chat(front.url, user, message, key)
         assert status == 200 and headers.get("idempotent-replayed") == "true", again
         assert again["turnId"] == turn_id

@@ -112,7 +112,8 @@ def test_documented_idempotency_responses_match_the_spec(stack, new_pool, unique
     # Redis's answer to the record script lost twice: the turn's outcome is unknown.
     with RedisProxy(stack.redis.host, stack.redis.port) as proxy:
         front = new_pool({"CHATD_REDIS_PORT": str(proxy.port)})
-        proxy.hold(f"chat:{{{user}}}:turn:".encode(), count=2)
+        assert post_chat(front.url, user, "Redis learns the record script")[0] == 200
+        proxy.hold(f"chat:{{{user}}}:turns".encode(), count=2)
         cases.append((503, post_chat(front.url, user, "lost answer")))
     for expected, (status, headers, body) in cases:
         assert status == expected, body
