@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 
 #include "chatd/log.h"
 #include "chatd/prompt.h"
@@ -38,21 +39,87 @@ class LeaseGuard {
   std::string lease_id_;
 };
 
+// Holds an Idempotency-Key's claim and gives it back when the chat ends
+// having stored nothing, so that a retry runs. Dismiss() once the claim must
+// stay: the answer replaced it, or the record's outcome is unknown (then the
+// claim expires by itself, and until then a retry cannot record twice).
+class ClaimGuard {
+ public:
+  ClaimGuard(IdempotencyStore* store, const std::string& user_id, const std::optional<IdempotencyTicket>& ticket)
+      : store_(ticket ? store : nullptr), user_id_(user_id), ticket_(ticket) {}
+  ~ClaimGuard() {
+    if (store_ == nullptr) return;
+    // A lost release blocks the key until the claim expires: the client sees
+    // 409 meanwhile, never a second record.
+    Status s = store_->Release(user_id_, *ticket_);
+    if (!s.ok()) LogWarn("idempotency_release_failed").Str("reason", s.reason()).Str("user", user_id_).Emit();
+  }
+  ClaimGuard(const ClaimGuard&) = delete;
+  ClaimGuard& operator=(const ClaimGuard&) = delete;
+
+  void Dismiss() { store_ = nullptr; }
+
+ private:
+  IdempotencyStore* store_;
+  const std::string& user_id_;
+  const std::optional<IdempotencyTicket>& ticket_;
+};
+
+// What a request gets when its key was not free.
+Result<ChatReply> AnswerFromClaim(const KeyClaim& claim) {
+  switch (claim.state) {
+    case KeyState::kInProgress:
+      return Status(Code::kConflict, "idempotency_in_progress",
+                    "A request with this Idempotency-Key is still in progress; retry after it ends");
+    case KeyState::kReused:
+      return Status(Code::kUnprocessable, "idempotency_key_reused",
+                    "This Idempotency-Key was used with another request; use a new key for a new message");
+    case KeyState::kCompleted: {
+      ChatReply replay;
+      replay.response = claim.response;
+      replay.turn_id = claim.turn_id;
+      replay.replayed = true;
+      return replay;
+    }
+    case KeyState::kClaimed: break;
+  }
+  return Internal("idempotency_state", "internal error: a claimed key has no answer");
+}
+
 }  // namespace
 
 std::string NewTurnId() { return RandomHexId(); }
 
 ChatService::ChatService(RateLimiter& limiter, ShortTermStore& recent, LongTermStore& long_term,
-                         Embedder& embedder, Llm& llm, ChatServiceOptions options)
+                         Embedder& embedder, Llm& llm, ChatServiceOptions options,
+                         IdempotencyStore* idempotency)
     : limiter_(limiter),
       recent_(recent),
       long_term_(long_term),
       embedder_(embedder),
       llm_(llm),
-      options_(std::move(options)) {}
+      options_(std::move(options)),
+      idempotency_(idempotency) {}
 
 Result<ChatReply> ChatService::Chat(const std::string& user_id, const std::string& message, Deadline deadline,
-                                    ChatTrace& trace) {
+                                    ChatTrace& trace, std::string_view idempotency_key) {
+  // 0. An Idempotency-Key is claimed before the limiter: a replay, a 409 and
+  // a 422 then cost this one call, and neither quota nor a slot in flight.
+  std::optional<IdempotencyTicket> ticket;
+  if (!idempotency_key.empty()) {
+    if (idempotency_ == nullptr) return Internal("idempotency_unsupported", "Idempotency keys are not set up");
+    Result<std::string> fingerprint = Sha256Hex(message);
+    if (!fingerprint.ok()) return fingerprint.status();
+    ticket = IdempotencyTicket{std::string(idempotency_key), std::move(*fingerprint), RandomHexId(),
+                               options_.idempotency_keep_ms};
+    Result<KeyClaim> claim = idempotency_->Claim(user_id, *ticket);
+    if (!claim.ok()) {
+      return Unavailable("memory_unavailable", "Conversation memory is unavailable; try again shortly");
+    }
+    if (claim->state != KeyState::kClaimed) return AnswerFromClaim(*claim);
+  }
+  ClaimGuard claim_guard(idempotency_, user_id, ticket);
+
   // 1. Rate limit and the cap on chats in flight first, in one call: a
   // rejected request costs this call and nothing more.
   Result<RateDecision> decision = limiter_.Check(user_id);
@@ -148,8 +215,24 @@ Result<ChatReply> ChatService::Chat(const std::string& user_id, const std::strin
   turn.assistant_message = reply->content;
   turn.user_embedding = std::move(embedding);
   if (options_.record_turn_releases_lease) turn.release_lease_id = lease.id();
+  if (ticket) turn.idempotency = &*ticket;
+  trace.turn_id = turn.turn_id;
   Status recorded = recent_.RecordTurn(turn);
   if (recorded.ok() && !turn.release_lease_id.empty()) lease.Dismiss();
+  if (recorded.ok() || recorded.reason() == kRecordOutcomeUnknown) {
+    claim_guard.Dismiss();  // the claim is the answer now, or may be
+  }
+  if (recorded.reason() == kRecordOutcomeUnknown) {
+    return Status(Code::kUnavailable, "record_outcome_unknown",
+                  "Conversation memory did not confirm the turn: it may or may not have been recorded");
+  }
+  if (recorded.code() == Code::kConflict && ticket) {
+    // Our claim expired while the model answered and another request took
+    // the key: this turn was not recorded; the key's own outcome is the
+    // answer. (The guard's compare-and-delete leaves the other's key alone.)
+    Result<KeyClaim> claim = idempotency_->Claim(user_id, *ticket);
+    if (claim.ok() && claim->state != KeyState::kClaimed) return AnswerFromClaim(*claim);
+  }
   if (!recorded.ok()) {
     return Unavailable("memory_unavailable", "Conversation memory is unavailable; the turn was not recorded");
   }

@@ -32,7 +32,7 @@ constexpr std::chrono::milliseconds kMarkerPoll{20};
 constexpr char kMigratePurpose[] = "migrate";
 
 // KEYS: activity, recent, rl fixed, rl sliding, lock, hot set, hot index,
-// index stream, in-progress set.
+// index stream, in-progress set, recorded turns.
 // ARGV: user, last activity we archived, index group, stream ids to acknowledge.
 // Returns 1 when the user was removed, 0 when they came back meanwhile.
 const RedisScript kFinishArchive(R"lua(
@@ -45,7 +45,7 @@ end
 redis.call('SREM', KEYS[9], ARGV[1])
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if score and tonumber(score) == tonumber(ARGV[2]) then
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[10])
   redis.call('ZREM', KEYS[1], ARGV[1])
   return 1
 end
@@ -73,7 +73,7 @@ return 1
 )lua");
 
 // KEYS: activity, recent, rl fixed, rl sliding, lock, hot set, hot index,
-// index stream, dead letters, in-progress set.
+// index stream, dead letters, in-progress set, recorded turns.
 // ARGV: user, index group, then stream ids (index stream) ... "|" ... dead-letter ids.
 const RedisScript kForget(R"lua(
 redis.call('SREM', KEYS[10], ARGV[1])
@@ -87,7 +87,7 @@ if #ids > 0 then
   redis.call('XDEL', KEYS[8], unpack(ids))
 end
 if #dead > 0 then redis.call('XDEL', KEYS[9], unpack(dead)) end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[11])
 redis.call('ZREM', KEYS[1], ARGV[1])
 return 1
 )lua");
@@ -103,10 +103,10 @@ return 1
 )lua");
 
 // Every per-user key a cleanup removes: recent, rl fixed, rl sliding, lock,
-// hot set, hot index (the scripts' KEYS[2..7]).
+// hot set, hot index (the scripts' KEYS[2..7]), recorded turns (their last).
 std::vector<std::string> UserKeys(std::string_view user) {
   return {RecentKey(user), UserKey(user, kFixedWindowKeySuffix), UserKey(user, kSlidingLogKeySuffix),
-          CleanupLockKey(user), HotKey(user), HotIndexKey(user)};
+          CleanupLockKey(user), HotKey(user), HotIndexKey(user), RecordedTurnsKey(user)};
 }
 
 Status RedisErrorIf(const Result<RedisValue>& r, std::string_view what) {
@@ -203,7 +203,7 @@ Result<Cleanup::Outcome> Cleanup::ArchiveUser(const std::string& user, int64_t l
   std::vector<std::string_view> args = {user, score, kIndexGroup};
   for (const IndexEntry& e : queued) args.push_back(e.stream_id);
   std::vector<std::string_view> script_keys = {kActivityKey, keys[0], keys[1], keys[2], keys[3], keys[4], keys[5],
-                                               kIndexStreamKey, kCleanupInProgressKey};
+                                               kIndexStreamKey, kCleanupInProgressKey, keys[6]};
   Result<RedisValue> done = redis_.Eval(kFinishArchive, script_keys, args);
   if (Status s = RedisErrorIf(done, "finishing the archive"); !s.ok()) return s;
   return done->integer == 1 ? Outcome::kArchived : Outcome::kReturned;
@@ -362,7 +362,7 @@ Status Cleanup::Forget(std::string_view user_id) {
   args.push_back("|");
   for (const std::string& id : dead_ids) args.push_back(id);
   std::vector<std::string_view> script_keys = {kActivityKey, keys[0], keys[1], keys[2], keys[3], keys[4], keys[5],
-                                               kIndexStreamKey, kDeadLetterKey, kCleanupInProgressKey};
+                                               kIndexStreamKey, kDeadLetterKey, kCleanupInProgressKey, keys[6]};
   if (Status s = RedisErrorIf(redis_.Eval(kForget, script_keys, args), "forget"); !s.ok()) return s;
   return Status::Ok();
 }

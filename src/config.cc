@@ -155,6 +155,8 @@ constexpr int64_t kMaxRateLimit = 1'000'000;
 constexpr int64_t kMaxWindowS = 24 * 3600;
 constexpr int64_t kMaxPort = 65535;
 constexpr int64_t kMaxConcurrentPerUser = 100'000;
+// Every kept answer holds a reply in Redis: a month is already generous.
+constexpr int64_t kMaxIdempotencyTtlS = 30 * 24 * 3600;
 
 }  // namespace
 
@@ -208,6 +210,7 @@ Result<Config> LoadConfig(const EnvLookup& env) {
   r.Enum("CHATD_RATE_FAILURE_MODE", c.rate_failure_mode,
          {{"closed", FailureMode::kClosed}, {"open", FailureMode::kOpen}});
   r.Int("CHATD_MAX_CONCURRENT_PER_USER", c.max_concurrent_per_user, 0, kMaxConcurrentPerUser);
+  r.Int("CHATD_IDEMPOTENCY_TTL_S", c.idempotency_ttl_s, 1, kMaxIdempotencyTtlS);
 
   r.Int("CHATD_RECENT_MESSAGES", c.recent_messages, 2, kMaxRecent);
   r.Int("CHATD_RECALL_K", c.recall_k, 0, kMaxRecall);

@@ -49,6 +49,7 @@ void ReadRequest(FCGX_Request& req, size_t max_body, HttpRequest& out) {
   out.content_type = Param(req, "CONTENT_TYPE");
   out.authorization = Param(req, "HTTP_AUTHORIZATION");
   out.remote_addr = Param(req, "REMOTE_ADDR");
+  if (const char* key = FCGX_GetParam("HTTP_IDEMPOTENCY_KEY", req.envp)) out.idempotency_key = key;
   out.request_id = Param(req, "REQUEST_ID");
   if (out.request_id.empty()) out.request_id = RandomHexId();
 

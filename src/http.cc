@@ -23,8 +23,10 @@ int HttpStatusFor(Code code) {
     case Code::kForbidden: return 403;
     case Code::kNotFound: return 404;
     case Code::kMethodNotAllowed: return 405;
+    case Code::kConflict: return 409;
     case Code::kPayloadTooLarge: return 413;
     case Code::kUnsupportedMediaType: return 415;
+    case Code::kUnprocessable: return 422;
     case Code::kRateLimited: return 429;
     case Code::kUnavailable: return 503;
     case Code::kDeadlineExceeded: return 504;
@@ -42,8 +44,10 @@ const char* HttpReasonPhrase(int status) {
     case 403: return "Forbidden";
     case 404: return "Not Found";
     case 405: return "Method Not Allowed";
+    case 409: return "Conflict";
     case 413: return "Content Too Large";
     case 415: return "Unsupported Media Type";
+    case 422: return "Unprocessable Content";
     case 429: return "Too Many Requests";
     case 500: return "Internal Server Error";
     case 502: return "Bad Gateway";

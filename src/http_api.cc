@@ -3,6 +3,7 @@
 #include <exception>
 
 #include "chatd/clock.h"
+#include "chatd/idempotency.h"
 #include "chatd/json.h"
 #include "chatd/log.h"
 #include "chatd/rate_limiter.h"
@@ -121,8 +122,20 @@ HttpReply HttpApi::Chat(const HttpRequest& req, RequestLog& log) {
   const std::string& user_id = *parsed->user_id;
   log.user_id = user_id;
 
+  std::string idempotency_key;
+  if (req.idempotency_key) {
+    std::optional<std::string> key = ParseIdempotencyKey(*req.idempotency_key);
+    if (!key) {
+      return fail(InvalidArgument("invalid_idempotency_key",
+                                  "The Idempotency-Key header must be 1 to " +
+                                      std::to_string(kMaxIdempotencyKeyLength) +
+                                      " printable ASCII characters (optionally as a quoted string)"));
+    }
+    idempotency_key = std::move(*key);
+  }
+
   Deadline deadline = Deadline::In(std::chrono::milliseconds(config_.request_deadline_ms));
-  Result<ChatReply> result = chat_.Chat(user_id, parsed->message, deadline, trace);
+  Result<ChatReply> result = chat_.Chat(user_id, parsed->message, deadline, trace, idempotency_key);
   log.upstream_ms = trace.upstream_ms;
   log.recall_degraded = trace.recall_degraded;
   Count(trace, result.ok() ? Status::Ok() : result.status());
@@ -134,6 +147,14 @@ HttpReply HttpApi::Chat(const HttpRequest& req, RequestLog& log) {
       // {"error", "code", "retryAfter"}: splice the number into the object.
       reply.body.pop_back();
       reply.body.append(",\"retryAfter\":").append(std::to_string(RetryAfterSeconds(*trace.rate))).append("}");
+    }
+    if (result.status().reason() == kRecordOutcomeUnknown) {
+      // The id the turn has if it landed: the client can look for it, or
+      // retry with its Idempotency-Key to learn the outcome.
+      reply.body.pop_back();
+      reply.body.append(",\"turnId\":");
+      AppendJsonString(reply.body, trace.turn_id);
+      reply.body.append("}");
     }
     return reply;
   }
@@ -148,6 +169,7 @@ HttpReply HttpApi::Chat(const HttpRequest& req, RequestLog& log) {
   AppendJsonString(reply.body, result->turn_id);
   reply.body.append("}");
   AddRateHeaders(rate_policy_, trace, reply);
+  if (result->replayed) reply.headers.emplace_back("Idempotent-Replayed", "true");
   return reply;
 }
 

@@ -27,6 +27,7 @@
 #include "chatd/metrics.h"
 #include "chatd/openai_embedder.h"
 #include "chatd/redis.h"
+#include "chatd/redis_idempotency.h"
 #include "chatd/redis_memory.h"
 #include "chatd/redis_rate_limiter.h"
 
@@ -44,6 +45,9 @@ constexpr size_t kMaxRememberedRejections = 100000;
 // one Redis timeout after it. This margin covers scheduling delays on a busy
 // machine; a dead worker's lease frees its slot this long after it was taken.
 constexpr int64_t kLeaseMarginMs = 1000;
+// Recording a turn is one try and, after a transport error, one more; each
+// may wait for a connect and for the reply, both bounded by the Redis timeout.
+constexpr int64_t kRecordRedisTimeouts = 4;
 
 // A clear line at start-up when Redis refuses us (wrong password, missing
 // ACL user), instead of only per-request 503s. Not fatal: exiting would make
@@ -133,7 +137,13 @@ int main() {
   RedisRateLimiter redis_limiter(rate_redis_own ? *rate_redis_own : redis, config.rate_limit, config.rate_window_s,
                                  config.rate_algorithm, cap);
   RejectionCache limiter(redis_limiter, kMaxRememberedRejections, SteadyNowMs);
-  RedisShortTermStore recent(redis, config.recent_messages, config.recall_hot_messages);
+  // The longest a chat can still be recording its turn: an Idempotency-Key's
+  // claim, and a turn's entry in the user's recorded turns, must outlive it,
+  // so no retry records twice.
+  const int64_t chat_lifetime_ms =
+      config.request_deadline_ms + kRecordRedisTimeouts * config.redis_timeout_ms + kLeaseMarginMs;
+  RedisShortTermStore recent(redis, config.recent_messages, config.recall_hot_messages, chat_lifetime_ms);
+  RedisIdempotencyStore idempotency(redis, chat_lifetime_ms);
 
   ChromaOptions chroma_options;
   chroma_options.base_url = config.chroma_url;
@@ -175,7 +185,8 @@ int main() {
   // When the counters share the memory Redis, recording the turn gives the
   // lease back in the same script; otherwise a ZREM on the counters' Redis.
   chat_options.record_turn_releases_lease = !rate_redis_own;
-  ChatService chat(limiter, recent, chroma, *embedder, llm, chat_options);
+  chat_options.idempotency_keep_ms = config.idempotency_ttl_s * 1000;
+  ChatService chat(limiter, recent, chroma, *embedder, llm, chat_options, &idempotency);
   Result<std::unique_ptr<Authenticator>> auth = MakeAuthenticator(config.auth_mode, ProcessEnv());
   if (!auth.ok()) {
     std::fprintf(stderr, "chatd: configuration error: %s\n", auth.status().message().c_str());

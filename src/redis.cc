@@ -246,7 +246,8 @@ Result<RedisValue> RedisClient::Command(const std::vector<std::string_view>& arg
 }
 
 Result<RedisValue> RedisClient::Eval(const RedisScript& script, const std::vector<std::string_view>& keys,
-                                     const std::vector<std::string_view>& args) {
+                                     const std::vector<std::string_view>& args, bool* may_have_run) {
+  if (may_have_run != nullptr) *may_have_run = false;
   const std::string num_keys = std::to_string(keys.size());
   std::vector<std::string_view> argv;
   argv.reserve(3 + keys.size() + args.size());
@@ -258,6 +259,7 @@ Result<RedisValue> RedisClient::Eval(const RedisScript& script, const std::vecto
 
   auto c = Borrow();
   if (!c.ok()) return c.status();
+  if (may_have_run != nullptr) *may_have_run = true;
   auto values = RoundTrip(c->get(), {argv});
   if (!values.ok()) return values.status();
   const RedisValue& first = values->front();

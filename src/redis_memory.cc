@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "chatd/redis_idempotency.h"
 #include "chatd/redis_rate_limiter.h"
 #include "chatd/user_id.h"
 
@@ -13,12 +14,30 @@ namespace chatd {
 
 namespace {
 
-// KEYS: recent list, index stream, activity zset[, the user's leases in flight].
-// ARGV: user, turn id, user text, assistant text, max recent, packed embedding
-// [, the lease to release].
+// KEYS: recent list, index stream, activity zset, the user's recorded turns,
+// the user's leases in flight[, the request's idempotency key].
+// ARGV: user, turn id, user text, assistant text, max recent, packed embedding,
+// the lease to release ('' for none), how long a recorded turn stays listed
+// in ms [, idempotency token, request fingerprint, ms to keep the answer].
 // The timestamp comes from Redis so that every worker and host agrees on it.
 // Releasing the chat's concurrency lease here saves the chat a round trip.
+//
+// Replies: {'recorded', ts}; {'already'} when this turn id was recorded
+// before (the client's first try timed out after the script ran: the retry
+// must not record it twice); {'key_done', turn, response} when the key holds
+// another request's answer; {'key_busy'} when another request holds the key.
+// Only 'recorded' wrote anything besides the lease release.
 const RedisScript kRecordTurn(R"lua(
+if ARGV[7] ~= '' then redis.call('ZREM', KEYS[5], ARGV[7]) end
+-- Idempotent by turn id: a turn stays listed longer than any retry may come.
+if redis.call('ZSCORE', KEYS[4], ARGV[2]) then return {'already'} end
+-- The key's claim is this request's unless it expired meanwhile and another
+-- request took the key; then that request's turn is the one to keep.
+if KEYS[6] then
+  local held = redis.call('HMGET', KEYS[6], 'tok', 'turn', 'resp')
+  if held[2] then return {'key_done', held[2], held[3]} end
+  if held[1] and held[1] ~= ARGV[9] then return {'key_busy'} end
+end
 local t = redis.call('TIME')
 local ts = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local u = cjson.encode({role = 'user', content = ARGV[3], ts = ts, id = ARGV[2] .. ':u'})
@@ -28,8 +47,16 @@ redis.call('LTRIM', KEYS[1], -tonumber(ARGV[5]), -1)
 redis.call('XADD', KEYS[2], '*', 'user', ARGV[1], 'turn', ARGV[2], 'ts', ts,
            'u', ARGV[3], 'a', ARGV[4], 'emb', ARGV[6])
 redis.call('ZADD', KEYS[3], ts, ARGV[1])
-if KEYS[4] then redis.call('ZREM', KEYS[4], ARGV[7]) end
-return ts
+redis.call('ZADD', KEYS[4], ts, ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ts - tonumber(ARGV[8]))
+redis.call('PEXPIRE', KEYS[4], ARGV[8])
+if KEYS[6] then
+  -- The answer replaces the claim, in this same step: a retry replays it.
+  redis.call('HSET', KEYS[6], 'fp', ARGV[10], 'turn', ARGV[2], 'resp', ARGV[4])
+  redis.call('HDEL', KEYS[6], 'tok')
+  redis.call('PEXPIRE', KEYS[6], ARGV[11])
+end
+return {'recorded', ts}
 )lua");
 
 }  // namespace
@@ -145,8 +172,12 @@ std::vector<IndexEntry> ParseIndexEntries(const RedisValue& list, std::vector<st
   return out;
 }
 
-RedisShortTermStore::RedisShortTermStore(RedisClient& redis, int recent_messages, int hot_messages)
-    : redis_(redis), recent_messages_(recent_messages), hot_messages_(hot_messages) {}
+RedisShortTermStore::RedisShortTermStore(RedisClient& redis, int recent_messages, int hot_messages,
+                                         int64_t recorded_window_ms)
+    : redis_(redis),
+      recent_messages_(recent_messages),
+      hot_messages_(hot_messages),
+      recorded_window_ms_(std::to_string(recorded_window_ms)) {}
 
 Result<UserMemory> RedisShortTermStore::Read(std::string_view user_id) {
   const std::string recent_key = RecentKey(user_id);
@@ -173,21 +204,54 @@ Result<UserMemory> RedisShortTermStore::Read(std::string_view user_id) {
 }
 
 Status RedisShortTermStore::RecordTurn(const Turn& turn) {
-  std::string key = RecentKey(turn.user_id);
+  const std::string key = RecentKey(turn.user_id), recorded = RecordedTurnsKey(turn.user_id);
+  const std::string inflight = InflightKey(turn.user_id);
   std::string max_recent = std::to_string(recent_messages_);
   std::string packed = PackEmbedding(turn.user_embedding);
-  std::vector<std::string_view> keys = {key, kIndexStreamKey, kActivityKey};
-  std::vector<std::string_view> args = {turn.user_id,           turn.turn_id, turn.user_message,
-                                        turn.assistant_message, max_recent,   packed};
-  const std::string inflight = turn.release_lease_id.empty() ? std::string() : InflightKey(turn.user_id);
-  if (!inflight.empty()) {
-    keys.push_back(inflight);
-    args.push_back(turn.release_lease_id);
+  std::vector<std::string_view> keys = {key, kIndexStreamKey, kActivityKey, recorded, inflight};
+  std::vector<std::string_view> args = {turn.user_id, turn.turn_id, turn.user_message, turn.assistant_message,
+                                        max_recent,   packed,       turn.release_lease_id, recorded_window_ms_};
+  std::string idem_key, keep_ms;
+  if (turn.idempotency != nullptr) {
+    Result<std::string> name = IdempotencyRedisKey(turn.user_id, turn.idempotency->key);
+    if (!name.ok()) return name.status();
+    idem_key = std::move(*name);
+    keep_ms = std::to_string(turn.idempotency->keep_ms);
+    keys.push_back(idem_key);
+    args.insert(args.end(), {turn.idempotency->token, turn.idempotency->fingerprint, keep_ms});
   }
-  Result<RedisValue> reply = redis_.Eval(kRecordTurn, keys, args);
-  if (!reply.ok()) return reply.status();
-  if (reply->type == RedisValue::Type::kError) return Unavailable("redis_error", "recording the turn failed");
-  return Status::Ok();
+  bool sent_first = false;
+  Result<RedisValue> reply = redis_.Eval(kRecordTurn, keys, args, &sent_first);
+  if (reply.ok()) {
+    // An error reply comes before the script writes (OOM, LOADING, BUSY...).
+    if (reply->is_error()) return Unavailable("redis_error", "recording the turn failed");
+    return RecordReplyStatus(*reply);
+  }
+  // A transport error may come after the script ran (a timeout waiting for
+  // the reply): asking again is safe, because the script is idempotent by turn
+  // id, and it is the only way to learn whether the turn landed.
+  bool sent_again = false;
+  Result<RedisValue> again = redis_.Eval(kRecordTurn, keys, args, &sent_again);
+  if (again.ok() && !again->is_error()) return RecordReplyStatus(*again);
+  const bool again_wrote_nothing = again.ok() || !sent_again;
+  if (!sent_first && again_wrote_nothing) return Unavailable("redis_error", "recording the turn failed");
+  return Status(Code::kUnavailable, std::string(kRecordOutcomeUnknown),
+                "redis did not confirm the turn: it may or may not be recorded");
+}
+
+Status RecordReplyStatus(const RedisValue& reply) {
+  const auto& e = reply.elements;
+  if (reply.type == RedisValue::Type::kArray && !e.empty()) {
+    const std::string& verdict = e[0].str;
+    if (verdict == "recorded" || verdict == "already") return Status::Ok();
+    if (verdict == "key_busy") {
+      return Status(Code::kConflict, std::string(kKeyInProgress), "another request holds the idempotency key");
+    }
+    if (verdict == "key_done") {
+      return Status(Code::kConflict, std::string(kKeyCompleted), "another request answered the idempotency key");
+    }
+  }
+  return Internal("record_bad_reply", "internal error: unexpected reply from the record-turn script");
 }
 
 }  // namespace chatd

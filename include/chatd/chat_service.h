@@ -12,6 +12,7 @@
 #include "chatd/clock.h"
 #include "chatd/config.h"
 #include "chatd/embeddings.h"
+#include "chatd/idempotency.h"
 #include "chatd/llm.h"
 #include "chatd/memory.h"
 #include "chatd/rate_limiter.h"
@@ -27,6 +28,8 @@ struct ChatServiceOptions {
   // The concurrency lease lives in the short-term store's Redis (the counters
   // share it): recording the turn releases it in the same script.
   bool record_turn_releases_lease = false;
+  // How long the answer of a request with an Idempotency-Key is replayed.
+  int64_t idempotency_keep_ms = 24 * 3600 * 1000;
 };
 
 // What happened along the way, for headers, logs and metrics; filled even when
@@ -43,6 +46,9 @@ struct ChatTrace {
   bool long_term_queried = false;    // the hot set was full, so older memories were asked for
   size_t foreign_records_dropped = 0;  // records of other users the long-term store returned
   size_t recent_used = 0;
+  // Set when the turn's record was attempted: a record_outcome_unknown
+  // answer names it, so the client can look for it.
+  std::string turn_id;
 };
 
 struct ChatReply {
@@ -50,16 +56,22 @@ struct ChatReply {
   std::string turn_id;
   int64_t prompt_tokens = 0;
   int64_t completion_tokens = 0;
+  // The first answer to this Idempotency-Key, given again: the model was not
+  // called and nothing was recorded.
+  bool replayed = false;
 };
 
 class ChatService {
  public:
   // Borrows every dependency; they must outlive the service. Thread-safe.
+  // `idempotency` may be null when no request carries an Idempotency-Key.
   ChatService(RateLimiter& limiter, ShortTermStore& recent, LongTermStore& long_term, Embedder& embedder,
-              Llm& llm, ChatServiceOptions options);
+              Llm& llm, ChatServiceOptions options, IdempotencyStore* idempotency = nullptr);
 
+  // `idempotency_key`: the request's Idempotency-Key (ParseIdempotencyKey),
+  // empty when it sent none.
   Result<ChatReply> Chat(const std::string& user_id, const std::string& message, Deadline deadline,
-                         ChatTrace& trace);
+                         ChatTrace& trace, std::string_view idempotency_key = {});
 
  private:
   RateLimiter& limiter_;
@@ -68,6 +80,7 @@ class ChatService {
   Embedder& embedder_;
   Llm& llm_;
   ChatServiceOptions options_;
+  IdempotencyStore* idempotency_;
 };
 
 // A fresh, unique turn id (128 random bits, hex).

@@ -65,6 +65,9 @@ struct Config {
   // holds a thread for up to the request deadline, so without a cap one user
   // could occupy the whole pool. 0: no cap (no lease is taken at all).
   int64_t max_concurrent_per_user = 4;  // CHATD_MAX_CONCURRENT_PER_USER
+  // How long the answer to a request with an Idempotency-Key is replayed to
+  // a retry with the same key and body (the IETF draft leaves it to us).
+  int64_t idempotency_ttl_s = 24 * 3600;  // CHATD_IDEMPOTENCY_TTL_S
 
   // Memory
   int recent_messages = 4;            // CHATD_RECENT_MESSAGES (even: whole turns)

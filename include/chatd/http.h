@@ -21,6 +21,9 @@ struct HttpRequest {
   std::string authorization;
   std::string request_id;  // nginx's $request_id, or one we made up
   std::string remote_addr;
+  // The Idempotency-Key header as sent; nullopt when absent (an empty one is
+  // present, and refused).
+  std::optional<std::string> idempotency_key;
   std::string body;
   bool body_too_large = false;  // CONTENT_LENGTH above the limit: body not read
   bool body_unreadable = false;  // bad CONTENT_LENGTH or a short read

@@ -8,6 +8,7 @@
 #include <string_view>
 #include <vector>
 
+#include "chatd/idempotency.h"
 #include "chatd/status.h"
 
 namespace chatd {
@@ -36,7 +37,24 @@ struct Turn {
   // extra round trip to give its slot back. Set only when the lease lives in
   // the store's Redis.
   std::string release_lease_id;
+  // When the request carried an Idempotency-Key: its claim. The store then
+  // keeps the answer under the key in the same atomic step as the turn, so no
+  // crash between the two can let a retry record the turn again.
+  const IdempotencyTicket* idempotency = nullptr;
 };
+
+// RecordTurn's reasons besides ok (recorded now, or already by an earlier try
+// of the same turn id):
+// - the store could not be asked, or refused before writing: not recorded
+//   (kUnavailable, any other reason);
+// - the store did not answer, even when asked again: the turn may or may not
+//   have been recorded (kUnavailable, kRecordOutcomeUnknown);
+// - the idempotency key is no longer this request's (its claim expired and
+//   another request took it): not recorded (kConflict, kKeyInProgress or
+//   kKeyCompleted).
+inline constexpr std::string_view kRecordOutcomeUnknown = "record_outcome_unknown";
+inline constexpr std::string_view kKeyInProgress = "idempotency_in_progress";
+inline constexpr std::string_view kKeyCompleted = "idempotency_key_completed";
 
 // A message as stored in (or recalled from) the long-term store.
 struct StoredMessage {
@@ -77,6 +95,8 @@ class ShortTermStore {
   virtual Result<UserMemory> Read(std::string_view user_id) = 0;
   // Atomically appends both halves of the turn, trims to the configured size,
   // queues the turn for long-term indexing and marks the user active.
+  // Idempotent by turn id: a second call with the same turn changes nothing
+  // and is ok, so a call that failed in transit can be retried safely.
   virtual Status RecordTurn(const Turn& turn) = 0;
 };
 

@@ -76,9 +76,13 @@ class RedisClient {
   // reason "redis_unavailable"). Messages never contain arguments.
   Result<RedisValue> Command(const std::vector<std::string_view>& argv);
 
-  // Runs a script in one round trip (two only after NOSCRIPT).
+  // Runs a script in one round trip (two only after NOSCRIPT). `may_have_run`,
+  // when given, tells a failed call apart: false when nothing reached Redis
+  // (no connection could be made), true once the command was handed to a
+  // connection, after which a transport error leaves unknown whether the
+  // script ran.
   Result<RedisValue> Eval(const RedisScript& script, const std::vector<std::string_view>& keys,
-                          const std::vector<std::string_view>& args);
+                          const std::vector<std::string_view>& args, bool* may_have_run = nullptr);
 
   // One script run once per element of `calls` (keys, args), all in one round
   // trip (two only after NOSCRIPT); replies in order. Scripts of different

@@ -14,6 +14,11 @@
 //                         the user's latest indexed messages with embeddings
 //   chat:{<user>}:hotidx  sorted set: message id by timestamp, to trim the
 //                         hot set to its oldest-first bound
+//   chat:{<user>}:turns   sorted set: the user's recently recorded turn ids
+//                         by time, kept for as long as a chat may still retry
+//                         its record (the record script is idempotent by turn id)
+//   chat:{<user>}:idem:<sha-256 of key>  an Idempotency-Key's claim or answer
+//                         (redis_idempotency.h)
 // RecordTurn updates all three in one Lua script, so a turn is either fully
 // recorded (both halves, queued for Chroma, user marked active) or not at all,
 // and concurrent turns of one user never leave half a turn in the list.
@@ -46,6 +51,10 @@ inline std::string IndexingKey(std::string_view user_id) { return UserKey(user_i
 // store, read by the request path with the recent list in one round trip.
 inline std::string HotKey(std::string_view user_id) { return UserKey(user_id, "hot"); }
 inline std::string HotIndexKey(std::string_view user_id) { return UserKey(user_id, "hotidx"); }
+// Written by the record script with the turn: a retry of the script that
+// finds the turn there records nothing. One key per user, so the cleanup
+// removes it with the user's other keys.
+inline std::string RecordedTurnsKey(std::string_view user_id) { return UserKey(user_id, "turns"); }
 // Users whose cleanup started and has not finished (a run killed midway):
 // every run settles them first.
 inline constexpr std::string_view kCleanupInProgressKey = "chatd:cleanup:inprogress";
@@ -71,17 +80,25 @@ class RedisShortTermStore : public ShortTermStore {
  public:
   // `hot_messages` is the bound of the hot set that the indexer keeps
   // (CHATD_RECALL_HOT_MESSAGES): a full hot set means older messages exist.
-  RedisShortTermStore(RedisClient& redis, int recent_messages, int hot_messages);
+  // `recorded_window_ms`: how long a recorded turn stays listed, at least as
+  // long as a chat may still be recording (then no retry can record twice).
+  RedisShortTermStore(RedisClient& redis, int recent_messages, int hot_messages, int64_t recorded_window_ms);
 
   // LRANGE of the recent list and HVALS of the hot set, pipelined.
   Result<UserMemory> Read(std::string_view user_id) override;
+  // One script call; after a transport error, one more (the script is
+  // idempotent by turn id), whose answer tells whether the turn landed.
   Status RecordTurn(const Turn& turn) override;
 
  private:
   RedisClient& redis_;
   int recent_messages_;
   int hot_messages_;
+  std::string recorded_window_ms_;
 };
+
+// The record script's reply as RecordTurn's status (memory.h). Exposed for tests.
+Status RecordReplyStatus(const RedisValue& reply);
 
 // Parses one entry of the recent list.
 Result<Message> ParseRecentEntry(std::string_view json);

@@ -17,8 +17,10 @@ enum class Code {
   kForbidden,             // 403
   kNotFound,              // 404
   kMethodNotAllowed,      // 405
+  kConflict,              // 409: a request with the same Idempotency-Key is in flight
   kPayloadTooLarge,       // 413
   kUnsupportedMediaType,  // 415
+  kUnprocessable,         // 422: an Idempotency-Key reused with another request
   kRateLimited,           // 429
   kUnavailable,           // 503: a dependency we need is down
   kDeadlineExceeded,      // 504: the model did not answer in time

@@ -101,6 +101,14 @@ def test_redis_acl_user_with_exactly_the_shipped_rules_runs_chats_indexer_and_cl
     redis.command("SCRIPT", "FLUSH")
     for user in users:
         chat_ok(front.url, user, unique("second"))
+    # Idempotency keys: the claim, the answer kept by the record script, a
+    # replay, and the release of a claim whose chat failed.
+    keyed = unique("keyed")
+    first = post_chat(front.url, users[0], keyed, headers={"Idempotency-Key": keyed})
+    replay = post_chat(front.url, users[0], keyed, headers={"Idempotency-Key": keyed})
+    assert first[0] == replay[0] == 200 and replay[2]["turnId"] == first[2]["turnId"], (first, replay)
+    failed = post_chat(front.url, users[0], f"{keyed} #fake:status=400", headers={"Idempotency-Key": keyed + "-2"})
+    assert failed[0] == 502, failed
 
     # The indexer (XGROUP, XREADGROUP, XACK, XDEL, scripts) empties the stream.
     indexed = poll_until(lambda: redis.command("XLEN", "chatd:index") == 0, INDEX_TIMEOUT_S)

@@ -9,6 +9,7 @@
 
 #include "chatd/embeddings.h"
 #include "chatd/hot_record.h"
+#include "chatd/idempotency.h"
 #include "chatd/llm.h"
 #include "chatd/memory.h"
 #include "chatd/rate_limiter.h"
@@ -53,6 +54,45 @@ class FakeLimiter : public RateLimiter {
   int calls = 0;
 };
 
+// Keys in a map, with the Redis adapter's semantics; Complete() is what the
+// record script does with a recorded turn's key.
+class FakeIdempotency : public IdempotencyStore {
+ public:
+  struct Entry {
+    std::string fingerprint, token, turn_id, response;
+  };
+  Result<KeyClaim> Claim(std::string_view user, const IdempotencyTicket& t) override {
+    ++claim_calls;
+    if (!status.ok()) return status;
+    KeyClaim claim;
+    auto [it, fresh] = keys.try_emplace(std::string(user) + "/" + t.key, Entry{t.fingerprint, t.token, "", ""});
+    if (fresh) return claim;
+    if (it->second.fingerprint != t.fingerprint) {
+      claim.state = KeyState::kReused;
+    } else if (!it->second.turn_id.empty()) {
+      claim.state = KeyState::kCompleted;
+      claim.turn_id = it->second.turn_id;
+      claim.response = it->second.response;
+    } else {
+      claim.state = KeyState::kInProgress;
+    }
+    return claim;
+  }
+  Status Release(std::string_view user, const IdempotencyTicket& t) override {
+    ++release_calls;
+    auto it = keys.find(std::string(user) + "/" + t.key);
+    if (it != keys.end() && it->second.token == t.token) keys.erase(it);
+    return Status::Ok();
+  }
+  void Complete(std::string_view user, const IdempotencyTicket& t, const std::string& turn_id,
+                const std::string& response) {
+    keys[std::string(user) + "/" + t.key] = Entry{t.fingerprint, "", turn_id, response};
+  }
+  std::map<std::string, Entry> keys;
+  Status status;
+  int claim_calls = 0, release_calls = 0;
+};
+
 class FakeShortTerm : public ShortTermStore {
  public:
   Result<UserMemory> Read(std::string_view user) override {
@@ -65,14 +105,18 @@ class FakeShortTerm : public ShortTermStore {
     return m;
   }
   Status RecordTurn(const Turn& turn) override {
-    if (!record_status.ok()) return record_status;
+    ++record_calls;
+    if (!record_status.ok() && !record_status_after_write) return record_status;
     if (!turn.release_lease_id.empty()) released_leases.push_back(turn.release_lease_id);
+    if (turn.idempotency != nullptr && idempotency != nullptr) {
+      idempotency->Complete(turn.user_id, *turn.idempotency, turn.turn_id, turn.assistant_message);
+    }
     turns.push_back(turn);
     auto& list = messages[turn.user_id];
     list.push_back({Role::kUser, turn.user_message, 1, turn.turn_id + ":u"});
     list.push_back({Role::kAssistant, turn.assistant_message, 1, turn.turn_id + ":a"});
     while (list.size() > 4) list.erase(list.begin());
-    return Status::Ok();
+    return record_status;
   }
   std::map<std::string, std::vector<Message>> messages;
   std::map<std::string, std::vector<StoredMessage>> hot;
@@ -80,7 +124,11 @@ class FakeShortTerm : public ShortTermStore {
   std::vector<Turn> turns;
   std::vector<std::string> released_leases;  // released with a recorded turn
   Status recent_status, record_status;
-  int recent_calls = 0;
+  // record_status is returned after the turn was written (an answer lost in
+  // transit), not instead of writing it.
+  bool record_status_after_write = false;
+  FakeIdempotency* idempotency = nullptr;  // keeps the answer of a keyed turn, as the record script does
+  int recent_calls = 0, record_calls = 0;
 };
 
 class FakeLongTerm : public LongTermStore {
@@ -148,6 +196,18 @@ class FakeLlm : public Llm {
   std::vector<ChatMessage> last_prompt;
   Status status;
   int calls = 0;
+};
+
+// Every dependency of a ChatService, faked, with the short-term store
+// keeping keyed answers where the record script would.
+struct ServiceFakes {
+  FakeLimiter limiter;
+  FakeShortTerm recent;
+  FakeLongTerm long_term;
+  FakeEmbedder embedder;
+  FakeLlm llm;
+  FakeIdempotency keys;
+  ServiceFakes() { recent.idempotency = &keys; }
 };
 
 }  // namespace chatd::testing

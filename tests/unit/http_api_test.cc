@@ -7,24 +7,21 @@ using namespace chatd;
 using namespace chatd::testing;
 
 namespace {
-struct ApiFixture {
-  FakeLimiter limiter;
-  FakeShortTerm recent;
-  FakeLongTerm long_term;
-  FakeEmbedder embedder;
-  FakeLlm llm;
+struct ApiFixture : ServiceFakes {
   Config config;
-  ChatService service{limiter, recent, long_term, embedder, llm, ChatServiceOptions{}};
+  ChatService service{limiter, recent, long_term, embedder, llm, ChatServiceOptions{}, &keys};
   HttpApi api{config, service, nullptr, nullptr, nullptr};
   RequestLog log;
 
-  HttpReply Post(std::string body, std::string content_type = "application/json") {
+  HttpReply Post(std::string body, std::string content_type = "application/json",
+                 std::optional<std::string> idempotency_key = std::nullopt) {
     HttpRequest req;
     req.method = "POST";
     req.path = "/api/chat";
     req.content_type = std::move(content_type);
     req.body = std::move(body);
     req.request_id = "rid";
+    req.idempotency_key = std::move(idempotency_key);
     return api.Handle(req, log);
   }
   static std::string Header(const HttpReply& r, const std::string& name) {
@@ -123,6 +120,44 @@ BOOST_AUTO_TEST_CASE(content_length_is_digits_only) {
     BOOST_TEST(!ParseContentLength(bad, n), bad);
     BOOST_TEST(n == 7u);  // untouched on failure
   }
+}
+
+// Idempotency-Key: the header's validation, the replay marker, and the honest
+// answer when the record's outcome is unknown.
+constexpr char kHi[] = R"({"userId":"alice","message":"Hi"})";
+
+BOOST_FIXTURE_TEST_CASE(an_invalid_idempotency_key_is_400_before_anything_runs, ApiFixture) {
+  for (std::string bad : {std::string(), std::string(256, 'k'), std::string("caf\xc3\xa9")}) {
+    HttpReply r = Post(kHi, "application/json", bad);
+    BOOST_TEST(r.status == 400);
+    BOOST_TEST(r.body.find("\"code\":\"invalid_idempotency_key\"") != std::string::npos);
+  }
+  BOOST_TEST(keys.claim_calls == 0);
+  BOOST_TEST(llm.calls == 0);
+}
+
+BOOST_FIXTURE_TEST_CASE(a_replay_is_marked_and_carries_the_first_turn, ApiFixture) {
+  HttpReply first = Post(kHi, "application/json", "k1");
+  BOOST_TEST(first.status == 200);
+  BOOST_TEST(Header(first, "Idempotent-Replayed") == "<none>");
+  HttpReply again = Post(kHi, "application/json", "\"k1\"");  // the quoted form names the same key
+  BOOST_TEST(again.status == 200);
+  BOOST_TEST(Header(again, "Idempotent-Replayed") == "true");
+  BOOST_TEST(again.body == first.body);  // same response, requestId (same here) and turnId
+  BOOST_TEST(Header(again, "RateLimit-Policy") == "\"default\";q=30;w=60");
+  BOOST_TEST(Post(R"({"userId":"alice","message":"Other"})", "application/json", "k1").status == 422);
+}
+
+BOOST_FIXTURE_TEST_CASE(an_unknown_record_outcome_is_503_with_the_turn_id, ApiFixture) {
+  recent.record_status = Status(Code::kUnavailable, std::string(kRecordOutcomeUnknown), "lost");
+  HttpReply r = Post(kHi);
+  BOOST_TEST(r.status == 503);
+  BOOST_TEST(r.body.find("\"code\":\"record_outcome_unknown\"") != std::string::npos);
+  const size_t at = r.body.find("\"turnId\":\"");
+  BOOST_REQUIRE(at != std::string::npos);
+  const std::string turn = r.body.substr(at + 10, r.body.find('"', at + 10) - at - 10);
+  BOOST_TEST(turn.size() == 32u);
+  BOOST_TEST(turn.find_first_not_of("0123456789abcdef") == std::string::npos);
 }
 
 BOOST_AUTO_TEST_SUITE_END()

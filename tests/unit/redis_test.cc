@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "chatd/redis.h"
+#include "chatd/redis_memory.h"
 
 namespace chatd {
 namespace {
@@ -542,6 +543,75 @@ BOOST_AUTO_TEST_CASE(redis_without_a_password_configured_noauth_is_reported_as_a
   Status s = client.CheckAccess();
   BOOST_TEST(s.reason() == "redis_auth_failed");
   BOOST_TEST(s.message().find("NOAUTH") != std::string::npos);
+}
+
+// RecordTurn after a transport error: asked once more, and the answer says
+// truthfully whether the turn is recorded.
+namespace {
+Turn SomeTurn() {
+  Turn t;
+  t.user_id = "alice";
+  t.turn_id = "0123456789abcdef0123456789abcdef";
+  t.user_message = "hi";
+  t.assistant_message = "hello";
+  return t;
+}
+
+// Answers each record-script call with the next of `replies`.
+FakeRedis::Handler RecordReplies(std::vector<FakeReply> replies) {
+  auto next = std::make_shared<size_t>(0);
+  return [replies, next](const std::vector<std::string>& argv) {
+    if (argv[0] != "EVALSHA" || *next >= replies.size()) return FakeReply::Send("-ERR unexpected\r\n");
+    return replies[(*next)++];
+  };
+}
+
+constexpr int64_t kShortTimeoutMs = 100;
+constexpr int64_t kRecordedWindowMs = 60000;
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(record_that_timed_out_after_running_is_confirmed_by_the_retry, *boost::unit_test::timeout(30)) {
+  FakeRedis server(RecordReplies({FakeReply::Silence(), FakeReply::Send("*1\r\n$7\r\nalready\r\n")}));
+  RedisClient client(OptionsFor(server.port(), kShortTimeoutMs));
+  RedisShortTermStore store(client, 4, 64, kRecordedWindowMs);
+  Status s = store.RecordTurn(SomeTurn());
+  BOOST_TEST(s.ok(), s.reason());
+  const auto commands = server.commands();
+  BOOST_REQUIRE_EQUAL(commands.size(), 2u);
+  BOOST_TEST((commands[0] == commands[1]));  // the same turn id, so the script can tell
+  BOOST_TEST(commands[0][2] == "5");  // recent, stream, activity, recorded turns, leases
+  BOOST_TEST(commands[0][6] == "chat:{alice}:turns");
+  BOOST_TEST(commands[0][9] == "0123456789abcdef0123456789abcdef");
+}
+
+BOOST_AUTO_TEST_CASE(record_unconfirmed_twice_is_unknown_never_not_recorded, *boost::unit_test::timeout(30)) {
+  for (FakeReply second : {FakeReply::Silence(), FakeReply::Send("-LOADING Redis is loading\r\n")}) {
+    FakeRedis server(RecordReplies({FakeReply::Silence(), second}));
+    RedisClient client(OptionsFor(server.port(), kShortTimeoutMs));
+    RedisShortTermStore store(client, 4, 64, kRecordedWindowMs);
+    Status s = store.RecordTurn(SomeTurn());
+    BOOST_TEST(s.reason() == "record_outcome_unknown");
+    BOOST_TEST(server.commands().size() == 2u);
+  }
+}
+
+BOOST_AUTO_TEST_CASE(record_refused_or_never_sent_is_not_recorded) {
+  {
+    FakeRedis server(RecordReplies({FakeReply::Send("-OOM command not allowed\r\n")}));
+    RedisClient client(OptionsFor(server.port()));
+    RedisShortTermStore store(client, 4, 64, kRecordedWindowMs);
+    Status s = store.RecordTurn(SomeTurn());
+    BOOST_TEST(s.reason() == "redis_error");
+    BOOST_TEST(server.commands().size() == 1u);  // a refusal wrote nothing: no retry
+  }
+  int port = 0;
+  Fd held = BoundLoopbackSocket(false, &port);
+  RedisClient client(OptionsFor(port));
+  RedisShortTermStore store(client, 4, 64, kRecordedWindowMs);
+  bool may_have_run = true;
+  BOOST_TEST(!client.Eval(RedisScript("return 1"), {}, {}, &may_have_run).ok());
+  BOOST_TEST(!may_have_run);
+  BOOST_TEST(store.RecordTurn(SomeTurn()).reason() == "redis_error");
 }
 
 BOOST_AUTO_TEST_SUITE_END()

@@ -1,0 +1,87 @@
+#include "chatd/redis_idempotency.h"
+
+#include "chatd/user_id.h"
+
+namespace chatd {
+
+namespace {
+
+// KEYS[1]: the key's hash. ARGV: fingerprint, token, claim TTL in ms.
+// A different fingerprint wins over "in progress": the client reused the key
+// for another request, whatever became of the first.
+const RedisScript kClaim(R"lua(
+local held = redis.call('HMGET', KEYS[1], 'fp', 'turn', 'resp')
+if not held[1] then
+  redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'tok', ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return {'claimed'}
+end
+if held[1] ~= ARGV[1] then return {'reused'} end
+if held[2] then return {'done', held[2], held[3]} end
+return {'busy'}
+)lua");
+
+// KEYS[1]: the key's hash. ARGV: token. Deletes only this request's claim,
+// never an answer or another request's claim. (HMGET, not HGET: the ACL of
+// systemd/redis-acl.conf.example allows the former.)
+const RedisScript kRelease(R"lua(
+if redis.call('HMGET', KEYS[1], 'tok')[1] == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+)lua");
+
+}  // namespace
+
+Result<std::string> IdempotencyRedisKey(std::string_view user_id, std::string_view key) {
+  if (!IsValidUserId(user_id)) return InvalidArgument("invalid_user_id", "invalid user id");
+  Result<std::string> digest = Sha256Hex(key);
+  if (!digest.ok()) return digest.status();
+  return UserKey(user_id, "idem:" + *digest);
+}
+
+RedisIdempotencyStore::RedisIdempotencyStore(RedisClient& redis, int64_t claim_ttl_ms)
+    : redis_(redis), claim_ttl_ms_(std::to_string(claim_ttl_ms)) {}
+
+Result<KeyClaim> RedisIdempotencyStore::Claim(std::string_view user_id, const IdempotencyTicket& ticket) {
+  Result<std::string> key = IdempotencyRedisKey(user_id, ticket.key);
+  if (!key.ok()) return key.status();
+  auto reply = redis_.Eval(kClaim, {*key}, {ticket.fingerprint, ticket.token, claim_ttl_ms_});
+  if (!reply.ok()) return reply.status();
+  return KeyClaimFromReply(*reply);
+}
+
+Status RedisIdempotencyStore::Release(std::string_view user_id, const IdempotencyTicket& ticket) {
+  Result<std::string> key = IdempotencyRedisKey(user_id, ticket.key);
+  if (!key.ok()) return key.status();
+  auto reply = redis_.Eval(kRelease, {*key}, {ticket.token});
+  if (!reply.ok()) return reply.status();
+  if (reply->is_error()) return Unavailable("redis_error", "releasing an idempotency key failed");
+  return Status::Ok();
+}
+
+Result<KeyClaim> KeyClaimFromReply(const RedisValue& reply) {
+  if (reply.is_error()) return Unavailable("redis_error", "claiming an idempotency key failed");
+  const auto& e = reply.elements;
+  if (reply.type == RedisValue::Type::kArray && !e.empty()) {
+    KeyClaim claim;
+    const std::string& verdict = e[0].str;
+    if (verdict == "claimed") return claim;
+    if (verdict == "busy") {
+      claim.state = KeyState::kInProgress;
+      return claim;
+    }
+    if (verdict == "reused") {
+      claim.state = KeyState::kReused;
+      return claim;
+    }
+    if (verdict == "done" && e.size() == 3 && e[1].type == RedisValue::Type::kString &&
+        e[2].type == RedisValue::Type::kString) {
+      claim.state = KeyState::kCompleted;
+      claim.turn_id = e[1].str;
+      claim.response = e[2].str;
+      return claim;
+    }
+  }
+  return Internal("idempotency_bad_reply", "internal error: unexpected reply from the idempotency script");
+}
+
+}  // namespace chatd
