@@ -53,7 +53,7 @@ ChatService::ChatService(RateLimiter& limiter, ShortTermStore& recent, LongTermS
       options_(std::move(options)) {}
 
 Result<ChatReply> ChatService::Chat(const std::string& user_id, const std::string& message, Deadline deadline,
-                                    ChatTrace& trace) {
+                                    ChatTrace& trace, StreamSink* sink) {
   // 1. Rate limit and the cap on chats in flight first, in one call: a
   // rejected request costs this call and nothing more.
   Result<RateDecision> decision = limiter_.Check(user_id);
@@ -131,7 +131,7 @@ Result<ChatReply> ChatService::Chat(const std::string& user_id, const std::strin
 
   // 6. The model. On failure nothing of this turn is stored.
   auto model_started = SteadyClock::now();
-  Result<LlmReply> reply = llm_.Complete(prompt, deadline);
+  Result<LlmReply> reply = sink != nullptr ? llm_.Stream(prompt, deadline, *sink) : llm_.Complete(prompt, deadline);
   trace.upstream_ms =
       std::chrono::duration_cast<std::chrono::milliseconds>(SteadyClock::now() - model_started).count();
   if (!reply.ok()) {
@@ -140,6 +140,14 @@ Result<ChatReply> ChatService::Chat(const std::string& user_id, const std::strin
     return reply.status();
   }
   trace.model_attempts = reply->attempts;
+  trace.prompt_tokens = reply->prompt_tokens;
+  trace.completion_tokens = reply->completion_tokens;
+  if (reply->stopped) {
+    // Nobody saw the whole reply and the client got no turnId: keeping half
+    // an answer would put words into memory that the user never read.
+    trace.client_gone = true;
+    return Unavailable("client_gone", "The client closed the stream before the reply was complete");
+  }
 
   // 7. Record the whole turn atomically; only then do we answer.
   Turn turn;

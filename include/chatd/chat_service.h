@@ -43,6 +43,11 @@ struct ChatTrace {
   bool long_term_queried = false;    // the hot set was full, so older memories were asked for
   size_t foreign_records_dropped = 0;  // records of other users the long-term store returned
   size_t recent_used = 0;
+  // Tokens the model reported for this request (0 when it reported none),
+  // whether or not the turn was then recorded.
+  int64_t prompt_tokens = 0;
+  int64_t completion_tokens = 0;
+  bool client_gone = false;  // a streamed reply whose client left before the end
 };
 
 struct ChatReply {
@@ -58,8 +63,12 @@ class ChatService {
   ChatService(RateLimiter& limiter, ShortTermStore& recent, LongTermStore& long_term, Embedder& embedder,
               Llm& llm, ChatServiceOptions options);
 
+  // With a `sink`, the reply is streamed to it as the model writes it
+  // (Llm::Stream); the turn is still recorded once, whole, at the end, and a
+  // client that leaves mid-stream (the sink says stop) ends the chat with
+  // kUnavailable "client_gone" and nothing recorded.
   Result<ChatReply> Chat(const std::string& user_id, const std::string& message, Deadline deadline,
-                         ChatTrace& trace);
+                         ChatTrace& trace, StreamSink* sink = nullptr);
 
  private:
   RateLimiter& limiter_;

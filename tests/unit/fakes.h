@@ -149,4 +149,12 @@ class FakeLlm : public Llm {
   int calls = 0;
 };
 
+// The chat service's stores and limiter, for fixtures that bring their own model.
+struct FakeServiceDeps {
+  FakeLimiter limiter;
+  FakeShortTerm recent;
+  FakeLongTerm long_term;
+  FakeEmbedder embedder;
+};
+
 }  // namespace chatd::testing
