@@ -37,14 +37,15 @@ Status SseParser::Feed(std::string_view bytes, std::vector<SseEvent>& out) {
     }
     after_cr_ = c == '\r';
     std::string_view piece = bytes.substr(start, i - start);
+    // The same bound whether or not the line arrived in one piece.
+    if (line_.size() + piece.size() > max_event_bytes_) {
+      failed_ = true;
+      return TooLarge();
+    }
     Status s;
     if (line_.empty()) {
       s = Line(piece, out);
     } else {
-      if (line_.size() + piece.size() > max_event_bytes_) {
-        failed_ = true;
-        return TooLarge();
-      }
       line_.append(piece);
       std::string whole = std::move(line_);
       line_.clear();
