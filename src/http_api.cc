@@ -228,7 +228,9 @@ HttpReply HttpApi::Chat(const HttpRequest& req, RequestLog& log, ResponseStream*
 
   Deadline deadline = Deadline::In(std::chrono::milliseconds(config_.request_deadline_ms));
   std::optional<SseSink> sse;
-  if (stream != nullptr && (parsed->stream || AcceptsEventStream(req.accept))) sse.emplace(*stream, rate_policy_, trace);
+  if (stream != nullptr && (parsed->stream || AcceptsEventStream(req.accept))) {
+    sse.emplace(*stream, rate_policy_, trace);
+  }
   Result<ChatReply> result = chat_.Chat(user_id, parsed->message, deadline, trace, sse ? &*sse : nullptr);
   log.upstream_ms = trace.upstream_ms;
   log.recall_degraded = trace.recall_degraded;

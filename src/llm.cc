@@ -291,9 +291,17 @@ class DecoderFeed : public HttpStreamSink {
  public:
   DecoderFeed(ChatStreamDecoder& decoder, StreamSink& sink) : decoder_(decoder), sink_(sink) {}
   bool OnData(std::string_view bytes) noexcept override {
-    // Failures stay in the decoder; a stopped or failed decoder ends the transfer.
-    return decoder_.Feed(bytes).ok() && !decoder_.stopped();
+    // Failures stay in the decoder; a stopped or failed decoder ends the
+    // transfer. Running out of memory ends it too: nothing may unwind
+    // through curl's C frames.
+    try {
+      return decoder_.Feed(bytes).ok() && !decoder_.stopped();
+    } catch (...) {
+      out_of_memory_ = true;
+      return false;
+    }
   }
+  bool out_of_memory() const { return out_of_memory_; }
   bool KeepGoing() noexcept override {
     if (decoder_.stopped()) return false;
     if (sink_.Poll() == SinkAction::kStop) {
@@ -308,6 +316,7 @@ class DecoderFeed : public HttpStreamSink {
   ChatStreamDecoder& decoder_;
   StreamSink& sink_;
   bool stopped_ = false;
+  bool out_of_memory_ = false;
 };
 
 }  // namespace
@@ -391,6 +400,7 @@ Result<LlmReply> OpenAIChat::Stream(const std::vector<ChatMessage>& messages, De
       finish(reply);
       return std::move(reply);
     }
+    if (feed.out_of_memory()) return Internal("out_of_memory", "out of memory reading the model's stream");
     std::string_view retry_after, retry_after_ms;
     const Status& decoded = decoder.status();
     if (!decoded.ok()) {
