@@ -47,6 +47,8 @@ Standard library only; runs under Debian's /usr/bin/python3.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import collections
 import datetime
 import json
 import os
@@ -60,6 +62,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any, Optional
 
@@ -186,6 +189,20 @@ TARGET_CHROMA_RSS_BYTES = 2 << 30
 TARGET_CHROMA_OPEN_FILES = 500
 TARGET_INDEX_OLDEST_P99_S = 2.0
 TARGET_INDEX_DRAIN_S = 5.0
+# Issue 14: streamed replies. Time to first byte at 64 streams, through nginx,
+# less the model's own time to first chunk (the fake, asked directly the same
+# way); then the most streams held open at once, the model streaming ~10 s each.
+STREAM_TTFB_CONNECTIONS = 64
+STREAM_TTFB_RUN_S = 10
+# Thread per request: 64 streams at once need 64 threads, or they queue.
+STREAM_TTFB_WORKERS = 2
+STREAM_TTFB_THREADS = 32
+STREAM_SECONDS = 10
+STREAM_WORDS = 15                      # the fake streams one chunk per word of its reply
+STREAM_STEPS = (500, 1000, 2000)
+STREAM_TIMEOUT_S = 40
+TARGET_STREAM_TTFB_P50_MS = 2.0
+TARGET_STREAMS = 2000
 # Requests still in flight when a run's counters are read make per-chat
 # counts a little uneven; a real extra round trip per chat shows as +1.
 ROUND_TRIP_SLACK = 0.01
@@ -977,6 +994,173 @@ class Sampler(PeriodicSampler):
         }
 
 
+async def _sse_request(host: str, port: int, head: bytes, body: bytes, first_marker: bytes, end_marker: bytes,
+                       timeout_s: float, on_first=None) -> "dict[str, Any]":
+    """One streamed request over HTTP/1.0 (no chunked framing, the end is the
+    close): time to the first piece and whether the end marker came."""
+    started = time.perf_counter()
+    out: "dict[str, Any]" = {"ok": False, "ttfb_ms": None, "error": None}
+    writer = None
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+        writer.write(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        seen, status_line = b"", b""
+        while True:
+            data = await asyncio.wait_for(reader.read(65536), timeout_s)
+            if not data:
+                break
+            if not status_line:
+                status_line = data.split(b"\r\n", 1)[0]
+            seen = (seen + data)[-4096:]
+            if out["ttfb_ms"] is None and first_marker in seen:
+                out["ttfb_ms"] = (time.perf_counter() - started) * 1000
+                if on_first is not None:
+                    on_first()
+            if end_marker in seen:
+                out["ok"] = out["ttfb_ms"] is not None
+                break
+        if not out["ok"]:
+            status = status_line.decode("latin-1", "replace")
+            out["error"] = status if " 200 " not in status + " " else "no end marker"
+    except (OSError, asyncio.TimeoutError) as exc:
+        out["error"] = type(exc).__name__
+    finally:
+        if writer is not None:
+            writer.close()
+    return out
+
+
+def _chatd_stream_request(url: str, user: str, message: str) -> "tuple[str, int, bytes, bytes]":
+    parts = urllib.parse.urlsplit(url)
+    body = json.dumps({"userId": user, "message": message, "stream": True}).encode()
+    head = (b"POST /api/chat HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\n")
+    return parts.hostname, parts.port, head, body
+
+
+def _fake_stream_request(stack: Stack, message: str) -> "tuple[str, int, bytes, bytes]":
+    body = json.dumps({"model": "fake-chat", "stream": True, "stream_options": {"include_usage": True},
+                       "messages": [{"role": "user", "content": message}]}).encode()
+    head = (b"POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer bench\r\n")
+    return LOOPBACK, stack.fake.port, head, body
+
+
+async def _closed_loop(make, first_marker: bytes, end_marker: bytes, connections: int,
+                       duration_s: float) -> "list[dict[str, Any]]":
+    results: "list[dict[str, Any]]" = []
+    stop_at = time.monotonic() + duration_s
+
+    async def worker(w: int) -> None:
+        i = 0
+        while time.monotonic() < stop_at:
+            host, port, head, body = make(w, i)
+            results.append(await _sse_request(host, port, head, body, first_marker, end_marker, WRK_TIMEOUT_S))
+            i += 1
+    await asyncio.gather(*(worker(w) for w in range(connections)))
+    return results
+
+
+def _ttfb_figures(results: "list[dict[str, Any]]") -> "dict[str, Any]":
+    ttfb = [r["ttfb_ms"] for r in results if r["ok"]]
+    return {"requests": len(results), "errors": sum(1 for r in results if not r["ok"]),
+            "ttfb_ms": {"p50": percentile(ttfb, 50), "p99": percentile(ttfb, 99), "n": len(ttfb)}}
+
+
+def phase_stream_ttfb(stack: Stack) -> "dict[str, Any]":
+    """Time to the first delta through nginx and the pool, less the model's
+    time to its first content chunk (the fake asked directly, same load)."""
+    say(f"bench: stream TTFB, {STREAM_TTFB_CONNECTIONS} streams, {STREAM_TTFB_RUN_S} s, "
+        f"{STREAM_TTFB_WORKERS} x {STREAM_TTFB_THREADS} threads")
+    frontend, _ = start_frontend(stack, "stream-ttfb", dict(BASE_POOL_ENV, **CAP_OFF_ENV), STREAM_TTFB_WORKERS,
+                                 STREAM_TTFB_THREADS, trivial=False)
+    msg = lambda w, i: f"stream bench {w} {i}"  # noqa: E731
+
+    def measure(connections: int) -> "dict[str, Any]":
+        model = asyncio.run(_closed_loop(lambda w, i: _fake_stream_request(stack, msg(w, i)),
+                                         b'"content":"[fake]', b"[DONE]", connections, STREAM_TTFB_RUN_S))
+        chatd = asyncio.run(_closed_loop(
+            lambda w, i: _chatd_stream_request(frontend.url, f"{CHAT_PREFIX}{(w * 7919 + i) % CHAT_USERS}",
+                                               msg(w, i)),
+            b'data: {"delta"', b'"done":true', connections, STREAM_TTFB_RUN_S))
+        out = {"connections": connections, "model": _ttfb_figures(model), "chatd": _ttfb_figures(chatd)}
+        m, c = out["model"]["ttfb_ms"], out["chatd"]["ttfb_ms"]
+        if m["p50"] is not None and c["p50"] is not None:
+            out["added_ms"] = {"p50": c["p50"] - m["p50"], "p99": c["p99"] - m["p99"]}
+        say(f"bench:   c={connections}: model first chunk p50 {m['p50']} ms; through chatd p50 {c['p50']} ms, "
+            f"p99 {c['p99']} ms; errors {out['chatd']['errors']}")
+        return out
+    try:
+        # One stream at a time too: what chatd adds without any queueing.
+        single = measure(1)
+        out = measure(STREAM_TTFB_CONNECTIONS)
+    finally:
+        stop_frontend(stack, frontend)
+    out.update({"workers": STREAM_TTFB_WORKERS, "threads": STREAM_TTFB_THREADS, "single": single})
+    return out
+
+
+def phase_stream_capacity(stack: Stack) -> "dict[str, Any]":
+    """The most streams open at once: every stream lasts ~STREAM_SECONDS at the
+    model; a step holds when every stream ends with done."""
+    say(f"bench: stream capacity, {CAPACITY_WORKERS} x {CAPACITY_THREADS} threads, {STREAM_SECONDS} s streams")
+    frontend, _ = start_frontend(stack, "stream-capacity", dict(BASE_POOL_ENV, **CAP_OFF_ENV), CAPACITY_WORKERS,
+                                 CAPACITY_THREADS, trivial=False)
+    # Events of a reply: the role chunk, one per word (4 of the fake's own,
+    # the message's words and the directive), finish, usage, [DONE].
+    gaps = 1 + 4 + STREAM_WORDS + 1 + 3 - 1
+    chunk_delay_ms = STREAM_SECONDS * 1000 // gaps
+    steps = []
+    try:
+        for n in STREAM_STEPS:
+            pids = frontend.pool.worker_pids()
+            idle_rss = sum(status_kib(p, "VmRSS") for p in pids)
+            sampler = Sampler(stack, frontend.pool)
+            open_now = {"n": 0, "max": 0}
+
+            def opened() -> None:
+                open_now["n"] += 1
+                open_now["max"] = max(open_now["max"], open_now["n"])
+
+            async def run() -> "list[dict[str, Any]]":
+                words = " ".join(f"w{k}" for k in range(STREAM_WORDS))
+                tasks = []
+                for i in range(n):
+                    host, port, head, body = _chatd_stream_request(
+                        frontend.url, f"{CHAT_PREFIX}{i % CHAT_USERS}",
+                        f"{words} #fake:chunk_delay_ms={chunk_delay_ms}")
+                    tasks.append(_sse_request(host, port, head, body, b'data: {"delta"', b'"done":true',
+                                              STREAM_TIMEOUT_S, opened))
+                return await asyncio.gather(*tasks)
+            say(f"bench: stream capacity, {n} streams")
+            sampler.start()
+            started = time.monotonic()
+            try:
+                results = asyncio.run(run())
+            finally:
+                sampler.stop()
+            elapsed = time.monotonic() - started
+            errors = [r["error"] for r in results if not r["ok"]]
+            samples = sampler.samples or [{"rss_kib": idle_rss, "in_flight": 0, "threads": 0}]
+            peak_rss = max(s["rss_kib"] for s in samples) * 1024
+            step = {"streams": n, "errors": len(errors), "error_kinds": dict(collections.Counter(errors)),
+                    "max_open_at_client": open_now["max"],
+                    "max_in_flight_at_model": max(s["in_flight"] for s in samples),
+                    "pool_rss_idle_bytes": idle_rss * 1024, "pool_rss_peak_bytes": peak_rss,
+                    "pool_threads_peak": max(s["threads"] for s in samples), "elapsed_s": elapsed,
+                    "chunk_delay_ms": chunk_delay_ms,
+                    "held": not errors and peak_rss < TARGET_CAPACITY_RSS_BYTES}
+            steps.append(step)
+            say(f"bench:   errors {len(errors)} {step['error_kinds']}, at the model at once "
+                f"{step['max_in_flight_at_model']}, pool RSS {peak_rss / 2**20:.0f} MiB, {elapsed:.1f} s")
+            if not step["held"]:
+                break
+    finally:
+        stop_frontend(stack, frontend)
+    held = [s for s in steps if s["held"]]
+    return {"workers": CAPACITY_WORKERS, "threads": CAPACITY_THREADS, "stream_seconds": STREAM_SECONDS,
+            "steps": steps, "largest_held": max((s["streams"] for s in held), default=0)}
+
+
 def phase_cap(stack: Stack) -> "dict[str, Any]":
     """The full chat path with the per-user cap on (default) and off, one pool
     after the other, same load: what the cap adds per chat."""
@@ -1415,6 +1599,30 @@ def build_table(r: "dict[str, Any]") -> "list[tuple[str, str, str, str]]":
             rows.append(("Chroma: first query after restart vs warm p50",
                          f"{cold['cold_query_ms']['p50']:.2f} vs {cold['warm_query_ms']['p50']:.2f} ms "
                          f"(very first {cold['very_first_query_ms']:.1f} ms)", "", "-"))
+    st = r.get("stream_ttfb")
+    if st and st.get("added_ms"):
+        a, c, m = st["added_ms"], st["chatd"]["ttfb_ms"], st["model"]["ttfb_ms"]
+        rows.append((f"Stream: time to first delta less the model's first chunk, c={st['connections']} "
+                     f"({st['workers']}x{st['threads']})",
+                     f"p50 {a['p50']:.1f} ms, p99 {a['p99']:.1f} ms (through nginx {c['p50']:.1f} / {c['p99']:.1f}, "
+                     f"model {m['p50']:.1f} / {m['p99']:.1f}; errors {st['chatd']['errors']})",
+                     f"p50 <= {TARGET_STREAM_TTFB_P50_MS:.0f} ms", verdict(a["p50"] <= TARGET_STREAM_TTFB_P50_MS)))
+        one = st.get("single", {}).get("added_ms")
+        if one:
+            rows.append(("Stream: the same, one stream at a time", f"p50 {one['p50']:.1f} ms, p99 {one['p99']:.1f} ms",
+                         "", "-"))
+    sc = r.get("stream_capacity")
+    if sc:
+        best = max((s for s in sc["steps"] if s["held"]), key=lambda s: s["streams"], default=None)
+        last = sc["steps"][-1] if sc["steps"] else None
+        shown = best or last
+        value = (f"{sc['largest_held']:,} held ({sc['workers']}x{sc['threads']} threads); at the largest step "
+                 f"{shown['streams']:,}: {shown['errors']} errors, pool RSS {shown['pool_rss_peak_bytes'] / 2**20:,.0f} MiB"
+                 if shown else "no step ran")
+        if last is not None and not last["held"]:
+            value += f"; {last['streams']:,} failed: {last['errors']} errors {last['error_kinds']}"
+        rows.append((f"Stream: concurrent open streams, model streaming {sc['stream_seconds']} s each", value,
+                     f">= {TARGET_STREAMS:,}, 0 errors, RSS < 1 GiB", verdict(sc["largest_held"] >= TARGET_STREAMS)))
     return rows
 
 
@@ -1434,7 +1642,8 @@ def markdown_table(rows: "list[tuple[str, str, str, str]]") -> str:
 # ---------------------------------------------------------------------------
 
 
-PHASES = ("ceilings", "rejected", "chat", "chat_memory", "gateway", "cap", "capacity", "capacity_gateway", "chroma")
+PHASES = ("ceilings", "rejected", "chat", "chat_memory", "gateway", "cap", "capacity", "capacity_gateway",
+          "stream_ttfb", "stream_capacity", "chroma")
 
 
 def main() -> int:
@@ -1508,6 +1717,10 @@ def main() -> int:
                 results["capacity"] = phase_capacity(stack, "full", {})
             if "capacity_gateway" in phases:
                 results["capacity_gateway"] = phase_capacity(stack, "gateway", gateway_env())
+            if "stream_ttfb" in phases:
+                results["stream_ttfb"] = phase_stream_ttfb(stack)
+            if "stream_capacity" in phases:
+                results["stream_capacity"] = phase_stream_capacity(stack)
             stack.stop()
             stack = None
         if "chroma" in phases:

@@ -102,7 +102,7 @@ ChatService::ChatService(RateLimiter& limiter, ShortTermStore& recent, LongTermS
       idempotency_(idempotency) {}
 
 Result<ChatReply> ChatService::Chat(const std::string& user_id, const std::string& message, Deadline deadline,
-                                    ChatTrace& trace, std::string_view idempotency_key) {
+                                    ChatTrace& trace, std::string_view idempotency_key, StreamSink* sink) {
   // 0. An Idempotency-Key is claimed before the limiter: a replay, a 409 and
   // a 422 then cost this one call, and neither quota nor a slot in flight.
   std::optional<IdempotencyTicket> ticket;
@@ -197,7 +197,7 @@ Result<ChatReply> ChatService::Chat(const std::string& user_id, const std::strin
 
   // 6. The model. On failure nothing of this turn is stored.
   auto model_started = SteadyClock::now();
-  Result<LlmReply> reply = llm_.Complete(prompt, deadline);
+  Result<LlmReply> reply = sink != nullptr ? llm_.Stream(prompt, deadline, *sink) : llm_.Complete(prompt, deadline);
   trace.upstream_ms =
       std::chrono::duration_cast<std::chrono::milliseconds>(SteadyClock::now() - model_started).count();
   if (!reply.ok()) {
@@ -206,6 +206,14 @@ Result<ChatReply> ChatService::Chat(const std::string& user_id, const std::strin
     return reply.status();
   }
   trace.model_attempts = reply->attempts;
+  trace.prompt_tokens = reply->prompt_tokens;
+  trace.completion_tokens = reply->completion_tokens;
+  if (reply->stopped) {
+    // Nobody saw the whole reply and the client got no turnId: keeping half
+    // an answer would put words into memory that the user never read.
+    trace.client_gone = true;
+    return Unavailable("client_gone", "The client closed the stream before the reply was complete");
+  }
 
   // 7. Record the whole turn atomically; only then do we answer.
   Turn turn;

@@ -189,6 +189,7 @@ Result<Config> LoadConfig(const EnvLookup& env) {
   r.Int("CHATD_LLM_MAX_RETRIES", c.llm_max_retries, 0, kMaxRetries);
   r.Int("CHATD_LLM_BACKOFF_BASE_MS", c.llm_backoff_base_ms, 0, kMaxTimeoutMs);
   r.Int("CHATD_LLM_BACKOFF_MAX_MS", c.llm_backoff_max_ms, 0, kMaxTimeoutMs);
+  r.Int("CHATD_LLM_STREAM_IDLE_MS", c.llm_stream_idle_ms, 10, kMaxTimeoutMs);
 
   r.String("CHATD_REDIS_HOST", c.redis_host, false);
   r.Int("CHATD_REDIS_PORT", c.redis_port, 1, kMaxPort);

@@ -2,6 +2,7 @@
 
 #include <fcgiapp.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -50,6 +51,7 @@ void ReadRequest(FCGX_Request& req, size_t max_body, HttpRequest& out) {
   out.authorization = Param(req, "HTTP_AUTHORIZATION");
   out.remote_addr = Param(req, "REMOTE_ADDR");
   if (const char* key = FCGX_GetParam("HTTP_IDEMPOTENCY_KEY", req.envp)) out.idempotency_key = key;
+  out.accept = Param(req, "HTTP_ACCEPT");
   out.request_id = Param(req, "REQUEST_ID");
   if (out.request_id.empty()) out.request_id = RandomHexId();
 
@@ -77,20 +79,66 @@ void ReadRequest(FCGX_Request& req, size_t max_body, HttpRequest& out) {
   }
 }
 
-void WriteReply(FCGX_Request& req, const HttpReply& reply) {
+// The CGI response head; a streamed reply has no length.
+std::string Head(const HttpReply& reply, bool with_length) {
   std::string head;
   head.reserve(256);
   head.append("Status: ").append(std::to_string(reply.status)).append(" ");
   head.append(HttpReasonPhrase(reply.status)).append("\r\n");
   head.append("Content-Type: ").append(reply.content_type).append("\r\n");
-  head.append("Content-Length: ").append(std::to_string(reply.body.size())).append("\r\n");
+  if (with_length) head.append("Content-Length: ").append(std::to_string(reply.body.size())).append("\r\n");
   head.append("Cache-Control: no-store\r\n");
   for (const auto& [name, value] : reply.headers) head.append(name).append(": ").append(value).append("\r\n");
   head.append("\r\n");
+  return head;
+}
+
+void WriteReply(FCGX_Request& req, const HttpReply& reply) {
+  std::string head = Head(reply, /*with_length=*/true);
   // A failed write means nginx went away; there is nobody left to tell.
   FCGX_PutStr(head.data(), static_cast<int>(head.size()), req.out);
   FCGX_PutStr(reply.body.data(), static_cast<int>(reply.body.size()), req.out);
 }
+
+// Server-sent events over the request's FastCGI connection. nginx closes that
+// connection when its client leaves (fastcgi_ignore_client_abort is off), so
+// a failed write or flush, or a hang-up seen by poll(), means the client is gone.
+class FcgiStream : public ResponseStream {
+ public:
+  explicit FcgiStream(FCGX_Request& req) : req_(req) {}
+
+  bool Start(const HttpReply& head) override {
+    std::string text = Head(head, /*with_length=*/false);
+    return Write(text);
+  }
+
+  bool Write(std::string_view bytes) override {
+    if (gone_) return false;
+    if (FCGX_PutStr(bytes.data(), static_cast<int>(bytes.size()), req_.out) < 0 || FCGX_FFlush(req_.out) < 0 ||
+        FCGX_GetError(req_.out) != 0) {
+      gone_ = true;
+    }
+    return !gone_;
+  }
+
+  bool ClientGone() override {
+    if (gone_) return true;
+    // Asked on every read from the model: one poll() per interval is plenty
+    // to notice a departure well within a second.
+    auto now = SteadyClock::now();
+    if (now - last_check_ < kClientCheckInterval) return false;
+    last_check_ = now;
+    pollfd p{req_.ipcFd, POLLRDHUP, 0};
+    if (::poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0) gone_ = true;
+    return gone_;
+  }
+
+ private:
+  static constexpr std::chrono::milliseconds kClientCheckInterval{100};
+  FCGX_Request& req_;
+  bool gone_ = false;
+  SteadyClock::time_point last_check_{};
+};
 
 }  // namespace
 
@@ -200,12 +248,14 @@ void FcgiServer::ThreadMain() {
     HttpRequest http;
     ReadRequest(req, max_body_bytes_, http);
     RequestLog log;
-    HttpReply reply = handler_(http, log);
+    FcgiStream stream(req);
+    HttpReply reply = handler_(http, log, stream);
 
     // Counted and logged before the reply is written: FCGX_PutStr may already
     // send a full buffer and FCGX_Finish_r sends the rest, and a client that
     // holds its answer must find it in /metrics and in the log. The latency
-    // therefore ends when the answer is ready, not when nginx has it.
+    // therefore ends when the answer is ready, not when nginx has it. A
+    // streamed answer is out already: it is counted when it has ended.
     auto latency = SteadyClock::now() - started;
     double latency_ms = std::chrono::duration<double, std::milli>(latency).count();
     if (metrics_ != nullptr) {
@@ -223,7 +273,7 @@ void FcgiServer::ThreadMain() {
     if (log.recall_degraded) line.Bool("recall_degraded", true);
     line.Emit();
 
-    WriteReply(req, reply);
+    if (!reply.streamed) WriteReply(req, reply);
     FCGX_Finish_r(&req);
   }
   FCGX_Free(&req, 1);

@@ -1,6 +1,8 @@
 #include "chatd/http_api.h"
 
+#include <algorithm>
 #include <exception>
+#include <optional>
 
 #include "chatd/clock.h"
 #include "chatd/idempotency.h"
@@ -15,6 +17,9 @@ namespace {
 // A worker that has not beaten for this long counts as gone. Workers beat on
 // every turn of their indexer loop, at least every second and a half.
 constexpr int64_t kWorkerAliveMs = 5000;
+constexpr std::string_view kEventStreamType = "text/event-stream";
+// nginx's status for a client that left before the answer.
+constexpr int kClientClosedRequest = 499;
 
 // Every /api/chat answer names the policy; those that reached the limiter
 // also say what is left (and, rejected, when to come back).
@@ -26,20 +31,130 @@ void AddRateHeaders(const std::string& policy, const ChatTrace& trace, HttpReply
   for (auto& h : RateLimitHeaders(*trace.rate)) reply.headers.push_back(std::move(h));
 }
 
-}  // namespace
-
-bool IsJsonContentType(std::string_view content_type) {
-  std::string_view media = content_type.substr(0, content_type.find(';'));
+// Whether one media type (parameters allowed) is `wanted`, in any case.
+bool MediaTypeIs(std::string_view media_type, std::string_view wanted) {
+  std::string_view media = media_type.substr(0, media_type.find(';'));
   while (!media.empty() && (media.back() == ' ' || media.back() == '\t')) media.remove_suffix(1);
   while (!media.empty() && (media.front() == ' ' || media.front() == '\t')) media.remove_prefix(1);
-  constexpr std::string_view kJson = "application/json";
-  if (media.size() != kJson.size()) return false;
-  for (size_t i = 0; i < kJson.size(); ++i) {
+  if (media.size() != wanted.size()) return false;
+  for (size_t i = 0; i < wanted.size(); ++i) {
     char c = media[i];
     if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
-    if (c != kJson[i]) return false;
+    if (c != wanted[i]) return false;
   }
   return true;
+}
+
+// Writes the reply's events to the client as the model produces them. The
+// 200 and its headers go out with the first delta, so that any failure
+// before it is still an ordinary JSON error with its own status.
+class SseSink : public StreamSink {
+ public:
+  SseSink(ResponseStream& out, const std::string& policy, const ChatTrace& trace)
+      : out_(out), policy_(policy), trace_(trace) {}
+
+  SinkAction OnDelta(std::string_view text) noexcept override {
+    // Nothing may throw into the model client's C callbacks: an allocation
+    // failure counts as a lost client.
+    try {
+      event_.assign("data: {\"delta\":");
+      AppendJsonString(event_, text);
+      event_.append("}\n\n");
+      return Send(event_) ? SinkAction::kContinue : SinkAction::kStop;
+    } catch (...) {
+      gone_ = true;
+      return SinkAction::kStop;
+    }
+  }
+
+  SinkAction Poll() noexcept override {
+    if (!gone_ && out_.ClientGone()) gone_ = true;
+    return gone_ ? SinkAction::kStop : SinkAction::kContinue;
+  }
+
+  bool Send(std::string_view event) {
+    if (gone_) return false;
+    if (!started_) {
+      HttpReply head;
+      head.content_type = kEventStreamType;
+      // nginx would otherwise buffer the events (fastcgi_buffering is on).
+      head.headers.emplace_back("X-Accel-Buffering", "no");
+      AddRateHeaders(policy_, trace_, head);
+      if (replayed_) head.headers.emplace_back("Idempotent-Replayed", "true");
+      started_ = true;
+      if (!out_.Start(head)) gone_ = true;
+    }
+    if (!gone_ && !out_.Write(event)) gone_ = true;
+    return !gone_;
+  }
+
+  bool started() const { return started_; }
+  bool gone() const { return gone_; }
+  // An Idempotency-Key replay: the stored reply goes out as one delta, with
+  // the header a JSON replay carries.
+  void MarkReplayed() { replayed_ = true; }
+
+ private:
+  ResponseStream& out_;
+  const std::string& policy_;
+  const ChatTrace& trace_;
+  std::string event_;
+  bool started_ = false;
+  bool gone_ = false;
+  bool replayed_ = false;
+};
+
+void AppendUsage(std::string& out, const ChatReply& reply) {
+  out.append("\"usage\":{\"prompt_tokens\":")
+      .append(std::to_string(reply.prompt_tokens))
+      .append(",\"completion_tokens\":")
+      .append(std::to_string(reply.completion_tokens))
+      .append("}");
+}
+
+HttpReply EndStream(SseSink& sse, const Result<ChatReply>& result, RequestLog& log) {
+  HttpReply reply;
+  reply.streamed = true;
+  if (!result.ok()) log.error_reason = result.status().reason();
+  if (sse.gone()) {
+    // Nobody is left to read an event. Before the first byte nothing was
+    // sent at all: logged as nginx logs such a request, 499.
+    log.error_reason = "client_gone";
+    if (!sse.started()) reply.status = kClientClosedRequest;
+    return reply;
+  }
+  std::string event;
+  if (result.ok() && result->replayed && !sse.started()) {
+    // The model was not called again: the stored reply is the one delta.
+    sse.MarkReplayed();
+    if (!result->response.empty()) sse.OnDelta(result->response);
+  }
+  if (result.ok()) {
+    event.append("data: {\"done\":true,\"turnId\":");
+    AppendJsonString(event, result->turn_id);
+    event.push_back(',');
+    AppendUsage(event, *result);
+    event.append("}\n\n");
+  } else {
+    // The 200 is out: the failure can only be an event now.
+    event.append("event: error\ndata: ").append(ErrorBody(result.status())).append("\n\n");
+  }
+  sse.Send(event);
+  return reply;
+}
+
+}  // namespace
+
+bool IsJsonContentType(std::string_view content_type) { return MediaTypeIs(content_type, "application/json"); }
+
+bool AcceptsEventStream(std::string_view accept) {
+  while (!accept.empty()) {
+    size_t comma = accept.find(',');
+    if (MediaTypeIs(accept.substr(0, comma), kEventStreamType)) return true;
+    if (comma == std::string_view::npos) break;
+    accept.remove_prefix(comma + 1);
+  }
+  return false;
 }
 
 HttpApi::HttpApi(const Config& config, ChatService& chat, Authenticator* auth, Metrics* metrics,
@@ -52,9 +167,9 @@ HttpApi::HttpApi(const Config& config, ChatService& chat, Authenticator* auth, M
       rate_policy_("\"default\";q=" + std::to_string(config.rate_limit) + ";w=" +
                    std::to_string(config.rate_window_s)) {}
 
-HttpReply HttpApi::Handle(const HttpRequest& req, RequestLog& log) {
+HttpReply HttpApi::Handle(const HttpRequest& req, RequestLog& log, ResponseStream* stream) {
   try {
-    if (req.path == "/api/chat") return Chat(req, log);
+    if (req.path == "/api/chat") return Chat(req, log, stream);
     if (req.path == "/api/health") return Health(req);
     if (req.path == "/metrics") return MetricsText(req);
     log.error_reason = "not_found";
@@ -68,7 +183,7 @@ HttpReply HttpApi::Handle(const HttpRequest& req, RequestLog& log) {
   return ErrorReply(Internal("internal", "Internal error"));
 }
 
-HttpReply HttpApi::Chat(const HttpRequest& req, RequestLog& log) {
+HttpReply HttpApi::Chat(const HttpRequest& req, RequestLog& log, ResponseStream* stream) {
   ChatTrace trace;
   auto fail = [&](const Status& s) {
     log.error_reason = s.reason();
@@ -135,12 +250,23 @@ HttpReply HttpApi::Chat(const HttpRequest& req, RequestLog& log) {
   }
 
   Deadline deadline = Deadline::In(std::chrono::milliseconds(config_.request_deadline_ms));
-  Result<ChatReply> result = chat_.Chat(user_id, parsed->message, deadline, trace, idempotency_key);
+  std::optional<SseSink> sse;
+  if (stream != nullptr && (parsed->stream || AcceptsEventStream(req.accept))) {
+    sse.emplace(*stream, rate_policy_, trace);
+  }
+  Result<ChatReply> result =
+      chat_.Chat(user_id, parsed->message, deadline, trace, idempotency_key, sse ? &*sse : nullptr);
   log.upstream_ms = trace.upstream_ms;
   log.recall_degraded = trace.recall_degraded;
   Count(trace, result.ok() ? Status::Ok() : result.status());
   if (trace.rate_limiter_failed_open) LogWarn("rate_limiter_failed_open").Str("user", user_id).Emit();
 
+  if (sse) {
+    if (metrics_) Metrics::Add(metrics_->shared().chat_streams);
+    if (sse->gone() && metrics_) Metrics::Add(metrics_->shared().chat_streams_client_gone);
+  }
+  // A reply without a single delta (an empty one) is still a stream.
+  if (sse && (result.ok() || sse->started() || sse->gone())) return EndStream(*sse, result, log);
   if (!result.ok()) {
     HttpReply reply = fail(result.status());
     if (result.status().code() == Code::kRateLimited && trace.rate) {
@@ -167,11 +293,14 @@ HttpReply HttpApi::Chat(const HttpRequest& req, RequestLog& log) {
   AppendJsonString(reply.body, req.request_id);
   reply.body.append(",\"turnId\":");
   AppendJsonString(reply.body, result->turn_id);
+  reply.body.push_back(',');
+  AppendUsage(reply.body, *result);
   reply.body.append("}");
   AddRateHeaders(rate_policy_, trace, reply);
   if (result->replayed) reply.headers.emplace_back("Idempotent-Replayed", "true");
   return reply;
 }
+
 
 void HttpApi::Count(const ChatTrace& trace, const Status& status) {
   if (metrics_ == nullptr) return;
@@ -181,6 +310,8 @@ void HttpApi::Count(const ChatTrace& trace, const Status& status) {
   if (trace.recall_degraded) Metrics::Add(m.recall_degraded);
   if (trace.long_term_queried) Metrics::Add(m.recall_long_term_queries);
   if (trace.foreign_records_dropped > 0) Metrics::Add(m.recall_foreign_dropped, trace.foreign_records_dropped);
+  Metrics::Add(m.prompt_tokens, static_cast<uint64_t>(std::max<int64_t>(trace.prompt_tokens, 0)));
+  Metrics::Add(m.completion_tokens, static_cast<uint64_t>(std::max<int64_t>(trace.completion_tokens, 0)));
   if (trace.upstream_ms >= 0) {
     metrics_->CountModelCall(!trace.model_failed, trace.model_timed_out, trace.upstream_ms * 1000);
   }

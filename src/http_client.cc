@@ -29,13 +29,39 @@ struct Transfer {
   size_t max_body = 0;
   bool too_large = false;
   bool out_of_memory = false;
+  // Streaming only: where a 2xx body goes, and what stopped the transfer.
+  HttpStreamSink* sink = nullptr;
+  CURL* curl = nullptr;
+  int status_seen = -1;  // -1 unknown, 1 the body is a 2xx's (to the sink), 0 another status's
+  int64_t idle_timeout_ms = 0;
+  SteadyClock::time_point last_data;
+  bool stopped_by_sink = false;
+  bool idle_timed_out = false;
 };
+
+bool BodyGoesToSink(Transfer& transfer) noexcept {
+  if (transfer.sink == nullptr) return false;
+  if (transfer.status_seen < 0) {
+    long status = 0;
+    curl_easy_getinfo(transfer.curl, CURLINFO_RESPONSE_CODE, &status);
+    transfer.status_seen = status >= 200 && status < 300 ? 1 : 0;
+  }
+  return transfer.status_seen == 1;
+}
 
 // Callbacks run inside curl's C frames: nothing may throw out of them, so the
 // allocations are guarded and a failure aborts the transfer instead.
 size_t OnBody(char* data, size_t size, size_t count, void* user) noexcept {
   auto* transfer = static_cast<Transfer*>(user);
   const size_t n = size * count;
+  if (BodyGoesToSink(*transfer)) {
+    transfer->last_data = SteadyClock::now();
+    if (!transfer->sink->OnData(std::string_view(data, n))) {
+      transfer->stopped_by_sink = true;
+      return 0;  // curl aborts with CURLE_WRITE_ERROR
+    }
+    return n;
+  }
   std::string& body = transfer->response->body;
   if (n > transfer->max_body - body.size()) {
     transfer->too_large = true;
@@ -90,6 +116,22 @@ size_t OnHeader(char* data, size_t size, size_t count, void* user) noexcept {
   return n;
 }
 
+// Streaming only: the inter-chunk deadline and the sink's "stop" (a client
+// that went away) while no data arrives. Non-zero aborts the transfer.
+int OnProgress(void* user, curl_off_t, curl_off_t, curl_off_t, curl_off_t) noexcept {
+  auto* transfer = static_cast<Transfer*>(user);
+  if (!transfer->sink->KeepGoing()) {
+    transfer->stopped_by_sink = true;
+    return 1;
+  }
+  if (transfer->idle_timeout_ms > 0 &&
+      SteadyClock::now() - transfer->last_data > std::chrono::milliseconds(transfer->idle_timeout_ms)) {
+    transfer->idle_timed_out = true;
+    return 1;
+  }
+  return 0;
+}
+
 int64_t MsSince(SteadyClock::time_point start) {
   return std::chrono::duration_cast<std::chrono::milliseconds>(SteadyClock::now() - start).count();
 }
@@ -114,7 +156,13 @@ HttpClient::HttpClient() : impl_(std::make_unique<Impl>()) {
 
 HttpClient::~HttpClient() = default;
 
-Result<HttpResponse> HttpClient::Send(const HttpCall& call) {
+Result<HttpResponse> HttpClient::Send(const HttpCall& call) { return Perform(call, nullptr); }
+
+Result<HttpResponse> HttpClient::SendStreaming(const HttpCall& call, HttpStreamSink& sink) {
+  return Perform(call, &sink);
+}
+
+Result<HttpResponse> HttpClient::Perform(const HttpCall& call, HttpStreamSink* sink) {
   CURL* curl = impl_->handle.get();
   if (curl == nullptr) return Internal("curl_init", "could not create a libcurl handle");
   if (call.method != "GET" && call.method != "POST" && call.method != "DELETE") {
@@ -154,6 +202,9 @@ Result<HttpResponse> HttpClient::Send(const HttpCall& call) {
   Transfer transfer;
   transfer.response = &response;
   transfer.max_body = call.max_response_bytes;
+  transfer.sink = sink;
+  transfer.curl = curl;
+  transfer.idle_timeout_ms = call.idle_timeout_ms;
 
   curl_easy_setopt(curl, CURLOPT_URL, call.url.c_str());
   curl_easy_setopt(curl, CURLOPT_PROTOCOLS_STR, "http,https");
@@ -173,6 +224,11 @@ Result<HttpResponse> HttpClient::Send(const HttpCall& call) {
   curl_easy_setopt(curl, CURLOPT_WRITEDATA, &transfer);
   curl_easy_setopt(curl, CURLOPT_HEADERFUNCTION, &OnHeader);
   curl_easy_setopt(curl, CURLOPT_HEADERDATA, &transfer);
+  if (sink != nullptr) {
+    curl_easy_setopt(curl, CURLOPT_XFERINFOFUNCTION, &OnProgress);
+    curl_easy_setopt(curl, CURLOPT_XFERINFODATA, &transfer);
+    curl_easy_setopt(curl, CURLOPT_NOPROGRESS, 0L);
+  }
 
   if (call.method == "GET") {
     curl_easy_setopt(curl, CURLOPT_HTTPGET, 1L);
@@ -187,6 +243,7 @@ Result<HttpResponse> HttpClient::Send(const HttpCall& call) {
   }
 
   const auto start = SteadyClock::now();
+  transfer.last_data = start;
   const CURLcode rc = curl_easy_perform(curl);
   response.elapsed_ms = MsSince(start);
   // The handle outlives this frame: keep it from pointing at our header list
@@ -199,6 +256,11 @@ Result<HttpResponse> HttpClient::Send(const HttpCall& call) {
                   "HTTP response body exceeds " + std::to_string(call.max_response_bytes) + " bytes");
   }
   if (transfer.out_of_memory) return Internal("out_of_memory", "out of memory reading an HTTP response");
+  if (transfer.stopped_by_sink) return Unavailable("aborted", "HTTP call stopped by its reader");
+  if (transfer.idle_timed_out) {
+    return Status(Code::kDeadlineExceeded, "idle_timeout",
+                  "no data for " + std::to_string(call.idle_timeout_ms) + " ms");
+  }
   if (rc != CURLE_OK) {
     std::string detail = impl_->error_buffer[0] != '\0' ? impl_->error_buffer : curl_easy_strerror(rc);
     if (rc == CURLE_OPERATION_TIMEDOUT) {

@@ -139,7 +139,7 @@ Result<ChatRequest> ParseChatRequest(std::string_view body, size_t max_message_b
   }
   if (!doc.IsObject()) return InvalidArgument("not_an_object", "The request body must be a JSON object");
 
-  for (std::string_view field : {"userId", "message"}) {
+  for (std::string_view field : {"userId", "message", "stream"}) {
     if (CountMembers(doc, field) > 1) {
       return InvalidArgument("invalid_json", "The field \"" + std::string(field) + "\" appears more than once");
     }
@@ -167,6 +167,12 @@ Result<ChatRequest> ParseChatRequest(std::string_view body, size_t max_message_b
                              "'.' or '@'");
     }
     req.user_id.emplace(id);
+  }
+
+  auto stream = doc.FindMember("stream");
+  if (stream != doc.MemberEnd()) {
+    if (!stream->value.IsBool()) return InvalidArgument("wrong_type", "The field \"stream\" must be true or false");
+    req.stream = stream->value.GetBool();
   }
   return req;
 }

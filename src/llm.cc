@@ -54,6 +54,20 @@ void LogUpstreamError(long status, std::string_view body, int attempt) {
   line.Emit();
 }
 
+// Token counts of a reply's or a last chunk's "usage" object, when present.
+void ReadUsage(const rapidjson::Value& doc, LlmReply& reply) {
+  auto usage = doc.FindMember("usage");
+  if (usage == doc.MemberEnd() || !usage->value.IsObject()) return;
+  auto p = usage->value.FindMember("prompt_tokens");
+  if (p != usage->value.MemberEnd() && p->value.IsInt64()) reply.prompt_tokens = p->value.GetInt64();
+  auto c = usage->value.FindMember("completion_tokens");
+  if (c != usage->value.MemberEnd() && c->value.IsInt64()) reply.completion_tokens = c->value.GetInt64();
+}
+
+constexpr std::string_view kStreamEnd = "[DONE]";
+
+Status ModelError(const char* why) { return Status(Code::kUpstream, "model_error", why); }
+
 }  // namespace
 
 BodyShape DescribeBody(std::string_view body) {
@@ -91,7 +105,8 @@ BodyShape DescribeBody(std::string_view body) {
   return shape;
 }
 
-std::string BuildChatCompletionBody(const OpenAIChatOptions& options, const std::vector<ChatMessage>& messages) {
+std::string BuildChatCompletionBody(const OpenAIChatOptions& options, const std::vector<ChatMessage>& messages,
+                                    bool stream) {
   size_t size = 128 + options.model.size();
   for (const auto& m : messages) size += m.content.size() + 32;
   std::string out;
@@ -111,7 +126,8 @@ std::string BuildChatCompletionBody(const OpenAIChatOptions& options, const std:
   AppendJsonString(out, options.max_tokens_field);
   out.push_back(':');
   out.append(std::to_string(options.max_completion_tokens));
-  out.append(",\"stream\":false}");
+  // Without include_usage a stream carries no token counts at all.
+  out.append(stream ? ",\"stream\":true,\"stream_options\":{\"include_usage\":true}}" : ",\"stream\":false}");
   return out;
 }
 
@@ -137,14 +153,69 @@ Result<LlmReply> ParseChatCompletion(std::string_view body) {
   reply.content = SanitizeUtf8(std::string_view(content->value.GetString(), content->value.GetStringLength()));
   auto finish = first.FindMember("finish_reason");
   if (finish != first.MemberEnd() && finish->value.IsString()) reply.finish_reason = finish->value.GetString();
-  auto usage = doc.FindMember("usage");
-  if (usage != doc.MemberEnd() && usage->value.IsObject()) {
-    auto p = usage->value.FindMember("prompt_tokens");
-    if (p != usage->value.MemberEnd() && p->value.IsInt64()) reply.prompt_tokens = p->value.GetInt64();
-    auto c = usage->value.FindMember("completion_tokens");
-    if (c != usage->value.MemberEnd() && c->value.IsInt64()) reply.completion_tokens = c->value.GetInt64();
-  }
+  ReadUsage(doc, reply);
   return reply;
+}
+
+ChatStreamDecoder::ChatStreamDecoder(StreamSink& sink) : sink_(sink), parser_(kMaxHttpResponseBytes) {}
+
+Status ChatStreamDecoder::Feed(std::string_view bytes) {
+  if (!failed_.ok()) return failed_;
+  if (stopped_ || done_) return Status::Ok();
+  events_.clear();
+  Status parsed = parser_.Feed(bytes, events_);
+  // Events completed before a failure are still the model's words: deliver them.
+  for (const SseEvent& event : events_) {
+    if (done_ || stopped_) break;
+    if (Status s = Chunk(event.data); !s.ok()) {
+      failed_ = s;
+      return s;
+    }
+  }
+  if (!parsed.ok() && failed_.ok() && !done_ && !stopped_) failed_ = parsed;
+  return failed_;
+}
+
+Status ChatStreamDecoder::Chunk(std::string_view data) {
+  if (data == kStreamEnd) {
+    done_ = true;
+    return Status::Ok();
+  }
+  rapidjson::Document doc;
+  doc.Parse<rapidjson::kParseIterativeFlag | rapidjson::kParseValidateEncodingFlag>(data.data(), data.size());
+  if (doc.HasParseError() || !doc.IsObject()) return ModelError("The model streamed a malformed chunk");
+  // A stream that already answered 200 reports a failure as an error object.
+  if (auto error = doc.FindMember("error"); error != doc.MemberEnd() && !error->value.IsNull()) {
+    error_event_ = true;
+    return ModelError("The model failed while streaming");
+  }
+  ReadUsage(doc, reply_);
+  auto choices = doc.FindMember("choices");
+  if (choices == doc.MemberEnd() || !choices->value.IsArray()) return ModelError("The model streamed no choices");
+  if (choices->value.Empty()) return Status::Ok();  // the usage chunk
+  const auto& first = choices->value[0];
+  if (!first.IsObject()) return ModelError("The model streamed a malformed chunk");
+  if (auto finish = first.FindMember("finish_reason"); finish != first.MemberEnd() && finish->value.IsString()) {
+    reply_.finish_reason = finish->value.GetString();
+  }
+  auto delta = first.FindMember("delta");
+  if (delta == first.MemberEnd() || !delta->value.IsObject()) return Status::Ok();
+  auto content = delta->value.FindMember("content");
+  // The first chunk carries only the role, with "content": "" or null.
+  if (content == delta->value.MemberEnd() || !content->value.IsString() || content->value.GetStringLength() == 0) {
+    return Status::Ok();
+  }
+  // Each chunk's text is a whole JSON string, so it is whole characters;
+  // escapes can still decode to a lone surrogate, which we must not pass on.
+  std::string text =
+      SanitizeUtf8(std::string_view(content->value.GetString(), content->value.GetStringLength()));
+  if (reply_.content.size() + text.size() > kMaxHttpResponseBytes) {
+    return Status(Code::kUpstream, "response_too_large", "The model's reply is larger than the limit");
+  }
+  reply_.content.append(text);
+  ++deltas_sent_;
+  if (sink_.OnDelta(text) == SinkAction::kStop) stopped_ = true;
+  return Status::Ok();
 }
 
 bool IsRetryableStatus(long status, std::string_view body) {
@@ -178,14 +249,80 @@ int64_t RetryDelayMs(const OpenAIChatOptions& options, int attempt, std::string_
   return static_cast<int64_t>(backoff * (1.0 - kJitterFraction * jitter01));
 }
 
-Result<LlmReply> OpenAIChat::Complete(const std::vector<ChatMessage>& messages, Deadline deadline) {
+namespace {
+
+HttpCall ChatCompletionCall(const OpenAIChatOptions& options, const std::vector<ChatMessage>& messages, bool stream) {
   HttpCall call;
   call.method = "POST";
-  call.url = options_.base_url + "/chat/completions";
-  call.body = BuildChatCompletionBody(options_, messages);
+  call.url = options.base_url + "/chat/completions";
+  call.body = BuildChatCompletionBody(options, messages, stream);
   call.headers.push_back("Content-Type: application/json");
-  if (!options_.api_key.empty()) call.headers.push_back("Authorization: Bearer " + options_.api_key);
-  call.connect_timeout_ms = options_.connect_timeout_ms;
+  if (!options.api_key.empty()) call.headers.push_back("Authorization: Bearer " + options.api_key);
+  call.connect_timeout_ms = options.connect_timeout_ms;
+  return call;
+}
+
+// Sleeps before retry `attempt` and returns true, or returns false when no
+// retry is left or it could not finish before the deadline.
+bool WaitBeforeRetry(const OpenAIChatOptions& options, int attempt, std::string_view retry_after,
+                     std::string_view retry_after_ms, Deadline deadline) {
+  if (attempt == options.max_retries) return false;
+  int64_t delay = RetryDelayMs(options, attempt, retry_after, retry_after_ms, Jitter01());
+  if (delay >= deadline.RemainingMs()) return false;
+  std::this_thread::sleep_for(std::chrono::milliseconds(delay));
+  return true;
+}
+
+// Logs an error answer; false when it must not be retried, else the server's
+// retry hints (views into `resp`) are kept for the backoff.
+bool RetryableAnswer(const HttpResponse& resp, int attempt, std::string_view& retry_after,
+                     std::string_view& retry_after_ms) {
+  LogUpstreamError(resp.status, resp.body, attempt);
+  if (!IsRetryableStatus(resp.status, resp.body)) return false;
+  retry_after = resp.retry_after;
+  retry_after_ms = resp.retry_after_ms;
+  return true;
+}
+
+Status ModelTimeout() { return Status(Code::kDeadlineExceeded, "model_timeout", "The model did not answer in time"); }
+
+// Feeds a stream's body to the decoder and relays the sink's "stop" to curl.
+class DecoderFeed : public HttpStreamSink {
+ public:
+  DecoderFeed(ChatStreamDecoder& decoder, StreamSink& sink) : decoder_(decoder), sink_(sink) {}
+  bool OnData(std::string_view bytes) noexcept override {
+    // Failures stay in the decoder; a stopped or failed decoder ends the
+    // transfer. Running out of memory ends it too: nothing may unwind
+    // through curl's C frames.
+    try {
+      return decoder_.Feed(bytes).ok() && !decoder_.stopped();
+    } catch (...) {
+      out_of_memory_ = true;
+      return false;
+    }
+  }
+  bool out_of_memory() const { return out_of_memory_; }
+  bool KeepGoing() noexcept override {
+    if (decoder_.stopped()) return false;
+    if (sink_.Poll() == SinkAction::kStop) {
+      stopped_ = true;
+      return false;
+    }
+    return true;
+  }
+  bool stopped() const { return stopped_ || decoder_.stopped(); }
+
+ private:
+  ChatStreamDecoder& decoder_;
+  StreamSink& sink_;
+  bool stopped_ = false;
+  bool out_of_memory_ = false;
+};
+
+}  // namespace
+
+Result<LlmReply> OpenAIChat::Complete(const std::vector<ChatMessage>& messages, Deadline deadline) {
+  HttpCall call = ChatCompletionCall(options_, messages, /*stream=*/false);
 
   auto started = SteadyClock::now();
   auto elapsed_ms = [&] {
@@ -206,7 +343,7 @@ Result<LlmReply> OpenAIChat::Complete(const std::vector<ChatMessage>& messages, 
     bool capped_by_deadline = call.timeout_ms == left;
     if (!resp.ok() && resp.status().code() == Code::kDeadlineExceeded && capped_by_deadline) {
       LogWarn("model_unreachable").Str("reason", "timeout").Int("attempt", attempt).Emit();
-      return Status(Code::kDeadlineExceeded, "model_timeout", "The model did not answer in time");
+      return ModelTimeout();
     }
     if (!resp.ok()) {
       LogWarn("model_unreachable")
@@ -225,21 +362,87 @@ Result<LlmReply> OpenAIChat::Complete(const std::vector<ChatMessage>& messages, 
       reply->upstream_ms = elapsed_ms();
       return reply;
     } else {
-      LogUpstreamError(resp->status, resp->body, attempt);
       last = Status(Code::kUpstream, "model_error", "The model returned an error");
-      if (!IsRetryableStatus(resp->status, resp->body)) return last;
-      retry_after = resp->retry_after;
-      retry_after_ms = resp->retry_after_ms;
+      if (!RetryableAnswer(*resp, attempt, retry_after, retry_after_ms)) return last;
     }
 
-    if (attempt == options_.max_retries) break;
-    int64_t delay = RetryDelayMs(options_, attempt, retry_after, retry_after_ms, Jitter01());
-    if (delay >= deadline.RemainingMs()) break;  // the retry could not finish in time
-    std::this_thread::sleep_for(std::chrono::milliseconds(delay));
+    if (!WaitBeforeRetry(options_, attempt, retry_after, retry_after_ms, deadline)) break;
   }
-  if (deadline.Expired()) {
-    return Status(Code::kDeadlineExceeded, "model_timeout", "The model did not answer in time");
+  if (deadline.Expired()) return ModelTimeout();
+  return last;
+}
+
+Result<LlmReply> OpenAIChat::Stream(const std::vector<ChatMessage>& messages, Deadline deadline, StreamSink& sink) {
+  HttpCall call = ChatCompletionCall(options_, messages, /*stream=*/true);
+  call.idle_timeout_ms = options_.stream_idle_timeout_ms;
+  auto started = SteadyClock::now();
+  Status last = Status(Code::kUpstream, "model_error", "The model is unavailable");
+
+  for (int attempt = 0; attempt <= options_.max_retries; ++attempt) {
+    int64_t left = deadline.RemainingMs();
+    if (left <= 0) break;
+    // The whole stream runs within the request deadline; the inter-chunk
+    // deadline (idle_timeout_ms) bounds each wait inside it.
+    call.timeout_ms = left;
+    call.connect_timeout_ms = std::min(options_.connect_timeout_ms, left);
+
+    ChatStreamDecoder decoder(sink);
+    DecoderFeed feed(decoder, sink);
+    Result<HttpResponse> resp = ThreadHttpClient().SendStreaming(call, feed);
+    auto finish = [&](LlmReply& reply) {
+      reply.attempts = attempt + 1;
+      reply.upstream_ms =
+          std::chrono::duration_cast<std::chrono::milliseconds>(SteadyClock::now() - started).count();
+    };
+    if (feed.stopped()) {
+      LlmReply& reply = decoder.reply();
+      reply.stopped = true;
+      finish(reply);
+      return std::move(reply);
+    }
+    if (feed.out_of_memory()) return Internal("out_of_memory", "out of memory reading the model's stream");
+    std::string_view retry_after, retry_after_ms;
+    const Status& decoded = decoder.status();
+    if (!decoded.ok()) {
+      LogWarn("model_stream_error")
+          .Str("reason", decoded.reason())
+          .Bool("error_event", decoder.error_event())
+          .Int("deltas", static_cast<int64_t>(decoder.deltas_sent()))
+          .Int("attempt", attempt)
+          .Emit();
+      // An error object may be transient (an overloaded server); a malformed stream is not.
+      if (!decoder.error_event()) return decoded;
+      last = decoded;
+    } else if (!resp.ok()) {
+      const std::string& why = resp.status().reason();
+      LogWarn("model_unreachable")
+          .Str("reason", why)
+          .Str("detail", resp.status().message())
+          .Int("deltas", static_cast<int64_t>(decoder.deltas_sent()))
+          .Int("attempt", attempt)
+          .Emit();
+      if (why == "timeout" && resp.status().code() == Code::kDeadlineExceeded) return ModelTimeout();
+      last = why == "idle_timeout"
+                 ? Status(Code::kDeadlineExceeded, "model_stalled", "The model stopped sending its reply")
+                 : Status(Code::kUpstream, "model_error", "The model is unavailable");
+    } else if (resp->status >= 200 && resp->status < 300) {
+      if (decoder.done()) {
+        LlmReply& reply = decoder.reply();
+        finish(reply);
+        return std::move(reply);
+      }
+      LogWarn("model_stream_error").Str("reason", "ended_early").Int("attempt", attempt).Emit();
+      last = Status(Code::kUpstream, "model_error", "The model's stream ended before its end marker");
+    } else {
+      last = Status(Code::kUpstream, "model_error", "The model returned an error");
+      if (!RetryableAnswer(*resp, attempt, retry_after, retry_after_ms)) return last;
+    }
+    // Once the client has a piece of this attempt, a retry would repeat or
+    // contradict it.
+    if (decoder.deltas_sent() > 0) return last;
+    if (!WaitBeforeRetry(options_, attempt, retry_after, retry_after_ms, deadline)) break;
   }
+  if (deadline.Expired()) return ModelTimeout();
   return last;
 }
 

@@ -175,6 +175,7 @@ int main() {
   llm_options.max_retries = config.llm_max_retries;
   llm_options.backoff_base_ms = config.llm_backoff_base_ms;
   llm_options.backoff_max_ms = config.llm_backoff_max_ms;
+  llm_options.stream_idle_timeout_ms = config.llm_stream_idle_ms;
   OpenAIChat llm(llm_options);
 
   ChatServiceOptions chat_options;
@@ -220,7 +221,9 @@ int main() {
   Indexer indexer(indexer_redis, chroma, *embedder, indexer_options, metrics->get());
 
   FcgiServer server(kListenFd, config.threads, config.max_body_bytes,
-                    [&api](const HttpRequest& req, RequestLog& log) { return api.Handle(req, log); },
+                    [&api](const HttpRequest& req, RequestLog& log, ResponseStream& stream) {
+                      return api.Handle(req, log, &stream);
+                    },
                     metrics->get());
   if (Status s = server.Start(); !s.ok()) {
     std::fprintf(stderr, "chatd: %s\n", s.message().c_str());

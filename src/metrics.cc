@@ -22,7 +22,7 @@ static_assert(std::atomic<uint64_t>::is_always_lock_free && std::atomic<int64_t>
               "shared-memory counters need address-free (lock-free) atomics");
 
 // Changes whenever SharedMetrics changes, so a stale file is never misread.
-constexpr uint64_t kMagic = 0x63686174'64000005ULL;  // "chatd", layout 5
+constexpr uint64_t kMagic = 0x63686174'64000006ULL;  // "chatd", layout 6
 
 int StatusSlot(int status) {
   for (int i = 0; i < kStatusSlots - 1; ++i) {
@@ -190,6 +190,10 @@ std::string Metrics::RenderPrometheus(std::string_view extra) const {
   Counter(out, "chatd_model_timeouts_total", "Model calls that ran out of time (504).", m_->model_timeouts);
   RenderHistogram(out, "chatd_model_duration_seconds", "Time spent waiting on the model per request.",
                   m_->model_latency);
+  Counter(out, "chatd_model_prompt_tokens_total", "Prompt tokens the model reported using (usage).", m_->prompt_tokens);
+  Counter(out, "chatd_model_completion_tokens_total", "Completion tokens the model reported writing (usage), streams included.", m_->completion_tokens);
+  Counter(out, "chatd_chat_streams_total", "Chats asked for as server-sent events.", m_->chat_streams);
+  Counter(out, "chatd_chat_streams_client_gone_total", "Streamed chats whose client left before the end; the model was cut off.", m_->chat_streams_client_gone);
   Counter(out, "chatd_recall_degraded_total", "Chats answered without long-term recall (Chroma or embedder down).", m_->recall_degraded);
   Counter(out, "chatd_chroma_calls_total", "HTTP calls to Chroma (request path and indexer).", m_->chroma_calls);
   Counter(out, "chatd_turns_indexed_total", "Turns moved from Redis into Chroma by the indexers.", m_->turns_indexed);

@@ -49,6 +49,11 @@ struct ChatTrace {
   // Set when the turn's record was attempted: a record_outcome_unknown
   // answer names it, so the client can look for it.
   std::string turn_id;
+  // Tokens the model reported for this request (0 when it reported none),
+  // whether or not the turn was then recorded.
+  int64_t prompt_tokens = 0;
+  int64_t completion_tokens = 0;
+  bool client_gone = false;  // a streamed reply whose client left before the end
 };
 
 struct ChatReply {
@@ -69,9 +74,12 @@ class ChatService {
               Llm& llm, ChatServiceOptions options, IdempotencyStore* idempotency = nullptr);
 
   // `idempotency_key`: the request's Idempotency-Key (ParseIdempotencyKey),
-  // empty when it sent none.
+  // empty when it sent none. With a `sink`, the reply is streamed to it as
+  // the model writes it (Llm::Stream); the turn is still recorded once, whole,
+  // at the end, and a client that leaves mid-stream (the sink says stop) ends
+  // the chat with kUnavailable "client_gone" and nothing recorded.
   Result<ChatReply> Chat(const std::string& user_id, const std::string& message, Deadline deadline,
-                         ChatTrace& trace, std::string_view idempotency_key = {});
+                         ChatTrace& trace, std::string_view idempotency_key = {}, StreamSink* sink = nullptr);
 
  private:
   RateLimiter& limiter_;

@@ -37,6 +37,7 @@ struct Config {
   int llm_max_retries = 2;                                     // CHATD_LLM_MAX_RETRIES
   int64_t llm_backoff_base_ms = 500;                           // CHATD_LLM_BACKOFF_BASE_MS
   int64_t llm_backoff_max_ms = 8000;                           // CHATD_LLM_BACKOFF_MAX_MS
+  int64_t llm_stream_idle_ms = 10000;  // CHATD_LLM_STREAM_IDLE_MS: longest wait for the next piece of a stream
 
   // Redis
   std::string redis_host = "127.0.0.1";  // CHATD_REDIS_HOST

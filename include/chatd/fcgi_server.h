@@ -25,7 +25,9 @@ namespace chatd {
 
 class FcgiServer {
  public:
-  using Handler = std::function<HttpReply(const HttpRequest&, RequestLog&)>;
+  // The ResponseStream is for answers sent piece by piece; a handler that
+  // used it returns a reply with `streamed` set.
+  using Handler = std::function<HttpReply(const HttpRequest&, RequestLog&, ResponseStream&)>;
 
   // `metrics` (may be null) counts every request with its status and latency.
   FcgiServer(int listen_fd, int threads, size_t max_body_bytes, Handler handler, Metrics* metrics);

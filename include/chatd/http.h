@@ -24,6 +24,7 @@ struct HttpRequest {
   // The Idempotency-Key header as sent; nullopt when absent (an empty one is
   // present, and refused).
   std::optional<std::string> idempotency_key;
+  std::string accept;  // the Accept header
   std::string body;
   bool body_too_large = false;  // CONTENT_LENGTH above the limit: body not read
   bool body_unreadable = false;  // bad CONTENT_LENGTH or a short read
@@ -34,6 +35,24 @@ struct HttpReply {
   std::vector<std::pair<std::string, std::string>> headers;
   std::string body;
   std::string content_type = "application/json";
+  // The answer already went out through a ResponseStream (server-sent
+  // events): `status` is what was sent, and nothing more is written.
+  bool streamed = false;
+};
+
+// A response written piece by piece (server-sent events), for a handler that
+// must send before it has the whole answer. The FastCGI server implements it.
+class ResponseStream {
+ public:
+  virtual ~ResponseStream() = default;
+  // Sends the status and headers of `head` (its body is ignored; there is no
+  // Content-Length). false: the client is gone.
+  virtual bool Start(const HttpReply& head) = 0;
+  // Sends `bytes` at once (written and flushed). false: the client is gone.
+  virtual bool Write(std::string_view bytes) = 0;
+  // Whether the client hung up, found without writing anything. Cheap
+  // enough to ask on every read from the model.
+  virtual bool ClientGone() = 0;
 };
 
 // What the access log line needs besides status and latency.

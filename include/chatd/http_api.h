@@ -18,10 +18,12 @@ class HttpApi {
   // `health` may be null in unit tests.
   HttpApi(const Config& config, ChatService& chat, Authenticator* auth, Metrics* metrics, HealthProbe* health);
 
-  HttpReply Handle(const HttpRequest& req, RequestLog& log);
+  // `stream` (may be null: no streaming, e.g. in unit tests) carries
+  // server-sent events when the client asks for them (docs/api.md).
+  HttpReply Handle(const HttpRequest& req, RequestLog& log, ResponseStream* stream = nullptr);
 
  private:
-  HttpReply Chat(const HttpRequest& req, RequestLog& log);
+  HttpReply Chat(const HttpRequest& req, RequestLog& log, ResponseStream* stream);
   HttpReply Health(const HttpRequest& req);
   HttpReply MetricsText(const HttpRequest& req);
   void Count(const ChatTrace& trace, const Status& status);
@@ -37,5 +39,9 @@ class HttpApi {
 // Whether a Content-Type header declares JSON ("application/json", any case,
 // parameters such as charset allowed).
 bool IsJsonContentType(std::string_view content_type);
+
+// Whether an Accept header asks for server-sent events (text/event-stream
+// among its media ranges, any case, with or without parameters).
+bool AcceptsEventStream(std::string_view accept);
 
 }  // namespace chatd

@@ -33,6 +33,21 @@ struct HttpCall {
   int64_t connect_timeout_ms = 2000;
   int64_t timeout_ms = 10000;  // whole call; <= 0 fails at once with kDeadlineExceeded
   size_t max_response_bytes = kMaxHttpResponseBytes;
+  // Streaming only (SendStreaming): no body bytes for this long ends the call
+  // (kDeadlineExceeded, reason "idle_timeout"); <= 0 turns it off. Checked by
+  // curl's progress callback, which runs at least about once a second.
+  int64_t idle_timeout_ms = 0;
+};
+
+// Where SendStreaming hands a successful (2xx) response's body, as it arrives.
+// Called from inside curl's C callbacks: implementations must not throw.
+class HttpStreamSink {
+ public:
+  virtual ~HttpStreamSink() = default;
+  // Body bytes of a 2xx response. false aborts the transfer.
+  virtual bool OnData(std::string_view bytes) noexcept = 0;
+  // Polled while the transfer runs, data or not. false aborts the transfer.
+  virtual bool KeepGoing() noexcept = 0;
 };
 
 class HttpClient {
@@ -48,7 +63,16 @@ class HttpClient {
   // call.max_response_bytes. kInternal for a method other than GET/POST/DELETE.
   Result<HttpResponse> Send(const HttpCall& call);
 
+  // Like Send, but the body of a 2xx response goes to `sink` piece by piece
+  // instead of into HttpResponse::body (the body of any other status is
+  // buffered as usual, for error handling). Also kUnavailable (reason
+  // "aborted") when the sink stopped the transfer, and kDeadlineExceeded
+  // (reason "idle_timeout") when call.idle_timeout_ms passed without data.
+  Result<HttpResponse> SendStreaming(const HttpCall& call, HttpStreamSink& sink);
+
  private:
+  Result<HttpResponse> Perform(const HttpCall& call, HttpStreamSink* sink);
+
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };

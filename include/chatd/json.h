@@ -15,13 +15,14 @@ namespace chatd {
 struct ChatRequest {
   std::optional<std::string> user_id;  // absent only when the client left it out
   std::string message;
+  bool stream = false;  // "stream": true asks for server-sent events
 };
 
 // Parses and validates a /api/chat body: an object with a string "message"
 // (non-blank, at most max_message_bytes of UTF-8) and, if present, a string
-// "userId" that satisfies IsValidUserId. Unknown members are ignored; a
-// duplicated userId or message is refused, so no two parsers can disagree on
-// which one counts.
+// "userId" that satisfies IsValidUserId, and, if present, a boolean "stream".
+// Unknown members are ignored; a duplicated userId, message or stream is
+// refused, so no two parsers can disagree on which one counts.
 Result<ChatRequest> ParseChatRequest(std::string_view body, size_t max_message_bytes);
 
 bool IsValidUtf8(std::string_view s);

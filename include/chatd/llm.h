@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "chatd/clock.h"
+#include "chatd/sse.h"
 #include "chatd/status.h"
 
 namespace chatd {
@@ -24,6 +25,23 @@ struct LlmReply {
   int64_t completion_tokens = 0;
   int attempts = 0;          // 1 + retries
   int64_t upstream_ms = 0;   // time spent waiting on the model, all attempts
+  // Streaming only: the sink said stop (its client left), so the model was
+  // cut off and `content` is only what arrived before; no usage is known.
+  bool stopped = false;
+};
+
+enum class SinkAction { kContinue, kStop };
+
+// Where a streamed reply goes, piece by piece. Called on the thread that
+// called Llm::Stream, from inside the HTTP client's C callbacks: must not throw.
+class StreamSink {
+ public:
+  virtual ~StreamSink() = default;
+  // One piece of the reply, valid UTF-8, never empty. kStop: the client is gone.
+  virtual SinkAction OnDelta(std::string_view text) noexcept = 0;
+  // Asked while waiting on the model (about once a second at least, and on
+  // every read): kStop when the client is gone, so a silent model is cut off too.
+  virtual SinkAction Poll() noexcept { return SinkAction::kContinue; }
 };
 
 // Thread-safe.
@@ -32,6 +50,18 @@ class Llm {
   virtual ~Llm() = default;
   // kDeadlineExceeded when `deadline` passes, kUpstream for any other failure.
   virtual Result<LlmReply> Complete(const std::vector<ChatMessage>& messages, Deadline deadline) = 0;
+  // The same reply, handed to `sink` as the model writes it; the result holds
+  // the whole text. Retries only before the first delta reached the sink.
+  // When the sink says stop, the model is cut off and the result has
+  // `stopped` set. This default streams the finished reply as one delta, for
+  // models that cannot stream.
+  virtual Result<LlmReply> Stream(const std::vector<ChatMessage>& messages, Deadline deadline, StreamSink& sink) {
+    Result<LlmReply> reply = Complete(messages, deadline);
+    if (reply.ok() && !reply->content.empty() && sink.OnDelta(reply->content) == SinkAction::kStop) {
+      reply->stopped = true;
+    }
+    return reply;
+  }
 };
 
 }  // namespace chatd
@@ -51,6 +81,9 @@ struct OpenAIChatOptions {
   int max_retries = 2;
   int64_t backoff_base_ms = 500;
   int64_t backoff_max_ms = 8000;
+  // Streaming: the longest wait for the next piece of a stream (the first one
+  // included). The request deadline bounds the whole stream.
+  int64_t stream_idle_timeout_ms = 10000;
 };
 
 // Chat completions over libcurl, one reused handle per thread. Retries
@@ -61,13 +94,49 @@ class OpenAIChat : public Llm {
  public:
   explicit OpenAIChat(OpenAIChatOptions options) : options_(std::move(options)) {}
   Result<LlmReply> Complete(const std::vector<ChatMessage>& messages, Deadline deadline) override;
+  // Over "stream": true with usage in the last chunk (stream_options).
+  Result<LlmReply> Stream(const std::vector<ChatMessage>& messages, Deadline deadline, StreamSink& sink) override;
 
  private:
   OpenAIChatOptions options_;
 };
 
+// Turns the bytes of a streamed chat completion (server-sent events of
+// chat.completion.chunk objects, ending with "data: [DONE]") into deltas for
+// a sink and the whole reply. One per attempt. Exposed for unit tests and
+// the fuzzer.
+class ChatStreamDecoder {
+ public:
+  explicit ChatStreamDecoder(StreamSink& sink);
+  // Parses the next bytes, in any pieces. kUpstream ("model_error") for a
+  // malformed stream or an error object inside it, ("response_too_large")
+  // for a reply above kMaxHttpResponseBytes; once failed, it stays failed.
+  // After the sink said stop, the rest is ignored.
+  Status Feed(std::string_view bytes);
+  bool done() const { return done_; }        // "[DONE]" arrived
+  bool stopped() const { return stopped_; }  // the sink said stop
+  bool error_event() const { return error_event_; }  // the failure was an error object from the model
+  size_t deltas_sent() const { return deltas_sent_; }
+  const Status& status() const { return failed_; }  // the failure, once Feed failed
+  LlmReply& reply() { return reply_; }
+
+ private:
+  Status Chunk(std::string_view data);
+
+  StreamSink& sink_;
+  SseParser parser_;
+  std::vector<SseEvent> events_;
+  LlmReply reply_;
+  Status failed_;
+  size_t deltas_sent_ = 0;
+  bool done_ = false;
+  bool stopped_ = false;
+  bool error_event_ = false;
+};
+
 // Exposed for unit tests.
-std::string BuildChatCompletionBody(const OpenAIChatOptions& options, const std::vector<ChatMessage>& messages);
+std::string BuildChatCompletionBody(const OpenAIChatOptions& options, const std::vector<ChatMessage>& messages,
+                                    bool stream = false);
 // Parses a 200 body; kUpstream when it is not a chat completion.
 Result<LlmReply> ParseChatCompletion(std::string_view body);
 // What a model reply looks like, for the log, without a byte of its text:

@@ -53,6 +53,10 @@ struct SharedMetrics {
   std::atomic<uint64_t> index_claimed;            // entries taken over from a dead worker
   std::atomic<uint64_t> recall_long_term_queries; // recalls that needed the long-term store
   std::atomic<uint64_t> recall_foreign_dropped;   // records of another user that recall dropped
+  std::atomic<uint64_t> prompt_tokens;            // as the model reported them (usage)
+  std::atomic<uint64_t> completion_tokens;
+  std::atomic<uint64_t> chat_streams;             // chats answered as server-sent events
+  std::atomic<uint64_t> chat_streams_client_gone; // ... whose client left before the end
   // The index stream's backlog, refreshed by the indexers (ReadIndexBacklog)
   // about once a second; index_backlog_at_ms says when, so a reader can tell
   // a stale figure (no indexer alive) from a fresh one.

@@ -46,6 +46,11 @@ FAIL_COUNTER_LIMIT = 100000
 MAX_DELAY_MS = 10 * 60 * 1000
 DEFAULT_EMBEDDING_DIMENSIONS = 1536
 MAX_EMBEDDING_DIMENSIONS = 16384
+# Streams remembered for /_fake/streams, oldest dropped first.
+STREAM_RING_SIZE = 20000
+# Default pause between two chunks of a streamed reply, unless --chunk-delay-ms
+# or the chunk_delay_ms directive says otherwise.
+CHUNK_DELAY_ENV = "FAKE_OPENAI_CHUNK_DELAY_MS"
 
 FNV_OFFSET = 14695981039346656037
 FNV_PRIME = 1099511628211
@@ -110,6 +115,9 @@ _VALUE_DIRECTIVES = {
     "retry_after": (0, 86400),
     "retry_after_ms": (0, 86400 * 1000),
     "fail_times": (0, 10 ** 9),
+    "chunk_delay_ms": (0, MAX_DELAY_MS),
+    "stream_error_after": (0, 10 ** 6),
+    "stream_drop_after": (0, 10 ** 6),
 }
 _FLAG_DIRECTIVES = frozenset(("drop", "garbage", "empty_choices"))
 
@@ -255,15 +263,37 @@ def parse_head(head):
 
 class Reply:
     """One response, or a dropped connection, possibly after a delay."""
-    __slots__ = ("status", "body", "headers", "delay", "drop", "api")
+    __slots__ = ("status", "body", "headers", "delay", "drop", "api", "stream")
 
-    def __init__(self, status, body, headers=(), delay=0.0, drop=False, api=False):
+    def __init__(self, status, body, headers=(), delay=0.0, drop=False, api=False, stream=None):
         self.status = status
         self.body = body
         self.headers = headers
         self.delay = delay
         self.drop = drop
         self.api = api
+        self.stream = stream  # a Stream: the body is sent as server-sent events instead
+
+
+class Stream:
+    """A streamed chat reply: SSE events sent one HTTP chunk each, `chunk_delay`
+    seconds apart. `record` is what /_fake/streams shows about it."""
+    __slots__ = ("events", "chunk_delay", "drop_after", "record")
+
+    def __init__(self, events, chunk_delay, drop_after, record):
+        self.events = events
+        self.chunk_delay = chunk_delay
+        self.drop_after = drop_after  # close the connection after this many events (None: never)
+        self.record = record
+
+
+def sse_event(obj):
+    return b"data: " + (obj if isinstance(obj, bytes) else _dumps(obj).encode("ascii")) + b"\n\n"
+
+
+def split_words(text):
+    """The pieces a reply is streamed in: each word with the spaces after it."""
+    return re.findall(r"\S+\s*|\s+", text)
 
 
 def json_reply(status, obj, headers=()):
@@ -291,6 +321,16 @@ def invalid(message, param=None):
     return openai_error(400, message, "invalid_request_error", None, param)
 
 
+def _contains_query(req):
+    """The ?contains= filter of the recording endpoints: (text, None) or (None, error reply)."""
+    try:
+        query = urllib.parse.parse_qs(req.query.decode("latin-1"), keep_blank_values=True,
+                                      encoding="utf-8", errors="strict")
+    except (ValueError, UnicodeDecodeError):
+        return None, invalid("malformed query string")
+    return query.get("contains", [""])[-1], None
+
+
 def _word_count(text):
     return len(text.split())
 
@@ -303,8 +343,11 @@ def _is_int(value):
 # The fake API.
 
 class FakeOpenAI:
-    def __init__(self, delay_ms, quiet):
+    def __init__(self, delay_ms, quiet, chunk_delay_ms=0):
         self.delay_ms = delay_ms
+        self.chunk_delay_ms = chunk_delay_ms
+        self.streams = collections.deque(maxlen=STREAM_RING_SIZE)
+        self.stream_counts = {"completed": 0, "aborted": 0, "failed": 0, "dropped": 0}
         self.quiet = quiet
         self.connections = set()
         self.records = collections.deque()  # (last user message, body, body bytes)
@@ -329,6 +372,7 @@ class FakeOpenAI:
             "/_fake/config": {"GET": self.get_config, "POST": self.set_config},
             "/_fake/requests": {"GET": self.get_requests, "DELETE": self.clear_requests},
             "/_fake/stats": {"GET": self.stats},
+            "/_fake/streams": {"GET": self.get_streams},
             "/_fake/health": {"GET": self.health},
         }
 
@@ -370,6 +414,12 @@ class FakeOpenAI:
             self.dropped += 1
         else:
             self.abandoned += 1
+
+    def end_stream(self, stream, state):
+        """state: 'completed', 'failed' (an error event), 'dropped' or 'aborted' (the client left)."""
+        if stream.record["state"] == "streaming":
+            stream.record["state"] = state
+            self.stream_counts[state] += 1
 
     def log(self, line):
         if not self.quiet:
@@ -470,8 +520,11 @@ class FakeOpenAI:
         stream = doc.get("stream", False)
         if not isinstance(stream, bool):
             return invalid("stream must be a boolean", "stream")
-        if stream:
-            return invalid("stream not supported by fake", "stream")
+        stream_options = doc.get("stream_options")
+        if stream_options is not None and not (
+                isinstance(stream_options, dict) and isinstance(stream_options.get("include_usage", False), bool)):
+            return invalid("stream_options must be an object with a boolean include_usage", "stream_options")
+        include_usage = bool(stream and stream_options and stream_options.get("include_usage"))
         for name in ("max_completion_tokens", "max_tokens"):
             if name in doc and doc[name] is not None:
                 value = doc[name]
@@ -488,6 +541,12 @@ class FakeOpenAI:
                        f"last_user={last_user if last_user is not None else ''}")
             prompt_tokens = sum(_word_count(m["content"]) for m in messages)
             completion_tokens = _word_count(content)
+            if stream:
+                # fail_times gates the stream's faults too; its pace always applies.
+                faults = directives if gate["faulty"] else {
+                    k: v for k, v in directives.items() if k == "chunk_delay_ms"}
+                return self._stream(model, content, empty, prompt_tokens, completion_tokens, include_usage,
+                                    faults, last_user)
             choices = [] if empty else [{
                 "index": 0,
                 "message": {"role": "assistant", "content": content},
@@ -503,17 +562,61 @@ class FakeOpenAI:
                           "total_tokens": prompt_tokens + completion_tokens},
             })
 
+        gate = {"faulty": False}
         if not directives:
             reply = success(False)
             reply.delay = self.delay_ms / 1000.0
             return reply
-        if self._fails_now("chat", last_user, directives):
+        gate["faulty"] = self._fails_now("chat", last_user, directives)
+        if gate["faulty"]:
             reply = self._fault(directives, success)
         else:
             reply = success(False)
         delay_ms = directives.get("delay_ms", self.delay_ms)
         reply.delay = delay_ms / 1000.0
         return reply
+
+    def _stream(self, model, content, empty, prompt_tokens, completion_tokens, include_usage, directives,
+                last_user):
+        chunk_id = f"chatcmpl-fake-{next(self.ids)}"
+        created = int(time.time())
+
+        def chunk(choices, usage=None):
+            obj = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": choices}
+            if include_usage:
+                obj["usage"] = usage
+            return sse_event(obj)
+
+        pieces = [] if empty else split_words(content)
+        events = [chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])]
+        error_after = directives.get("stream_error_after")
+        for i, piece in enumerate(pieces):
+            if error_after is not None and i == error_after:
+                break
+            events.append(chunk([{"index": 0, "delta": {"content": piece}, "finish_reason": None}]))
+        if error_after is not None and error_after <= len(pieces):
+            # What OpenAI sends when a stream fails after its 200.
+            events.append(sse_event({"error": {"message": "fake injected stream error", "type": "server_error",
+                                               "param": None, "code": directives.get("error_code")}}))
+        else:
+            events.append(chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]))
+            if include_usage:
+                events.append(chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                         "total_tokens": prompt_tokens + completion_tokens}))
+            events.append(sse_event(b"[DONE]"))
+        record = {"last_user": last_user or "", "state": "streaming", "events_sent": 0,
+                  "events_total": len(events)}
+        self.streams.append(record)
+        chunk_delay = directives.get("chunk_delay_ms", self.chunk_delay_ms) / 1000.0
+        drop_after = directives.get("stream_drop_after")
+        return Reply(200, b"", stream=Stream(events, chunk_delay, drop_after, record))
+
+    def get_streams(self, req, body):
+        contains, error = _contains_query(req)
+        if error is not None:
+            return error
+        return json_reply(200, {"streams": [r for r in self.streams if contains in r["last_user"]]})
 
     # -- /v1/embeddings -----------------------------------------------------
 
@@ -572,29 +675,29 @@ class FakeOpenAI:
             {"id": name, "object": "model", "created": 0, "owned_by": "fake"} for name in MODELS]})
 
     def get_config(self, req, body):
-        return json_reply(200, {"delay_ms": self.delay_ms})
+        return json_reply(200, {"delay_ms": self.delay_ms, "chunk_delay_ms": self.chunk_delay_ms})
 
     def set_config(self, req, body):
         doc, error = self._parse_json(body)
         if error is not None:
             return error
-        unknown = set(doc) - {"delay_ms"}
+        unknown = set(doc) - {"delay_ms", "chunk_delay_ms"}
         if unknown:
             return invalid(f"unknown config keys: {', '.join(sorted(unknown))}")
-        if "delay_ms" in doc:
-            value = doc["delay_ms"]
-            if not _is_int(value) or not 0 <= value <= MAX_DELAY_MS:
-                return invalid(f"delay_ms must be an integer in [0, {MAX_DELAY_MS}]", "delay_ms")
-            self.delay_ms = value
+        for key in ("delay_ms", "chunk_delay_ms"):
+            if key in doc:
+                value = doc[key]
+                if not _is_int(value) or not 0 <= value <= MAX_DELAY_MS:
+                    return invalid(f"{key} must be an integer in [0, {MAX_DELAY_MS}]", key)
+        for key in ("delay_ms", "chunk_delay_ms"):
+            if key in doc:
+                setattr(self, key, doc[key])
         return self.get_config(req, body)
 
     def get_requests(self, req, body):
-        try:
-            query = urllib.parse.parse_qs(req.query.decode("latin-1"), keep_blank_values=True,
-                                          encoding="utf-8", errors="strict")
-        except (ValueError, UnicodeDecodeError):
-            return invalid("malformed query string")
-        contains = query.get("contains", [""])[-1]
+        contains, error = _contains_query(req)
+        if error is not None:
+            return error
         if contains:
             found = [doc for last_user, doc, _ in self.records if contains in last_user]
         else:
@@ -616,6 +719,7 @@ class FakeOpenAI:
             "dropped": self.dropped,
             "abandoned": self.abandoned,
             "connections_total": self.connections_total,
+            "streams": dict(self.stream_counts),
         })
 
     def health(self, req, body):
@@ -638,6 +742,7 @@ class HttpProtocol(asyncio.Protocol):
         self.eof = False
         self.closed = False
         self.linger = None          # TimerHandle closing a connection after a protocol error
+        self.streaming = None       # (reply, request, next event index) of a stream being sent
 
     # -- asyncio callbacks ----------------------------------------------------
 
@@ -661,8 +766,14 @@ class HttpProtocol(asyncio.Protocol):
         if self.pending is not None:
             self.pending.cancel()
             self.pending = None
+        if self.pending_reply is not None:
             reply, _ = self.pending_reply
             self.pending_reply = None
+            self.app.end_api(reply, "abandoned")
+        if self.streaming is not None:
+            reply = self.streaming[0]
+            self.streaming = None
+            self.app.end_stream(reply.stream, "aborted")
             self.app.end_api(reply, "abandoned")
         self.buf = bytearray()
 
@@ -737,15 +848,15 @@ class HttpProtocol(asyncio.Protocol):
                 self.pending = self.loop.call_later(reply.delay, self._deliver_pending)
                 return
             self._deliver(reply, req)
-            if self.write_paused:
-                return
+            if self.write_paused or self.pending is not None:
+                return  # a stream being sent holds back what follows
 
     def _deliver_pending(self):
         reply, req = self.pending_reply
         self.pending = None
         self.pending_reply = None
         self._deliver(reply, req)
-        if not self.closed and not self.write_paused:
+        if not self.closed and not self.write_paused and self.pending is None:
             self._process()
 
     def _deliver(self, reply, req):
@@ -754,6 +865,9 @@ class HttpProtocol(asyncio.Protocol):
             app.end_api(reply, "dropped")
             app.log(f"{req.method} {req.path} dropped")
             self._close()
+            return
+        if reply.stream is not None:
+            self._start_stream(reply, req)
             return
         app.end_api(reply, "sent")
         body = reply.body
@@ -768,6 +882,50 @@ class HttpProtocol(asyncio.Protocol):
             app.log(f"{req.method} {req.path} {reply.status}")
         if not keep_alive:
             self._close()
+
+    def _start_stream(self, reply, req):
+        self.transport.write(b"".join((_STATUS_LINES[200], _date(), _SERVER,
+                                       b"Content-Type: text/event-stream\r\n", b"Cache-Control: no-cache\r\n",
+                                       b"Transfer-Encoding: chunked\r\n",
+                                       _CONN_KEEP if req.keep_alive else _CONN_CLOSE, b"\r\n")))
+        if not self.app.quiet:
+            self.app.log(f"{req.method} {req.path} 200 (stream)")
+        self.streaming = (reply, req, 0)
+        # Like a delayed reply, a stream holds back the pipelined requests behind it.
+        self.pending = self.loop.call_soon(self._stream_next)
+
+    def _stream_next(self):
+        self.pending = None
+        if self.streaming is None or self.closed:
+            return
+        reply, req, i = self.streaming
+        stream = reply.stream
+        events = stream.events
+        while True:
+            if stream.drop_after is not None and i >= stream.drop_after:
+                self.streaming = None
+                self.app.end_stream(stream, "dropped")
+                self.app.end_api(reply, "dropped")
+                self.abort()
+                return
+            if i == len(events):
+                break
+            event = events[i]
+            self.transport.write(b"%x\r\n%s\r\n" % (len(event), event))
+            i += 1
+            stream.record["events_sent"] = i
+            if stream.chunk_delay > 0 and i < len(events):
+                self.streaming = (reply, req, i)
+                self.pending = self.loop.call_later(stream.chunk_delay, self._stream_next)
+                return
+        self.transport.write(b"0\r\n\r\n")
+        self.streaming = None
+        self.app.end_stream(stream, "failed" if events[-1].startswith(b'data: {"error"') else "completed")
+        self.app.end_api(reply, "sent")
+        if not req.keep_alive:
+            self._close()
+        elif not self.write_paused:
+            self._process()
 
     def _fail(self, status, message):
         """Protocol error: answer it and close, since framing can no longer be trusted."""
@@ -831,7 +989,7 @@ def _write_port_file(path, port):
 
 
 async def serve(args):
-    app = FakeOpenAI(args.delay_ms, args.quiet)
+    app = FakeOpenAI(args.delay_ms, args.quiet, args.chunk_delay_ms)
     _raise_nofile_limit(app)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -859,11 +1017,15 @@ def main(argv=None):
     parser.add_argument("--port-file", help="write the bound port here once accepting connections")
     parser.add_argument("--delay-ms", type=int, default=0,
                         help="default delay of chat replies without a delay directive")
+    parser.add_argument("--chunk-delay-ms", type=int, default=int(os.environ.get(CHUNK_DELAY_ENV, "0") or 0),
+                        help=f"default pause between the chunks of a streamed reply (env {CHUNK_DELAY_ENV})")
     parser.add_argument("--quiet", action="store_true", help="log nothing but errors at start-up")
     parser.add_argument("--no-uvloop", action="store_true", help="use the stdlib event loop")
     args = parser.parse_args(argv)
     if not 0 <= args.delay_ms <= MAX_DELAY_MS:
         parser.error(f"--delay-ms must be in [0, {MAX_DELAY_MS}]")
+    if not 0 <= args.chunk_delay_ms <= MAX_DELAY_MS:
+        parser.error(f"--chunk-delay-ms must be in [0, {MAX_DELAY_MS}]")
     if not args.no_uvloop:
         try:
             import uvloop  # pylint: disable=import-outside-toplevel

@@ -191,7 +191,7 @@ def test_cli_delay_and_logs_without_contents(tmp_path):
     srv = FakeServer(tmp_path, "--delay-ms", "50")
     secret = unique("secret-content")
     try:
-        assert srv.json("GET", "/_fake/config") == (200, {"delay_ms": 50})
+        assert srv.json("GET", "/_fake/config") == (200, {"delay_ms": 50, "chunk_delay_ms": 0})
         status, doc = srv.chat(secret)
         assert status == 200
         assert doc["choices"][0]["message"]["content"].endswith(f"last_user={secret}")
@@ -278,12 +278,131 @@ def test_chat_invalid_requests(server, body, param):
     assert doc["error"]["param"] == param
 
 
-def test_chat_stream_rejected(server):
-    body = {"model": "m", "messages": user("hi"), "stream": True}
-    status, doc = server.json("POST", "/v1/chat/completions", body, AUTH)
-    assert status == 400
-    assert doc["error"]["message"] == "stream not supported by fake"
-    assert doc["error"]["type"] == "invalid_request_error"
+# ---------------------------------------------------------------------------
+# Streaming
+
+def stream_chat(server, content, include_usage=True, conn=None):
+    """A streamed chat; returns (status, headers, [event data strings])."""
+    body = {"model": "fake-chat", "messages": user(content), "stream": True}
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    status, headers, payload = server.request("POST", "/v1/chat/completions", body, AUTH, conn)
+    events = [block[len("data: "):] for block in payload.decode().split("\n\n") if block]
+    return status, headers, events
+
+
+def test_stream_has_the_openai_chunk_shape_and_the_same_text(server):
+    content = unique("streamed") + " three more words"
+    status, headers, events = stream_chat(server, content)
+    assert status == 200
+    assert headers["content-type"] == "text/event-stream"
+    assert headers["transfer-encoding"] == "chunked"
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == []
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    # One chunk per word, and together exactly the reply the non-streamed call gives.
+    assert len(chunks) - 3 == len(text.split())
+    status, doc = server.chat(content)
+    assert status == 200
+    assert text == doc["choices"][0]["message"]["content"]
+    assert chunks[-1]["usage"] == doc["usage"]
+
+
+def test_stream_without_include_usage_has_no_usage(server):
+    status, _, events = stream_chat(server, unique("no-usage"), include_usage=False)
+    assert status == 200
+    assert all("usage" not in json.loads(e) for e in events[:-1])
+
+
+def test_stream_chunk_delay_holds_the_rest_and_records_progress(server):
+    content = unique("slow-stream") + f" #fake:chunk_delay_ms={HOLD_MS}"
+    with server.raw_socket() as sock:
+        body = json.dumps({"model": "m", "messages": user(content), "stream": True}).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"HTTP/1.1 200")
+        while reader.readline() != b"\r\n":
+            pass
+        size = int(reader.readline(), 16)
+        first = reader.read(size + 2)
+        assert b'"role":"assistant"' in first
+        _, doc = server.json("GET", "/_fake/streams?" + urllib.parse.urlencode({"contains": content}))
+        [record] = doc["streams"]
+        assert record["state"] == "streaming"
+        assert record["events_sent"] == 1 and record["events_total"] > 2
+        reader.close()  # the socket's fd stays open while its file is
+    # The client left: the fake records the abort, as a model would stop generating.
+    def aborted():
+        _, doc = server.json("GET", "/_fake/streams?" + urllib.parse.urlencode({"contains": content}))
+        return doc["streams"][0]["state"] == "aborted"
+    wait_for(aborted, "the stream to be recorded as aborted")
+    assert server.stats()["streams"]["aborted"] >= 1
+
+
+def test_stream_error_after_sends_an_error_object_without_done(server):
+    content = unique("stream-error") + " #fake:stream_error_after=1 #fake:error_code=boom"
+    status, _, events = stream_chat(server, content)
+    assert status == 200
+    assert "[DONE]" not in events
+    last = json.loads(events[-1])
+    assert last["error"]["code"] == "boom" and last["error"]["type"] == "server_error"
+    contents = [json.loads(e)["choices"][0]["delta"].get("content") for e in events[:-1]]
+    assert contents == ["", "[fake] "]  # the role chunk, then exactly one piece
+    _, doc = server.json("GET", "/_fake/streams?" + urllib.parse.urlencode({"contains": content}))
+    assert doc["streams"][0]["state"] == "failed"
+
+
+def test_stream_drop_after_closes_mid_stream(server):
+    content = unique("stream-drop") + " #fake:stream_drop_after=2"
+    conn = server.connect()
+    try:
+        conn.request("POST", "/v1/chat/completions",
+                     body=json.dumps({"model": "m", "messages": user(content), "stream": True}), headers=AUTH)
+        resp = conn.getresponse()
+        assert resp.status == 200
+        with pytest.raises(http.client.IncompleteRead):
+            resp.read()
+    finally:
+        conn.close()
+    _, doc = server.json("GET", "/_fake/streams?" + urllib.parse.urlencode({"contains": content}))
+    assert doc["streams"][0]["state"] == "dropped"
+    assert doc["streams"][0]["events_sent"] == 2
+
+
+def test_stream_faults_obey_fail_times(server):
+    content = unique("stream-fail-once") + " #fake:stream_error_after=0 #fake:fail_times=1"
+    _, _, first = stream_chat(server, content)
+    _, _, second = stream_chat(server, content)
+    assert "error" in json.loads(first[-1])
+    assert second[-1] == "[DONE]"
+
+
+def test_keep_alive_serves_a_request_after_a_stream(server):
+    conn = server.connect()
+    try:
+        status, _, events = stream_chat(server, unique("ka-stream"), conn=conn)
+        assert status == 200 and events[-1] == "[DONE]"
+        status, doc = server.chat("after the stream", conn=conn)
+        assert status == 200 and doc["choices"][0]["message"]["content"].endswith("after the stream")
+    finally:
+        conn.close()
+
+
+def test_global_chunk_delay_config_and_cli(tmp_path):
+    srv = FakeServer(tmp_path / "chunky", "--quiet", "--chunk-delay-ms", "7")
+    try:
+        assert srv.json("GET", "/_fake/config") == (200, {"delay_ms": 0, "chunk_delay_ms": 7})
+        assert srv.json("POST", "/_fake/config", {"chunk_delay_ms": 0}) == (200, {"delay_ms": 0, "chunk_delay_ms": 0})
+        status, doc = srv.json("POST", "/_fake/config", {"chunk_delay_ms": -1})
+        assert status == 400
+    finally:
+        srv.stop()
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer "},
@@ -382,10 +501,11 @@ def test_delayed_request_is_held_and_client_can_leave(server):
 
 
 def test_global_delay_config(server):
-    assert server.json("GET", "/_fake/config") == (200, {"delay_ms": 0})
-    assert server.json("POST", "/_fake/config", {"delay_ms": HOLD_MS}) == (200, {"delay_ms": HOLD_MS})
+    assert server.json("GET", "/_fake/config") == (200, {"delay_ms": 0, "chunk_delay_ms": 0})
+    assert server.json("POST", "/_fake/config", {"delay_ms": HOLD_MS}) == (200, {"delay_ms": HOLD_MS,
+                                                                               "chunk_delay_ms": 0})
     try:
-        assert server.json("GET", "/_fake/config") == (200, {"delay_ms": HOLD_MS})
+        assert server.json("GET", "/_fake/config") == (200, {"delay_ms": HOLD_MS, "chunk_delay_ms": 0})
         base = server.stats()["in_flight"]
         with server.raw_socket() as sock:
             sock.sendall(raw_chat_request(unique("globally-delayed")))
@@ -397,7 +517,7 @@ def test_global_delay_config(server):
             status, _ = server.json("POST", "/v1/embeddings", {"model": "e", "input": "x"}, AUTH)
             assert status == 200
     finally:
-        assert server.json("POST", "/_fake/config", {"delay_ms": 0}) == (200, {"delay_ms": 0})
+        assert server.json("POST", "/_fake/config", {"delay_ms": 0}) == (200, {"delay_ms": 0, "chunk_delay_ms": 0})
 
 
 @pytest.mark.parametrize("body", [{"delay_ms": -1}, {"delay_ms": "5"}, {"delay": 5}, [1]])
@@ -405,7 +525,7 @@ def test_config_rejects_bad_values(server, body):
     status, doc = server.json("POST", "/_fake/config", body)
     assert status == 400
     assert doc["error"]["type"] == "invalid_request_error"
-    assert server.json("GET", "/_fake/config") == (200, {"delay_ms": 0})
+    assert server.json("GET", "/_fake/config") == (200, {"delay_ms": 0, "chunk_delay_ms": 0})
 
 
 def test_300_concurrent_delayed_requests(server):

@@ -32,6 +32,7 @@ DEFAULT_WORKERS = 2
 DEFAULT_THREADS = 8
 # The key chatd sends to the fake, which only checks that one is present.
 FAKE_API_KEY = "offline-fake-model"
+FAKE_CHUNK_DELAY_MS = 50
 # A unix socket path longer than this does not fit in sockaddr_un.
 MAX_SOCKET_PATH = 100
 WATCH_INTERVAL_S = 0.5
@@ -145,7 +146,8 @@ def main() -> int:
 
         if use_fake:
             say("run_local: fake model ...")
-            fake = FakeModel(runtime, quiet=True).start()
+            # A pause between streamed chunks, so that `curl -N` shows the reply arriving word by word.
+            fake = FakeModel(runtime, quiet=True, chunk_delay_ms=FAKE_CHUNK_DELAY_MS).start()
             started.append(fake)
             check_stop()
             env["OPENAI_BASE_URL"] = fake.url

@@ -489,11 +489,12 @@ class FakeModel(_Service):
     name = "fake_model"
 
     def __init__(self, tmpdir: Path | str, delay_ms: int = 0, quiet: bool = True,
-                 script: Optional[Path | str] = None) -> None:
+                 script: Optional[Path | str] = None, chunk_delay_ms: int = 0) -> None:
         super().__init__()
         self.dir = Path(tmpdir) / "fake_model"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.delay_ms = delay_ms
+        self.chunk_delay_ms = chunk_delay_ms
         self.quiet = quiet
         self.script = Path(script) if script else FAKE_MODEL_SCRIPT
         self.port: Optional[int] = None
@@ -516,7 +517,8 @@ class FakeModel(_Service):
         # the port file, so there is no race for a free port; a restart reuses
         # the previous port so that pools configured with its URL keep working.
         argv = [SYSTEM_PYTHON, self.script, "--host", LOOPBACK, "--port", str(self.port or 0),
-                "--port-file", port_file, "--delay-ms", str(self.delay_ms)]
+                "--port-file", port_file, "--delay-ms", str(self.delay_ms),
+                "--chunk-delay-ms", str(self.chunk_delay_ms)]
         if self.quiet:
             argv.append("--quiet")
         self._spawn(argv, self.dir / "fake_model.log")

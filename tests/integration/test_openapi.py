@@ -5,6 +5,7 @@ file uses (type, required, properties, enum, pattern, minimum, minLength,
 additionalProperties, $ref)."""
 
 import concurrent.futures
+import json
 import re
 
 import pytest
@@ -53,12 +54,39 @@ def validate(value, schema, where="body"):
         assert value in schema["enum"], f"{where}: {value!r} not in {schema['enum']}"
 
 
+def check_events(body, events_spec):
+    """A text/event-stream body: every event's data matches one of the schemas
+    documented for its event type."""
+    for block in (b for b in body.split("\n\n") if b.strip()):
+        kind, data = "message", []
+        for line in block.split("\n"):
+            field, _, value = line.partition(":")
+            if field == "event":
+                kind = value.strip()
+            elif field == "data":
+                data.append(value[1:] if value.startswith(" ") else value)
+        assert kind in events_spec, f"event type {kind} is not documented"
+        doc = json.loads("\n".join(data))
+        failures = []
+        for schema in events_spec[kind]:
+            try:
+                validate(doc, schema, f"event {kind}")
+                break
+            except AssertionError as exc:
+                failures.append(str(exc))
+        else:
+            raise AssertionError(f"event {kind} {doc!r} matches no documented schema: {failures}")
+
+
 def check(path, method, status, headers, body):
     responses = SPEC["paths"][path][method.lower()]["responses"]
     assert str(status) in responses, f"{method} {path} answered {status}, which the spec does not document"
     response = resolve(responses[str(status)])
     content = response["content"]
-    if "application/json" in content:
+    if headers.get("content-type", "").startswith("text/event-stream"):
+        assert "text/event-stream" in content, f"{status}: a stream is not documented"
+        check_events(body, content["text/event-stream"]["x-events"])
+    elif "application/json" in content:
         assert headers["content-type"].startswith("application/json")
         validate(body, content["application/json"]["schema"])
     for name, header in response.get("headers", {}).items():
@@ -80,6 +108,9 @@ def test_documented_chat_responses_match_the_spec(stack, new_pool, unique):
         (413, post_chat(stack.url, user, "x" * 70000)),
         (415, post_chat(stack.url, user, "x", content_type="text/plain")),
         (502, post_chat(stack.url, user, "#fake:status=400 fails")),
+        (200, post_chat(stack.url, user, "Hello stream", headers={"Accept": "text/event-stream"})),
+        (200, post_chat(stack.url, user, "Stream breaks #fake:stream_error_after=1",
+                        headers={"Accept": "text/event-stream"})),
     ]
     # Counters are shared by every pool on the Redis: a fresh user for a limit of 1.
     limited = new_pool({"CHATD_RATE_LIMIT": "1"})

@@ -198,13 +198,17 @@ class FakeLlm : public Llm {
   int calls = 0;
 };
 
-// Every dependency of a ChatService, faked, with the short-term store
-// keeping keyed answers where the record script would.
-struct ServiceFakes {
+// The chat service's stores and limiter, for fixtures that bring their own model.
+struct FakeServiceDeps {
   FakeLimiter limiter;
   FakeShortTerm recent;
   FakeLongTerm long_term;
   FakeEmbedder embedder;
+};
+
+// Every dependency of a ChatService, faked, with the short-term store
+// keeping keyed answers where the record script would.
+struct ServiceFakes : FakeServiceDeps {
   FakeLlm llm;
   FakeIdempotency keys;
   ServiceFakes() { recent.idempotency = &keys; }
