@@ -15,6 +15,7 @@
 
 #include "chatd/decimal.h"
 #include "chatd/json.h"
+#include "chatd/random_id.h"
 #include "chatd/user_id.h"
 
 namespace chatd {
@@ -175,8 +176,10 @@ Result<Archive> ParseArchive(std::string_view json) {
 Status WriteFileDurably(const std::string& path, std::string_view content) {
   std::string dir = Parent(path);
   if (Status s = MakeDirs(dir); !s.ok()) return s;
-  std::string tmp = path + ".tmp";
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, kFileMode);
+  // A name of its own per write (O_EXCL makes sure): two writers of one path
+  // must never write into, or rename, each other's half-written file.
+  std::string tmp = path + "." + RandomHexId() + ".tmp";
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, kFileMode);
   if (fd < 0) return IoError("create", tmp);
   const char* p = content.data();
   size_t left = content.size();
@@ -195,10 +198,15 @@ Status WriteFileDurably(const std::string& path, std::string_view content) {
   if (::fsync(fd) != 0) {
     Status s = IoError("fsync", tmp);
     ::close(fd);
+    ::unlink(tmp.c_str());
     return s;
   }
   ::close(fd);
-  if (::rename(tmp.c_str(), path.c_str()) != 0) return IoError("rename", tmp);
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    Status s = IoError("rename", tmp);
+    ::unlink(tmp.c_str());
+    return s;
+  }
   return FsyncPath(dir, O_RDONLY | O_DIRECTORY);
 }
 

@@ -86,9 +86,27 @@ Result<ChatReply> AnswerFromClaim(const KeyClaim& claim) {
   return Internal("idempotency_state", "internal error: a claimed key has no answer");
 }
 
+// A Redis loading its data after a restart answers within seconds: a retry
+// then succeeds, so the client is told when to come back.
+constexpr int kRedisNotReadyRetryAfterS = 2;
+
+bool RedisNotReady(const Status& s) { return s.reason() == "redis_loading" || s.reason() == "redis_busy"; }
+
+// The failure to answer with: Redis not ready says so under its own code,
+// anything else is `otherwise`.
+Status UnlessNotReady(const Status& cause, Status otherwise) {
+  if (cause.reason() == "redis_loading") {
+    return Unavailable("redis_loading", "Conversation memory is loading after a restart; try again shortly");
+  }
+  if (cause.reason() == "redis_busy") return Unavailable("redis_busy", "Conversation memory is busy; try again shortly");
+  return otherwise;
+}
+
 }  // namespace
 
 std::string NewTurnId() { return RandomHexId(); }
+
+int RetryAfterSeconds(const Status& s) { return RedisNotReady(s) ? kRedisNotReadyRetryAfterS : 0; }
 
 ChatService::ChatService(RateLimiter& limiter, ShortTermStore& recent, LongTermStore& long_term,
                          Embedder& embedder, Llm& llm, ChatServiceOptions options,
@@ -114,7 +132,8 @@ Result<ChatReply> ChatService::Chat(const std::string& user_id, const std::strin
                                options_.idempotency_keep_ms};
     Result<KeyClaim> claim = idempotency_->Claim(user_id, *ticket);
     if (!claim.ok()) {
-      return Unavailable("memory_unavailable", "Conversation memory is unavailable; try again shortly");
+      return UnlessNotReady(claim.status(),
+                            Unavailable("memory_unavailable", "Conversation memory is unavailable; try again shortly"));
     }
     if (claim->state != KeyState::kClaimed) return AnswerFromClaim(*claim);
   }
@@ -132,7 +151,8 @@ Result<ChatReply> ChatService::Chat(const std::string& user_id, const std::strin
   } else if (options_.rate_failure_mode == FailureMode::kOpen) {
     trace.rate_limiter_failed_open = true;  // admitted, logged and counted by the caller
   } else {
-    return Unavailable("rate_limiter_unavailable", "The rate limiter is unavailable; try again shortly");
+    return UnlessNotReady(decision.status(),
+                          Unavailable("rate_limiter_unavailable", "The rate limiter is unavailable; try again shortly"));
   }
   LeaseGuard lease(limiter_, user_id, decision.ok() ? std::move(decision->lease_id) : std::string());
 
@@ -140,7 +160,10 @@ Result<ChatReply> ChatService::Chat(const std::string& user_id, const std::strin
   // Without it we could neither show the conversation nor record this turn,
   // so there is no degraded mode.
   Result<UserMemory> memory = recent_.Read(user_id);
-  if (!memory.ok()) return Unavailable("memory_unavailable", "Conversation memory is unavailable; try again shortly");
+  if (!memory.ok()) {
+    return UnlessNotReady(memory.status(),
+                          Unavailable("memory_unavailable", "Conversation memory is unavailable; try again shortly"));
+  }
   const std::vector<Message>& recent = memory->recent;
   trace.recent_used = recent.size();
 

@@ -1,11 +1,14 @@
 #include "chatd/cleanup.h"
 
+#include <limits.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cstdint>
+#include <fstream>
 #include <optional>
 #include <set>
+#include <sstream>
 #include <thread>
 
 #include "chatd/archive.h"
@@ -13,6 +16,7 @@
 #include "chatd/decimal.h"
 #include "chatd/indexer.h"
 #include "chatd/log.h"
+#include "chatd/random_id.h"
 #include "chatd/redis_memory.h"
 #include "chatd/redis_rate_limiter.h"
 #include "chatd/user_id.h"
@@ -28,17 +32,28 @@ constexpr int kCrashStatus = 137;  // what a shell reports after kill -9
 constexpr int64_t kMaxTimeSeconds = INT64_MAX / 1000 - 1;
 // How often the cleanup looks whether an indexer finished writing a user.
 constexpr std::chrono::milliseconds kMarkerPoll{20};
-// The lock value of a migration, so only a migration releases it early.
+// The lock purpose of a migration, so only a migration releases it early.
 constexpr char kMigratePurpose[] = "migrate";
+
+// Lock values are "<purpose>:<token>". Only a run ("cleanup") or a migration
+// holds the lease, so only their locks can be proved abandoned: by a lease
+// that is free, or ours.
+constexpr char kRunPurpose[] = "cleanup";
+constexpr char kLeaseKey[] = "chatd:cleanup:lease";
+// How often a forget or a restore looks whether a run let go of the user.
+constexpr std::chrono::milliseconds kLockPoll{100};
 
 // KEYS: activity, recent, rl fixed, rl sliding, lock, hot set, hot index,
 // index stream, in-progress set, recorded turns.
-// ARGV: user, last activity we archived, index group, stream ids to acknowledge.
-// Returns 1 when the user was removed, 0 when they came back meanwhile.
+// ARGV: user, last activity we archived, index group, our lock value, stream
+// ids to acknowledge.
+// Returns 1 when the user was removed, 0 when they came back meanwhile, -1
+// (and touches nothing) when the lock is no longer ours.
 const RedisScript kFinishArchive(R"lua(
-if #ARGV > 3 then
+if redis.call('GET', KEYS[5]) ~= ARGV[4] then return -1 end
+if #ARGV > 4 then
   local ids = {}
-  for i = 4, #ARGV do ids[#ids + 1] = ARGV[i] end
+  for i = 5, #ARGV do ids[#ids + 1] = ARGV[i] end
   redis.call('XACK', KEYS[8], ARGV[3], unpack(ids))
   redis.call('XDEL', KEYS[8], unpack(ids))
 end
@@ -53,18 +68,57 @@ redis.call('DEL', KEYS[5])
 return 0
 )lua");
 
-// KEYS: lock, in-progress set. ARGV: user, lock value, lock TTL.
-// Takes the user's lock and remembers the user as in progress, together.
+// KEYS: lock, in-progress set, lease. ARGV: user, our lock value, lock TTL,
+// our lease value ("" when we hold none).
+// Takes the user's lock, when it is free (SET NX, in effect) or left by a
+// run or migration that is gone (the lease is free, or ours), and remembers
+// the user as in progress, together. Returns 1, or the holder's value.
 const RedisScript kTakeLock(R"lua(
+local held = redis.call('GET', KEYS[1])
+if held and held ~= ARGV[2] then
+  local purpose = string.match(held, '^[^:]*')
+  local lease = redis.call('GET', KEYS[3])
+  if (purpose ~= 'cleanup' and purpose ~= 'migrate') or (lease and lease ~= ARGV[4]) then return held end
+end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+)lua");
+
+// KEYS: a lock or the lease. ARGV: our value, TTL. Renews it if it is still
+// ours: 1; else 0 (expired, or someone else's now).
+const RedisScript kRenew(R"lua(
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+)lua");
+
+// KEYS: lease. ARGV: our value, TTL, the value of a holder proved gone ("":
+// none). Returns 1, or the live holder's value.
+const RedisScript kTakeLease(R"lua(
+local held = redis.call('GET', KEYS[1])
+if held and held ~= ARGV[3] and held ~= ARGV[1] then return held end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+)lua");
+
+// KEYS: lease. ARGV: our value. Compare-and-delete.
+const RedisScript kReleaseLease(R"lua(
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
 return 1
 )lua");
 
 // KEYS: activity, lock, in-progress set. ARGV: user, cut-off.
 // A user left in progress by a killed run who is active again (or gone)
 // gets their lock back; one still inactive is left for this run to finish.
+// The lock of a forget or a restore is its owner's: left alone.
 const RedisScript kSettleInProgress(R"lua(
+local held = redis.call('GET', KEYS[2])
+if held then
+  local purpose = string.match(held, '^[^:]*')
+  if purpose ~= 'cleanup' and purpose ~= 'migrate' then return 0 end
+end
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if score and tonumber(score) < tonumber(ARGV[2]) then return 0 end
 redis.call('DEL', KEYS[2])
@@ -74,12 +128,14 @@ return 1
 
 // KEYS: activity, recent, rl fixed, rl sliding, lock, hot set, hot index,
 // index stream, dead letters, in-progress set, recorded turns.
-// ARGV: user, index group, then stream ids (index stream) ... "|" ... dead-letter ids.
+// ARGV: user, index group, our lock value, then stream ids (index stream) ...
+// "|" ... dead-letter ids. -1 (nothing touched) when the lock is not ours.
 const RedisScript kForget(R"lua(
+if redis.call('GET', KEYS[5]) ~= ARGV[3] then return -1 end
 redis.call('SREM', KEYS[10], ARGV[1])
 local ids, dead, into = {}, {}, nil
 into = ids
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   if ARGV[i] == '|' then into = dead else into[#into + 1] = ARGV[i] end
 end
 if #ids > 0 then
@@ -92,15 +148,59 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 return 1
 )lua");
 
-// KEYS: lock, in-progress set. ARGV: user, purpose. Releases the user's lock
-// if it was taken for `purpose` (a migration), and forgets the user as in
-// progress; a lock of an archive or a forget is left to its owner.
+// KEYS: lock, in-progress set. ARGV: user, value. Compare-and-delete of the
+// user's lock, and the user is no longer in progress.
 const RedisScript kReleaseLock(R"lua(
 if redis.call('GET', KEYS[1]) ~= ARGV[2] then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[2], ARGV[1])
 return 1
 )lua");
+
+// KEYS: lock, in-progress set. ARGV: user, purpose. Releases a lock a killed
+// migration left (the caller holds the lease, so its owner is gone).
+const RedisScript kReleaseAbandoned(R"lua(
+local held = redis.call('GET', KEYS[1])
+if not held or string.match(held, '^[^:]*') ~= ARGV[2] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+return 1
+)lua");
+
+// Runs `f` when the scope ends, whichever way: for what must follow every
+// return (stop renewing a lock, release the lease).
+template <typename F>
+struct OnExit {
+  F f;
+  ~OnExit() { f(); }
+};
+template <typename F>
+OnExit(F) -> OnExit<F>;
+
+// This host's name, for the lease: a holder on the same host can be proved
+// gone.
+std::string HostName() {
+  char host[HOST_NAME_MAX + 1] = {0};
+  if (gethostname(host, sizeof(host) - 1) != 0) return "unknown-host";
+  return host;
+}
+
+// When the process started (clock ticks since boot, /proc/<pid>/stat field
+// 22), so that a pid reused by another process is not taken for the holder.
+// Empty when no such process runs.
+std::string ProcessStart(const std::string& pid) {
+  std::ifstream in("/proc/" + pid + "/stat");
+  std::string stat;
+  if (!in || !std::getline(in, stat)) return "";
+  const size_t comm_end = stat.rfind(')');
+  if (comm_end == std::string::npos) return "";
+  std::istringstream fields(stat.substr(comm_end + 1));
+  std::string field;
+  for (int i = 3; i <= 22 && fields >> field; ++i) {
+    if (i == 22) return field;
+  }
+  return "";
+}
 
 // Every per-user key a cleanup removes: recent, rl fixed, rl sliding, lock,
 // hot set, hot index (the scripts' KEYS[2..7]), recorded turns (their last).
@@ -111,14 +211,113 @@ std::vector<std::string> UserKeys(std::string_view user) {
 
 Status RedisErrorIf(const Result<RedisValue>& r, std::string_view what) {
   if (!r.ok()) return r.status();
-  if (r->is_error()) return Unavailable("redis_error", std::string(what) + ": " + r->str);
+  if (r->is_error()) return RedisReplyError(r->str, what);
   return Status::Ok();
+}
+
+Status LockLost() {
+  return Unavailable("lock_lost",
+                     "the user's cleanup lock expired and another process holds it now: nothing more was written or "
+                     "deleted for this user");
 }
 
 }  // namespace
 
 Cleanup::Cleanup(RedisClient& redis, ChromaStore& chroma, Embedder& embedder, CleanupOptions options)
-    : redis_(redis), chroma_(chroma), embedder_(embedder), options_(std::move(options)) {}
+    : redis_(redis), chroma_(chroma), embedder_(embedder), options_(std::move(options)), token_(RandomHexId()) {}
+
+Cleanup::~Cleanup() {
+  {
+    std::lock_guard<std::mutex> lock(keep_mu_);
+    keep_stop_ = true;
+  }
+  keep_cv_.notify_all();
+  if (keeper_.joinable()) keeper_.join();
+}
+
+std::string Cleanup::LockValue(std::string_view purpose) const { return std::string(purpose) + ":" + token_; }
+
+void Cleanup::StartKeeper() {
+  if (!keeper_.joinable()) keeper_ = std::thread([this] { Keep(); });
+}
+
+void Cleanup::Keep() {
+  const std::string ttl = std::to_string(options_.lock_ttl_ms);
+  const auto every = std::chrono::milliseconds(std::max<int64_t>(options_.lock_ttl_ms / 3, 1));
+  std::unique_lock<std::mutex> lock(keep_mu_);
+  while (!keep_cv_.wait_for(lock, every, [this] { return keep_stop_; })) {
+    const std::optional<std::string> lease = lease_;
+    const std::string user = locked_user_, value = locked_value_;
+    lock.unlock();
+    // A failed renewal (Redis away) is tried again next time; only an answer
+    // that the key is someone else's now counts as lost.
+    if (lease) {
+      auto r = redis_.Eval(kRenew, {kLeaseKey}, {*lease, ttl});
+      if (r.ok() && !r->is_error() && r->integer == 0) {
+        lease_lost_ = true;
+        LogError("cleanup_lease_lost").Str("detail", "another chatd-cleanup holds the lease now").Emit();
+      }
+    }
+    if (!user.empty()) {
+      std::string key = CleanupLockKey(user);
+      auto r = redis_.Eval(kRenew, {key}, {value, ttl});
+      lock.lock();
+      const bool still_ours = locked_user_ == user;
+      lock.unlock();
+      if (r.ok() && !r->is_error() && r->integer == 0 && still_ours) {
+        LogError("cleanup_lock_lost").Str("user", user).Emit();  // the next Fence stops the user's processing
+      }
+    }
+    lock.lock();
+  }
+}
+
+Status Cleanup::TakeLease(std::string_view command) {
+  const std::string host = HostName(), pid = std::to_string(getpid());
+  const std::string value = token_ + " " + host + " " + pid + " " + ProcessStart(pid) + " " + std::string(command);
+  const std::string ttl = std::to_string(options_.lock_ttl_ms);
+  std::string gone;  // a holder proved dead, whose lease we may take over
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    Result<RedisValue> r = redis_.Eval(kTakeLease, {kLeaseKey}, {value, ttl, gone});
+    if (Status s = RedisErrorIf(r, "lease"); !s.ok()) return s;
+    if (r->type == RedisValue::Type::kInteger && r->integer == 1) {
+      if (!gone.empty()) LogWarn("cleanup_lease_taken_over").Str("from", gone).Emit();
+      {
+        std::lock_guard<std::mutex> lock(keep_mu_);
+        lease_ = value;
+      }
+      StartKeeper();
+      return Status::Ok();
+    }
+    // "<token> <host> <pid> <start> <command>" of the holder. One killed on
+    // this host (kill -9, a crash) is gone for sure: its run may be resumed
+    // at once. Elsewhere only its TTL can tell.
+    std::istringstream holder(r->str);
+    std::string their_token, their_host, their_pid, their_start, their_command;
+    holder >> their_token >> their_host >> their_pid >> their_start >> their_command;
+    const bool dead_here = their_host == host && !their_pid.empty() && ProcessStart(their_pid) != their_start;
+    if (!dead_here || attempt > 0) {
+      return Unavailable(std::string(kCleanupRunningReason),
+                         "another chatd-cleanup " + their_command + " (pid " + their_pid + " on " + their_host +
+                             ") is running; this one stops. Its lease " + kLeaseKey +
+                             " ends with it, or CHATD_CLEANUP_LOCK_TTL_MS after it stopped renewing it");
+    }
+    gone = r->str;
+  }
+  return Status::Ok();  // not reached: the second attempt returns
+}
+
+void Cleanup::ReleaseLease() {
+  std::optional<std::string> lease;
+  {
+    std::lock_guard<std::mutex> lock(keep_mu_);
+    lease.swap(lease_);
+  }
+  if (!lease) return;
+  // A failed release costs the next run the lease's TTL at most.
+  auto r = redis_.Eval(kReleaseLease, {kLeaseKey}, {*lease});
+  if (!r.ok() || r->is_error()) LogWarn("cleanup_lease_not_released").Emit();
+}
 
 void Cleanup::CrashIf(std::string_view point) const {
   if (options_.crash_at == point) _exit(kCrashStatus);
@@ -159,13 +358,17 @@ Result<Cleanup::Outcome> Cleanup::ArchiveUser(const std::string& user, int64_t l
 
   // 1. The lock pauses the indexer for this user. A lock left by a run that was
   // killed is simply taken over: every step below is idempotent.
-  if (Status s = TakeLock(user, "cleanup"); !s.ok()) return s;
+  if (Status s = TakeLock(user, kRunPurpose); !s.ok()) return s;
+  // Whatever happens below, this user's lock is no longer renewed after it:
+  // released by the final script, or left to its TTL (and the next run).
+  OnExit stop_renewing{[this] { ForgetLock(); }};
   CrashIf("after_lock");
 
   // 2. Turns still queued for indexing go into Chroma first, so the export is whole.
   if (!queued.empty()) {
     auto messages = BuildStoredMessages(queued, embedder_);
     if (!messages.ok()) return messages.status();
+    if (Status s = Fence(user); !s.ok()) return s;
     if (Status s = chroma_.Upsert(*messages); !s.ok()) return s;
   }
 
@@ -189,29 +392,38 @@ Result<Cleanup::Outcome> Cleanup::ArchiveUser(const std::string& user, int64_t l
     archive.records = MergeById({}, std::move(*exported));
   }
   if (!archive.records.empty()) {
+    if (Status s = Fence(user); !s.ok()) return s;
     if (Status s = WriteFileDurably(path, SerializeArchive(archive)); !s.ok()) return s;
   }
   records += static_cast<int64_t>(archive.records.size());
   CrashIf("after_export");
 
   // 4. The user's records go (checked by count).
+  if (Status s = Fence(user); !s.ok()) return s;
   if (auto deleted = chroma_.DeleteUser(user); !deleted.ok()) return deleted.status();
   CrashIf("after_delete_collection");
 
   // 5. Redis keys, unless the user came back meanwhile.
   std::string score = std::to_string(last_activity);
-  std::vector<std::string_view> args = {user, score, kIndexGroup};
+  const std::string value = LockValue(kRunPurpose);
+  std::vector<std::string_view> args = {user, score, kIndexGroup, value};
   for (const IndexEntry& e : queued) args.push_back(e.stream_id);
   std::vector<std::string_view> script_keys = {kActivityKey, keys[0], keys[1], keys[2], keys[3], keys[4], keys[5],
                                                kIndexStreamKey, kCleanupInProgressKey, keys[6]};
   Result<RedisValue> done = redis_.Eval(kFinishArchive, script_keys, args);
   if (Status s = RedisErrorIf(done, "finishing the archive"); !s.ok()) return s;
+  if (done->integer < 0) return LockLost();
   return done->integer == 1 ? Outcome::kArchived : Outcome::kReturned;
 }
 
 Result<CleanupSummary> Cleanup::Run() {
   auto started = SteadyClock::now();
   CleanupSummary sum;
+  // One run at a time (a dry run changes nothing, and needs no lease).
+  if (!options_.dry_run) {
+    if (Status s = TakeLease("run"); !s.ok()) return s;
+  }
+  OnExit lease_end{[this] { ReleaseLease(); }};
   Result<int64_t> now = NowMs();
   if (!now.ok()) return now.status();
   int64_t cutoff_ms = *now - options_.inactive_ms;
@@ -248,6 +460,9 @@ Result<CleanupSummary> Cleanup::Run() {
 
     int64_t batch_archived = 0, batch_failed = 0;
     for (const auto& [user, last_activity] : users) {
+      if (lease_lost_) {
+        return Unavailable("lease_lost", "another chatd-cleanup took this run's lease over: stopping here");
+      }
       ++sum.scanned;
       if (options_.dry_run) {
         auto count = chroma_.Count(user);
@@ -262,6 +477,13 @@ Result<CleanupSummary> Cleanup::Run() {
       }
       int64_t records = 0;
       Result<Outcome> outcome = ArchiveUser(user, last_activity, (*queued)[user], records);
+      if (!outcome.ok() && outcome.status().reason() == "user_locked") {
+        // A forget or a restore has the user: nothing to archive now.
+        ++sum.skipped;
+        ++offset;
+        LogInfo("cleanup_user_skipped").Str("user", user).Str("detail", outcome.status().message()).Emit();
+        continue;
+      }
       if (!outcome.ok()) {
         ++sum.failed;
         ++batch_failed;
@@ -294,6 +516,14 @@ Result<CleanupSummary> Cleanup::Run() {
 
 Result<int64_t> Cleanup::Restore(std::string_view user_id) {
   std::string user(user_id);
+  // Under the user's lock, so a forget cannot erase the archives between our
+  // reading them and bringing them back (nor a run archive the user anew).
+  if (!options_.dry_run) {
+    if (Status s = TakeLock(user, "restore", /*wait=*/true); !s.ok()) return s;
+  }
+  OnExit release{[this, &user] {
+    if (!options_.dry_run) ReleaseLockOrWarn(user);
+  }};
   auto paths = ListArchives(options_.archive_dir, user);
   if (!paths.ok()) return paths.status();
   std::vector<StoredMessage> records;
@@ -310,8 +540,10 @@ Result<int64_t> Cleanup::Restore(std::string_view user_id) {
     return static_cast<int64_t>(records.size());
   }
   for (StoredMessage& m : records) m.user_id = user;
+  if (Status s = Fence(user); !s.ok()) return s;
   if (Status s = chroma_.Upsert(records); !s.ok()) return s;  // chunked by the store
   // Recall reads the newest records from the hot set, as if just indexed.
+  if (Status s = Fence(user); !s.ok()) return s;
   if (Status s = AddToHotSet(redis_, user, records, options_.hot_messages); !s.ok()) return s;
   // Tracked again, so the restored memory is archived again when unused.
   Result<int64_t> now = NowMs();
@@ -319,6 +551,7 @@ Result<int64_t> Cleanup::Restore(std::string_view user_id) {
   std::string score = std::to_string(*now);
   if (Status s = RedisErrorIf(redis_.Command({"ZADD", kActivityKey, "NX", score, user}), "ZADD"); !s.ok()) return s;
   // Only now that Chroma holds every record may the archives go.
+  if (Status s = Fence(user); !s.ok()) return s;
   if (Status s = RemoveArchives(options_.archive_dir, user, *paths); !s.ok()) return s;
   return static_cast<int64_t>(records.size());
 }
@@ -326,6 +559,16 @@ Result<int64_t> Cleanup::Restore(std::string_view user_id) {
 Status Cleanup::Forget(std::string_view user_id) {
   std::string user(user_id);
   std::vector<std::string> keys = UserKeys(user);
+  // Lock first, so no indexer writes to Chroma while we erase it, and no run
+  // writes an archive after we listed them: a run that holds the user is
+  // waited for. The final script releases the lock; a failure releases it too.
+  if (!options_.dry_run) {
+    if (Status s = TakeLock(user, "forget", /*wait=*/true); !s.ok()) return s;
+  }
+  bool erased = false;
+  OnExit release_on_failure{[this, &user, &erased] {
+    if (!erased && !options_.dry_run) ReleaseLockOrWarn(user);
+  }};
   auto paths = ListArchives(options_.archive_dir, user);
   if (!paths.ok()) return paths.status();
   auto queued = QueuedTurns({user});
@@ -350,34 +593,45 @@ Status Cleanup::Forget(std::string_view user_id) {
     return Status::Ok();
   }
 
-  // Lock first, so no indexer writes to the collection while we erase it.
-  if (Status s = TakeLock(user, "forget"); !s.ok()) return s;
+  if (Status s = Fence(user); !s.ok()) return s;
   if (auto deleted = chroma_.DeleteUser(user); !deleted.ok()) return deleted.status();
   // A deployment not yet migrated may still hold the old per-user collection.
+  if (Status s = Fence(user); !s.ok()) return s;
   if (Status s = chroma_.DeleteLegacy(user); !s.ok()) return s;
+  if (Status s = Fence(user); !s.ok()) return s;
   if (Status s = RemoveArchives(options_.archive_dir, user, *paths); !s.ok()) return s;
 
-  std::vector<std::string_view> args = {user, kIndexGroup};
+  const std::string value = LockValue("forget");
+  std::vector<std::string_view> args = {user, kIndexGroup, value};
   for (const IndexEntry& e : (*queued)[user]) args.push_back(e.stream_id);
   args.push_back("|");
   for (const std::string& id : dead_ids) args.push_back(id);
   std::vector<std::string_view> script_keys = {kActivityKey, keys[0], keys[1], keys[2], keys[3], keys[4], keys[5],
                                                kIndexStreamKey, kDeadLetterKey, kCleanupInProgressKey, keys[6]};
-  if (Status s = RedisErrorIf(redis_.Eval(kForget, script_keys, args), "forget"); !s.ok()) return s;
+  Result<RedisValue> script = redis_.Eval(kForget, script_keys, args);
+  if (Status s = RedisErrorIf(script, "forget"); !s.ok()) return s;
+  if (script->integer < 0) return LockLost();
+  erased = true;
+  ForgetLock();
   return Status::Ok();
 }
 
 Result<MigrateSummary> Cleanup::Migrate() {
   MigrateSummary sum;
+  // One run or migration at a time.
+  if (!options_.dry_run) {
+    if (Status s = TakeLease("migrate"); !s.ok()) return s;
+  }
+  OnExit lease_end{[this] { ReleaseLease(); }};
   // A migration killed after deleting a user's old collection left their
   // lock: the user is done (or, with the collection still there, is listed
-  // and migrated again below).
+  // and migrated again below). We hold the lease: its owner is gone.
   if (!options_.dry_run) {
     Result<RedisValue> left = redis_.Command({"SMEMBERS", kCleanupInProgressKey});
     if (Status s = RedisErrorIf(left, "SMEMBERS"); !s.ok()) return s;
     for (const RedisValue& u : left->elements) {
       std::string lock = CleanupLockKey(u.str);
-      auto released = redis_.Eval(kReleaseLock, {lock, kCleanupInProgressKey}, {u.str, kMigratePurpose});
+      auto released = redis_.Eval(kReleaseAbandoned, {lock, kCleanupInProgressKey}, {u.str, kMigratePurpose});
       if (Status s = RedisErrorIf(released, "release"); !s.ok()) return s;
     }
   }
@@ -425,10 +679,9 @@ Result<int64_t> Cleanup::MigrateUser(const std::string& user) {
   Result<int64_t> moved = MoveLegacyUser(user);
   // Succeeded or not, the indexers may have the user back now: a failed user
   // is listed again by the next migration, and every step is idempotent.
-  std::string lock = CleanupLockKey(user);
-  auto released = redis_.Eval(kReleaseLock, {lock, kCleanupInProgressKey}, {user, kMigratePurpose});
+  Status released = ReleaseLock(user);
   if (!moved.ok()) return moved;
-  if (Status s = RedisErrorIf(released, "release"); !s.ok()) return s;
+  if (!released.ok()) return released;
   return moved;
 }
 
@@ -436,6 +689,7 @@ Result<int64_t> Cleanup::MoveLegacyUser(const std::string& user) {
   auto records = chroma_.ExportLegacy(user);
   if (!records.ok()) return records.status();
   for (StoredMessage& m : *records) m.user_id = user;
+  if (Status s = Fence(user); !s.ok()) return s;
   if (Status s = chroma_.Upsert(*records); !s.ok()) return s;
   CrashIf("migrate_after_upsert");
   // The shard may hold more (turns indexed since the upgrade), never fewer.
@@ -444,17 +698,43 @@ Result<int64_t> Cleanup::MoveLegacyUser(const std::string& user) {
   if (*count < static_cast<int64_t>(records->size())) {
     return Unavailable("migrate_incomplete", "the shard holds fewer records than the old collection");
   }
+  if (Status s = Fence(user); !s.ok()) return s;
   if (Status s = AddToHotSet(redis_, user, *records, options_.hot_messages); !s.ok()) return s;
+  if (Status s = Fence(user); !s.ok()) return s;
   if (Status s = chroma_.DeleteLegacy(user); !s.ok()) return s;
   CrashIf("migrate_after_delete");
   return static_cast<int64_t>(records->size());
 }
 
-Status Cleanup::TakeLock(const std::string& user, std::string_view purpose) {
+Status Cleanup::TakeLock(const std::string& user, std::string_view purpose, bool wait) {
   std::string lock = CleanupLockKey(user);
   std::string ttl = std::to_string(options_.lock_ttl_ms);
-  Status s = RedisErrorIf(redis_.Eval(kTakeLock, {lock, kCleanupInProgressKey}, {user, purpose, ttl}), "lock");
-  if (!s.ok()) return s;
+  const std::string value = LockValue(purpose);
+  std::string lease;
+  {
+    std::lock_guard<std::mutex> guard(keep_mu_);
+    if (lease_) lease = *lease_;
+  }
+  // A holder that lives renews its lock; one that died lets it expire, so
+  // waiting up to the TTL sees it go.
+  const auto wait_until = SteadyClock::now() + std::chrono::milliseconds(options_.lock_ttl_ms);
+  for (bool told = false;; told = true) {
+    Result<RedisValue> r = redis_.Eval(kTakeLock, {lock, kCleanupInProgressKey, kLeaseKey}, {user, value, ttl, lease});
+    if (Status s = RedisErrorIf(r, "lock"); !s.ok()) return s;
+    if (r->type == RedisValue::Type::kInteger && r->integer == 1) break;
+    const std::string holder = r->str.substr(0, r->str.find(':'));
+    if (!wait || SteadyClock::now() >= wait_until) {
+      return Unavailable("user_locked", "another chatd-cleanup (" + holder + ") holds this user; try again later");
+    }
+    if (!told) LogInfo("cleanup_waiting_for_user").Str("user", user).Str("holder", holder).Emit();
+    std::this_thread::sleep_for(kLockPoll);
+  }
+  {
+    std::lock_guard<std::mutex> guard(keep_mu_);
+    locked_user_ = user;
+    locked_value_ = value;
+  }
+  StartKeeper();
   // Indexers that checked the lock just before we took it may still be
   // writing this user's turns: wait until they are done (their marker has a
   // TTL, so this ends even if one died mid-write).
@@ -469,6 +749,50 @@ Status Cleanup::TakeLock(const std::string& user, std::string_view purpose) {
     }
     std::this_thread::sleep_for(kMarkerPoll);
   }
+}
+
+Status Cleanup::Fence(const std::string& user) {
+  if (lease_lost_) return Unavailable("lease_lost", "another chatd-cleanup took this run's lease over: stopping here");
+  std::string value;
+  {
+    std::lock_guard<std::mutex> guard(keep_mu_);
+    if (locked_user_ == user) value = locked_value_;
+  }
+  if (value.empty()) return LockLost();
+  std::string lock = CleanupLockKey(user);
+  std::string ttl = std::to_string(options_.lock_ttl_ms);
+  Result<RedisValue> r = redis_.Eval(kRenew, {lock}, {value, ttl});
+  if (Status s = RedisErrorIf(r, "lock check"); !s.ok()) return s;
+  if (r->integer != 1) {
+    LogError("cleanup_lock_lost").Str("user", user).Emit();
+    return LockLost();
+  }
+  return Status::Ok();
+}
+
+Status Cleanup::ReleaseLock(const std::string& user) {
+  std::string value;
+  {
+    std::lock_guard<std::mutex> guard(keep_mu_);
+    if (locked_user_ == user) value = locked_value_;
+  }
+  ForgetLock();
+  if (value.empty()) return Status::Ok();
+  std::string lock = CleanupLockKey(user);
+  return RedisErrorIf(redis_.Eval(kReleaseLock, {lock, kCleanupInProgressKey}, {user, value}), "release");
+}
+
+void Cleanup::ReleaseLockOrWarn(const std::string& user) {
+  // Not released, the lock expires after its TTL: the indexers wait that long.
+  if (Status s = ReleaseLock(user); !s.ok()) {
+    LogWarn("cleanup_lock_not_released").Str("user", user).Str("reason", s.reason()).Emit();
+  }
+}
+
+void Cleanup::ForgetLock() {
+  std::lock_guard<std::mutex> guard(keep_mu_);
+  locked_user_.clear();
+  locked_value_.clear();
 }
 
 Status Cleanup::SettleInProgress(int64_t cutoff_ms) {

@@ -238,11 +238,14 @@ Result<Config> LoadConfig(const EnvLookup& env) {
   r.Int("CHATD_INDEX_RETRY_MS", c.index_retry_ms, 10, kMaxTimeoutMs);
   r.Int("CHATD_INDEX_MAX_DELIVERIES", c.index_max_deliveries, 1, 1000);
   r.Int("CHATD_INDEX_LAG_DEGRADED_MS", c.index_lag_degraded_ms, 100, kMaxTimeoutMs);
+  r.Int("CHATD_INDEX_DEAD_LETTER_MAX", c.index_dead_letter_max, 1, 100000000);
+  r.Int("CHATD_INDEX_CONSUMER_GONE_MS", c.index_consumer_gone_ms, 1000, 30 * 24 * 3600 * 1000LL);
 
   r.Int("CHATD_CLEANUP_INACTIVE_S", c.cleanup_inactive_s, 0, 10 * 365 * 24 * 3600LL);
   r.String("CHATD_ARCHIVE_DIR", c.archive_dir, false);
   r.Int("CHATD_CLEANUP_BATCH", c.cleanup_batch, 1, 10000);
   r.Int("CHATD_CLEANUP_LOCK_TTL_MS", c.cleanup_lock_ttl_ms, 1000, 24 * 3600 * 1000LL);
+  r.Int("CHATD_CLEANUP_REDIS_WAIT_MS", c.cleanup_redis_wait_ms, 0, 24 * 3600 * 1000LL);
   r.Int("CHATD_CLEANUP_NOW_MS", c.cleanup_now_ms, 0, std::numeric_limits<int64_t>::max() / 2);
 
   r.Enum("CHATD_AUTH_MODE", c.auth_mode,

@@ -6,9 +6,17 @@ namespace chatd {
 namespace {
 constexpr std::chrono::milliseconds kCacheFor{1000};
 
-bool Pings(RedisClient& redis) {
+// "ok", "down", or what Redis says keeps it from serving for now: "loading"
+// (its data, after a restart) or "busy" (a script runs too long).
+DependencyState RedisState(RedisClient& redis, std::string name) {
   Result<RedisValue> r = redis.Command({"PING"});
-  return r.ok() && r->str == "PONG";
+  if (r.ok() && r->is_error()) {
+    const std::string reason = RedisReplyError(r->str, "PING").reason();
+    if (reason == "redis_loading") return {std::move(name), "loading", false};
+    if (reason == "redis_busy") return {std::move(name), "busy", false};
+  }
+  const bool ok = r.ok() && r->str == "PONG";
+  return {std::move(name), ok ? "ok" : "down", ok};
 }
 }  // namespace
 
@@ -42,12 +50,8 @@ std::vector<DependencyState> StackHealthProbe::Check() {
 
 std::vector<DependencyState> StackHealthProbe::Probe() {
   std::vector<DependencyState> out;
-  bool redis_ok = Pings(redis_);
-  out.push_back({"redis", redis_ok ? "ok" : "down", redis_ok});
-  if (rate_redis_ != nullptr) {
-    bool ok = Pings(*rate_redis_);
-    out.push_back({"rate_limit_redis", ok ? "ok" : "down", ok});
-  }
+  out.push_back(RedisState(redis_, "redis"));
+  if (rate_redis_ != nullptr) out.push_back(RedisState(*rate_redis_, "rate_limit_redis"));
   bool chroma_ok = chroma_.Heartbeat().ok();
   out.push_back({"chroma", chroma_ok ? "ok" : "down", chroma_ok});
   out.push_back(ModelState());

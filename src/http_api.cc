@@ -273,6 +273,10 @@ HttpReply HttpApi::Chat(const HttpRequest& req, RequestLog& log, ResponseStream*
       // {"error", "code", "retryAfter"}: splice the number into the object.
       reply.body.pop_back();
       reply.body.append(",\"retryAfter\":").append(std::to_string(RetryAfterSeconds(*trace.rate))).append("}");
+    } else if (const int wait_s = RetryAfterSeconds(result.status()); wait_s > 0) {
+      reply.headers.emplace_back("Retry-After", std::to_string(wait_s));
+      reply.body.pop_back();
+      reply.body.append(",\"retryAfter\":").append(std::to_string(wait_s)).append("}");
     }
     if (result.status().reason() == kRecordOutcomeUnknown) {
       // The id the turn has if it landed: the client can look for it, or
@@ -329,6 +333,7 @@ HttpReply HttpApi::Health(const HttpRequest& req) {
   bool healthy = true;
   std::string body = "{\"dependencies\":{";
   std::string down;
+  std::string not_ready;  // a Redis loading or busy: back within seconds
   for (size_t i = 0; i < deps.size(); ++i) {
     if (i) body.push_back(',');
     AppendJsonString(body, deps[i].name);
@@ -337,6 +342,9 @@ HttpReply HttpApi::Health(const HttpRequest& req) {
     if (!deps[i].healthy) {
       healthy = false;
       down += (down.empty() ? "" : ", ") + deps[i].name;
+      if (not_ready.empty() && (deps[i].state == "loading" || deps[i].state == "busy")) {
+        not_ready = "redis_" + deps[i].state;
+      }
     }
   }
   body.append("}");
@@ -356,6 +364,14 @@ HttpReply HttpApi::Health(const HttpRequest& req) {
           .append(std::to_string(m.index_pending.load(std::memory_order_relaxed)))
           .append(",\"oldestAgeMs\":")
           .append(std::to_string(age_ms))
+          .append(",\"streamLength\":")
+          .append(std::to_string(m.index_stream_length.load(std::memory_order_relaxed)))
+          .append(",\"deadLetters\":")
+          .append(std::to_string(m.dead_letter_length.load(std::memory_order_relaxed)))
+          .append("},\"redisMemory\":{\"usedBytes\":")
+          .append(std::to_string(m.redis_used_memory.load(std::memory_order_relaxed)))
+          .append(",\"maxmemoryBytes\":")
+          .append(std::to_string(m.redis_maxmemory.load(std::memory_order_relaxed)))
           .append("}");
     }
   }
@@ -364,6 +380,11 @@ HttpReply HttpApi::Health(const HttpRequest& req) {
   if (!healthy) {
     body.append(",\"error\":");
     AppendJsonString(body, "Not available: " + down);
+  }
+  if (!not_ready.empty()) {
+    body.append(",\"code\":");
+    AppendJsonString(body, not_ready);
+    reply.headers.emplace_back("Retry-After", std::to_string(RetryAfterSeconds(Unavailable(not_ready, ""))));
   }
   body.append("}");
   reply.status = healthy ? 200 : 503;

@@ -67,6 +67,31 @@ redis.call('XDEL', KEYS[3], unpack(ids))
 local hot_key, hot_index_key, bound, first = KEYS[4], KEYS[5], tonumber(ARGV[2]), 5 + n
 )lua") + kHotSetAddLua + "return n\n");
 
+// KEYS: index stream. ARGV: group, this consumer, idle bound (ms).
+// One script, so that no consumer can be handed an entry between the check
+// that nothing is pending at it and its removal (DELCONSUMER drops what is).
+const RedisScript kRemoveGoneConsumers(R"lua(
+local removed = 0
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local f = {}
+  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+  if f['name'] ~= ARGV[2] and tonumber(f['pending']) == 0 and tonumber(f['idle']) > tonumber(ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
+    removed = removed + 1
+  end
+end
+return removed
+)lua");
+
+// The value of `field` in INFO's "field:value" lines, 0 if absent.
+int64_t InfoField(std::string_view info, std::string_view field) {
+  const std::string key = "\n" + std::string(field) + ":";
+  const std::string text = "\n" + std::string(info);
+  const size_t at = text.find(key);
+  if (at == std::string::npos) return 0;
+  return std::strtoll(text.c_str() + at + key.size(), nullptr, 10);
+}
+
 int64_t StreamIdMs(std::string_view id) {
   return std::strtoll(std::string(id.substr(0, id.find('-'))).c_str(), nullptr, 10);
 }
@@ -103,16 +128,25 @@ Result<IndexBacklog> ReadIndexBacklog(RedisClient& redis) {
   auto replies = redis.Pipeline({{"XLEN", kIndexStreamKey},
                                  {"XPENDING", kIndexStreamKey, kIndexGroup},
                                  {"XRANGE", kIndexStreamKey, "-", "+", "COUNT", "1"},
-                                 {"TIME"}});
+                                 {"TIME"},
+                                 {"XLEN", kDeadLetterKey},
+                                 {"INFO", "memory"}});
   if (!replies.ok()) return replies.status();
   const RedisValue& len = (*replies)[0];
   const RedisValue& pending = (*replies)[1];
   const RedisValue& first = (*replies)[2];
   const RedisValue& time = (*replies)[3];
-  if (len.type != RedisValue::Type::kInteger || time.elements.size() != 2) {
+  const RedisValue& dead = (*replies)[4];
+  const RedisValue& memory = (*replies)[5];
+  if (len.type != RedisValue::Type::kInteger || time.elements.size() != 2 ||
+      dead.type != RedisValue::Type::kInteger || memory.type != RedisValue::Type::kString) {
     return Unavailable("redis_error", "reading the index backlog failed");
   }
   IndexBacklog b;
+  b.stream_length = len.integer;
+  b.dead_letters = dead.integer;
+  b.used_memory = InfoField(memory.str, "used_memory");
+  b.maxmemory = InfoField(memory.str, "maxmemory");
   // No group yet (NOGROUP) means nothing was ever delivered.
   if (!pending.is_error() && !pending.elements.empty()) b.pending = pending.elements[0].integer;
   b.waiting = std::max<int64_t>(0, len.integer - b.pending);
@@ -172,7 +206,23 @@ void Indexer::RefreshBacklog() {
   m.index_waiting.store(b->waiting, std::memory_order_relaxed);
   m.index_pending.store(b->pending, std::memory_order_relaxed);
   m.index_oldest_age_ms.store(b->oldest_age_ms, std::memory_order_relaxed);
+  m.index_stream_length.store(b->stream_length, std::memory_order_relaxed);
+  m.dead_letter_length.store(b->dead_letters, std::memory_order_relaxed);
+  m.redis_used_memory.store(b->used_memory, std::memory_order_relaxed);
+  m.redis_maxmemory.store(b->maxmemory, std::memory_order_relaxed);
   m.index_backlog_at_ms.store(now, std::memory_order_relaxed);
+}
+
+void Indexer::RemoveGoneConsumers() {
+  const int64_t now = WallMs();
+  if (now - last_consumer_sweep_ms_ < std::max(options_.consumer_gone_ms / 2, options_.backlog_every_ms)) return;
+  last_consumer_sweep_ms_ = now;
+  const std::string idle = std::to_string(options_.consumer_gone_ms);
+  auto r = redis_.Eval(kRemoveGoneConsumers, {kIndexStreamKey}, {kIndexGroup, options_.consumer, idle});
+  // A failed sweep costs nothing but a later one: the next pass tries again.
+  if (!r.ok() || r->is_error() || r->integer <= 0) return;
+  Count(&SharedMetrics::index_consumers_removed, static_cast<size_t>(r->integer));
+  LogInfo("index_consumers_removed").Int("consumers", r->integer).Emit();
 }
 
 Status Indexer::EnsureGroup() {
@@ -264,6 +314,7 @@ Result<std::vector<IndexEntry>> Indexer::ReadNew(int count, int64_t block_ms) {
 Result<int> Indexer::RunOnce() {
   if (Status s = EnsureGroup(); !s.ok()) return s;
   RefreshBacklog();
+  RemoveGoneConsumers();
   std::vector<IndexEntry> entries;
   const int64_t now = WallMs();
   if (now - last_claim_ms_ >= options_.retry_pause_ms / 2) {
@@ -367,7 +418,7 @@ Status Indexer::DeadLetter(const std::vector<std::pair<const IndexEntry*, Status
   if (dead.empty()) return Status::Ok();
   std::vector<std::vector<std::string_view>> cmds;
   std::vector<std::string> numbers;  // backs the string_views below
-  numbers.reserve(2 * dead.size());
+  numbers.reserve(2 * dead.size() + 1);
   for (const auto& [e, status] : dead) {
     LogError("index_dead_letter")
         .Str("user", e->user)
@@ -381,9 +432,19 @@ Status Indexer::DeadLetter(const std::vector<std::pair<const IndexEntry*, Status
     cmds.push_back({"XADD", kDeadLetterKey, "*", "user", e->user, "turn", e->turn, "ts", ts, "u", e->user_text,
                     "a", e->assistant_text, "reason", status.reason(), "deliveries", numbers.back()});
   }
+  // The stream is bounded: past the cap its oldest entries go (each was
+  // logged above when it arrived). XTRIM, rather than MAXLEN on each XADD,
+  // because it says how many went.
+  numbers.push_back(std::to_string(options_.dead_letter_max));
+  cmds.push_back({"XTRIM", kDeadLetterKey, "MAXLEN", "~", numbers.back()});
   auto r = redis_.Pipeline(cmds);
   if (!r.ok()) return r.status();
   Count(&SharedMetrics::index_dead_lettered, dead.size());
+  const RedisValue& trimmed = r->back();
+  if (trimmed.type == RedisValue::Type::kInteger && trimmed.integer > 0) {
+    Count(&SharedMetrics::dead_letters_trimmed, static_cast<size_t>(trimmed.integer));
+    LogWarn("index_dead_letters_trimmed").Int("dropped", trimmed.integer).Int("cap", options_.dead_letter_max).Emit();
+  }
   return Status::Ok();
 }
 

@@ -212,6 +212,8 @@ int main() {
   indexer_options.retry_pause_ms = config.index_retry_ms;
   indexer_options.linger_ms = config.index_linger_ms;
   indexer_options.max_deliveries = config.index_max_deliveries;
+  indexer_options.dead_letter_max = config.index_dead_letter_max;
+  indexer_options.consumer_gone_ms = config.index_consumer_gone_ms;
   indexer_options.hot_messages = config.recall_hot_messages;
   // One pass writes each shard of the batch once (two calls when a shard
   // collection must be found again), then, after a failure, up to one call

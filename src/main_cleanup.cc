@@ -8,7 +8,8 @@
 //   chatd-cleanup migrate [--dry-run]   (per-user collections -> shards, once)
 //
 // Logs are JSON lines on stderr; the last one is the summary. Exit status: 0
-// when every user succeeded, 1 when any failed, 2 for bad usage or config.
+// when every user succeeded, 1 when any failed, 2 for bad usage or config, 3
+// when another run or migration is running (it holds the lease).
 #include <signal.h>
 
 #include <cstdio>
@@ -31,6 +32,7 @@ namespace {
 
 constexpr int kExitFailed = 1;
 constexpr int kExitUsage = 2;
+constexpr int kExitAlreadyRunning = 3;
 // The cleanup is not latency-bound: give Chroma and Redis more patience than
 // the request path does.
 constexpr int64_t kCleanupChromaTimeoutMs = 30000;
@@ -86,6 +88,9 @@ int main(int argc, char** argv) {
   redis_options.timeout_ms = std::max(config.redis_timeout_ms, kCleanupRedisTimeoutMs);
   redis_options.username = config.redis_username;
   redis_options.password = config.redis_password;
+  // A Redis restarting (loading its data) or busy with a long script is
+  // waited for, within a bound, rather than failing every user.
+  redis_options.transient_wait_ms = config.cleanup_redis_wait_ms;
   RedisClient redis(redis_options);
   // Refused credentials end the run at once with the reason, rather than as
   // one failure per user.
@@ -160,6 +165,10 @@ int main(int argc, char** argv) {
 
   if (command == "migrate") {
     Result<MigrateSummary> m = cleanup.Migrate();
+    if (!m.ok() && m.status().reason() == kCleanupRunningReason) {
+      LogError("cleanup_already_running").Str("reason", m.status().reason()).Str("detail", m.status().message()).Emit();
+      return kExitAlreadyRunning;
+    }
     if (!m.ok()) {
       LogError("migrate_failed").Str("reason", m.status().reason()).Str("detail", m.status().message()).Emit();
       return kExitFailed;
@@ -174,6 +183,10 @@ int main(int argc, char** argv) {
   }
 
   Result<CleanupSummary> sum = cleanup.Run();
+  if (!sum.ok() && sum.status().reason() == kCleanupRunningReason) {
+    LogError("cleanup_already_running").Str("reason", sum.status().reason()).Str("detail", sum.status().message()).Emit();
+    return kExitAlreadyRunning;
+  }
   if (!sum.ok()) {
     LogError("cleanup_failed").Str("reason", sum.status().reason()).Str("detail", sum.status().message()).Emit();
     return kExitFailed;
@@ -183,6 +196,7 @@ int main(int argc, char** argv) {
       .Int("archived", sum->archived)
       .Int("returned", sum->returned)
       .Int("failed", sum->failed)
+      .Int("skipped", sum->skipped)
       .Int("records", sum->records)
       .Num("seconds", sum->seconds)
       .Bool("dry_run", dry_run)

@@ -6,7 +6,10 @@
 #include <sys/time.h>
 
 #include <algorithm>
+#include <array>
+#include <chrono>
 #include <cstring>
+#include <thread>
 #include <utility>
 
 namespace chatd {
@@ -26,6 +29,22 @@ constexpr std::string_view kNoScriptPrefix = "NOSCRIPT";
 // Only the first word of an error reply (WRONGPASS, NOAUTH, NOPERM...): the
 // rest can quote arguments.
 std::string_view ErrorCode(std::string_view redis_error) { return redis_error.substr(0, redis_error.find(' ')); }
+
+// Replies with which Redis refuses a command it did not run and would run
+// later: loading its data, a script running too long, a replica or cluster
+// without its primary, out of memory under noeviction, a failed snapshot.
+constexpr std::array<std::string_view, 9> kTransientErrors = {
+    "LOADING", "BUSY", "MASTERDOWN", "READONLY", "OOM", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS", "MISCONF"};
+// Pauses between attempts while Redis cannot serve (transient_wait_ms > 0):
+// short at first (a BUSY script usually ends soon), then at most a second.
+constexpr std::chrono::milliseconds kFirstTransientPause{50};
+constexpr std::chrono::milliseconds kMaxTransientPause{1000};
+
+bool AllTransient(const std::vector<RedisValue>& values) {
+  return !values.empty() && std::all_of(values.begin(), values.end(), [](const RedisValue& v) {
+    return v.is_error() && IsTransientRedisError(v.str);
+  });
+}
 
 timeval ToTimeval(int64_t ms) {
   ms = std::max<int64_t>(ms, 1);  // a zero timeval would mean "block forever"
@@ -48,6 +67,20 @@ bool LooksHealthy(int fd) {
 }
 
 }  // namespace
+
+bool IsTransientRedisError(std::string_view error_reply) {
+  const std::string_view code = ErrorCode(error_reply);
+  return std::find(kTransientErrors.begin(), kTransientErrors.end(), code) != kTransientErrors.end();
+}
+
+Status RedisReplyError(std::string_view error_reply, std::string_view what) {
+  const std::string_view code = ErrorCode(error_reply);
+  std::string message = std::string(what) + ": redis answered " + std::string(code);
+  if (code == "LOADING") return Unavailable("redis_loading", message + " (it is loading its data after a restart)");
+  if (code == "BUSY") return Unavailable("redis_busy", message + " (a script is running too long)");
+  if (IsTransientRedisError(code)) return Unavailable("redis_unavailable", std::move(message));
+  return Unavailable("redis_error", std::move(message));
+}
 
 RedisValue RedisValueFromReply(const redisReply& reply) {
   RedisValue v;
@@ -134,17 +167,24 @@ Status RedisClient::AuthError(std::string_view redis_error) const {
 }
 
 Status RedisClient::CheckAccess() {
-  auto c = Connect();
-  if (!c.ok()) return c.status();
-  auto values = RoundTrip(c->get(), {{"PING"}});
+  // Credentials are checked on a connection of its own, not one of the pool.
+  Context checked;
+  auto values = Retrying([&](bool& sent) -> Result<std::vector<RedisValue>> {
+    auto c = Connect();
+    if (!c.ok()) return c.status();
+    sent = true;
+    auto replies = RoundTrip(c->get(), {{"PING"}});
+    if (replies.ok()) checked = std::move(*c);
+    return replies;
+  });
   if (!values.ok()) return values.status();
   const RedisValue& pong = values->front();
   if (pong.is_error()) {
     // NOAUTH: Redis wants a password we were not given.
     if (ErrorCode(pong.str) == "NOAUTH" || ErrorCode(pong.str) == "NOPERM") return AuthError(pong.str);
-    return Unavailable("redis_unavailable", "redis " + Endpoint() + ": PING refused: " + std::string(ErrorCode(pong.str)));
+    return RedisReplyError(pong.str, "redis " + Endpoint() + ": PING");
   }
-  Return(std::move(*c));
+  Return(std::move(checked));
   return Status::Ok();
 }
 
@@ -225,18 +265,42 @@ Result<std::vector<RedisValue>> RedisClient::RoundTrip(
   return values;
 }
 
+template <typename Attempt>
+Result<std::vector<RedisValue>> RedisClient::Retrying(Attempt&& attempt) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.transient_wait_ms);
+  std::chrono::milliseconds pause = kFirstTransientPause;
+  for (;;) {
+    bool sent = false;
+    Result<std::vector<RedisValue>> r = attempt(sent);
+    // Resend only what cannot have run: refused before it was sent, or
+    // refused whole by a Redis that could not serve it.
+    const bool nothing_ran = r.ok() ? AllTransient(*r) : !sent;
+    if (!nothing_ran || options_.transient_wait_ms <= 0 || std::chrono::steady_clock::now() + pause > until) {
+      return r;
+    }
+    std::this_thread::sleep_for(pause);
+    pause = std::min(pause * 2, kMaxTransientPause);
+  }
+}
+
+Result<std::vector<RedisValue>> RedisClient::PipelineOnce(const std::vector<std::vector<std::string_view>>& commands,
+                                                          bool& sent) {
+  auto c = Borrow();
+  if (!c.ok()) return c.status();
+  sent = true;
+  auto values = RoundTrip(c->get(), commands);
+  if (!values.ok()) return values.status();  // the connection is dropped with c
+  Return(std::move(*c));
+  return values;
+}
+
 Result<std::vector<RedisValue>> RedisClient::Pipeline(
     const std::vector<std::vector<std::string_view>>& commands) {
   for (const auto& argv : commands) {
     if (argv.empty()) return Internal("redis_empty_command", "internal error: empty redis command");
   }
   if (commands.empty()) return std::vector<RedisValue>{};
-  auto c = Borrow();
-  if (!c.ok()) return c.status();
-  auto values = RoundTrip(c->get(), commands);
-  if (!values.ok()) return values.status();  // the connection is dropped with c
-  Return(std::move(*c));
-  return values;
+  return Retrying([&](bool& sent) { return PipelineOnce(commands, sent); });
 }
 
 Result<RedisValue> RedisClient::Command(const std::vector<std::string_view>& argv) {
@@ -245,21 +309,12 @@ Result<RedisValue> RedisClient::Command(const std::vector<std::string_view>& arg
   return std::move(values->front());
 }
 
-Result<RedisValue> RedisClient::Eval(const RedisScript& script, const std::vector<std::string_view>& keys,
-                                     const std::vector<std::string_view>& args, bool* may_have_run) {
-  if (may_have_run != nullptr) *may_have_run = false;
-  const std::string num_keys = std::to_string(keys.size());
-  std::vector<std::string_view> argv;
-  argv.reserve(3 + keys.size() + args.size());
-  argv.push_back("EVALSHA");
-  argv.push_back(script.sha1());
-  argv.push_back(num_keys);
-  argv.insert(argv.end(), keys.begin(), keys.end());
-  argv.insert(argv.end(), args.begin(), args.end());
-
+Result<RedisValue> RedisClient::EvalOnce(const RedisScript& script, std::vector<std::string_view>& argv, bool& sent) {
+  argv[0] = "EVALSHA";
+  argv[1] = script.sha1();
   auto c = Borrow();
   if (!c.ok()) return c.status();
-  if (may_have_run != nullptr) *may_have_run = true;
+  sent = true;
   auto values = RoundTrip(c->get(), {argv});
   if (!values.ok()) return values.status();
   const RedisValue& first = values->front();
@@ -274,22 +329,38 @@ Result<RedisValue> RedisClient::Eval(const RedisScript& script, const std::vecto
   return std::move(values->front());
 }
 
-Result<std::vector<RedisValue>> RedisClient::EvalMany(const RedisScript& script,
-                                                     const std::vector<ScriptCall>& calls) {
-  if (calls.empty()) return std::vector<RedisValue>{};
-  std::vector<std::string> num_keys;
-  num_keys.reserve(calls.size());
-  std::vector<std::vector<std::string_view>> commands;
-  commands.reserve(calls.size());
-  for (const ScriptCall& call : calls) {
-    num_keys.push_back(std::to_string(call.keys.size()));
-    std::vector<std::string_view> argv = {"EVALSHA", script.sha1(), num_keys.back()};
-    argv.insert(argv.end(), call.keys.begin(), call.keys.end());
-    argv.insert(argv.end(), call.args.begin(), call.args.end());
-    commands.push_back(std::move(argv));
+Result<RedisValue> RedisClient::Eval(const RedisScript& script, const std::vector<std::string_view>& keys,
+                                     const std::vector<std::string_view>& args, bool* may_have_run) {
+  if (may_have_run != nullptr) *may_have_run = false;
+  const std::string num_keys = std::to_string(keys.size());
+  std::vector<std::string_view> argv;
+  argv.reserve(3 + keys.size() + args.size());
+  argv.push_back("EVALSHA");
+  argv.push_back(script.sha1());
+  argv.push_back(num_keys);
+  argv.insert(argv.end(), keys.begin(), keys.end());
+  argv.insert(argv.end(), args.begin(), args.end());
+  bool any_sent = false;
+  auto values = Retrying([&](bool& sent) -> Result<std::vector<RedisValue>> {
+    auto one = EvalOnce(script, argv, sent);
+    any_sent = any_sent || sent;
+    if (!one.ok()) return one.status();
+    return std::vector<RedisValue>{std::move(*one)};
+  });
+  if (!values.ok()) {
+    // A transport failure after the script was sent: it may have run.
+    if (may_have_run != nullptr) *may_have_run = any_sent;
+    return values.status();
   }
+  return std::move(values->front());
+}
+
+Result<std::vector<RedisValue>> RedisClient::EvalManyOnce(const RedisScript& script,
+                                                         const std::vector<std::vector<std::string_view>>& commands,
+                                                         bool& sent) {
   auto c = Borrow();
   if (!c.ok()) return c.status();
+  sent = true;
   auto values = RoundTrip(c->get(), commands);
   if (!values.ok()) return values.status();
   std::vector<size_t> missing;
@@ -310,6 +381,23 @@ Result<std::vector<RedisValue>> RedisClient::EvalMany(const RedisScript& script,
   }
   Return(std::move(*c));
   return values;
+}
+
+Result<std::vector<RedisValue>> RedisClient::EvalMany(const RedisScript& script,
+                                                     const std::vector<ScriptCall>& calls) {
+  if (calls.empty()) return std::vector<RedisValue>{};
+  std::vector<std::string> num_keys;
+  num_keys.reserve(calls.size());
+  std::vector<std::vector<std::string_view>> commands;
+  commands.reserve(calls.size());
+  for (const ScriptCall& call : calls) {
+    num_keys.push_back(std::to_string(call.keys.size()));
+    std::vector<std::string_view> argv = {"EVALSHA", script.sha1(), num_keys.back()};
+    argv.insert(argv.end(), call.keys.begin(), call.keys.end());
+    argv.insert(argv.end(), call.args.begin(), call.args.end());
+    commands.push_back(std::move(argv));
+  }
+  return Retrying([&](bool& sent) { return EvalManyOnce(script, commands, sent); });
 }
 
 }  // namespace chatd

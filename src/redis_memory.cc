@@ -186,8 +186,12 @@ Result<UserMemory> RedisShortTermStore::Read(std::string_view user_id) {
   if (!replies.ok()) return replies.status();
   const RedisValue& recent = (*replies)[0];
   const RedisValue& hot = (*replies)[1];
-  if (recent.type != RedisValue::Type::kArray) return Unavailable("redis_error", "LRANGE failed: " + recent.str);
-  if (hot.type != RedisValue::Type::kArray) return Unavailable("redis_error", "HVALS failed: " + hot.str);
+  // A Redis still loading its data says so: the caller answers "retry soon".
+  if (recent.is_error()) return RedisReplyError(recent.str, "LRANGE");
+  if (hot.is_error()) return RedisReplyError(hot.str, "HVALS");
+  if (recent.type != RedisValue::Type::kArray || hot.type != RedisValue::Type::kArray) {
+    return Unavailable("redis_error", "reading the memory answered oddly");
+  }
   UserMemory out;
   out.recent.reserve(recent.elements.size());
   for (const auto& e : recent.elements) {

@@ -1,7 +1,6 @@
 #include "chatd/redis_rate_limiter.h"
 
 #include <algorithm>
-#include <array>
 
 #include "chatd/random_id.h"
 #include "chatd/user_id.h"
@@ -119,12 +118,6 @@ const RedisScript& SlidingLogScript() {
   return script;
 }
 
-// Error replies that mean "Redis cannot serve now" rather than "our script is
-// wrong": the caller's fail-open/closed policy should decide, not a 500.
-constexpr std::array<std::string_view, 9> kUnavailableErrors = {
-    "LOADING", "BUSY", "MASTERDOWN", "READONLY", "OOM", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS", "MISCONF"};
-
-
 }  // namespace
 
 RedisRateLimiter::RedisRateLimiter(RedisClient& redis, int64_t limit, int64_t window_s, RateAlgorithm algorithm,
@@ -176,12 +169,11 @@ Status RedisRateLimiter::Release(std::string_view user_id, std::string_view leas
 Result<RateDecision> RateDecisionFromReply(const RedisValue& reply, int64_t limit, int64_t window_s) {
   if (reply.is_error()) {
     // Only the error's first word: the rest may quote script internals.
+    // Redis that cannot serve now (LOADING, BUSY, OOM...): the caller's
+    // fail-open/closed policy should decide, not a 500.
+    if (IsTransientRedisError(reply.str)) return RedisReplyError(reply.str, "the rate-limit script");
     const std::string_view code = std::string_view(reply.str).substr(0, reply.str.find(' '));
-    const std::string message = "redis refused the rate-limit script: " + std::string(code);
-    if (std::find(kUnavailableErrors.begin(), kUnavailableErrors.end(), code) != kUnavailableErrors.end()) {
-      return Unavailable("redis_unavailable", message);
-    }
-    return Internal("rate_limiter_script_error", message);
+    return Internal("rate_limiter_script_error", "redis refused the rate-limit script: " + std::string(code));
   }
   const auto bad_reply = [] {
     return Internal("rate_limiter_bad_reply", "internal error: unexpected reply from the rate-limit script");

@@ -34,9 +34,10 @@ std::string ArchivePath(std::string_view archive_dir, std::string_view user_id, 
 std::string SerializeArchive(const Archive& archive);
 Result<Archive> ParseArchive(std::string_view json);
 
-// Writes to a temporary file, fsyncs it, renames it over `path` and fsyncs the
+// Writes to a temporary file of its own (`<path>.<random>.tmp`, never shared
+// with another writer), fsyncs it, renames it over `path` and fsyncs the
 // folder (created if missing), so a crash leaves the old file or the new one,
-// never half of one.
+// never half of one, and concurrent writers each leave a whole file.
 Status WriteFileDurably(const std::string& path, std::string_view content);
 Result<std::string> ReadFile(const std::string& path);
 // The last-activity stamp in an archive file's name "<decimal ms>.json", or

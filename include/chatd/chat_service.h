@@ -94,4 +94,10 @@ class ChatService {
 // A fresh, unique turn id (128 random bits, hex).
 std::string NewTurnId();
 
+// Seconds a client should wait before retrying a chat that failed with `s`,
+// when the failure is one Redis itself says ends soon (it is loading its data
+// after a restart, "redis_loading", or a script holds it, "redis_busy"); 0
+// for any other failure.
+int RetryAfterSeconds(const Status& s);
+
 }  // namespace chatd

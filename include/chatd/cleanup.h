@@ -18,12 +18,28 @@
 // the job without losing or duplicating a record; users a killed run left
 // locked are kept in chatd:cleanup:inprogress, and the next run releases
 // those who came back meanwhile (docs/cleanup.md).
+//
+// Fencing. The user's lock holds "<purpose>:<token>", a token of this process:
+// taken only when free (or left by a dead run), renewed every third of its TTL
+// while the user is processed, released by compare-and-delete. Before every
+// Chroma write or delete and every archive write the lock is checked and
+// renewed, and the final Redis scripts check it atomically: a process that
+// lost its lock (paused past the TTL, and someone else took it) aborts that
+// user without writing or deleting anything more. A run or a migration also
+// holds the lease chatd:cleanup:lease (token, TTL, renewed): a second one is
+// refused while it lives. Forget and restore take only the user's lock, and
+// wait for it when a run holds it.
 #pragma once
 
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <map>
+#include <mutex>
+#include <optional>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "chatd/chroma.h"
@@ -38,7 +54,7 @@ struct CleanupOptions {
   int64_t inactive_ms = 24 * 3600 * 1000;
   std::string archive_dir;
   int batch = 100;
-  int64_t lock_ttl_ms = 10 * 60 * 1000;
+  int64_t lock_ttl_ms = 10 * 60 * 1000;  // the user's lock and the run's lease, both renewed every third of it
   int64_t now_ms = 0;  // 0: Redis TIME
   bool dry_run = false;
   int hot_messages = 64;  // the hot-set bound (CHATD_RECALL_HOT_MESSAGES), refilled by restore and migrate
@@ -60,13 +76,21 @@ struct CleanupSummary {
   int64_t archived = 0;  // archived and removed
   int64_t returned = 0;  // archived, but came back meanwhile: live memory kept
   int64_t failed = 0;
+  int64_t skipped = 0;   // held by a forget or a restore meanwhile: left for the next run
   int64_t records = 0;   // records written to archives
   double seconds = 0;
 };
 
+// The reason of the Status Run() and Migrate() return when another run or
+// migration holds the lease (chatd-cleanup exits with its own status then).
+inline constexpr std::string_view kCleanupRunningReason = "cleanup_running";
+
 class Cleanup {
  public:
   Cleanup(RedisClient& redis, ChromaStore& chroma, Embedder& embedder, CleanupOptions options);
+  ~Cleanup();
+  Cleanup(const Cleanup&) = delete;
+  Cleanup& operator=(const Cleanup&) = delete;
 
   // Archives every inactive user; one failing user does not stop the others.
   // Prints a JSON progress line per batch on stderr.
@@ -95,15 +119,41 @@ class Cleanup {
   // Turns of these users still in the index stream (one pass over the stream).
   Result<std::map<std::string, std::vector<IndexEntry>>> QueuedTurns(const std::vector<std::string>& users);
   void CrashIf(std::string_view point) const;
-  // Takes the user's lock, marks them in progress, and waits until no
-  // indexer is still writing their turns.
-  Status TakeLock(const std::string& user, std::string_view purpose);
+  // Takes the user's lock for `purpose`, marks them in progress, and waits
+  // until no indexer is still writing their turns. `wait`: while another
+  // process holds the lock, wait for it (up to the lock TTL) instead of
+  // failing with "user_locked". The lock is renewed until ForgetLock().
+  Status TakeLock(const std::string& user, std::string_view purpose, bool wait = false);
+  // Checks that the user's lock is still ours, and renews it: called before
+  // every write and delete. "lock_lost" when it is not.
+  Status Fence(const std::string& user);
+  // Releases the user's lock if it is still ours (compare-and-delete).
+  Status ReleaseLock(const std::string& user);
+  void ReleaseLockOrWarn(const std::string& user);
+  void ForgetLock();  // stop renewing the user's lock (released or left to its TTL)
+  std::string LockValue(std::string_view purpose) const;
+  // The run's lease: kCleanupRunningReason when another process holds it.
+  Status TakeLease(std::string_view command);
+  void ReleaseLease();
+  void StartKeeper();
+  void Keep();  // the keeper thread: renews what we hold every third of the TTL
   Status SettleInProgress(int64_t cutoff_ms);
 
   RedisClient& redis_;
   ChromaStore& chroma_;
   Embedder& embedder_;
   CleanupOptions options_;
+  std::string token_;  // this process's owner token
+
+  // Shared with the keeper thread.
+  std::mutex keep_mu_;
+  std::condition_variable keep_cv_;
+  bool keep_stop_ = false;               // guarded by keep_mu_
+  std::optional<std::string> lease_;     // our lease value; guarded by keep_mu_
+  std::string locked_user_;              // whose lock is renewed; guarded by keep_mu_
+  std::string locked_value_;             // and its value; guarded by keep_mu_
+  std::atomic<bool> lease_lost_{false};
+  std::thread keeper_;
 };
 
 }  // namespace chatd

@@ -97,12 +97,15 @@ struct Config {
   int64_t index_retry_ms = 1000;        // CHATD_INDEX_RETRY_MS: pause before a failed entry is retried
   int index_max_deliveries = 5;         // CHATD_INDEX_MAX_DELIVERIES: then a turn failing alone is dead-lettered
   int64_t index_lag_degraded_ms = 60000;  // CHATD_INDEX_LAG_DEGRADED_MS: health says degraded past this backlog age
+  int64_t index_dead_letter_max = 10000;  // CHATD_INDEX_DEAD_LETTER_MAX: chatd:index:dead keeps about this many
+  int64_t index_consumer_gone_ms = 3600000;  // CHATD_INDEX_CONSUMER_GONE_MS: idle consumers with nothing pending go
 
   // Cleanup of inactive users (chatd-cleanup)
   int64_t cleanup_inactive_s = 24 * 3600;                // CHATD_CLEANUP_INACTIVE_S
   std::string archive_dir = "/var/lib/chatd/archive";     // CHATD_ARCHIVE_DIR
   int cleanup_batch = 100;                               // CHATD_CLEANUP_BATCH
-  int64_t cleanup_lock_ttl_ms = 10 * 60 * 1000;          // CHATD_CLEANUP_LOCK_TTL_MS
+  int64_t cleanup_lock_ttl_ms = 10 * 60 * 1000;          // CHATD_CLEANUP_LOCK_TTL_MS (the run's lease too)
+  int64_t cleanup_redis_wait_ms = 120000;  // CHATD_CLEANUP_REDIS_WAIT_MS: wait through a Redis restart this long
   int64_t cleanup_now_ms = 0;  // CHATD_CLEANUP_NOW_MS: a pretend clock for tests; 0 = Redis TIME
 
   // Access control

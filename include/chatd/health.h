@@ -16,7 +16,10 @@ namespace chatd {
 
 struct DependencyState {
   std::string name;    // "redis", "chroma", "model"
-  std::string state;   // "ok", "down", "unknown" (not probed yet), "configured" or "missing"
+  // "ok", "down", "unknown" (not probed yet), "configured" or "missing"; a
+  // Redis may also be "loading" (its data, after a restart) or "busy" (a
+  // script runs too long): down for now, back within seconds.
+  std::string state;
   bool healthy = false;
 };
 

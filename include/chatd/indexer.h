@@ -22,7 +22,12 @@
 //     behind a turn that keeps failing;
 //   - failed entries are retried after retry_pause_ms by XCLAIM, which does not
 //     touch the entries of other consumers; entries a dead worker left pending
-//     are claimed by a live one after claim_idle_ms.
+//     are claimed by a live one after claim_idle_ms, and the dead worker's
+//     consumer is removed from the group once nothing is pending at it.
+//
+// Redis stays bounded: the dead-letter stream is trimmed to about
+// dead_letter_max entries (the oldest go, counted), and acknowledged entries
+// are deleted from the index stream.
 //
 // Handshake with chatd-cleanup: before writing a user's turns the indexer
 // checks the user's cleanup lock and raises the user's "indexing" marker in
@@ -60,6 +65,10 @@ struct IndexerOptions {
   int max_deliveries = 5;         // then an entry that keeps failing alone is dead-lettered
   int hot_messages = 64;          // bound of each user's hot set
   int64_t backlog_every_ms = 1000;  // how often the backlog gauges are refreshed
+  int64_t dead_letter_max = 10000;  // chatd:index:dead is trimmed to about this many (MAXLEN ~)
+  // A consumer of the group idle this long with nothing pending belongs to a
+  // stopped worker: it is removed (checked every half of it).
+  int64_t consumer_gone_ms = 3600000;
   // Lifetime of the "indexing" marker: longer than any one write can take
   // (a few Chroma calls, each bounded by the Chroma timeout).
   int64_t marker_ttl_ms = 10000;
@@ -77,6 +86,12 @@ struct IndexBacklog {
   int64_t waiting = 0;
   int64_t pending = 0;
   int64_t oldest_age_ms = 0;
+  // Read in the same round trip, for /api/health and /metrics: the streams'
+  // lengths and Redis's memory (used_memory and maxmemory of INFO memory).
+  int64_t stream_length = 0;
+  int64_t dead_letters = 0;
+  int64_t used_memory = 0;
+  int64_t maxmemory = 0;
 };
 Result<IndexBacklog> ReadIndexBacklog(RedisClient& redis);
 
@@ -109,6 +124,9 @@ class Indexer {
                             std::vector<std::vector<StoredMessage>>& messages);
   Status DeadLetter(const std::vector<std::pair<const IndexEntry*, Status>>& dead);
   void RefreshBacklog();
+  // Removes the consumers of stopped workers once nothing is pending at them
+  // (their entries were claimed), so dead host-pid names do not pile up.
+  void RemoveGoneConsumers();
   void Loop();
   void Count(std::atomic<uint64_t> SharedMetrics::*counter, size_t n);
 
@@ -120,6 +138,7 @@ class Indexer {
   bool group_ready_ = false;  // only touched by the indexer thread
   int64_t last_claim_ms_ = 0;
   int64_t last_backlog_ms_ = 0;
+  int64_t last_consumer_sweep_ms_ = 0;
   int64_t last_write_ok_ms_ = 0;  // when Chroma last took a write of ours
 
   std::atomic<bool> stop_{false};

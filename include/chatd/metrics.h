@@ -64,6 +64,14 @@ struct SharedMetrics {
   std::atomic<int64_t> index_pending;
   std::atomic<int64_t> index_oldest_age_ms;
   std::atomic<int64_t> index_backlog_at_ms;
+  // Refreshed with the backlog, off the request path: the index stream's and
+  // the dead-letter stream's lengths, and Redis's memory (INFO memory).
+  std::atomic<int64_t> index_stream_length;
+  std::atomic<int64_t> dead_letter_length;
+  std::atomic<int64_t> redis_used_memory;
+  std::atomic<int64_t> redis_maxmemory;  // 0: no limit set
+  std::atomic<uint64_t> dead_letters_trimmed;  // dropped past CHATD_INDEX_DEAD_LETTER_MAX
+  std::atomic<uint64_t> index_consumers_removed;  // dead workers' consumers removed from the group
   struct Worker {
     std::atomic<int64_t> pid;
     std::atomic<int64_t> heartbeat_ms;

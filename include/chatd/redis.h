@@ -38,6 +38,16 @@ struct RedisValue {
 // Deep copy of a hiredis reply. Exposed for tests.
 RedisValue RedisValueFromReply(const redisReply& reply);
 
+// Error replies that mean "Redis cannot serve right now, the command did not
+// run" (LOADING after a restart, BUSY while a script runs, MASTERDOWN,
+// TRYAGAIN...), as opposed to "this command is wrong": retrying later helps.
+bool IsTransientRedisError(std::string_view error_reply);
+// The Status for an error reply `error_reply` to `what`: kUnavailable with the
+// reason "redis_loading" (LOADING), "redis_busy" (BUSY), "redis_unavailable"
+// (the other transient ones) or "redis_error". Only the error's first word is
+// quoted: the rest may quote arguments or script internals.
+Status RedisReplyError(std::string_view error_reply, std::string_view what);
+
 // A Lua script known by its text; the client sends EVALSHA and falls back to
 // EVAL when the server answers NOSCRIPT (after a restart or SCRIPT FLUSH).
 class RedisScript {
@@ -61,6 +71,12 @@ struct RedisOptions {
   // The password never appears in a Status or a log line.
   std::string username;
   std::string password;
+  // How long a call keeps trying while Redis cannot serve it yet: while every
+  // reply is a transient error (IsTransientRedisError: nothing ran) or the
+  // connection is refused (nothing was sent). 0, the request path's setting,
+  // answers at once; batch tools (chatd-cleanup) wait through a restart.
+  // A command that may have run (a timeout, a dropped reply) is never resent.
+  int64_t transient_wait_ms = 0;
 };
 
 class RedisClient {
@@ -111,6 +127,16 @@ class RedisClient {
   };
   using Context = std::unique_ptr<redisContext, ContextDeleter>;
 
+  // Runs `attempt` (which sets `sent` once a command left this process) again
+  // while transient_wait_ms allows and nothing can have run (see RedisOptions).
+  template <typename Attempt>
+  Result<std::vector<RedisValue>> Retrying(Attempt&& attempt);
+  Result<std::vector<RedisValue>> PipelineOnce(const std::vector<std::vector<std::string_view>>& commands,
+                                               bool& sent);
+  Result<RedisValue> EvalOnce(const RedisScript& script, std::vector<std::string_view>& argv, bool& sent);
+  Result<std::vector<RedisValue>> EvalManyOnce(const RedisScript& script,
+                                               const std::vector<std::vector<std::string_view>>& commands,
+                                               bool& sent);
   Result<Context> Borrow();
   Result<Context> Connect() const;
   void Return(Context c);

@@ -363,6 +363,11 @@ def resp_command(port: int, *args: Any, host: str = LOOPBACK, timeout: float = 5
     return reply
 
 
+# Error replies of a Redis that cannot serve yet but will (chatd treats the same
+# ones as transient: src/redis.cc).
+REDIS_TRANSIENT_ERRORS = ("LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN")
+
+
 class Redis(_Service):
     """redis-server with an AOF in `<tmpdir>/redis`, so that a stop and a start
     on the same port keep the data (outage tests, `make run` restarts)."""
@@ -375,6 +380,9 @@ class Redis(_Service):
         rules (Redis `aclfile`); `admin` is then the [user, password] the
         harness itself authenticates with."""
         super().__init__()
+        # More redis-server arguments for the next start (a test may slow the
+        # loading of the AOF down with the test-only "--key-load-delay").
+        self.extra_args: "list[str]" = []
         self.dir = Path(tmpdir) / "redis"
         self.dir.mkdir(parents=True, exist_ok=True)
         self._fixed_port = port is not None
@@ -394,19 +402,23 @@ class Redis(_Service):
             lambda: self._spawn(["redis-server", "--bind", LOOPBACK, "--port", str(self.port),
                                  "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "everysec",
                                  "--save", "", "--daemonize", "no", "--protected-mode", "no",
-                                 *self._auth_args],
+                                 # What production must set (docs/deployment.md): no
+                                 # policy may evict the turn stream.
+                                 "--maxmemory-policy", "noeviction",
+                                 *self._auth_args, *self.extra_args],
                                 self.dir / "redis.log"),
             lambda: wait_until(self._ready, REDIS_START_TIMEOUT_S, "redis", self.proc, self.log_path),
             self.log_text)
         return self
 
     def _ready(self) -> bool:
-        # While it reads its AOF, Redis answers -LOADING: not ready yet, not
-        # broken (a large AOF takes seconds to load).
+        # While it reads its AOF, Redis answers -LOADING (and -BUSY while a
+        # script runs too long): not ready yet, not broken (a large AOF takes
+        # seconds to load). Any other error is a real fault.
         try:
             return self.redis_command("PING") == "PONG"
         except RedisError as e:
-            if str(e).startswith("LOADING"):
+            if str(e).startswith(REDIS_TRANSIENT_ERRORS):
                 return False
             raise
 

@@ -15,6 +15,7 @@ indexer's upsert) until the test has done its part.
 import json
 import os
 import re
+import signal
 import struct
 import subprocess
 import threading
@@ -192,7 +193,8 @@ class World:
     def url(self) -> str:
         return self.frontend.url
 
-    def env(self, now_ms: Optional[int], crash_at: Optional[str], chroma_url: Optional[str]) -> "dict[str, str]":
+    def env(self, now_ms: Optional[int], crash_at: Optional[str], chroma_url: Optional[str],
+            extra: Optional[dict] = None) -> "dict[str, str]":
         overrides = {
             "CHATD_REDIS_PORT": str(self.redis.port),
             "CHATD_CHROMA_URL": chroma_url or self.chroma.url,
@@ -200,15 +202,20 @@ class World:
             "CHATD_CLEANUP_INACTIVE_S": str(INACTIVE_S),
             "CHATD_CLEANUP_NOW_MS": str(now_ms) if now_ms is not None else None,
             "CHATD_CLEANUP_CRASH_AT": crash_at,
+            **(extra or {}),
         }
         env = {k: v for k, v in self.stack.pool_env(threads=1, overrides=overrides).items() if v is not None}
         env["PATH"] = os.environ.get("PATH", "/usr/bin:/bin")
         return env
 
     def start_cleanup(self, *args: str, now_ms: Optional[int] = None, crash_at: Optional[str] = None,
-                      chroma_url: Optional[str] = None) -> subprocess.Popen:
-        return subprocess.Popen([str(self.binary), *args], env=self.env(now_ms, crash_at, chroma_url),
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                      chroma_url: Optional[str] = None, extra_env: Optional[dict] = None,
+                      stderr_file=None) -> subprocess.Popen:
+        """stderr_file: an open file for the log lines, which the test can read
+        while the process runs (then `finish` reads it back from there)."""
+        return subprocess.Popen([str(self.binary), *args], env=self.env(now_ms, crash_at, chroma_url, extra_env),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=stderr_file if stderr_file is not None else subprocess.PIPE, text=True)
 
     def cleanup(self, *args: str, now_ms: Optional[int] = None, crash_at: Optional[str] = None,
                 chroma_url: Optional[str] = None) -> CleanupRun:
@@ -253,13 +260,15 @@ class World:
         assert chroma_records(self.chroma.url, user) == [], f"{user} still has records in Chroma"
 
 
-def finish(proc: subprocess.Popen) -> CleanupRun:
+def finish(proc: subprocess.Popen, stderr_path: Optional[Path] = None) -> CleanupRun:
     try:
         _, stderr = proc.communicate(timeout=CLEANUP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         proc.kill()
         _, stderr = proc.communicate()
-        pytest.fail(f"chatd-cleanup ran longer than {CLEANUP_TIMEOUT_S} s:\n{stderr[-3000:]}")
+        pytest.fail(f"chatd-cleanup ran longer than {CLEANUP_TIMEOUT_S} s:\n{(stderr or '')[-3000:]}")
+    if stderr_path is not None:
+        stderr = stderr_path.read_text()
     return CleanupRun(proc.returncode, json_log_records(stderr), stderr)
 
 
@@ -716,15 +725,19 @@ def test_cost_grows_with_inactive_users_not_with_tracked_users(world, unique):
     for user in real:
         assert len(archive_files(world.archive_root, user)) == 1
         world.assert_gone_from_live_storage(user)
-    # Per inactive user: one lock (SET) and one finishing script. The pool's
-    # own background calls (the indexer's blocking reads) are excluded.
-    assert calls.get("set", 0) == inactive, calls
-    # Two scripts per user (take the lock, finish), plus one-off loads.
+    # Per inactive user: one lock (SET), plus the run's lease. The pool's own
+    # background calls (the indexer's blocking reads) are excluded.
+    assert calls.get("set", 0) == inactive + 1, calls
+    # Three scripts per user (take the lock, check it before the delete,
+    # finish), one more check before each archive written, the lease taken
+    # and released, and one-off loads.
     scripts = calls.get("evalsha", 0) + calls.get("eval", 0)
-    assert 2 * inactive <= scripts <= 2 * inactive + 5, calls
+    assert 3 * inactive + len(real) + 2 <= scripts <= 3 * inactive + len(real) + 8, calls
     background = {"xreadgroup", "xautoclaim", "xgroup", "ping", "info", "config|resetstat", "config"}
     cleanup_calls = sum(n for name, n in calls.items() if name not in background)
-    assert cleanup_calls <= 10 * inactive, calls
+    # A constant per inactive user (the fencing checks included), nothing per
+    # tracked user: 10,000 of them would show.
+    assert cleanup_calls <= 16 * inactive, calls
 
 
 # --------------------------------------------------------------------------
@@ -828,3 +841,117 @@ def test_forget_archive_and_restore_each_touch_exactly_one_users_records(world, 
     assert restored.returncode == 0, restored.stderr[-3000:]
     assert exact(world.records(archived)) == before[archived]
     assert world.records(bystander) == [] and world.records(forgotten) == []
+
+
+# --------------------------------------------------------------------------
+# Fencing (issue 13): one run at a time, a lock that is owned, forget after a run
+
+ALREADY_RUNNING_STATUS = 3
+LOCK_KEY = "chat:{{{}}}:lock"
+
+
+def lock_value(redis, user: str) -> Optional[bytes]:
+    return redis.command("GET", LOCK_KEY.format(user))
+
+
+def test_a_second_run_is_refused_while_one_runs(world, unique):
+    user = unique("lease")
+    converse(world, user, [f"words of {user}"])
+    before = world.wait_indexed(user, 2)[user]
+    seen = activity(world.redis, user)
+    now_ms = world.far_future()
+    # The first run is held at its delete, the user's archive written.
+    with HoldingProxy(world.chroma.url, lambda method, path: method == "POST" and path.endswith("/delete")) as proxy:
+        first = world.start_cleanup(now_ms=now_ms, chroma_url=proxy.url)
+        try:
+            assert proxy.reached.wait(CLEANUP_TIMEOUT_S), "the first run never deleted the user's records"
+            second = world.cleanup(now_ms=now_ms)
+            assert second.returncode == ALREADY_RUNNING_STATUS, second.stderr[-3000:]
+            [refused] = second.events("cleanup_already_running")
+            assert "running" in refused["detail"], refused
+            assert not second.events("cleanup_summary"), "the refused run must not have looked at any user"
+            # Nor did it touch the user the first run holds.
+            assert lock_value(world.redis, user).startswith(b"cleanup:")
+            assert exact(world.records(user)) == exact(before)
+        finally:
+            proxy.released.set()
+            run = finish(first)
+    assert_clean_run(run, scanned=1, archived=1, failed=0)
+    check_archive_file(world, user, seen, before)
+    world.assert_gone_from_live_storage(user)
+    # The lease went with the first run: the next one runs.
+    assert_clean_run(world.cleanup(now_ms=now_ms), scanned=0, failed=0)
+    assert world.redis.command("EXISTS", "chatd:cleanup:lease") == 0
+
+
+def test_a_run_whose_lock_expired_and_was_taken_deletes_nothing(world, unique, tmp_path):
+    user = unique("fenced")
+    turns = converse(world, user, [f"fenced one {unique('m')}", f"fenced two {unique('m')}"])
+    before = world.wait_indexed(user, 4)[user]
+    seen, keys = activity(world.redis, user), user_keys(world.redis, user)
+    intruder = b"cleanup:another-owner"
+    # The run is held while it exports the user (a Chroma /get): its lock is
+    # taken, nothing written yet. It is then paused (SIGSTOP: no renewal)
+    # until its short-lived lock expires, and another owner takes the lock.
+    with HoldingProxy(world.chroma.url, lambda method, path: method == "POST" and path.endswith("/get")) as proxy:
+        proc = world.start_cleanup(now_ms=world.far_future(), chroma_url=proxy.url,
+                                   extra_env={"CHATD_CLEANUP_LOCK_TTL_MS": "1500"})
+        try:
+            assert proxy.reached.wait(CLEANUP_TIMEOUT_S), "the run never exported the user"
+            assert lock_value(world.redis, user).startswith(b"cleanup:")
+            proc.send_signal(signal.SIGSTOP)
+            assert poll_until(lambda: lock_value(world.redis, user) is None, INDEX_TIMEOUT_S, POLL_INTERVAL_S), \
+                "the paused run's lock never expired"
+            assert world.redis.command("SET", LOCK_KEY.format(user), intruder, "NX", "PX", 600000) == "OK"
+        finally:
+            proc.send_signal(signal.SIGCONT)
+            proxy.released.set()
+            run = finish(proc)
+    assert run.returncode == 1, run.stderr[-3000:]
+    reasons = {r.get("reason") for r in run.events("cleanup_user_failed") + run.events("cleanup_failed")}
+    assert reasons & {"lock_lost", "lease_lost"}, run.stderr[-3000:]
+    # Nothing was written or deleted on the lost lock, and the new owner's
+    # lock was left alone.
+    assert archive_files(world.archive_root, user) == []
+    assert exact(world.records(user)) == exact(before)
+    assert activity(world.redis, user) == seen
+    assert [k for k in user_keys(world.redis, user) if not k.endswith(b":lock")] == keys
+    assert [e["content"] for e in recent_list(world.redis, user)][-2:] == list(turns[-1])
+    assert lock_value(world.redis, user) == intruder
+
+
+def test_forget_during_a_run_of_the_same_user_leaves_no_archive(world, unique, tmp_path):
+    user = unique("forgetrun")
+    converse(world, user, [f"erase me {unique('m')}", f"erase me too {unique('m')}"])
+    world.wait_indexed(user, 4)
+    log_path = tmp_path / "forget.log"
+    # The run has written the user's archive and is held at its delete.
+    with HoldingProxy(world.chroma.url, lambda method, path: method == "POST" and path.endswith("/delete")) as proxy:
+        run_proc = world.start_cleanup(now_ms=world.far_future(), chroma_url=proxy.url)
+        try:
+            assert proxy.reached.wait(CLEANUP_TIMEOUT_S), "the run never deleted the user's records"
+            assert len(archive_files(world.archive_root, user)) == 1
+            with open(log_path, "w") as log:
+                forget = world.start_cleanup("forget", user, stderr_file=log)
+            # The forget waits for the run's lock instead of listing the
+            # archives now (it would miss none here, but would race the run).
+            waiting = poll_until(lambda: any(r.get("event") == "cleanup_waiting_for_user"
+                                             for r in json_log_records(log_path.read_text())),
+                                 INDEX_TIMEOUT_S, POLL_INTERVAL_S)
+            assert waiting, log_path.read_text()[-3000:]
+            assert forget.poll() is None
+            assert lock_value(world.redis, user).startswith(b"cleanup:")
+        finally:
+            proxy.released.set()
+            run = finish(run_proc)
+    assert_clean_run(run, scanned=1, archived=1, failed=0)
+    forgotten = finish(forget, log_path)
+    assert forgotten.returncode == 0, forgotten.stderr[-3000:]
+    assert forgotten.events("forget_done")
+    # What the run archived meanwhile went too: a restore finds nothing.
+    assert not archive_dir_of(world.archive_root, user).exists()
+    world.assert_gone_from_live_storage(user)
+    restore = world.cleanup("restore", user)
+    assert restore.returncode == 0, restore.stderr[-3000:]
+    assert restore.events("restore_done")[0]["records"] == 0
+    assert world.records(user) == []

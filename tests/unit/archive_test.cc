@@ -9,6 +9,7 @@
 #include <fstream>
 #include <random>
 #include <string>
+#include <thread>
 
 #include "chatd/archive.h"
 #include "chatd/decimal.h"
@@ -133,6 +134,32 @@ BOOST_AUTO_TEST_CASE(floats_round_trip_exactly) {
   size_t mismatches = 0;
   for (size_t i = 0; i < got.size(); ++i) mismatches += got[i] != m.embedding[i];
   BOOST_TEST(mismatches == 0u);
+}
+
+BOOST_AUTO_TEST_CASE(concurrent_writers_of_one_archive_never_share_a_temporary_file) {
+  // Two cleanups writing the same archive at once (issue 13): with one shared
+  // "<path>.tmp" one writer truncates or renames the other's half-written
+  // file. Each must leave a whole file of its own, and no temporary behind.
+  TempDir root;
+  BOOST_REQUIRE(!root.path().empty());
+  const std::string path = root.path() + "/user/1.json";
+  constexpr size_t kBytes = 1 << 20;  // large enough for the writes to overlap
+  constexpr int kRounds = 20;
+  const std::string a(kBytes, 'a'), b(kBytes, 'b');
+  for (int round = 0; round < kRounds; ++round) {
+    Status sa, sb;
+    std::thread other([&] { sb = WriteFileDurably(path, b); });
+    sa = WriteFileDurably(path, a);
+    other.join();
+    BOOST_TEST_REQUIRE(sa.ok(), sa.message());
+    BOOST_TEST_REQUIRE(sb.ok(), sb.message());
+    std::ifstream in(path, std::ios::binary);
+    const std::string got((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    BOOST_TEST_REQUIRE((got == a || got == b), "round " << round << ": a mixed or partial file");
+  }
+  for (const auto& entry : std::filesystem::directory_iterator(root.path() + "/user")) {
+    BOOST_TEST(entry.path().filename() == "1.json");
+  }
 }
 
 BOOST_AUTO_TEST_SUITE_END()

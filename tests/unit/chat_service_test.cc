@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "chatd/chat_service.h"
+#include "chatd/redis.h"
 #include "fakes.h"
 
 using namespace chatd;
@@ -66,6 +67,30 @@ BOOST_FIXTURE_TEST_CASE(limiter_down_fails_open_when_configured, ServiceFixture)
   auto r = Chat("alice", "Hi");
   BOOST_REQUIRE(r.ok());
   BOOST_TEST(trace.rate_limiter_failed_open);
+}
+
+BOOST_FIXTURE_TEST_CASE(redis_loading_or_busy_is_said_so_with_a_retry_delay, ServiceFixture) {
+  limiter.status = RedisReplyError("LOADING Redis is loading the dataset in memory", "the rate-limit script");
+  auto r = Chat("alice", "Hi");
+  BOOST_REQUIRE(!r.ok());
+  BOOST_TEST(r.status().reason() == "redis_loading");
+  BOOST_TEST(RetryAfterSeconds(r.status()) > 0);
+
+  // Failing open, the memory read meets the same Redis: same kind of answer.
+  options.rate_failure_mode = FailureMode::kOpen;
+  limiter.status = Unavailable("redis_unavailable", "down");
+  recent.recent_status = RedisReplyError("BUSY Redis is busy running a script", "LRANGE");
+  r = Chat("alice", "Hi");
+  BOOST_REQUIRE(!r.ok());
+  BOOST_TEST(r.status().reason() == "redis_busy");
+  BOOST_TEST(RetryAfterSeconds(r.status()) > 0);
+  BOOST_TEST(llm.calls == 0);
+
+  // A plain outage is no promise of a quick return.
+  recent.recent_status = Unavailable("redis_unavailable", "down");
+  r = Chat("alice", "Hi");
+  BOOST_TEST(r.status().reason() == "memory_unavailable");
+  BOOST_TEST(RetryAfterSeconds(r.status()) == 0);
 }
 
 BOOST_FIXTURE_TEST_CASE(recent_messages_reach_the_model_with_their_roles, ServiceFixture) {

@@ -1,6 +1,7 @@
 #include <boost/test/unit_test.hpp>
 
 #include "chatd/http_api.h"
+#include "chatd/redis.h"
 #include "fakes.h"
 
 using namespace chatd;
@@ -23,6 +24,12 @@ struct ApiFixture : ServiceFakes {
     req.request_id = "rid";
     req.idempotency_key = std::move(idempotency_key);
     return api.Handle(req, log);
+  }
+  HttpReply Get(const std::string& path, HttpApi& to) {
+    HttpRequest req;
+    req.method = "GET";
+    req.path = path;
+    return to.Handle(req, log);
   }
   static std::string Header(const HttpReply& r, const std::string& name) {
     for (const auto& [k, v] : r.headers) {
@@ -88,6 +95,46 @@ BOOST_FIXTURE_TEST_CASE(rate_limited_is_429_with_retry_after, ApiFixture) {
   BOOST_TEST(r.body == R"({"error":"Too many requests","code":"rate_limited","retryAfter":2})");
   BOOST_TEST(Header(r, "Retry-After") == "2");
   BOOST_TEST(Header(r, "RateLimit") == "\"default\";r=0;t=2");
+}
+
+BOOST_FIXTURE_TEST_CASE(redis_loading_after_a_restart_is_503_with_retry_after, ApiFixture) {
+  // What the rate limiter reports when Redis answers its script with LOADING.
+  limiter.status = RedisReplyError("LOADING Redis is loading the dataset in memory", "the rate-limit script");
+  HttpReply r = Post(R"({"userId":"alice","message":"Hi"})");
+  BOOST_TEST(r.status == 503);
+  BOOST_TEST(r.body.find(R"("code":"redis_loading")") != std::string::npos);
+  BOOST_TEST(r.body.find(R"("retryAfter":2)") != std::string::npos);
+  BOOST_TEST(Header(r, "Retry-After") == "2");
+  BOOST_TEST(llm.calls == 0);
+}
+
+BOOST_FIXTURE_TEST_CASE(an_outage_that_is_not_a_restart_has_no_retry_after, ApiFixture) {
+  limiter.status = Unavailable("redis_unavailable", "connection refused");
+  HttpReply r = Post(R"({"userId":"alice","message":"Hi"})");
+  BOOST_TEST(r.status == 503);
+  BOOST_TEST(r.body.find(R"("code":"rate_limiter_unavailable")") != std::string::npos);
+  BOOST_TEST(Header(r, "Retry-After") == "<none>");
+}
+
+namespace {
+struct LoadingRedis : HealthProbe {
+  std::vector<DependencyState> Check() override {
+    return {{"redis", "loading", false}, {"chroma", "ok", true}, {"model", "configured", true}};
+  }
+};
+}  // namespace
+
+struct LoadingFixture : ApiFixture {
+  LoadingRedis probe;
+  HttpApi health_api{config, service, nullptr, nullptr, &probe};
+};
+
+BOOST_FIXTURE_TEST_CASE(health_says_redis_is_loading_with_retry_after, LoadingFixture) {
+  HttpReply r = Get("/api/health", health_api);
+  BOOST_TEST(r.status == 503);
+  BOOST_TEST(r.body.find(R"("redis":"loading")") != std::string::npos);
+  BOOST_TEST(r.body.find(R"("code":"redis_loading")") != std::string::npos);
+  BOOST_TEST(Header(r, "Retry-After") == "2");
 }
 
 BOOST_FIXTURE_TEST_CASE(unknown_paths_are_json_404, ApiFixture) {

@@ -175,6 +175,7 @@ BOOST_AUTO_TEST_CASE(redis_that_cannot_serve_is_unavailable_a_broken_script_is_i
   BOOST_TEST((loading.status().code() == Code::kUnavailable));
   BOOST_TEST(loading.status().message().find("LOADING") != std::string::npos);
   BOOST_TEST(loading.status().message().find("dataset") == std::string::npos);
+  BOOST_TEST(loading.status().reason() == "redis_loading");  // chatd answers 503 with Retry-After
 
   auto oom = RateDecisionFromReply(Error("OOM command not allowed when used memory > 'maxmemory'."), 30, 60);
   BOOST_REQUIRE(!oom.ok());

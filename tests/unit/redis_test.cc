@@ -612,6 +612,97 @@ BOOST_AUTO_TEST_CASE(record_refused_or_never_sent_is_not_recorded) {
   BOOST_TEST(!client.Eval(RedisScript("return 1"), {}, {}, &may_have_run).ok());
   BOOST_TEST(!may_have_run);
   BOOST_TEST(store.RecordTurn(SomeTurn()).reason() == "redis_error");
+
+BOOST_AUTO_TEST_CASE(transient_errors_are_classified_by_their_first_word) {
+  BOOST_TEST(IsTransientRedisError("LOADING Redis is loading the dataset in memory"));
+  BOOST_TEST(IsTransientRedisError("BUSY Redis is busy running a script."));
+  BOOST_TEST(IsTransientRedisError("TRYAGAIN"));
+  BOOST_TEST(!IsTransientRedisError("ERR unknown command"));
+  BOOST_TEST(!IsTransientRedisError("LOADINGX nonsense"));
+  BOOST_TEST(RedisReplyError("LOADING Redis is loading the dataset", "GET").reason() == "redis_loading");
+  BOOST_TEST(RedisReplyError("BUSY Redis is busy", "GET").reason() == "redis_busy");
+  BOOST_TEST(RedisReplyError("MASTERDOWN no link", "GET").reason() == "redis_unavailable");
+  BOOST_TEST(RedisReplyError("WRONGTYPE Operation", "GET").reason() == "redis_error");
+  // Only the first word: the rest may quote arguments.
+  BOOST_TEST(RedisReplyError("ERR secret-arg", "GET").message().find("secret") == std::string::npos);
+}
+
+BOOST_AUTO_TEST_CASE(without_a_wait_a_loading_redis_is_answered_at_once) {
+  FakeRedis server([](const std::vector<std::string>&) {
+    return FakeReply::Send("-LOADING Redis is loading the dataset in memory\r\n");
+  });
+  RedisClient client(OptionsFor(server.port()));
+  auto r = client.Command({"GET", "k"});
+  BOOST_REQUIRE(r.ok());
+  BOOST_TEST(r->is_error());
+  BOOST_TEST(server.commands().size() == 1u);
+}
+
+BOOST_AUTO_TEST_CASE(with_a_wait_commands_and_scripts_are_resent_until_redis_has_loaded,
+                     *boost::unit_test::timeout(30)) {
+  // Redis answers LOADING (then BUSY) to everything for a while after a
+  // restart: nothing ran, so resending is safe.
+  auto refusals = std::make_shared<std::atomic<int>>(4);
+  FakeRedis server([refusals](const std::vector<std::string>& argv) {
+    if (refusals->fetch_sub(1) > 0) {
+      return FakeReply::Send(refusals->load() % 2 ? "-LOADING Redis is loading\r\n" : "-BUSY script\r\n");
+    }
+    if (argv[0] == "EVALSHA") return FakeReply::Send(":7\r\n");
+    return FakeReply::Send("+PONG\r\n");
+  });
+  RedisOptions options = OptionsFor(server.port());
+  options.transient_wait_ms = 20000;
+  RedisClient client(options);
+  BOOST_REQUIRE(client.CheckAccess().ok());
+  *refusals = 3;
+  auto r = client.Eval(RedisScript("return 7"), {}, {});
+  BOOST_REQUIRE(r.ok());
+  BOOST_TEST(r->integer == 7);
+  *refusals = 2;
+  auto many = client.EvalMany(RedisScript("return 7"), {{{}, {}}, {{}, {}}});
+  BOOST_REQUIRE(many.ok());
+  BOOST_TEST((*many)[0].integer == 7);
+  BOOST_TEST((*many)[1].integer == 7);
+}
+
+BOOST_AUTO_TEST_CASE(a_wait_is_bounded_and_then_fails_clearly, *boost::unit_test::timeout(30)) {
+  FakeRedis server([](const std::vector<std::string>&) {
+    return FakeReply::Send("-LOADING Redis is loading the dataset in memory\r\n");
+  });
+  RedisOptions options = OptionsFor(server.port());
+  options.transient_wait_ms = 300;
+  RedisClient client(options);
+  Status access = client.CheckAccess();
+  BOOST_TEST(access.reason() == "redis_loading");
+  BOOST_TEST(access.message().find("loading") != std::string::npos);
+  auto r = client.Command({"GET", "k"});
+  BOOST_REQUIRE(r.ok());
+  BOOST_TEST(r->is_error());
+  BOOST_TEST(server.commands().size() > 2u);  // it did try again meanwhile
+}
+
+BOOST_AUTO_TEST_CASE(a_command_that_may_have_run_is_never_resent, *boost::unit_test::timeout(30)) {
+  // The reply is lost after Redis got the command: it may have run, so even
+  // with a wait it is reported, not sent again.
+  FakeRedis server([](const std::vector<std::string>&) { return FakeReply::HangUp(); });
+  RedisOptions options = OptionsFor(server.port());
+  options.transient_wait_ms = 20000;
+  RedisClient client(options);
+  auto r = client.Command({"INCR", "k"});
+  BOOST_REQUIRE(!r.ok());
+  BOOST_TEST(server.commands().size() == 1u);
+}
+
+BOOST_AUTO_TEST_CASE(a_refused_connection_is_waited_for_within_the_bound, *boost::unit_test::timeout(30)) {
+  int port = 0;
+  Fd held = BoundLoopbackSocket(false, &port);
+  RedisOptions options = OptionsFor(port);
+  options.transient_wait_ms = 300;
+  RedisClient client(options);
+  auto r = client.Command({"GET", "k"});
+  BOOST_REQUIRE(!r.ok());
+  BOOST_TEST(r.status().reason() == "redis_unavailable");
+  BOOST_TEST(r.status().message().find("connect") != std::string::npos);
 }
 
 BOOST_AUTO_TEST_SUITE_END()
