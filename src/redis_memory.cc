@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <set>
 
 #include "chatd/redis_rate_limiter.h"
 #include "chatd/user_id.h"
@@ -13,22 +14,32 @@ namespace chatd {
 
 namespace {
 
-// KEYS: recent list, index stream, activity zset[, the user's leases in flight].
-// ARGV: user, turn id, user text, assistant text, max recent, packed embedding
-// [, the lease to release].
+// KEYS: recent list, index stream, activity zset, tombstone, turn index,
+// queued turns[, the user's leases in flight].
+// ARGV: user, turn id, user text, assistant text, max recent, packed embedding,
+// the tombstone the chat read when it started[, the lease to release].
 // The timestamp comes from Redis so that every worker and host agrees on it.
 // Releasing the chat's concurrency lease here saves the chat a round trip.
+// Returns the timestamp, or -1 when the erase fence refused the turn.
 const RedisScript kRecordTurn(R"lua(
+-- The erase fence (DELETE /api/memory, chatd-cleanup forget). A chat that
+-- read another tombstone than the current one (none, or an older erase's)
+-- started before the user's latest erase: nothing of it may be kept. The
+-- tombstone outlives the longest chat, so an expired one fences nobody.
+local tombstone = redis.call('GET', KEYS[4])
+if tombstone and tombstone ~= ARGV[7] then return -1 end
 local t = redis.call('TIME')
 local ts = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local u = cjson.encode({role = 'user', content = ARGV[3], ts = ts, id = ARGV[2] .. ':u'})
 local a = cjson.encode({role = 'assistant', content = ARGV[4], ts = ts, id = ARGV[2] .. ':a'})
 redis.call('RPUSH', KEYS[1], u, a)
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[5]), -1)
-redis.call('XADD', KEYS[2], '*', 'user', ARGV[1], 'turn', ARGV[2], 'ts', ts,
-           'u', ARGV[3], 'a', ARGV[4], 'emb', ARGV[6])
+local entry = redis.call('XADD', KEYS[2], '*', 'user', ARGV[1], 'turn', ARGV[2], 'ts', ts,
+                         'u', ARGV[3], 'a', ARGV[4], 'emb', ARGV[6])
 redis.call('ZADD', KEYS[3], ts, ARGV[1])
-if KEYS[4] then redis.call('ZREM', KEYS[4], ARGV[7]) end
+redis.call('ZADD', KEYS[5], 0, string.format('%015d:%s', ts, ARGV[2]))
+redis.call('HSET', KEYS[6], ARGV[2], entry)
+if KEYS[7] then redis.call('ZREM', KEYS[7], ARGV[8]) end
 return ts
 )lua");
 
@@ -54,6 +65,33 @@ local hot_key, hot_index_key, bound, first = KEYS[1], KEYS[2], tonumber(ARGV[1])
 )lua") + kHotSetAddLua);
 
 }  // namespace
+
+std::string TurnIndexMember(int64_t ts_ms, std::string_view turn_id) {
+  std::string ts = std::to_string(ts_ms < 0 ? 0 : ts_ms);
+  std::string out(ts.size() < kTurnIndexTsDigits ? kTurnIndexTsDigits - ts.size() : 0, '0');
+  out.append(ts).append(":").append(turn_id);
+  return out;
+}
+
+Status AddToTurnIndex(RedisClient& redis, std::string_view user_id, const std::vector<StoredMessage>& messages) {
+  std::set<std::string> members;  // both halves of a turn name it once
+  for (const StoredMessage& m : messages) members.insert(TurnIndexMember(m.ts_ms, m.turn_id));
+  const std::string key = TurnIndexKey(user_id);
+  // Chunks keep each command's size bounded for a user with a long history.
+  constexpr size_t kChunk = 500;
+  std::vector<std::string_view> cmd;
+  for (auto it = members.begin(); it != members.end();) {
+    cmd = {"ZADD", key};
+    for (size_t n = 0; n < kChunk && it != members.end(); ++n, ++it) {
+      cmd.push_back("0");
+      cmd.push_back(*it);
+    }
+    auto r = redis.Command(cmd);
+    if (!r.ok()) return r.status();
+    if (r->is_error()) return Unavailable("redis_error", "filling the turn index failed: " + r->str);
+  }
+  return Status::Ok();
+}
 
 void AppendHotSetArgs(const StoredMessage& m, std::deque<std::string>& backing, std::vector<std::string_view>& args) {
   args.push_back(m.id);
@@ -223,7 +261,9 @@ RedisShortTermStore::RedisShortTermStore(RedisClient& redis, int recent_messages
 Result<UserMemory> RedisShortTermStore::Read(std::string_view user_id) {
   const std::string recent_key = RecentKey(user_id);
   const std::string hot_key = HotKey(user_id);
-  auto replies = redis_.Pipeline({{"LRANGE", recent_key, "0", "-1"}, {"HVALS", hot_key}});
+  const std::string tombstone_key = TombstoneKey(user_id);
+  auto replies =
+      redis_.Pipeline({{"LRANGE", recent_key, "0", "-1"}, {"HVALS", hot_key}, {"GET", tombstone_key}});
   if (!replies.ok()) return replies.status();
   const RedisValue& recent = (*replies)[0];
   const RedisValue& hot = (*replies)[1];
@@ -244,16 +284,22 @@ Result<UserMemory> RedisShortTermStore::Read(std::string_view user_id) {
     out.hot.push_back(std::move(*m));
   }
   out.older_in_long_term = static_cast<int64_t>(hot.elements.size()) >= hot_messages_;
+  const RedisValue& tombstone = (*replies)[2];
+  if (tombstone.is_error()) return Unavailable("redis_error", "GET failed: " + tombstone.str);
+  out.fence = tombstone.str;  // nil: no tombstone, empty
   return out;
 }
 
 Status RedisShortTermStore::RecordTurn(const Turn& turn) {
   std::string key = RecentKey(turn.user_id);
+  std::string tombstone = TombstoneKey(turn.user_id);
+  std::string turns = TurnIndexKey(turn.user_id);
+  std::string queued = QueuedTurnsKey(turn.user_id);
   std::string max_recent = std::to_string(recent_messages_);
   std::string packed = PackEmbedding(turn.user_embedding);
-  std::vector<std::string_view> keys = {key, kIndexStreamKey, kActivityKey};
+  std::vector<std::string_view> keys = {key, kIndexStreamKey, kActivityKey, tombstone, turns, queued};
   std::vector<std::string_view> args = {turn.user_id,           turn.turn_id, turn.user_message,
-                                        turn.assistant_message, max_recent,   packed};
+                                        turn.assistant_message, max_recent,   packed, turn.fence};
   const std::string inflight = turn.release_lease_id.empty() ? std::string() : InflightKey(turn.user_id);
   if (!inflight.empty()) {
     keys.push_back(inflight);
@@ -262,6 +308,10 @@ Status RedisShortTermStore::RecordTurn(const Turn& turn) {
   Result<RedisValue> reply = redis_.Eval(kRecordTurn, keys, args);
   if (!reply.ok()) return reply.status();
   if (reply->type == RedisValue::Type::kError) return Unavailable("redis_error", "recording the turn failed");
+  if (reply->type == RedisValue::Type::kInteger && reply->integer < 0) {
+    return Status(Code::kConflict, "memory_erased",
+                  "The user's memory was erased while this chat was in flight; nothing of it was kept");
+  }
   return Status::Ok();
 }
 

@@ -19,6 +19,8 @@
 
 namespace chatd {
 
+class ArchivedMemory;  // user_data.h
+
 struct ChatServiceOptions {
   FailureMode rate_failure_mode = FailureMode::kClosed;
   size_t recall_k = 5;
@@ -27,6 +29,9 @@ struct ChatServiceOptions {
   // The concurrency lease lives in the short-term store's Redis (the counters
   // share it): recording the turn releases it in the same script.
   bool record_turn_releases_lease = false;
+  // When set, an archived user's memory is restored before their chat reads
+  // it (user_data.h); a failed restore degrades to a chat without it.
+  ArchivedMemory* archived = nullptr;
 };
 
 // What happened along the way, for headers, logs and metrics; filled even when
@@ -43,6 +48,7 @@ struct ChatTrace {
   bool long_term_queried = false;    // the hot set was full, so older memories were asked for
   size_t foreign_records_dropped = 0;  // records of other users the long-term store returned
   size_t recent_used = 0;
+  int64_t restored_records = 0;  // brought back from an archive by this chat
 };
 
 struct ChatReply {

@@ -65,6 +65,10 @@ struct Config {
   // holds a thread for up to the request deadline, so without a cap one user
   // could occupy the whole pool. 0: no cap (no lease is taken at all).
   int64_t max_concurrent_per_user = 4;  // CHATD_MAX_CONCURRENT_PER_USER
+  // The user-data endpoints (/api/history, /api/export, DELETE /api/memory)
+  // count against a limit of their own (fixed window), not the chat's.
+  int64_t data_rate_limit = 30;    // CHATD_DATA_RATE_LIMIT: requests per window
+  int64_t data_rate_window_s = 60;  // CHATD_DATA_RATE_WINDOW_S
 
   // Memory
   int recent_messages = 4;            // CHATD_RECENT_MESSAGES (even: whole turns)
@@ -108,6 +112,15 @@ struct Config {
   // Observability
   std::string metrics_path;             // CHATD_METRICS_FILE: shared counters of the pool
 };
+
+// How long an erase's tombstone fences the user's chats that started before
+// it: longer than any chat can live (the request deadline bounds everything up
+// to the model's answer, one Redis timeout the record after it), plus
+// kEraseTombstoneMarginMs for scheduling delays on a busy machine.
+inline constexpr int64_t kEraseTombstoneMarginMs = 5000;
+inline int64_t EraseTombstoneTtlMs(const Config& c) {
+  return c.request_deadline_ms + c.redis_timeout_ms + kEraseTombstoneMarginMs;
+}
 
 // Looks a variable up; returns nullopt when unset. Injected so tests need no
 // real environment.

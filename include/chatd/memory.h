@@ -36,6 +36,10 @@ struct Turn {
   // extra round trip to give its slot back. Set only when the lease lives in
   // the store's Redis.
   std::string release_lease_id;
+  // The user's erase tombstone as the chat read it when it started
+  // (UserMemory::fence): the store refuses the turn when it differs now, i.e.
+  // when the user's memory was erased while the chat was in flight.
+  std::string fence;
 };
 
 // A message as stored in (or recalled from) the long-term store.
@@ -66,6 +70,9 @@ struct UserMemory {
   // False means the hot set is the user's whole long-term memory,
   // so a user without memory costs no long-term call at all.
   bool older_in_long_term = false;
+  // The user's erase tombstone at the time of the read (empty: none). Carried
+  // to Turn::fence, so that a chat in flight during an erase keeps nothing.
+  std::string fence;
 };
 
 // Thread-safe.
@@ -76,6 +83,8 @@ class ShortTermStore {
   virtual Result<UserMemory> Read(std::string_view user_id) = 0;
   // Atomically appends both halves of the turn, trims to the configured size,
   // queues the turn for long-term indexing and marks the user active.
+  // kConflict "memory_erased" when the user's memory was erased since the
+  // chat read turn.fence: nothing is recorded.
   virtual Status RecordTurn(const Turn& turn) = 0;
 };
 

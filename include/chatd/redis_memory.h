@@ -14,6 +14,11 @@
 //                         the user's latest indexed messages with embeddings
 //   chat:{<user>}:hotidx  sorted set: message id by timestamp, to trim the
 //                         hot set to its oldest-first bound
+//   chat:{<user>}:turns   sorted set, every turn of the user in time order
+//                         (TurnIndexMember), the history's index
+//   chat:{<user>}:queued  hash: turn id -> its index-stream entry id, while
+//                         the turn waits for the indexer
+//   chat:{<user>}:erased  the tombstone of the user's latest erase
 // RecordTurn updates all three in one Lua script, so a turn is either fully
 // recorded (both halves, queued for Chroma, user marked active) or not at all,
 // and concurrent turns of one user never leave half a turn in the list.
@@ -45,6 +50,24 @@ inline std::string IndexingKey(std::string_view user_id) { return UserKey(user_i
 // store, read by the request path with the recent list in one round trip.
 inline std::string HotKey(std::string_view user_id) { return UserKey(user_id, "hot"); }
 inline std::string HotIndexKey(std::string_view user_id) { return UserKey(user_id, "hotidx"); }
+// Every turn of the user, oldest first: a sorted set whose scores are all 0
+// and whose members (TurnIndexMember) sort by time, so a page of the history
+// is one ZRANGE BYLEX from a cursor, O(log n + page) whatever its size.
+inline std::string TurnIndexKey(std::string_view user_id) { return UserKey(user_id, "turns"); }
+// Turns recorded and not yet indexed: turn id -> stream entry id, so the
+// history finds them without scanning the shared stream. The indexer removes
+// a turn when it acknowledges it.
+inline std::string QueuedTurnsKey(std::string_view user_id) { return UserKey(user_id, "queued"); }
+// Left by an erase (DELETE /api/memory, chatd-cleanup forget): the id of a
+// stream entry added and deleted at the erase, i.e. a point in the stream's
+// own order. Chats read it when they start and the record script refuses a
+// turn whose chat saw another value (it started before the erase); the
+// indexer drops entries older than it. It expires after EraseTombstoneTtlMs.
+inline std::string TombstoneKey(std::string_view user_id) { return UserKey(user_id, "erased"); }
+// "<ts as 15 digits>:<turn id>": zero-padded, so members sort by time as
+// strings, then by turn id.
+std::string TurnIndexMember(int64_t ts_ms, std::string_view turn_id);
+inline constexpr size_t kTurnIndexTsDigits = 15;
 // Users whose cleanup started and has not finished (a run killed midway):
 // every run settles them first.
 inline constexpr std::string_view kCleanupInProgressKey = "chatd:cleanup:inprogress";
@@ -108,6 +131,10 @@ extern const char kHotSetAddLua[];
 // built on kHotSetAddLua take. `backing` owns the strings the views point
 // into (a deque: appending never moves them).
 void AppendHotSetArgs(const StoredMessage& m, std::deque<std::string>& backing, std::vector<std::string_view>& args);
+
+// Adds the turns of `messages` (of one user) to the user's turn index. Used
+// where records come back outside the record script (restore, migrate).
+Status AddToTurnIndex(RedisClient& redis, std::string_view user_id, const std::vector<StoredMessage>& messages);
 
 // Adds `messages` (of one user) to the user's hot set, keeping the newest
 // `bound`. Used where records reach the long-term store outside the indexer

@@ -17,6 +17,7 @@ enum class Code {
   kForbidden,             // 403
   kNotFound,              // 404
   kMethodNotAllowed,      // 405
+  kConflict,              // 409: the request lost a race with another (an erase)
   kPayloadTooLarge,       // 413
   kUnsupportedMediaType,  // 415
   kRateLimited,           // 429
