@@ -7,14 +7,7 @@ using namespace chatd;
 using namespace chatd::testing;
 
 namespace {
-struct ApiFixture {
-  FakeLimiter limiter;
-  FakeShortTerm recent;
-  FakeLongTerm long_term;
-  FakeEmbedder embedder;
-  FakeLlm llm;
-  Config config;
-  ChatService service{limiter, recent, long_term, embedder, llm, ChatServiceOptions{}};
+struct ApiFixture : ChatServiceFakes {
   HttpApi api{config, service, nullptr, nullptr, nullptr};
   RequestLog log;
 
