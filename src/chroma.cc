@@ -661,6 +661,10 @@ Result<int64_t> ChromaStore::Count(std::string_view user_id) {
   return static_cast<int64_t>(records->size());
 }
 
+Result<std::vector<StoredMessage>> ChromaStore::ListMessages(std::string_view user_id) {
+  return ReadUser(user_id, /*with_embeddings=*/false);
+}
+
 Result<std::vector<StoredMessage>> ChromaStore::ExportAll(std::string_view user_id) {
   return ReadUser(user_id, /*with_embeddings=*/true);
 }

@@ -507,7 +507,37 @@ Result<MigrateSummary> Cleanup::Migrate() {
     }
     if (todo == 0) break;
   }
+  if (Status s = IndexTurns(sum); !s.ok()) return s;
   return sum;
+}
+
+Status Cleanup::IndexTurns(MigrateSummary& sum) {
+  // Turns recorded before the turn index existed are not in it, and the
+  // history would not see them. Every tracked user's indexed records (ids and
+  // metadata only) are added again, a page of the activity index at a time:
+  // adding is idempotent, and a user who chatted since the upgrade has an
+  // index that holds only the new turns, so "has an index" proves nothing.
+  const std::string batch = std::to_string(options_.batch);
+  for (int64_t offset = 0;; offset += options_.batch) {
+    const std::string off = std::to_string(offset);
+    Result<RedisValue> page = redis_.Command({"ZRANGE", kActivityKey, "-inf", "+inf", "BYSCORE", "LIMIT", off, batch});
+    if (Status s = RedisErrorIf(page, "ZRANGE"); !s.ok()) return s;
+    if (page->elements.empty()) return Status::Ok();
+    for (const RedisValue& u : page->elements) {
+      auto records = chroma_.ListMessages(u.str);
+      if (!records.ok()) {
+        ++sum.failed;
+        LogError("index_turns_failed").Str("user", u.str).Str("reason", records.status().reason()).Emit();
+        continue;
+      }
+      if (options_.dry_run) {
+        LogInfo("index_turns_would_add").Str("user", u.str).Int("records", static_cast<int64_t>(records->size())).Emit();
+        continue;
+      }
+      if (Status s = AddToTurnIndex(redis_, u.str, *records); !s.ok()) return s;
+      ++sum.turn_indexes;
+    }
+  }
 }
 
 Result<int64_t> Cleanup::MigrateUser(const std::string& user) {

@@ -170,6 +170,7 @@ int main(int argc, char** argv) {
         .Int("users", m->users)
         .Int("records", m->records)
         .Int("failed", m->failed)
+        .Int("turn_indexes", m->turn_indexes)
         .Bool("dry_run", dry_run)
         .Emit();
     return m->failed == 0 ? 0 : kExitFailed;

@@ -77,6 +77,7 @@ class ChromaStore : public LongTermStore {
   // delete another user's records.
   Result<int64_t> Count(std::string_view user_id);
   Result<std::vector<StoredMessage>> ExportAll(std::string_view user_id);  // with embeddings
+  Result<std::vector<StoredMessage>> ListMessages(std::string_view user_id);  // ids and metadata only
   // Deletes by id what ExportAll-style reads found, then checks the count is 0.
   // Returns how many records were deleted; their message ids go to
   // `deleted_ids` when given.

@@ -55,6 +55,7 @@ struct MigrateSummary {
   int64_t users = 0;    // moved from a per-user collection to their shard
   int64_t records = 0;
   int64_t failed = 0;
+  int64_t turn_indexes = 0;  // users whose turn index was filled from their records
 };
 
 struct CleanupSummary {
@@ -91,7 +92,8 @@ class Cleanup {
   // to their shard: under the user's lock, export, upsert (same ids, so a
   // rerun after a kill anywhere rewrites the same records), check the count,
   // refill the hot set, then delete the old collection. Archives need no
-  // migration: they hold records, not a layout.
+  // migration: they hold records, not a layout. Then fills every tracked
+  // user's turn index (the history's) from their records in Chroma.
   Result<MigrateSummary> Migrate();
 
  private:
@@ -100,6 +102,7 @@ class Cleanup {
                               int64_t& records);
   Result<int64_t> EraseLocked(const std::string& user, bool keep_rate_limits);  // Forget's steps under the lock
   Result<int64_t> MigrateUser(const std::string& user);     // under the user's lock
+  Status IndexTurns(MigrateSummary& sum);  // fills the turn index of users recorded before it
   Result<int64_t> MoveLegacyUser(const std::string& user);  // the steps the lock covers
   Result<int64_t> NowMs();
   // Turns of these users still in the index stream (one pass over the stream).

@@ -281,6 +281,26 @@ def test_history_reads_indexed_turns_from_long_term_memory(world, unique, mode):
     assert [m["content"] for m in client.history(user)["messages"] if m["role"] == "user"] == said
 
 
+def test_migrate_indexes_the_turns_recorded_before_the_turn_index(world, unique):
+    """A deployment upgraded to the history has users whose older turns are in
+    Chroma but not in their turn index: `chatd-cleanup migrate` adds them."""
+    client = world.clients["off"]
+    user = unique("upgraded")
+    said = [f"before the upgrade {i} {unique('m')}" for i in range(3)]
+    for m in said:
+        client.chat_ok(user, m)
+    world.wait_indexed(user, 6)
+    world.redis.command("DEL", f"chat:{{{user}}}:turns")  # as recorded by the version before
+    later = f"after the upgrade {unique('m')}"
+    client.chat_ok(user, later)
+    assert [m["content"] for m in client.history(user)["messages"] if m["role"] == "user"] == [later]
+
+    code, events, stderr = world.cleanup("migrate")
+    assert code == 0, stderr[-3000:]
+    assert events[-1]["turn_indexes"] >= 1
+    assert [m["content"] for m in client.history(user)["messages"] if m["role"] == "user"] == said + [later]
+
+
 def test_bad_history_requests_get_json_errors(world, unique):
     client = world.clients["off"]
     user = unique("bad")
@@ -432,6 +452,8 @@ def test_an_archived_users_next_chat_recalls_what_they_said_before(stack, build_
         assert not (archive_root / legacy_collection_name(user)).exists(), "the archive stays after the restore"
         restores = [r for r in client.frontend.pool.log_records() if r.get("event") == "auto_restore"]
         assert restores and restores[0]["records"] == 2
+        # What the first reply waited for its memory (docs/api.md quotes it); shown with -s.
+        print(f"\nauto_restore [{mode}]: {restores[0]['records']} records in {restores[0]['ms']:.1f} ms")
         history = [m["content"] for m in client.history(user)["messages"]]
         assert history[0] == dog and history[2] == question
     finally:
