@@ -8,6 +8,7 @@
 #include "chatd/prompt.h"
 #include "chatd/random_id.h"
 #include "chatd/recall.h"
+#include "chatd/user_data.h"
 
 namespace chatd {
 
@@ -156,6 +157,18 @@ Result<ChatReply> ChatService::Chat(const std::string& user_id, const std::strin
   }
   LeaseGuard lease(limiter_, user_id, decision.ok() ? std::move(decision->lease_id) : std::string());
 
+  // An archived user's memory comes back before it is read (docs/cleanup.md):
+  // the archive stays the durable copy until the restore has landed, so a
+  // failure only means this chat goes without it, and the next one retries.
+  if (options_.archived != nullptr) {
+    Result<int64_t> restored = options_.archived->RestoreIfArchived(user_id);
+    if (restored.ok()) {
+      trace.restored_records = *restored;
+    } else {
+      trace.recall_degraded = true;
+    }
+  }
+
   // 2. Memory: the recent messages and the hot set, in one round trip.
   // Without it we could neither show the conversation nor record this turn,
   // so there is no degraded mode.
@@ -245,6 +258,7 @@ Result<ChatReply> ChatService::Chat(const std::string& user_id, const std::strin
   turn.user_message = message;
   turn.assistant_message = reply->content;
   turn.user_embedding = std::move(embedding);
+  turn.fence = memory->fence;
   if (options_.record_turn_releases_lease) turn.release_lease_id = lease.id();
   if (ticket) turn.idempotency = &*ticket;
   trace.turn_id = turn.turn_id;
@@ -257,6 +271,7 @@ Result<ChatReply> ChatService::Chat(const std::string& user_id, const std::strin
     return Status(Code::kUnavailable, "record_outcome_unknown",
                   "Conversation memory did not confirm the turn: it may or may not have been recorded");
   }
+  if (recorded.reason() == "memory_erased") return recorded;  // erased meanwhile: the reply is not given
   if (recorded.code() == Code::kConflict && ticket) {
     // Our claim expired while the model answered and another request took
     // the key: this turn was not recorded; the key's own outcome is the

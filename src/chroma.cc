@@ -284,6 +284,17 @@ std::string GetPageRequest(std::string_view user_id, int64_t limit, int64_t offs
   return Finish(buffer);
 }
 
+Result<std::string> GetIdsRequest(std::string_view user_id, const std::vector<std::string>& record_ids) {
+  rapidjson::StringBuffer buffer;
+  JsonWriter w(buffer);
+  bool ok = w.StartObject() && w.Key("ids") && w.StartArray();
+  for (const std::string& id : record_ids) ok = ok && WriteString(w, id);
+  ok = ok && w.EndArray() && WriteUserFilter(w, user_id) && w.Key("include") && w.StartArray() &&
+       w.String("documents") && w.String("metadatas") && w.EndArray() && w.EndObject();
+  if (!ok) return InvalidArgument("invalid_utf8", "a record id is not valid UTF-8");
+  return Finish(buffer);
+}
+
 std::string DeleteIdsRequest(const std::vector<std::string>& record_ids) {
   rapidjson::StringBuffer buffer;
   JsonWriter w(buffer);
@@ -345,21 +356,27 @@ Result<RecallResult> ParseQueryResponse(std::string_view body, std::string_view 
   return out;
 }
 
-Result<std::vector<StoredMessage>> ParseGetResponse(std::string_view body, std::string_view user_id, bool full,
-                                                    size_t* foreign, std::vector<std::string>* raw_ids,
-                                                    size_t* page_size) {
+namespace {
+
+// A /get answer with documents when `with_documents`, embeddings when
+// `with_embeddings`.
+Result<std::vector<StoredMessage>> ParseGet(std::string_view body, std::string_view user_id, bool with_documents,
+                                            bool with_embeddings, size_t* foreign, std::vector<std::string>* raw_ids,
+                                            size_t* page_size) {
   rapidjson::Document doc;
   doc.Parse<kParseFlags>(body.data(), body.size());
   if (doc.HasParseError() || !doc.IsObject()) return BadResponse("get answer is not a JSON object");
   const rapidjson::Value* ids = ArrayMember(doc, "ids");
   const rapidjson::Value* metadatas = ArrayMember(doc, "metadatas");
-  const rapidjson::Value* documents = full ? ArrayMember(doc, "documents") : nullptr;
-  const rapidjson::Value* embeddings = full ? ArrayMember(doc, "embeddings") : nullptr;
-  if (ids == nullptr || metadatas == nullptr || (full && (documents == nullptr || embeddings == nullptr))) {
+  const rapidjson::Value* documents = with_documents ? ArrayMember(doc, "documents") : nullptr;
+  const rapidjson::Value* embeddings = with_embeddings ? ArrayMember(doc, "embeddings") : nullptr;
+  if (ids == nullptr || metadatas == nullptr || (with_documents && documents == nullptr) ||
+      (with_embeddings && embeddings == nullptr)) {
     return BadResponse("get answer lacks ids, documents, metadatas or embeddings");
   }
   const rapidjson::SizeType n = ids->Size();
-  if (metadatas->Size() != n || (full && (documents->Size() != n || embeddings->Size() != n))) {
+  if (metadatas->Size() != n || (with_documents && documents->Size() != n) ||
+      (with_embeddings && embeddings->Size() != n)) {
     return BadResponse("get answer columns differ in length");
   }
   if (page_size != nullptr) *page_size = n;
@@ -372,9 +389,11 @@ Result<std::vector<StoredMessage>> ParseGetResponse(std::string_view body, std::
       if (foreign != nullptr) ++*foreign;
       continue;
     }
-    if (full) {
+    if (with_documents) {
       if (!(*documents)[i].IsString()) return BadResponse("record document is not a string");
       m.content.assign(View((*documents)[i]));
+    }
+    if (with_embeddings) {
       auto embedding = ReadVector((*embeddings)[i]);
       if (!embedding.ok()) return embedding.status();
       m.embedding = std::move(embedding).value();
@@ -383,6 +402,19 @@ Result<std::vector<StoredMessage>> ParseGetResponse(std::string_view body, std::
     out.push_back(std::move(m));
   }
   return out;
+}
+
+}  // namespace
+
+Result<std::vector<StoredMessage>> ParseGetResponse(std::string_view body, std::string_view user_id, bool full,
+                                                    size_t* foreign, std::vector<std::string>* raw_ids,
+                                                    size_t* page_size) {
+  return ParseGet(body, user_id, full, full, foreign, raw_ids, page_size);
+}
+
+Result<std::vector<StoredMessage>> ParseGetDocumentsResponse(std::string_view body, std::string_view user_id,
+                                                             size_t* foreign) {
+  return ParseGet(body, user_id, true, false, foreign, nullptr, nullptr);
 }
 
 Result<int64_t> ParseCount(std::string_view body) {
@@ -629,13 +661,51 @@ Result<int64_t> ChromaStore::Count(std::string_view user_id) {
   return static_cast<int64_t>(records->size());
 }
 
+Result<std::vector<StoredMessage>> ChromaStore::ListMessages(std::string_view user_id) {
+  return ReadUser(user_id, /*with_embeddings=*/false);
+}
+
 Result<std::vector<StoredMessage>> ChromaStore::ExportAll(std::string_view user_id) {
   return ReadUser(user_id, /*with_embeddings=*/true);
 }
 
-Result<int64_t> ChromaStore::DeleteUser(std::string_view user_id) {
+Result<std::vector<StoredMessage>> ChromaStore::GetMessages(std::string_view user_id,
+                                                           const std::vector<std::string>& message_ids) {
+  std::vector<StoredMessage> out;
+  if (message_ids.empty()) return out;
+  std::vector<std::string> ids;
+  ids.reserve(message_ids.size());
+  for (const std::string& id : message_ids) ids.push_back(chroma_json::RecordId(user_id, id));
+  auto request = chroma_json::GetIdsRequest(user_id, ids);
+  if (!request.ok()) return request.status();
+  const int shard = ChromaShardOf(user_id, options_.shards);
+  auto response = ShardCall(shard, "/get", *request);
+  if (!response.ok()) return response.status();
+  if (response->status != 200) {
+    // Chroma 1.5.9 cannot read a shard nothing was written to yet: only a
+    // count of zero makes that "no records".
+    if (response->body.find(kNoSegmentOnDisk) != std::string::npos) {
+      auto count = ShardCall(shard, "/count", "", "GET");
+      if (count.ok() && count->status == 200) {
+        auto n = chroma_json::ParseCount(count->body);
+        if (n.ok() && *n == 0) return out;
+      }
+    }
+    return HttpError(*response, "get");
+  }
+  size_t foreign = 0;
+  auto records = chroma_json::ParseGetDocumentsResponse(response->body, user_id, &foreign);
+  if (!records.ok()) return records.status();
+  if (foreign > 0) return Status(Code::kInternal, "chroma_foreign_record", "Chroma returned records of other users");
+  return records;
+}
+
+Result<int64_t> ChromaStore::DeleteUser(std::string_view user_id, std::vector<std::string>* deleted_ids) {
   auto records = ReadUser(user_id, /*with_embeddings=*/false);
   if (!records.ok()) return records.status();
+  if (deleted_ids != nullptr) {
+    for (const StoredMessage& m : *records) deleted_ids->push_back(m.id);
+  }
   const int shard = ChromaShardOf(user_id, options_.shards);
   // By id, never by a filter: ids we built and checked name only this user.
   for (size_t start = 0; start < records->size(); start += kMaxUpsertBatch) {

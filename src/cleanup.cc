@@ -44,9 +44,10 @@ constexpr char kLeaseKey[] = "chatd:cleanup:lease";
 constexpr std::chrono::milliseconds kLockPoll{100};
 
 // KEYS: activity, recent, rl fixed, rl sliding, lock, hot set, hot index,
-// index stream, in-progress set, recorded turns.
+// index stream, in-progress set, recorded turns, turn index, queued turns.
 // ARGV: user, last activity we archived, index group, our lock value, stream
 // ids to acknowledge.
+// The turn index goes with the rest: restore rebuilds it from the archive.
 // Returns 1 when the user was removed, 0 when they came back meanwhile, -1
 // (and touches nothing) when the lock is no longer ours.
 const RedisScript kFinishArchive(R"lua(
@@ -60,7 +61,7 @@ end
 redis.call('SREM', KEYS[9], ARGV[1])
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if score and tonumber(score) == tonumber(ARGV[2]) then
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[10])
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[10], KEYS[11], KEYS[12])
   redis.call('ZREM', KEYS[1], ARGV[1])
   return 1
 end
@@ -127,15 +128,20 @@ return 1
 )lua");
 
 // KEYS: activity, recent, rl fixed, rl sliding, lock, hot set, hot index,
-// index stream, dead letters, in-progress set, recorded turns.
-// ARGV: user, index group, our lock value, then stream ids (index stream) ...
-// "|" ... dead-letter ids. -1 (nothing touched) when the lock is not ours.
+// index stream, dead letters, in-progress set, turn index, queued turns,
+// tombstone, recorded turns.
+// ARGV: user, index group, our lock value, tombstone TTL (ms), keep rate
+// limits (1/0), then stream ids (index stream) ... "|" ... dead-letter ids.
+// -1 (nothing touched) when the lock is not ours. Else leaves the tombstone:
+// the id of an entry added to the index stream and deleted at once, so every
+// turn recorded before this moment has a smaller id and every later one a
+// larger. Returns it.
 const RedisScript kForget(R"lua(
 if redis.call('GET', KEYS[5]) ~= ARGV[3] then return -1 end
 redis.call('SREM', KEYS[10], ARGV[1])
 local ids, dead, into = {}, {}, nil
 into = ids
-for i = 4, #ARGV do
+for i = 6, #ARGV do
   if ARGV[i] == '|' then into = dead else into[#into + 1] = ARGV[i] end
 end
 if #ids > 0 then
@@ -143,9 +149,32 @@ if #ids > 0 then
   redis.call('XDEL', KEYS[8], unpack(ids))
 end
 if #dead > 0 then redis.call('XDEL', KEYS[9], unpack(dead)) end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[11])
+redis.call('DEL', KEYS[2], KEYS[5], KEYS[6], KEYS[7], KEYS[11], KEYS[12], KEYS[14])
+if ARGV[5] ~= '1' then redis.call('DEL', KEYS[3], KEYS[4]) end
 redis.call('ZREM', KEYS[1], ARGV[1])
-return 1
+local mark = redis.call('XADD', KEYS[8], '*', 'erase', ARGV[1])
+redis.call('XDEL', KEYS[8], mark)
+redis.call('SET', KEYS[13], mark, 'PX', ARGV[3])
+return mark
+)lua");
+
+// KEYS: index stream. ARGV: group, tombstone, then stream ids of the user.
+// Drops the entries older than the tombstone: turns that chats fenced by the
+// erase recorded after its first look at the stream. Returns their ids.
+const RedisScript kDropBeforeTombstone(R"lua(
+local tm, tq = string.match(ARGV[2], '^(%d+)-(%d+)$')
+tm, tq = tonumber(tm), tonumber(tq)
+local dropped = {}
+for i = 3, #ARGV do
+  local m, q = string.match(ARGV[i], '^(%d+)-(%d+)$')
+  m, q = tonumber(m), tonumber(q)
+  if m < tm or (m == tm and q < tq) then
+    redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+    redis.call('XDEL', KEYS[1], ARGV[i])
+    dropped[#dropped + 1] = ARGV[i]
+  end
+end
+return dropped
 )lua");
 
 // KEYS: lock, in-progress set. ARGV: user, value. Compare-and-delete of the
@@ -408,8 +437,9 @@ Result<Cleanup::Outcome> Cleanup::ArchiveUser(const std::string& user, int64_t l
   const std::string value = LockValue(kRunPurpose);
   std::vector<std::string_view> args = {user, score, kIndexGroup, value};
   for (const IndexEntry& e : queued) args.push_back(e.stream_id);
+  const std::string turns = TurnIndexKey(user), queued_turns = QueuedTurnsKey(user);
   std::vector<std::string_view> script_keys = {kActivityKey, keys[0], keys[1], keys[2], keys[3], keys[4], keys[5],
-                                               kIndexStreamKey, kCleanupInProgressKey, keys[6]};
+                                               kIndexStreamKey, kCleanupInProgressKey, keys[6], turns, queued_turns};
   Result<RedisValue> done = redis_.Eval(kFinishArchive, script_keys, args);
   if (Status s = RedisErrorIf(done, "finishing the archive"); !s.ok()) return s;
   if (done->integer < 0) return LockLost();
@@ -545,6 +575,8 @@ Result<int64_t> Cleanup::Restore(std::string_view user_id) {
   // Recall reads the newest records from the hot set, as if just indexed.
   if (Status s = Fence(user); !s.ok()) return s;
   if (Status s = AddToHotSet(redis_, user, records, options_.hot_messages); !s.ok()) return s;
+  // The history reads the user's turns through their index.
+  if (Status s = AddToTurnIndex(redis_, user, records); !s.ok()) return s;
   // Tracked again, so the restored memory is archived again when unused.
   Result<int64_t> now = NowMs();
   if (!now.ok()) return now.status();
@@ -556,33 +588,13 @@ Result<int64_t> Cleanup::Restore(std::string_view user_id) {
   return static_cast<int64_t>(records.size());
 }
 
-Status Cleanup::Forget(std::string_view user_id) {
+Result<int64_t> Cleanup::Forget(std::string_view user_id, bool keep_rate_limits) {
   std::string user(user_id);
-  std::vector<std::string> keys = UserKeys(user);
-  // Lock first, so no indexer writes to Chroma while we erase it, and no run
-  // writes an archive after we listed them: a run that holds the user is
-  // waited for. The final script releases the lock; a failure releases it too.
-  if (!options_.dry_run) {
-    if (Status s = TakeLock(user, "forget", /*wait=*/true); !s.ok()) return s;
-  }
-  bool erased = false;
-  OnExit release_on_failure{[this, &user, &erased] {
-    if (!erased && !options_.dry_run) ReleaseLockOrWarn(user);
-  }};
-  auto paths = ListArchives(options_.archive_dir, user);
-  if (!paths.ok()) return paths.status();
-  auto queued = QueuedTurns({user});
-  if (!queued.ok()) return queued.status();
-
-  // Dead letters of this user (rare; the stream is normally empty).
-  std::vector<std::string> dead_ids;
-  Result<RedisValue> dead = redis_.Command({"XRANGE", kDeadLetterKey, "-", "+"});
-  if (Status s = RedisErrorIf(dead, "XRANGE"); !s.ok()) return s;
-  for (const IndexEntry& e : ParseIndexEntries(*dead)) {
-    if (e.user == user) dead_ids.push_back(e.stream_id);
-  }
-
   if (options_.dry_run) {
+    auto paths = ListArchives(options_.archive_dir, user);
+    if (!paths.ok()) return paths.status();
+    auto queued = QueuedTurns({user});
+    if (!queued.ok()) return queued.status();
     auto count = chroma_.Count(user);
     LogInfo("forget_would_erase")
         .Str("user", user)
@@ -590,11 +602,72 @@ Status Cleanup::Forget(std::string_view user_id) {
         .Int("queued_turns", static_cast<int64_t>((*queued)[user].size()))
         .Int("archives", static_cast<int64_t>(paths->size()))
         .Emit();
-    return Status::Ok();
+    return 0;
   }
 
+  // Lock first, so no indexer writes to Chroma while we erase it, and no run
+  // writes an archive after we listed them: a run that holds the user is
+  // waited for. The final script releases the lock; a failure releases it too.
+  if (Status s = TakeLock(user, "forget", /*wait=*/true); !s.ok()) return s;
+  Result<int64_t> erased = EraseLocked(user, keep_rate_limits);
+  if (!erased.ok() && erased.status().reason() != "lock_lost") ReleaseLockOrWarn(user);
+  ForgetLock();
+  return erased;
+}
+
+Result<int64_t> Cleanup::EraseLocked(const std::string& user, bool keep_rate_limits) {
+  // Every message id found anywhere, so a message kept in several places
+  // (recent list, stream, hot set, Chroma, an archive) counts once.
+  std::set<std::string> erased;
+  auto add_turn = [&erased](const std::string& turn) {
+    erased.insert(turn + ":u");
+    erased.insert(turn + ":a");
+  };
+  auto paths = ListArchives(options_.archive_dir, user);
+  if (!paths.ok()) return paths.status();
+  for (const std::string& p : *paths) {
+    auto text = ReadFile(p);
+    if (!text.ok()) return text.status();
+    auto archive = ParseArchive(*text);
+    if (!archive.ok()) return archive.status();
+    for (const StoredMessage& m : archive->records) erased.insert(m.id);
+  }
+  auto queued = QueuedTurns({user});
+  if (!queued.ok()) return queued.status();
+  for (const IndexEntry& e : (*queued)[user]) add_turn(e.turn);
+
+  // Dead letters of this user (rare; the stream is normally empty).
+  std::vector<std::string> dead_ids;
+  Result<RedisValue> dead = redis_.Command({"XRANGE", kDeadLetterKey, "-", "+"});
+  if (Status s = RedisErrorIf(dead, "XRANGE"); !s.ok()) return s;
+  for (const IndexEntry& e : ParseIndexEntries(*dead)) {
+    if (e.user != user) continue;
+    dead_ids.push_back(e.stream_id);
+    add_turn(e.turn);
+  }
+
+  // What Redis holds of the user's messages: the recent list, the turn index
+  // and the hot set.
+  std::vector<std::string> keys = UserKeys(user);
+  const std::string turns = TurnIndexKey(user), queued_turns = QueuedTurnsKey(user), tombstone = TombstoneKey(user);
+  auto held = redis_.Pipeline({{"LRANGE", keys[0], "0", "-1"}, {"ZRANGE", turns, "0", "-1"}, {"HKEYS", keys[4]}});
+  if (!held.ok()) return held.status();
+  for (const RedisValue& r : *held) {
+    if (r.is_error()) return Unavailable("redis_error", "reading the user's keys failed: " + r.str);
+  }
+  for (const RedisValue& e : (*held)[0].elements) {
+    auto m = ParseRecentEntry(e.str);
+    if (m.ok()) erased.insert(m->id);
+  }
+  for (const RedisValue& e : (*held)[1].elements) {
+    if (e.str.size() > kTurnIndexTsDigits + 1) add_turn(e.str.substr(kTurnIndexTsDigits + 1));
+  }
+  for (const RedisValue& e : (*held)[2].elements) erased.insert(e.str);
+
   if (Status s = Fence(user); !s.ok()) return s;
-  if (auto deleted = chroma_.DeleteUser(user); !deleted.ok()) return deleted.status();
+  std::vector<std::string> chroma_ids;
+  if (auto deleted = chroma_.DeleteUser(user, &chroma_ids); !deleted.ok()) return deleted.status();
+  erased.insert(chroma_ids.begin(), chroma_ids.end());
   // A deployment not yet migrated may still hold the old per-user collection.
   if (Status s = Fence(user); !s.ok()) return s;
   if (Status s = chroma_.DeleteLegacy(user); !s.ok()) return s;
@@ -602,18 +675,37 @@ Status Cleanup::Forget(std::string_view user_id) {
   if (Status s = RemoveArchives(options_.archive_dir, user, *paths); !s.ok()) return s;
 
   const std::string value = LockValue("forget");
-  std::vector<std::string_view> args = {user, kIndexGroup, value};
+  const std::string ttl = std::to_string(options_.tombstone_ttl_ms);
+  std::vector<std::string_view> args = {user, kIndexGroup, value, ttl, keep_rate_limits ? "1" : "0"};
   for (const IndexEntry& e : (*queued)[user]) args.push_back(e.stream_id);
   args.push_back("|");
   for (const std::string& id : dead_ids) args.push_back(id);
-  std::vector<std::string_view> script_keys = {kActivityKey, keys[0], keys[1], keys[2], keys[3], keys[4], keys[5],
-                                               kIndexStreamKey, kDeadLetterKey, kCleanupInProgressKey, keys[6]};
-  Result<RedisValue> script = redis_.Eval(kForget, script_keys, args);
-  if (Status s = RedisErrorIf(script, "forget"); !s.ok()) return s;
-  if (script->integer < 0) return LockLost();
-  erased = true;
-  ForgetLock();
-  return Status::Ok();
+  std::vector<std::string_view> script_keys = {kActivityKey,    keys[0],        keys[1],
+                                               keys[2],         keys[3],        keys[4],
+                                               keys[5],         kIndexStreamKey, kDeadLetterKey,
+                                               kCleanupInProgressKey, turns,    queued_turns,
+                                               tombstone,       keys[6]};
+  Result<RedisValue> mark = redis_.Eval(kForget, script_keys, args);
+  if (Status s = RedisErrorIf(mark, "forget"); !s.ok()) return s;
+  if (mark->type == RedisValue::Type::kInteger && mark->integer < 0) return LockLost();
+
+  // Chats fenced by the erase may have recorded a turn between the first look
+  // at the stream and the tombstone: those entries go now, rather than wait
+  // for an indexer to drop them.
+  auto late = QueuedTurns({user});
+  if (!late.ok()) return late.status();
+  if (!(*late)[user].empty()) {
+    std::vector<std::string_view> drop = {kIndexGroup, mark->str};
+    for (const IndexEntry& e : (*late)[user]) drop.push_back(e.stream_id);
+    Result<RedisValue> dropped = redis_.Eval(kDropBeforeTombstone, {kIndexStreamKey}, drop);
+    if (Status s = RedisErrorIf(dropped, "dropping fenced turns"); !s.ok()) return s;
+    std::set<std::string> gone;
+    for (const RedisValue& id : dropped->elements) gone.insert(id.str);
+    for (const IndexEntry& e : (*late)[user]) {
+      if (gone.count(e.stream_id) != 0) add_turn(e.turn);
+    }
+  }
+  return static_cast<int64_t>(erased.size());
 }
 
 Result<MigrateSummary> Cleanup::Migrate() {
@@ -662,7 +754,37 @@ Result<MigrateSummary> Cleanup::Migrate() {
     }
     if (todo == 0) break;
   }
+  if (Status s = IndexTurns(sum); !s.ok()) return s;
   return sum;
+}
+
+Status Cleanup::IndexTurns(MigrateSummary& sum) {
+  // Turns recorded before the turn index existed are not in it, and the
+  // history would not see them. Every tracked user's indexed records (ids and
+  // metadata only) are added again, a page of the activity index at a time:
+  // adding is idempotent, and a user who chatted since the upgrade has an
+  // index that holds only the new turns, so "has an index" proves nothing.
+  const std::string batch = std::to_string(options_.batch);
+  for (int64_t offset = 0;; offset += options_.batch) {
+    const std::string off = std::to_string(offset);
+    Result<RedisValue> page = redis_.Command({"ZRANGE", kActivityKey, "-inf", "+inf", "BYSCORE", "LIMIT", off, batch});
+    if (Status s = RedisErrorIf(page, "ZRANGE"); !s.ok()) return s;
+    if (page->elements.empty()) return Status::Ok();
+    for (const RedisValue& u : page->elements) {
+      auto records = chroma_.ListMessages(u.str);
+      if (!records.ok()) {
+        ++sum.failed;
+        LogError("index_turns_failed").Str("user", u.str).Str("reason", records.status().reason()).Emit();
+        continue;
+      }
+      if (options_.dry_run) {
+        LogInfo("index_turns_would_add").Str("user", u.str).Int("records", static_cast<int64_t>(records->size())).Emit();
+        continue;
+      }
+      if (Status s = AddToTurnIndex(redis_, u.str, *records); !s.ok()) return s;
+      ++sum.turn_indexes;
+    }
+  }
 }
 
 Result<int64_t> Cleanup::MigrateUser(const std::string& user) {
@@ -701,6 +823,7 @@ Result<int64_t> Cleanup::MoveLegacyUser(const std::string& user) {
   if (Status s = Fence(user); !s.ok()) return s;
   if (Status s = AddToHotSet(redis_, user, *records, options_.hot_messages); !s.ok()) return s;
   if (Status s = Fence(user); !s.ok()) return s;
+  if (Status s = AddToTurnIndex(redis_, user, *records); !s.ok()) return s;
   if (Status s = chroma_.DeleteLegacy(user); !s.ok()) return s;
   CrashIf("migrate_after_delete");
   return static_cast<int64_t>(records->size());

@@ -206,6 +206,8 @@ Result<Config> LoadConfig(const EnvLookup& env) {
   if (!rate_password.empty()) c.rate_redis_password = std::move(rate_password);
   r.Int("CHATD_RATE_LIMIT", c.rate_limit, 1, kMaxRateLimit);
   r.Int("CHATD_RATE_WINDOW_S", c.rate_window_s, 1, kMaxWindowS);
+  r.Int("CHATD_DATA_RATE_LIMIT", c.data_rate_limit, 1, kMaxRateLimit);
+  r.Int("CHATD_DATA_RATE_WINDOW_S", c.data_rate_window_s, 1, kMaxWindowS);
   r.Enum("CHATD_RATE_ALGORITHM", c.rate_algorithm,
          {{"fixed", RateAlgorithm::kFixed}, {"sliding", RateAlgorithm::kSliding}});
   r.Enum("CHATD_RATE_FAILURE_MODE", c.rate_failure_mode,

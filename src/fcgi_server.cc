@@ -47,6 +47,7 @@ void ReadRequest(FCGX_Request& req, size_t max_body, HttpRequest& out) {
     out.path = Param(req, "REQUEST_URI");
     if (auto q = out.path.find('?'); q != std::string::npos) out.path.resize(q);
   }
+  out.query = Param(req, "QUERY_STRING");
   out.content_type = Param(req, "CONTENT_TYPE");
   out.authorization = Param(req, "HTTP_AUTHORIZATION");
   out.remote_addr = Param(req, "REMOTE_ADDR");
@@ -86,7 +87,9 @@ std::string Head(const HttpReply& reply, bool with_length) {
   head.append("Status: ").append(std::to_string(reply.status)).append(" ");
   head.append(HttpReasonPhrase(reply.status)).append("\r\n");
   head.append("Content-Type: ").append(reply.content_type).append("\r\n");
-  if (with_length) head.append("Content-Length: ").append(std::to_string(reply.body.size())).append("\r\n");
+  if (with_length && !reply.stream) {
+    head.append("Content-Length: ").append(std::to_string(reply.body.size())).append("\r\n");
+  }
   head.append("Cache-Control: no-store\r\n");
   for (const auto& [name, value] : reply.headers) head.append(name).append(": ").append(value).append("\r\n");
   head.append("\r\n");
@@ -97,6 +100,13 @@ void WriteReply(FCGX_Request& req, const HttpReply& reply) {
   std::string head = Head(reply, /*with_length=*/true);
   // A failed write means nginx went away; there is nobody left to tell.
   FCGX_PutStr(head.data(), static_cast<int>(head.size()), req.out);
+  if (reply.stream) {
+    reply.stream([&req](std::string_view piece) {
+      if (FCGX_PutStr(piece.data(), static_cast<int>(piece.size()), req.out) < 0) return false;
+      return FCGX_FFlush(req.out) == 0 && FCGX_GetError(req.out) == 0;
+    });
+    return;
+  }
   FCGX_PutStr(reply.body.data(), static_cast<int>(reply.body.size()), req.out);
 }
 

@@ -36,6 +36,57 @@ int HttpStatusFor(Code code) {
   return 500;
 }
 
+namespace {
+
+int HexValue(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+bool PercentDecode(std::string_view in, std::string& out) {
+  out.clear();
+  for (size_t i = 0; i < in.size(); ++i) {
+    if (in[i] == '+') {
+      out.push_back(' ');
+    } else if (in[i] == '%') {
+      if (i + 2 >= in.size()) return false;
+      int hi = HexValue(in[i + 1]), lo = HexValue(in[i + 2]);
+      if (hi < 0 || lo < 0) return false;
+      out.push_back(static_cast<char>(hi * 16 + lo));
+      i += 2;
+    } else {
+      out.push_back(in[i]);
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+Result<std::optional<std::string>> QueryParam(std::string_view query, std::string_view name) {
+  std::optional<std::string> found;
+  std::string key, value;
+  while (!query.empty()) {
+    size_t amp = query.find('&');
+    std::string_view pair = query.substr(0, amp);
+    query = amp == std::string_view::npos ? std::string_view() : query.substr(amp + 1);
+    if (pair.empty()) continue;
+    size_t eq = pair.find('=');
+    if (!PercentDecode(pair.substr(0, eq), key)) {
+      return InvalidArgument("invalid_query", "The query string is not properly percent-encoded");
+    }
+    if (key != name) continue;
+    if (found) return InvalidArgument("invalid_query", "The query parameter \"" + key + "\" is repeated");
+    if (!PercentDecode(eq == std::string_view::npos ? std::string_view() : pair.substr(eq + 1), value)) {
+      return InvalidArgument("invalid_query", "The query string is not properly percent-encoded");
+    }
+    found = value;
+  }
+  return found;
+}
+
 const char* HttpReasonPhrase(int status) {
   switch (status) {
     case 200: return "OK";

@@ -6,9 +6,11 @@
 
 #include "chatd/clock.h"
 #include "chatd/idempotency.h"
+#include "chatd/decimal.h"
 #include "chatd/json.h"
 #include "chatd/log.h"
 #include "chatd/rate_limiter.h"
+#include "chatd/user_id.h"
 
 namespace chatd {
 
@@ -171,6 +173,11 @@ HttpReply HttpApi::Handle(const HttpRequest& req, RequestLog& log, ResponseStrea
   try {
     if (req.path == "/api/chat") return Chat(req, log, stream);
     if (req.path == "/api/health") return Health(req);
+    if (data_ != nullptr) {
+      if (req.path == "/api/history") return History(req, log);
+      if (req.path == "/api/export") return Export(req, log);
+      if (req.path == "/api/memory") return EraseMemory(req, log);
+    }
     if (req.path == "/metrics") return MetricsText(req);
     log.error_reason = "not_found";
     return ErrorReply(Status(Code::kNotFound, "not_found", "No such endpoint"));
@@ -208,20 +215,13 @@ HttpReply HttpApi::Chat(const HttpRequest& req, RequestLog& log, ResponseStream*
   }
 
   // Credentials before the body: rejecting a bad token must stay cheap.
-  Principal principal;
-  if (auth_ != nullptr) {
-    Result<Principal> who = auth_->Authenticate(req);
-    if (!who.ok()) {
-      if (metrics_) Metrics::Add(metrics_->shared().auth_failures);
-      HttpReply reply = fail(who.status());
-      // RFC 6750 3.1: no error attribute when no credentials were sent at all.
-      reply.headers.emplace_back("WWW-Authenticate", who.status().reason() == "missing_token"
-                                                         ? "Bearer"
-                                                         : "Bearer error=\"invalid_token\"");
-      return reply;
-    }
-    principal = std::move(*who);
+  Result<Principal> who = Authenticate(req);
+  if (!who.ok()) {
+    HttpReply reply = fail(who.status());
+    AddChallenge(who.status(), reply);
+    return reply;
   }
+  Principal principal = std::move(*who);
 
   Result<ChatRequest> parsed = ParseChatRequest(req.body, config_.max_message_bytes);
   if (!parsed.ok()) return fail(parsed.status());
@@ -305,6 +305,150 @@ HttpReply HttpApi::Chat(const HttpRequest& req, RequestLog& log, ResponseStream*
   return reply;
 }
 
+Result<Principal> HttpApi::Authenticate(const HttpRequest& req) {
+  if (auth_ == nullptr) return Principal{};
+  Result<Principal> who = auth_->Authenticate(req);
+  if (!who.ok() && metrics_) Metrics::Add(metrics_->shared().auth_failures);
+  return who;
+}
+
+void HttpApi::AddChallenge(const Status& refused, HttpReply& reply) {
+  // RFC 6750 3.1: no error attribute when no credentials were sent at all.
+  reply.headers.emplace_back("WWW-Authenticate",
+                             refused.reason() == "missing_token" ? "Bearer" : "Bearer error=\"invalid_token\"");
+}
+
+void HttpApi::EnableUserData(UserDataStore* data, RateLimiter* limiter) {
+  data_ = data;
+  data_limiter_ = limiter;
+}
+
+Result<std::string> HttpApi::DataUser(const HttpRequest& req, const char* method, RequestLog& log,
+                                      HttpReply& refused) {
+  auto fail = [&](const Status& s) {
+    log.error_reason = s.reason();
+    refused = ErrorReply(s);
+    return s;
+  };
+  if (req.method != method) {
+    Status s = fail(Status(Code::kMethodNotAllowed, "method_not_allowed",
+                           std::string("Use ") + method + " for " + req.path));
+    refused.headers.emplace_back("Allow", method);
+    return s;
+  }
+  Result<Principal> who = Authenticate(req);
+  if (!who.ok()) {
+    Status s = fail(who.status());
+    AddChallenge(s, refused);
+    return s;
+  }
+  Principal principal = std::move(*who);
+  Result<std::optional<std::string>> named = QueryParam(req.query, "userId");
+  if (!named.ok()) return fail(named.status());
+  std::optional<std::string> user = std::move(*named);
+  if (principal.subject) {
+    // A user token reads and erases its subject's data only.
+    if (user && *user != *principal.subject) {
+      log.user_id = *principal.subject;
+      return fail(Status(Code::kForbidden, "user_mismatch", "The token does not allow acting for this userId"));
+    }
+    user = *principal.subject;
+  }
+  if (!user) return fail(InvalidArgument("missing_field", "The query parameter \"userId\" is required"));
+  if (!IsValidUserId(*user)) {
+    return fail(InvalidArgument("invalid_user_id", "userId must be 1 to 64 characters of [A-Za-z0-9_.@-]"));
+  }
+  log.user_id = *user;
+  Result<RateDecision> decision = data_limiter_->Check(*user);
+  if (!decision.ok()) {
+    return fail(Unavailable("rate_limiter_unavailable", "The rate limiter is unavailable; try again shortly"));
+  }
+  if (!decision->allowed) {
+    Status s = fail(Status(Code::kRateLimited, "rate_limited", "Too many requests"));
+    refused.body.pop_back();
+    refused.body.append(",\"retryAfter\":").append(std::to_string(RetryAfterSeconds(*decision))).append("}");
+    for (auto& h : RateLimitHeaders(*decision)) refused.headers.push_back(std::move(h));
+    return s;
+  }
+  return std::move(*user);
+}
+
+HttpReply HttpApi::History(const HttpRequest& req, RequestLog& log) {
+  HttpReply refused;
+  Result<std::string> user = DataUser(req, "GET", log, refused);
+  if (!user.ok()) return refused;
+  auto fail = [&](const Status& s) {
+    log.error_reason = s.reason();
+    return ErrorReply(s);
+  };
+  int limit = kHistoryDefaultLimit;
+  Result<std::optional<std::string>> limit_text = QueryParam(req.query, "limit");
+  if (!limit_text.ok()) return fail(limit_text.status());
+  if (*limit_text) {
+    std::optional<int64_t> n = ParseDecimal(**limit_text);
+    if (!n || *n < 1 || *n > kHistoryMaxLimit) {
+      return fail(InvalidArgument("invalid_limit", "limit must be a whole number from 1 to " +
+                                                        std::to_string(kHistoryMaxLimit)));
+    }
+    limit = static_cast<int>(*n);
+  }
+  std::optional<HistoryCursor> before;
+  Result<std::optional<std::string>> before_text = QueryParam(req.query, "before");
+  if (!before_text.ok()) return fail(before_text.status());
+  if (*before_text) {
+    before = ParseCursor(**before_text);
+    if (!before) return fail(InvalidArgument("invalid_cursor", "before must be a cursor from a previous page"));
+  }
+  // An archived user's history is restored on read, like on a chat.
+  if (Result<int64_t> r = data_->RestoreIfArchived(*user); !r.ok()) {
+    return fail(Unavailable("restore_failed", "The archived memory could not be restored; try again shortly"));
+  }
+  Result<HistoryPage> page = data_->History(*user, limit, before);
+  if (!page.ok()) return fail(page.status());
+  HttpReply reply;
+  reply.body = HistoryBody(*page);
+  return reply;
+}
+
+HttpReply HttpApi::Export(const HttpRequest& req, RequestLog& log) {
+  HttpReply refused;
+  Result<std::string> user = DataUser(req, "GET", log, refused);
+  if (!user.ok()) return refused;
+  Result<int64_t> restored = data_->RestoreIfArchived(*user);
+  if (!restored.ok()) {
+    log.error_reason = "restore_failed";
+    return ErrorReply(Unavailable("restore_failed", "The archived memory could not be restored; try again shortly"));
+  }
+  HttpReply reply;
+  reply.headers.emplace_back("Content-Disposition", "attachment; filename=\"chatd-export.json\"");
+  // Sent on as written, not gathered by nginx first (nor spooled to disk).
+  reply.headers.emplace_back("X-Accel-Buffering", "no");
+  UserDataStore* data = data_;
+  reply.stream = [data, user = *user, n = *restored](const std::function<bool(std::string_view)>& write) {
+    Status s = data->Export(user, n, write);
+    // The head is gone already: an export cut short ends as a document that
+    // is not valid JSON, which the client cannot mistake for a whole one.
+    if (!s.ok()) LogError("export_failed").Str("user", user).Str("reason", s.reason()).Emit();
+  };
+  return reply;
+}
+
+HttpReply HttpApi::EraseMemory(const HttpRequest& req, RequestLog& log) {
+  HttpReply refused;
+  Result<std::string> user = DataUser(req, "DELETE", log, refused);
+  if (!user.ok()) return refused;
+  Result<int64_t> erased = data_->Erase(*user);
+  if (!erased.ok()) {
+    LogError("erase_failed").Str("user", *user).Str("reason", erased.status().reason())
+        .Str("detail", erased.status().message()).Emit();
+    log.error_reason = "erase_failed";
+    // Every step is idempotent: a retry finishes the job.
+    return ErrorReply(Unavailable("erase_failed", "The memory could not be erased completely; retry the request"));
+  }
+  HttpReply reply;
+  reply.body = "{\"deleted\":{\"messages\":" + std::to_string(*erased) + "}}";
+  return reply;
+}
 
 void HttpApi::Count(const ChatTrace& trace, const Status& status) {
   if (metrics_ == nullptr) return;

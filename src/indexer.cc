@@ -30,11 +30,16 @@ bool IsPermanent(const Status& s) {
 // can be the entry's fault, and only while Chroma accepts other writes.
 bool StoreAnswered(const Status& s) { return s.reason() == "chroma_unavailable"; }
 
-// KEYS: the user's cleanup lock, the user's indexing marker, the index stream.
+// KEYS: the user's cleanup lock, the user's indexing marker, the index
+// stream, the user's erase tombstone.
 // ARGV: marker TTL, group, consumer, then (entry id, deliveries) pairs.
 // Returns 0 when a cleanup holds the user: do not write; the entries stay
 // pending, idle again, and this delivery does not count (RETRYCOUNT undoes it).
 // Returns 1 otherwise, with the marker raised.
+// With a tombstone, returns {go (1/0), dropped entry ids...} instead: entries
+// older than the user's latest erase were recorded by chats the erase fenced
+// (or before it) and must never reach Chroma: they are acknowledged and
+// deleted here; go is 0 (no marker) when nothing else is left.
 const RedisScript kBeginIndexing(R"lua(
 if redis.call('EXISTS', KEYS[1]) == 1 then
   for i = 4, #ARGV, 2 do
@@ -43,14 +48,37 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   end
   return 0
 end
+local tombstone = redis.call('GET', KEYS[4])
+if tombstone then
+  local tm, tq = string.match(tombstone, '^(%d+)-(%d+)$')
+  tm, tq = tonumber(tm), tonumber(tq)
+  local out, left = {0}, 0
+  for i = 4, #ARGV, 2 do
+    local m, q = string.match(ARGV[i], '^(%d+)-(%d+)$')
+    m, q = tonumber(m), tonumber(q)
+    if tm and (m < tm or (m == tm and q < tq)) then
+      redis.call('XACK', KEYS[3], ARGV[2], ARGV[i])
+      redis.call('XDEL', KEYS[3], ARGV[i])
+      out[#out + 1] = ARGV[i]
+    else
+      left = left + 1
+    end
+  end
+  if left == 0 then return out end
+  out[1] = 1
+  redis.call('INCR', KEYS[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[1])
+  return out
+end
 redis.call('INCR', KEYS[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[1])
 return 1
 )lua");
 
-// KEYS: lock, marker, index stream, hot set, hot index.
+// KEYS: lock, marker, index stream, hot set, hot index, queued turns.
 // ARGV: group, hot-set bound, keep marker (1/0), n, then n entry ids to
-// acknowledge, then (message id, ts, packed record) triples for the hot set.
+// acknowledge, then their n turn ids (no longer queued), then (message id,
+// ts, packed record) triples for the hot set.
 // Lowers the marker, unless a write of ours may still land (it timed out
 // without an answer: Chroma may yet apply it), in which case the marker stays
 // until its TTL, and a cleanup keeps waiting for it. Acknowledges and fills
@@ -62,9 +90,12 @@ local n = tonumber(ARGV[4])
 if n == 0 or redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local ids = {}
 for i = 5, 4 + n do ids[#ids + 1] = ARGV[i] end
+local turns = {}
+for i = 5 + n, 4 + 2 * n do turns[#turns + 1] = ARGV[i] end
 redis.call('XACK', KEYS[3], ARGV[1], unpack(ids))
 redis.call('XDEL', KEYS[3], unpack(ids))
-local hot_key, hot_index_key, bound, first = KEYS[4], KEYS[5], tonumber(ARGV[2]), 5 + n
+redis.call('HDEL', KEYS[6], unpack(turns))
+local hot_key, hot_index_key, bound, first = KEYS[4], KEYS[5], tonumber(ARGV[2]), 5 + 2 * n
 )lua") + kHotSetAddLua + "return n\n");
 
 // KEYS: index stream. ARGV: group, this consumer, idle bound (ms).
@@ -454,11 +485,12 @@ Result<int> Indexer::Index(std::vector<IndexEntry>& entries) {
 
   // 1. Lock check and marker, for every user of the batch in one round trip.
   struct UserKeys {
-    std::string lock, marker, hot, hot_index;
+    std::string lock, marker, hot, hot_index, tombstone, queued;
   };
   std::map<std::string, UserKeys> keys;  // node-based: the views below stay valid
   for (const auto& [user, list] : by_user) {
-    keys[user] = {CleanupLockKey(user), IndexingKey(user), HotKey(user), HotIndexKey(user)};
+    keys[user] = {CleanupLockKey(user), IndexingKey(user), HotKey(user),
+                  HotIndexKey(user),    TombstoneKey(user), QueuedTurnsKey(user)};
   }
   const std::string marker_ttl = std::to_string(options_.marker_ttl_ms);
   std::vector<std::string> counts;
@@ -466,7 +498,8 @@ Result<int> Indexer::Index(std::vector<IndexEntry>& entries) {
   std::vector<RedisClient::ScriptCall> begins;
   for (const auto& [user, list] : by_user) {
     const UserKeys& k = keys[user];
-    RedisClient::ScriptCall call{{k.lock, k.marker, kIndexStreamKey}, {marker_ttl, kIndexGroup, options_.consumer}};
+    RedisClient::ScriptCall call{{k.lock, k.marker, kIndexStreamKey, k.tombstone},
+                                 {marker_ttl, kIndexGroup, options_.consumer}};
     for (const IndexEntry* e : list) {
       counts.push_back(std::to_string(e->deliveries));
       call.args.push_back(e->stream_id);
@@ -482,6 +515,20 @@ Result<int> Indexer::Index(std::vector<IndexEntry>& entries) {
   for (const auto& [user, list] : by_user) {
     const RedisValue& r = (*began)[u++];
     if (r.is_error()) return Unavailable("redis_error", "beginning to index failed: " + r.str);
+    if (r.type == RedisValue::Type::kArray) {
+      // The user was erased: entries older than the erase are gone for good.
+      std::set<std::string> dropped;
+      for (size_t i = 1; i < r.elements.size(); ++i) dropped.insert(r.elements[i].str);
+      if (!dropped.empty()) {
+        LogInfo("index_dropped_erased").Str("user", user).Int("turns", static_cast<int64_t>(dropped.size())).Emit();
+      }
+      if (r.elements.empty() || r.elements[0].integer == 0) continue;
+      users.push_back(user);
+      for (const IndexEntry* e : list) {
+        if (dropped.count(e->stream_id) == 0) writable.push_back(e);
+      }
+      continue;
+    }
     if (r.integer == 0) continue;  // a cleanup holds the user: after it
     users.push_back(user);
     writable.insert(writable.end(), list.begin(), list.end());
@@ -526,10 +573,11 @@ Result<int> Indexer::Index(std::vector<IndexEntry>& entries) {
   for (const std::string& user : users) {
     const UserKeys& k = keys[user];
     const std::vector<size_t>& idx = settled_by_user[user];
-    RedisClient::ScriptCall call{{k.lock, k.marker, kIndexStreamKey, k.hot, k.hot_index},
+    RedisClient::ScriptCall call{{k.lock, k.marker, kIndexStreamKey, k.hot, k.hot_index, k.queued},
                                  {kIndexGroup, hot_bound, in_doubt.count(user) != 0 ? "1" : "0",
                                   backing.emplace_back(std::to_string(idx.size()))}};
     for (size_t i : idx) call.args.push_back(writable[i]->stream_id);
+    for (size_t i : idx) call.args.push_back(writable[i]->turn);
     for (size_t i : idx) {
       if (!results[i].ok()) continue;
       ++written_total;

@@ -15,6 +15,7 @@
 #include "chatd/auth.h"
 #include "chatd/chat_service.h"
 #include "chatd/chroma.h"
+#include "chatd/cleanup.h"
 #include "chatd/config.h"
 #include "chatd/embeddings.h"
 #include "chatd/fcgi_server.h"
@@ -30,6 +31,7 @@
 #include "chatd/redis_idempotency.h"
 #include "chatd/redis_memory.h"
 #include "chatd/redis_rate_limiter.h"
+#include "chatd/user_data.h"
 
 namespace {
 
@@ -48,6 +50,10 @@ constexpr int64_t kLeaseMarginMs = 1000;
 // Recording a turn is one try and, after a transport error, one more; each
 // may wait for a connect and for the reply, both bounded by the Redis timeout.
 constexpr int64_t kRecordRedisTimeouts = 4;
+// DELETE /api/memory takes the user's cleanup lock, and waits at most half its
+// TTL for an indexer to finish writing the user: a request must not wait much
+// longer than a chat could.
+constexpr int64_t kEraseLockTtlDeadlines = 2;
 
 // A clear line at start-up when Redis refuses us (wrong password, missing
 // ACL user), instead of only per-request 503s. Not fatal: exiting would make
@@ -178,7 +184,20 @@ int main() {
   llm_options.stream_idle_timeout_ms = config.llm_stream_idle_ms;
   OpenAIChat llm(llm_options);
 
+  // The user-data endpoints: the cleanup's erase and restore (shared with
+  // chatd-cleanup), limited per user apart from the chat.
+  CleanupOptions cleanup_options;
+  cleanup_options.archive_dir = config.archive_dir;
+  cleanup_options.lock_ttl_ms = kEraseLockTtlDeadlines * config.request_deadline_ms;
+  cleanup_options.hot_messages = config.recall_hot_messages;
+  cleanup_options.tombstone_ttl_ms = EraseTombstoneTtlMs(config);
+  Cleanup cleanup(redis, chroma, *embedder, cleanup_options);
+  UserData user_data(redis, chroma, cleanup, config.archive_dir);
+  RedisRateLimiter data_limiter(rate_redis_own ? *rate_redis_own : redis, config.data_rate_limit,
+                                config.data_rate_window_s, RateAlgorithm::kFixed, {}, kDataFixedWindowKeySuffix);
+
   ChatServiceOptions chat_options;
+  chat_options.archived = &user_data;
   chat_options.rate_failure_mode = config.rate_failure_mode;
   chat_options.recall_k = static_cast<size_t>(config.recall_k);
   chat_options.system_prompt = config.system_prompt;
@@ -203,6 +222,7 @@ int main() {
   bool model_configured = !config.openai_api_key.empty() || config.openai_base_url != Config().openai_base_url;
   StackHealthProbe health(redis, rate_redis_own.get(), chroma, model_configured);
   HttpApi api(config, chat, auth->get(), metrics->get(), &health);
+  api.EnableUserData(&user_data, &data_limiter);
 
   IndexerOptions indexer_options;
   indexer_options.consumer = ConsumerName();

@@ -131,6 +131,7 @@ int main(int argc, char** argv) {
   options.now_ms = config.cleanup_now_ms;
   options.dry_run = dry_run;
   options.hot_messages = config.recall_hot_messages;
+  options.tombstone_ttl_ms = EraseTombstoneTtlMs(config);
   // A way to end the process on purpose has no place in what we ship: only
   // the test build (chatd-cleanup-testhooks, compiled with CHATD_TEST_HOOKS)
   // reads it, and the release build says it ignores it.
@@ -154,12 +155,13 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (command == "forget") {
-    Status s = cleanup.Forget(args[1]);
-    if (!s.ok()) {
+    Result<int64_t> erased = cleanup.Forget(args[1]);
+    if (!erased.ok()) {
+      const Status& s = erased.status();
       LogError("forget_failed").Str("user", args[1]).Str("reason", s.reason()).Str("detail", s.message()).Emit();
       return kExitFailed;
     }
-    LogInfo("forget_done").Str("user", args[1]).Bool("dry_run", dry_run).Emit();
+    LogInfo("forget_done").Str("user", args[1]).Int("messages", *erased).Bool("dry_run", dry_run).Emit();
     return 0;
   }
 
@@ -177,6 +179,7 @@ int main(int argc, char** argv) {
         .Int("users", m->users)
         .Int("records", m->records)
         .Int("failed", m->failed)
+        .Int("turn_indexes", m->turn_indexes)
         .Bool("dry_run", dry_run)
         .Emit();
     return m->failed == 0 ? 0 : kExitFailed;

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <set>
 
 #include "chatd/redis_idempotency.h"
 #include "chatd/redis_rate_limiter.h"
@@ -15,28 +16,37 @@ namespace chatd {
 namespace {
 
 // KEYS: recent list, index stream, activity zset, the user's recorded turns,
-// the user's leases in flight[, the request's idempotency key].
+// the user's leases in flight, tombstone, turn index, queued turns[, the
+// request's idempotency key].
 // ARGV: user, turn id, user text, assistant text, max recent, packed embedding,
 // the lease to release ('' for none), how long a recorded turn stays listed
-// in ms [, idempotency token, request fingerprint, ms to keep the answer].
+// in ms, the tombstone the chat read when it started [, idempotency token,
+// request fingerprint, ms to keep the answer].
 // The timestamp comes from Redis so that every worker and host agrees on it.
 // Releasing the chat's concurrency lease here saves the chat a round trip.
 //
-// Replies: {'recorded', ts}; {'already'} when this turn id was recorded
-// before (the client's first try timed out after the script ran: the retry
-// must not record it twice); {'key_done', turn, response} when the key holds
-// another request's answer; {'key_busy'} when another request holds the key.
-// Only 'recorded' wrote anything besides the lease release.
+// Replies: {'recorded', ts}; {'erased'} when the erase fence refused the turn;
+// {'already'} when this turn id was recorded before (the client's first try
+// timed out after the script ran: the retry must not record it twice);
+// {'key_done', turn, response} when the key holds another request's answer;
+// {'key_busy'} when another request holds the key. Only 'recorded' wrote
+// anything besides the lease release.
 const RedisScript kRecordTurn(R"lua(
 if ARGV[7] ~= '' then redis.call('ZREM', KEYS[5], ARGV[7]) end
+-- The erase fence (DELETE /api/memory, chatd-cleanup forget). A chat that
+-- read another tombstone than the current one (none, or an older erase's)
+-- started before the user's latest erase: nothing of it may be kept. The
+-- tombstone outlives the longest chat, so an expired one fences nobody.
+local tombstone = redis.call('GET', KEYS[6])
+if tombstone and tombstone ~= ARGV[9] then return {'erased'} end
 -- Idempotent by turn id: a turn stays listed longer than any retry may come.
 if redis.call('ZSCORE', KEYS[4], ARGV[2]) then return {'already'} end
 -- The key's claim is this request's unless it expired meanwhile and another
 -- request took the key; then that request's turn is the one to keep.
-if KEYS[6] then
-  local held = redis.call('HMGET', KEYS[6], 'tok', 'turn', 'resp')
+if KEYS[9] then
+  local held = redis.call('HMGET', KEYS[9], 'tok', 'turn', 'resp')
   if held[2] then return {'key_done', held[2], held[3]} end
-  if held[1] and held[1] ~= ARGV[9] then return {'key_busy'} end
+  if held[1] and held[1] ~= ARGV[10] then return {'key_busy'} end
 end
 local t = redis.call('TIME')
 local ts = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -44,17 +54,19 @@ local u = cjson.encode({role = 'user', content = ARGV[3], ts = ts, id = ARGV[2] 
 local a = cjson.encode({role = 'assistant', content = ARGV[4], ts = ts, id = ARGV[2] .. ':a'})
 redis.call('RPUSH', KEYS[1], u, a)
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[5]), -1)
-redis.call('XADD', KEYS[2], '*', 'user', ARGV[1], 'turn', ARGV[2], 'ts', ts,
-           'u', ARGV[3], 'a', ARGV[4], 'emb', ARGV[6])
+local entry = redis.call('XADD', KEYS[2], '*', 'user', ARGV[1], 'turn', ARGV[2], 'ts', ts,
+                         'u', ARGV[3], 'a', ARGV[4], 'emb', ARGV[6])
 redis.call('ZADD', KEYS[3], ts, ARGV[1])
 redis.call('ZADD', KEYS[4], ts, ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ts - tonumber(ARGV[8]))
 redis.call('PEXPIRE', KEYS[4], ARGV[8])
-if KEYS[6] then
+redis.call('ZADD', KEYS[7], 0, string.format('%015d:%s', ts, ARGV[2]))
+redis.call('HSET', KEYS[8], ARGV[2], entry)
+if KEYS[9] then
   -- The answer replaces the claim, in this same step: a retry replays it.
-  redis.call('HSET', KEYS[6], 'fp', ARGV[10], 'turn', ARGV[2], 'resp', ARGV[4])
-  redis.call('HDEL', KEYS[6], 'tok')
-  redis.call('PEXPIRE', KEYS[6], ARGV[11])
+  redis.call('HSET', KEYS[9], 'fp', ARGV[11], 'turn', ARGV[2], 'resp', ARGV[4])
+  redis.call('HDEL', KEYS[9], 'tok')
+  redis.call('PEXPIRE', KEYS[9], ARGV[12])
 end
 return {'recorded', ts}
 )lua");
@@ -81,6 +93,33 @@ local hot_key, hot_index_key, bound, first = KEYS[1], KEYS[2], tonumber(ARGV[1])
 )lua") + kHotSetAddLua);
 
 }  // namespace
+
+std::string TurnIndexMember(int64_t ts_ms, std::string_view turn_id) {
+  std::string ts = std::to_string(ts_ms < 0 ? 0 : ts_ms);
+  std::string out(ts.size() < kTurnIndexTsDigits ? kTurnIndexTsDigits - ts.size() : 0, '0');
+  out.append(ts).append(":").append(turn_id);
+  return out;
+}
+
+Status AddToTurnIndex(RedisClient& redis, std::string_view user_id, const std::vector<StoredMessage>& messages) {
+  std::set<std::string> members;  // both halves of a turn name it once
+  for (const StoredMessage& m : messages) members.insert(TurnIndexMember(m.ts_ms, m.turn_id));
+  const std::string key = TurnIndexKey(user_id);
+  // Chunks keep each command's size bounded for a user with a long history.
+  constexpr size_t kChunk = 500;
+  std::vector<std::string_view> cmd;
+  for (auto it = members.begin(); it != members.end();) {
+    cmd = {"ZADD", key};
+    for (size_t n = 0; n < kChunk && it != members.end(); ++n, ++it) {
+      cmd.push_back("0");
+      cmd.push_back(*it);
+    }
+    auto r = redis.Command(cmd);
+    if (!r.ok()) return r.status();
+    if (r->is_error()) return Unavailable("redis_error", "filling the turn index failed: " + r->str);
+  }
+  return Status::Ok();
+}
 
 void AppendHotSetArgs(const StoredMessage& m, std::deque<std::string>& backing, std::vector<std::string_view>& args) {
   args.push_back(m.id);
@@ -182,7 +221,9 @@ RedisShortTermStore::RedisShortTermStore(RedisClient& redis, int recent_messages
 Result<UserMemory> RedisShortTermStore::Read(std::string_view user_id) {
   const std::string recent_key = RecentKey(user_id);
   const std::string hot_key = HotKey(user_id);
-  auto replies = redis_.Pipeline({{"LRANGE", recent_key, "0", "-1"}, {"HVALS", hot_key}});
+  const std::string tombstone_key = TombstoneKey(user_id);
+  auto replies =
+      redis_.Pipeline({{"LRANGE", recent_key, "0", "-1"}, {"HVALS", hot_key}, {"GET", tombstone_key}});
   if (!replies.ok()) return replies.status();
   const RedisValue& recent = (*replies)[0];
   const RedisValue& hot = (*replies)[1];
@@ -204,17 +245,23 @@ Result<UserMemory> RedisShortTermStore::Read(std::string_view user_id) {
     if (e.type == RedisValue::Type::kString) out.hot.push_back(std::move(e.str));  // decoded by recall
   }
   out.older_in_long_term = static_cast<int64_t>(hot.elements.size()) >= hot_messages_;
+  const RedisValue& tombstone = (*replies)[2];
+  if (tombstone.is_error()) return Unavailable("redis_error", "GET failed: " + tombstone.str);
+  out.fence = tombstone.str;  // nil: no tombstone, empty
   return out;
 }
 
 Status RedisShortTermStore::RecordTurn(const Turn& turn) {
   const std::string key = RecentKey(turn.user_id), recorded = RecordedTurnsKey(turn.user_id);
   const std::string inflight = InflightKey(turn.user_id);
+  const std::string tombstone = TombstoneKey(turn.user_id), turns = TurnIndexKey(turn.user_id),
+                    queued = QueuedTurnsKey(turn.user_id);
   std::string max_recent = std::to_string(recent_messages_);
   std::string packed = PackEmbedding(turn.user_embedding);
-  std::vector<std::string_view> keys = {key, kIndexStreamKey, kActivityKey, recorded, inflight};
+  std::vector<std::string_view> keys = {key, kIndexStreamKey, kActivityKey, recorded, inflight, tombstone, turns, queued};
   std::vector<std::string_view> args = {turn.user_id, turn.turn_id, turn.user_message, turn.assistant_message,
-                                        max_recent,   packed,       turn.release_lease_id, recorded_window_ms_};
+                                        max_recent,   packed,       turn.release_lease_id, recorded_window_ms_,
+                                        turn.fence};
   std::string idem_key, keep_ms;
   if (turn.idempotency != nullptr) {
     Result<std::string> name = IdempotencyRedisKey(turn.user_id, turn.idempotency->key);
@@ -248,6 +295,10 @@ Status RecordReplyStatus(const RedisValue& reply) {
   if (reply.type == RedisValue::Type::kArray && !e.empty()) {
     const std::string& verdict = e[0].str;
     if (verdict == "recorded" || verdict == "already") return Status::Ok();
+    if (verdict == "erased") {
+      return Status(Code::kConflict, "memory_erased",
+                    "The user's memory was erased while this chat was in flight; nothing of it was kept");
+    }
     if (verdict == "key_busy") {
       return Status(Code::kConflict, std::string(kKeyInProgress), "another request holds the idempotency key");
     }

@@ -20,6 +20,8 @@
 
 namespace chatd {
 
+class ArchivedMemory;  // user_data.h
+
 struct ChatServiceOptions {
   FailureMode rate_failure_mode = FailureMode::kClosed;
   size_t recall_k = 5;
@@ -30,6 +32,9 @@ struct ChatServiceOptions {
   bool record_turn_releases_lease = false;
   // How long the answer of a request with an Idempotency-Key is replayed.
   int64_t idempotency_keep_ms = 24 * 3600 * 1000;
+  // When set, an archived user's memory is restored before their chat reads
+  // it (user_data.h); a failed restore degrades to a chat without it.
+  ArchivedMemory* archived = nullptr;
 };
 
 // What happened along the way, for headers, logs and metrics; filled even when
@@ -54,6 +59,7 @@ struct ChatTrace {
   int64_t prompt_tokens = 0;
   int64_t completion_tokens = 0;
   bool client_gone = false;  // a streamed reply whose client left before the end
+  int64_t restored_records = 0;  // brought back from an archive by this chat
 };
 
 struct ChatReply {

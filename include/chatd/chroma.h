@@ -77,9 +77,15 @@ class ChromaStore : public LongTermStore {
   // delete another user's records.
   Result<int64_t> Count(std::string_view user_id);
   Result<std::vector<StoredMessage>> ExportAll(std::string_view user_id);  // with embeddings
+  Result<std::vector<StoredMessage>> ListMessages(std::string_view user_id);  // ids and metadata only
   // Deletes by id what ExportAll-style reads found, then checks the count is 0.
-  // Returns how many records were deleted.
-  Result<int64_t> DeleteUser(std::string_view user_id);
+  // Returns how many records were deleted; their message ids go to
+  // `deleted_ids` when given.
+  Result<int64_t> DeleteUser(std::string_view user_id, std::vector<std::string>* deleted_ids = nullptr);
+  // The user's messages of these message ids ("<turn>:u|a"), with documents,
+  // no embeddings: one call, by id and filtered on the user. Ids it does not
+  // hold are simply absent. For the history, a page at a time.
+  Result<std::vector<StoredMessage>> GetMessages(std::string_view user_id, const std::vector<std::string>& message_ids);
   Status Heartbeat();
 
   // The per-user layout, for `chatd-cleanup migrate`. Users whose collection
@@ -144,6 +150,9 @@ Result<std::string> QueryRequest(const std::vector<float>& embedding, int64_t n_
 // when `full`.
 std::string GetPageRequest(std::string_view user_id, int64_t limit, int64_t offset, bool full);
 std::string DeleteIdsRequest(const std::vector<std::string>& record_ids);
+// These records of one user, by id and with the user filter, with documents
+// and metadatas.
+Result<std::string> GetIdsRequest(std::string_view user_id, const std::vector<std::string>& record_ids);
 
 // Records of a /query answer for one query embedding, nearest first. Records
 // of another user (by metadata or id) are dropped and counted.
@@ -154,6 +163,9 @@ Result<RecallResult> ParseQueryResponse(std::string_view body, std::string_view 
 Result<std::vector<StoredMessage>> ParseGetResponse(std::string_view body, std::string_view user_id, bool full,
                                                     size_t* foreign, std::vector<std::string>* raw_ids,
                                                     size_t* page_size);
+// Records of a /get answer with documents but no embeddings (GetIdsRequest).
+Result<std::vector<StoredMessage>> ParseGetDocumentsResponse(std::string_view body, std::string_view user_id,
+                                                             size_t* foreign);
 // /count answers a bare integer.
 Result<int64_t> ParseCount(std::string_view body);
 

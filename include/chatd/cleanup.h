@@ -58,6 +58,8 @@ struct CleanupOptions {
   int64_t now_ms = 0;  // 0: Redis TIME
   bool dry_run = false;
   int hot_messages = 64;  // the hot-set bound (CHATD_RECALL_HOT_MESSAGES), refilled by restore and migrate
+  // How long an erase's tombstone lives: longer than any chat (EraseTombstoneTtlMs).
+  int64_t tombstone_ttl_ms = 60 * 1000;
   // Test-only fault injection: "after_lock", "after_export",
   // "after_delete_collection", "migrate_after_lock", "migrate_after_upsert" or
   // "migrate_after_delete" ends the process there with status 137, as a kill
@@ -69,6 +71,7 @@ struct MigrateSummary {
   int64_t users = 0;    // moved from a per-user collection to their shard
   int64_t records = 0;
   int64_t failed = 0;
+  int64_t turn_indexes = 0;  // users whose turn index was filled from their records
 };
 
 struct CleanupSummary {
@@ -99,21 +102,31 @@ class Cleanup {
   // ids, documents, metadata, embeddings), then removes the archive files.
   // Returns the number of records restored.
   Result<int64_t> Restore(std::string_view user_id);
-  // Erases everything of a user: Redis keys, queued turns, the collection and
-  // the archives.
-  Status Forget(std::string_view user_id);
+  // The erase engine of `chatd-cleanup forget` and DELETE /api/memory:
+  // erases everything of a user under their lock (recent messages, turn index,
+  // hot set, queued turns and dead letters, Chroma records by id, archives,
+  // activity entry) and leaves the erase tombstone (TombstoneKey) that fences
+  // the user's chats in flight. Returns the number of distinct messages
+  // erased; a second call erases nothing and returns 0. With
+  // `keep_rate_limits` the user's rate-limit counters stay (the API's erase:
+  // they hold no memory and expire by themselves, and erasing them would
+  // reset the user's quota).
+  Result<int64_t> Forget(std::string_view user_id, bool keep_rate_limits = false);
   // Moves every user still in the old layout (one Chroma collection per user)
   // to their shard: under the user's lock, export, upsert (same ids, so a
   // rerun after a kill anywhere rewrites the same records), check the count,
   // refill the hot set, then delete the old collection. Archives need no
-  // migration: they hold records, not a layout.
+  // migration: they hold records, not a layout. Then fills every tracked
+  // user's turn index (the history's) from their records in Chroma.
   Result<MigrateSummary> Migrate();
 
  private:
   enum class Outcome { kArchived, kReturned };
   Result<Outcome> ArchiveUser(const std::string& user, int64_t last_activity, const std::vector<IndexEntry>& queued,
                               int64_t& records);
+  Result<int64_t> EraseLocked(const std::string& user, bool keep_rate_limits);  // Forget's steps under the lock
   Result<int64_t> MigrateUser(const std::string& user);     // under the user's lock
+  Status IndexTurns(MigrateSummary& sum);  // fills the turn index of users recorded before it
   Result<int64_t> MoveLegacyUser(const std::string& user);  // the steps the lock covers
   Result<int64_t> NowMs();
   // Turns of these users still in the index stream (one pass over the stream).

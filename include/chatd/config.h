@@ -69,6 +69,10 @@ struct Config {
   // How long the answer to a request with an Idempotency-Key is replayed to
   // a retry with the same key and body (the IETF draft leaves it to us).
   int64_t idempotency_ttl_s = 24 * 3600;  // CHATD_IDEMPOTENCY_TTL_S
+  // The user-data endpoints (/api/history, /api/export, DELETE /api/memory)
+  // count against a limit of their own (fixed window), not the chat's.
+  int64_t data_rate_limit = 30;    // CHATD_DATA_RATE_LIMIT: requests per window
+  int64_t data_rate_window_s = 60;  // CHATD_DATA_RATE_WINDOW_S
 
   // Memory
   int recent_messages = 4;            // CHATD_RECENT_MESSAGES (even: whole turns)
@@ -115,6 +119,15 @@ struct Config {
   // Observability
   std::string metrics_path;             // CHATD_METRICS_FILE: shared counters of the pool
 };
+
+// How long an erase's tombstone fences the user's chats that started before
+// it: longer than any chat can live (the request deadline bounds everything up
+// to the model's answer, one Redis timeout the record after it), plus
+// kEraseTombstoneMarginMs for scheduling delays on a busy machine.
+inline constexpr int64_t kEraseTombstoneMarginMs = 5000;
+inline int64_t EraseTombstoneTtlMs(const Config& c) {
+  return c.request_deadline_ms + c.redis_timeout_ms + kEraseTombstoneMarginMs;
+}
 
 // Looks a variable up; returns nullopt when unset. Injected so tests need no
 // real environment.

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -17,6 +18,7 @@ namespace chatd {
 struct HttpRequest {
   std::string method;
   std::string path;  // DOCUMENT_URI: no query string
+  std::string query;  // QUERY_STRING, still percent-encoded
   std::string content_type;
   std::string authorization;
   std::string request_id;  // nginx's $request_id, or one we made up
@@ -38,6 +40,11 @@ struct HttpReply {
   // The answer already went out through a ResponseStream (server-sent
   // events): `status` is what was sent, and nothing more is written.
   bool streamed = false;
+  // A body too large to build in memory (the export): when set, `body` is
+  // ignored, the head goes out without Content-Length and this writes the
+  // body piece by piece through `write`, which sends each piece on at once
+  // and returns false once the client has gone.
+  std::function<void(const std::function<bool(std::string_view)>& write)> stream;
 };
 
 // A response written piece by piece (server-sent events), for a handler that
@@ -54,6 +61,11 @@ class ResponseStream {
   // enough to ask on every read from the model.
   virtual bool ClientGone() = 0;
 };
+
+// The value of `name` in a query string ("a=1&b=x%20y"), percent-decoded
+// ('+' is a space). nullopt when absent; kInvalidArgument "invalid_query"
+// when the parameter is repeated or its encoding is broken.
+Result<std::optional<std::string>> QueryParam(std::string_view query, std::string_view name);
 
 // What the access log line needs besides status and latency.
 struct RequestLog {

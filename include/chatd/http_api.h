@@ -9,6 +9,8 @@
 #include "chatd/health.h"
 #include "chatd/metrics.h"
 #include "chatd/http.h"
+#include "chatd/rate_limiter.h"
+#include "chatd/user_data.h"
 
 namespace chatd {
 
@@ -18,11 +20,24 @@ class HttpApi {
   // `health` may be null in unit tests.
   HttpApi(const Config& config, ChatService& chat, Authenticator* auth, Metrics* metrics, HealthProbe* health);
 
+  // Serves /api/history, /api/export and /api/memory from `data`, limited
+  // per user by `limiter` (apart from the chat's). Without it they answer 404.
+  void EnableUserData(UserDataStore* data, RateLimiter* limiter);
+
   // `stream` (may be null: no streaming, e.g. in unit tests) carries
   // server-sent events when the client asks for them (docs/api.md).
   HttpReply Handle(const HttpRequest& req, RequestLog& log, ResponseStream* stream = nullptr);
 
  private:
+  // The user a data request is about (token subject or `userId`), after the
+  // method, credentials, user and rate checks; otherwise the error reply.
+  Result<std::string> DataUser(const HttpRequest& req, const char* method, RequestLog& log, HttpReply& refused);
+  HttpReply History(const HttpRequest& req, RequestLog& log);
+  HttpReply Export(const HttpRequest& req, RequestLog& log);
+  HttpReply EraseMemory(const HttpRequest& req, RequestLog& log);
+  // The caller (no principal in mode off); a refusal is counted.
+  Result<Principal> Authenticate(const HttpRequest& req);
+  static void AddChallenge(const Status& refused, HttpReply& reply);  // WWW-Authenticate of a 401
   HttpReply Chat(const HttpRequest& req, RequestLog& log, ResponseStream* stream);
   HttpReply Health(const HttpRequest& req);
   HttpReply MetricsText(const HttpRequest& req);
@@ -34,6 +49,8 @@ class HttpApi {
   Metrics* metrics_;
   HealthProbe* health_;
   std::string rate_policy_;  // RateLimit-Policy value, fixed by config
+  UserDataStore* data_ = nullptr;
+  RateLimiter* data_limiter_ = nullptr;
 };
 
 // Whether a Content-Type header declares JSON ("application/json", any case,

@@ -41,6 +41,10 @@ struct Turn {
   // keeps the answer under the key in the same atomic step as the turn, so no
   // crash between the two can let a retry record the turn again.
   const IdempotencyTicket* idempotency = nullptr;
+  // The user's erase tombstone as the chat read it when it started
+  // (UserMemory::fence): the store refuses the turn when it differs now, i.e.
+  // when the user's memory was erased while the chat was in flight.
+  std::string fence;
 };
 
 // RecordTurn's reasons besides ok (recorded now, or already by an earlier try
@@ -85,6 +89,9 @@ struct UserMemory {
   // False means the hot set is the user's whole long-term memory,
   // so a user without memory costs no long-term call at all.
   bool older_in_long_term = false;
+  // The user's erase tombstone at the time of the read (empty: none). Carried
+  // to Turn::fence, so that a chat in flight during an erase keeps nothing.
+  std::string fence;
 };
 
 // Thread-safe.
@@ -97,6 +104,8 @@ class ShortTermStore {
   // queues the turn for long-term indexing and marks the user active.
   // Idempotent by turn id: a second call with the same turn changes nothing
   // and is ok, so a call that failed in transit can be retried safely.
+  // kConflict "memory_erased" when the user's memory was erased since the
+  // chat read turn.fence: nothing is recorded.
   virtual Status RecordTurn(const Turn& turn) = 0;
 };
 

@@ -14,7 +14,12 @@
 //                         the user's latest indexed messages with embeddings
 //   chat:{<user>}:hotidx  sorted set: message id by timestamp, to trim the
 //                         hot set to its oldest-first bound
-//   chat:{<user>}:turns   sorted set: the user's recently recorded turn ids
+//   chat:{<user>}:turns   sorted set, every turn of the user in time order
+//                         (TurnIndexMember), the history's index
+//   chat:{<user>}:queued  hash: turn id -> its index-stream entry id, while
+//                         the turn waits for the indexer
+//   chat:{<user>}:erased  the tombstone of the user's latest erase
+//   chat:{<user>}:recorded  sorted set: the user's recently recorded turn ids
 //                         by time, kept for as long as a chat may still retry
 //                         its record (the record script is idempotent by turn id)
 //   chat:{<user>}:idem:<sha-256 of key>  an Idempotency-Key's claim or answer
@@ -54,7 +59,25 @@ inline std::string HotIndexKey(std::string_view user_id) { return UserKey(user_i
 // Written by the record script with the turn: a retry of the script that
 // finds the turn there records nothing. One key per user, so the cleanup
 // removes it with the user's other keys.
-inline std::string RecordedTurnsKey(std::string_view user_id) { return UserKey(user_id, "turns"); }
+inline std::string RecordedTurnsKey(std::string_view user_id) { return UserKey(user_id, "recorded"); }
+// Every turn of the user, oldest first: a sorted set whose scores are all 0
+// and whose members (TurnIndexMember) sort by time, so a page of the history
+// is one ZRANGE BYLEX from a cursor, O(log n + page) whatever its size.
+inline std::string TurnIndexKey(std::string_view user_id) { return UserKey(user_id, "turns"); }
+// Turns recorded and not yet indexed: turn id -> stream entry id, so the
+// history finds them without scanning the shared stream. The indexer removes
+// a turn when it acknowledges it.
+inline std::string QueuedTurnsKey(std::string_view user_id) { return UserKey(user_id, "queued"); }
+// Left by an erase (DELETE /api/memory, chatd-cleanup forget): the id of a
+// stream entry added and deleted at the erase, i.e. a point in the stream's
+// own order. Chats read it when they start and the record script refuses a
+// turn whose chat saw another value (it started before the erase); the
+// indexer drops entries older than it. It expires after EraseTombstoneTtlMs.
+inline std::string TombstoneKey(std::string_view user_id) { return UserKey(user_id, "erased"); }
+// "<ts as 15 digits>:<turn id>": zero-padded, so members sort by time as
+// strings, then by turn id.
+std::string TurnIndexMember(int64_t ts_ms, std::string_view turn_id);
+inline constexpr size_t kTurnIndexTsDigits = 15;
 // Users whose cleanup started and has not finished (a run killed midway):
 // every run settles them first.
 inline constexpr std::string_view kCleanupInProgressKey = "chatd:cleanup:inprogress";
@@ -114,6 +137,10 @@ extern const char kHotSetAddLua[];
 // built on kHotSetAddLua take. `backing` owns the strings the views point
 // into (a deque: appending never moves them).
 void AppendHotSetArgs(const StoredMessage& m, std::deque<std::string>& backing, std::vector<std::string_view>& args);
+
+// Adds the turns of `messages` (of one user) to the user's turn index. Used
+// where records come back outside the record script (restore, migrate).
+Status AddToTurnIndex(RedisClient& redis, std::string_view user_id, const std::vector<StoredMessage>& messages);
 
 // Adds `messages` (of one user) to the user's hot set, keeping the newest
 // `bound`. Used where records reach the long-term store outside the indexer

@@ -17,7 +17,7 @@ enum class Code {
   kForbidden,             // 403
   kNotFound,              // 404
   kMethodNotAllowed,      // 405
-  kConflict,              // 409: a request with the same Idempotency-Key is in flight
+  kConflict,              // 409: a same-key request in flight, or a lost race with an erase
   kPayloadTooLarge,       // 413
   kUnsupportedMediaType,  // 415
   kUnprocessable,         // 422: an Idempotency-Key reused with another request

@@ -253,8 +253,15 @@ class World:
             assert len(latest[user]) == expected, (user, len(latest[user]))
         return dict(latest)
 
-    def assert_gone_from_live_storage(self, user: str) -> None:
-        assert user_keys(self.redis, user) == [], f"{user} still has Redis keys"
+    def assert_gone_from_live_storage(self, user: str, erased: bool = False) -> None:
+        # An erase (forget) leaves its tombstone, which holds no memory and
+        # expires once no chat that started before the erase can still run.
+        keys = user_keys(self.redis, user)
+        if erased:
+            tombstone = f"chat:{{{user}}}:erased".encode()
+            assert tombstone in keys and 0 < self.redis.command("PTTL", tombstone), keys
+            keys.remove(tombstone)
+        assert keys == [], f"{user} still has Redis keys"
         assert activity(self.redis, user) is None, f"{user} is still in the activity index"
         assert user not in stream_users(self.redis), f"{user} still has turns in the index stream"
         assert chroma_records(self.chroma.url, user) == [], f"{user} still has records in Chroma"
@@ -435,7 +442,7 @@ def test_forget_erases_everything_of_the_user(world, stack, unique):
     run = world.cleanup("forget", user)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.events("forget_done")
-    world.assert_gone_from_live_storage(user)
+    world.assert_gone_from_live_storage(user, erased=True)
     assert user not in stream_users(world.redis, DEAD_LETTER_KEY)
     assert not archive_dir_of(world.archive_root, user).exists()
     assert recent_list(world.redis, bystander), "forget touched another user"
@@ -476,7 +483,7 @@ def test_forget_also_erases_a_turn_being_indexed_at_that_moment(make_world, modu
         proxy.released.set()
         run = finish(proc)
         assert run.returncode == 0, run.stderr[-3000:]
-        world.assert_gone_from_live_storage(user)
+        world.assert_gone_from_live_storage(user, erased=True)
         bystander = unique("bystander")
         world.chat(bystander, f"hello {unique('m')}")
         world.wait_indexed(bystander, 2)
@@ -484,7 +491,7 @@ def test_forget_also_erases_a_turn_being_indexed_at_that_moment(make_world, modu
         left = world.records(user)
         assert not left, f"forgotten, yet Chroma holds {len(left)} records of the user again: " \
                          f"{sorted(r['document'] for r in left)}"
-        world.assert_gone_from_live_storage(user)
+        world.assert_gone_from_live_storage(user, erased=True)
 
 
 # --------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def warm_up(url, user):
 def record_script_of(user):
     """Bytes only the record script of this user's turns sends (the key of
     the user's recorded turns), to hold Redis's answer to exactly that script."""
-    return f"chat:{{{user}}}:turns".encode()
+    return f"chat:{{{user}}}:recorded".encode()
 
 
 def test_a_repeat_gets_the_first_answer_and_the_model_is_called_once(stack, unique):

@@ -28,6 +28,8 @@ def resolve(node):
 
 def validate(value, schema, where="body"):
     schema = resolve(schema)
+    if value is None and schema.get("nullable"):
+        return
     kind = schema.get("type")
     if kind == "object":
         assert isinstance(value, dict), f"{where}: {value!r} is not an object"
@@ -46,6 +48,12 @@ def validate(value, schema, where="body"):
             assert len(value) >= schema["minLength"], where
         if "pattern" in schema:
             assert re.search(schema["pattern"], value), f"{where}: {value!r} !~ {schema['pattern']}"
+    elif kind == "array":
+        assert isinstance(value, list), f"{where}: {value!r} is not an array"
+        for i, item in enumerate(value):
+            validate(item, schema["items"], f"{where}[{i}]")
+    elif kind == "boolean":
+        assert isinstance(value, bool), f"{where}: {value!r} is not a boolean"
     elif kind == "integer":
         assert isinstance(value, int) and not isinstance(value, bool), f"{where}: {value!r} is not an integer"
         if "minimum" in schema:
@@ -144,13 +152,37 @@ def test_documented_idempotency_responses_match_the_spec(stack, new_pool, unique
     with RedisProxy(stack.redis.host, stack.redis.port) as proxy:
         front = new_pool({"CHATD_REDIS_PORT": str(proxy.port)})
         assert post_chat(front.url, user, "Redis learns the record script")[0] == 200
-        proxy.hold(f"chat:{{{user}}}:turns".encode(), count=2)
+        proxy.hold(f"chat:{{{user}}}:recorded".encode(), count=2)
         cases.append((503, post_chat(front.url, user, "lost answer")))
     for expected, (status, headers, body) in cases:
         assert status == expected, body
         check("/api/chat", "POST", status, headers, body)
     unknown = cases[-1][1][2]
     assert unknown["code"] == "record_outcome_unknown" and "turnId" in unknown
+
+
+def test_documented_user_data_responses_match_the_spec(stack, new_pool, unique):
+    user = unique("openapi-data")
+    assert post_chat(stack.url, user, "Hello data")[0] == 200
+    cases = [
+        ("/api/history", "GET", 200, f"/api/history?userId={user}&limit=1"),
+        ("/api/history", "GET", 400, f"/api/history?userId={user}&limit=0"),
+        ("/api/history", "GET", 400, "/api/history"),
+        ("/api/history", "GET", 405, f"/api/history?userId={user}", "DELETE"),
+        ("/api/export", "GET", 200, f"/api/export?userId={user}"),
+        ("/api/memory", "DELETE", 405, f"/api/memory?userId={user}", "GET"),
+        ("/api/memory", "DELETE", 200, f"/api/memory?userId={user}"),
+    ]
+    for path, method, expected, target, *sent in cases:
+        status, headers, body = http_request(stack.url, sent[0] if sent else method, target)
+        assert status == expected, (target, body)
+        check(path, method, status, headers, body)
+    limited = new_pool({"CHATD_DATA_RATE_LIMIT": "1"})
+    hurried = unique("openapi-data-limited")
+    assert http_request(limited.url, "GET", f"/api/history?userId={hurried}")[0] == 200
+    status, headers, body = http_request(limited.url, "GET", f"/api/history?userId={hurried}")
+    assert status == 429, body
+    check("/api/history", "GET", status, headers, body)
 
 
 def test_documented_health_and_metrics_match_the_spec(stack):

@@ -4,6 +4,7 @@
 
 #include "chatd/chat_service.h"
 #include "chatd/redis.h"
+#include "chatd/user_data.h"
 #include "fakes.h"
 
 using namespace chatd;
@@ -283,6 +284,52 @@ BOOST_FIXTURE_TEST_CASE(failed_open_admission_holds_no_lease_and_releases_nothin
   BOOST_REQUIRE(Chat("alice", "Hi").ok());
   BOOST_TEST(limiter.released.empty());
   BOOST_TEST(recent.released_leases.empty());
+}
+
+class FakeArchive : public ArchivedMemory {
+ public:
+  Result<int64_t> RestoreIfArchived(std::string_view user) override {
+    asked.emplace_back(user);
+    return status.ok() ? Result<int64_t>(restored) : Result<int64_t>(status);
+  }
+  std::vector<std::string> asked;
+  int64_t restored = 0;
+  Status status;
+};
+
+BOOST_FIXTURE_TEST_CASE(a_chat_in_flight_during_an_erase_is_refused_and_keeps_nothing, ServiceFixture) {
+  BOOST_REQUIRE(Chat("alice", "before").ok());
+  llm.during = [this] { recent.tombstone["alice"] = "1700000000000-0"; };  // the erase lands meanwhile
+  auto r = Chat("alice", "in flight");
+  BOOST_REQUIRE(!r.ok());
+  BOOST_TEST((r.status().code() == Code::kConflict));
+  BOOST_TEST(r.status().reason() == "memory_erased");
+  BOOST_TEST(recent.turns.size() == 1u);
+  // A chat that starts after the erase read the tombstone, and is recorded.
+  llm.during = nullptr;
+  BOOST_TEST(Chat("alice", "after").ok());
+  BOOST_TEST(recent.turns.size() == 2u);
+  BOOST_TEST(recent.turns.back().fence == "1700000000000-0");
+}
+
+BOOST_FIXTURE_TEST_CASE(an_archived_user_is_restored_before_memory_is_read, ServiceFixture) {
+  FakeArchive archive;
+  archive.restored = 7;
+  options.archived = &archive;
+  BOOST_REQUIRE(Chat("bob", "Hi").ok());
+  BOOST_TEST(archive.asked == std::vector<std::string>{"bob"});
+  BOOST_TEST(trace.restored_records == 7);
+  BOOST_TEST(!trace.recall_degraded);
+}
+
+BOOST_FIXTURE_TEST_CASE(a_failed_restore_degrades_the_chat_and_loses_nothing, ServiceFixture) {
+  FakeArchive archive;
+  archive.status = Unavailable("chroma_unavailable", "down");
+  options.archived = &archive;
+  auto r = Chat("bob", "Hi");
+  BOOST_REQUIRE(r.ok());
+  BOOST_TEST(trace.recall_degraded);
+  BOOST_TEST(recent.turns.size() == 1u);
 }
 
 BOOST_AUTO_TEST_SUITE_END()

@@ -2,11 +2,14 @@
 // and the HTTP contract. Integration tests use the real adapters instead.
 #pragma once
 
+#include <functional>
 #include <map>
 #include <mutex>
 #include <string>
 #include <vector>
 
+#include "chatd/chat_service.h"
+#include "chatd/config.h"
 #include "chatd/embeddings.h"
 #include "chatd/hot_record.h"
 #include "chatd/idempotency.h"
@@ -102,11 +105,17 @@ class FakeShortTerm : public ShortTermStore {
     m.recent = messages[std::string(user)];
     for (const StoredMessage& h : hot[std::string(user)]) m.hot.push_back(PackHotRecord(h));
     m.older_in_long_term = older[std::string(user)];
+    m.fence = tombstone[std::string(user)];
     return m;
   }
   Status RecordTurn(const Turn& turn) override {
     ++record_calls;
     if (!record_status.ok() && !record_status_after_write) return record_status;
+    // The erase fence, as the record script applies it.
+    auto t = tombstone.find(turn.user_id);
+    if (t != tombstone.end() && !t->second.empty() && t->second != turn.fence) {
+      return Status(Code::kConflict, "memory_erased", "erased meanwhile");
+    }
     if (!turn.release_lease_id.empty()) released_leases.push_back(turn.release_lease_id);
     if (turn.idempotency != nullptr && idempotency != nullptr) {
       idempotency->Complete(turn.user_id, *turn.idempotency, turn.turn_id, turn.assistant_message);
@@ -121,6 +130,7 @@ class FakeShortTerm : public ShortTermStore {
   std::map<std::string, std::vector<Message>> messages;
   std::map<std::string, std::vector<StoredMessage>> hot;
   std::map<std::string, bool> older;
+  std::map<std::string, std::string> tombstone;  // user -> the erase's tombstone
   std::vector<Turn> turns;
   std::vector<std::string> released_leases;  // released with a recorded turn
   Status recent_status, record_status;
@@ -187,6 +197,7 @@ class FakeLlm : public Llm {
   Result<LlmReply> Complete(const std::vector<ChatMessage>& messages, Deadline) override {
     ++calls;
     last_prompt = messages;
+    if (during) during();  // something that happens while the model thinks
     if (!status.ok()) return status;
     LlmReply r;
     r.content = "reply to " + messages.back().content;
@@ -194,6 +205,7 @@ class FakeLlm : public Llm {
     return r;
   }
   std::vector<ChatMessage> last_prompt;
+  std::function<void()> during;
   Status status;
   int calls = 0;
 };
@@ -212,6 +224,12 @@ struct ServiceFakes : FakeServiceDeps {
   FakeLlm llm;
   FakeIdempotency keys;
   ServiceFakes() { recent.idempotency = &keys; }
+};
+
+// A chat service on fakes, for tests of the HTTP layer.
+struct ChatServiceFakes : ServiceFakes {
+  Config config;
+  ChatService service{limiter, recent, long_term, embedder, llm, ChatServiceOptions{}, &keys};
 };
 
 }  // namespace chatd::testing

@@ -8,9 +8,7 @@ using namespace chatd;
 using namespace chatd::testing;
 
 namespace {
-struct ApiFixture : ServiceFakes {
-  Config config;
-  ChatService service{limiter, recent, long_term, embedder, llm, ChatServiceOptions{}, &keys};
+struct ApiFixture : ChatServiceFakes {
   HttpApi api{config, service, nullptr, nullptr, nullptr};
   RequestLog log;
 

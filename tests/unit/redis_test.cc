@@ -579,9 +579,10 @@ BOOST_AUTO_TEST_CASE(record_that_timed_out_after_running_is_confirmed_by_the_ret
   const auto commands = server.commands();
   BOOST_REQUIRE_EQUAL(commands.size(), 2u);
   BOOST_TEST((commands[0] == commands[1]));  // the same turn id, so the script can tell
-  BOOST_TEST(commands[0][2] == "5");  // recent, stream, activity, recorded turns, leases
-  BOOST_TEST(commands[0][6] == "chat:{alice}:turns");
-  BOOST_TEST(commands[0][9] == "0123456789abcdef0123456789abcdef");
+  // recent, stream, activity, recorded turns, leases, tombstone, turn index, queued
+  BOOST_TEST(commands[0][2] == "8");
+  BOOST_TEST(commands[0][6] == "chat:{alice}:recorded");
+  BOOST_TEST(commands[0][12] == "0123456789abcdef0123456789abcdef");
 }
 
 BOOST_AUTO_TEST_CASE(record_unconfirmed_twice_is_unknown_never_not_recorded, *boost::unit_test::timeout(30)) {
@@ -612,6 +613,7 @@ BOOST_AUTO_TEST_CASE(record_refused_or_never_sent_is_not_recorded) {
   BOOST_TEST(!client.Eval(RedisScript("return 1"), {}, {}, &may_have_run).ok());
   BOOST_TEST(!may_have_run);
   BOOST_TEST(store.RecordTurn(SomeTurn()).reason() == "redis_error");
+}
 
 BOOST_AUTO_TEST_CASE(transient_errors_are_classified_by_their_first_word) {
   BOOST_TEST(IsTransientRedisError("LOADING Redis is loading the dataset in memory"));

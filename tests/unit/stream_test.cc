@@ -91,9 +91,13 @@ struct StreamFixture : FakeServiceDeps {
   FakeResponseStream out;
 
   HttpReply Post(std::string body, std::string accept = "") {
-    HttpRequest req{.method = "POST", .path = "/api/chat", .content_type = "application/json",
-                    .authorization = "", .request_id = "rid", .remote_addr = "", .accept = std::move(accept),
-                    .body = std::move(body)};
+    HttpRequest req;
+    req.method = "POST";
+    req.path = "/api/chat";
+    req.content_type = "application/json";
+    req.request_id = "rid";
+    req.accept = std::move(accept);
+    req.body = std::move(body);
     return api.Handle(req, log, &out);
   }
   static std::string Header(const HttpReply& r, const std::string& name) {

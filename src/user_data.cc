@@ -1,0 +1,308 @@
+#include "chatd/user_data.h"
+
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <ctime>
+#include <map>
+#include <set>
+
+#include "chatd/archive.h"
+#include "chatd/clock.h"
+#include "chatd/decimal.h"
+#include "chatd/json.h"
+#include "chatd/log.h"
+#include "chatd/redis_memory.h"
+
+namespace chatd {
+
+namespace {
+
+// Longest turn id a cursor may carry: ours are 32 hex characters; restored
+// archives carry the ids they were written with.
+constexpr size_t kMaxCursorTurnId = 64;
+
+bool IsCursorTurnChar(char c) {
+  return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '-' || c == '_';
+}
+
+std::string_view MemberTurn(std::string_view member) {
+  return member.size() > kTurnIndexTsDigits + 1 ? member.substr(kTurnIndexTsDigits + 1) : std::string_view();
+}
+
+int64_t MemberTs(std::string_view member) {
+  std::optional<int64_t> ts = ParseDecimal(member.substr(0, kTurnIndexTsDigits));
+  return ts ? *ts : 0;
+}
+
+std::string MessageId(std::string_view turn, Role role) {
+  return std::string(turn) + (role == Role::kUser ? ":u" : ":a");
+}
+
+// RFC 3339 in UTC with milliseconds: "2026-11-28T15:04:05.123Z".
+std::string Rfc3339(int64_t ms) {
+  std::time_t secs = static_cast<std::time_t>(ms / 1000);
+  std::tm tm{};
+  gmtime_r(&secs, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%S", &tm);
+  char out[40];
+  std::snprintf(out, sizeof(out), "%s.%03dZ", buf, static_cast<int>(ms % 1000));
+  return out;
+}
+
+void AppendMessage(std::string& out, const HistoryMessage& m) {
+  out.append("{\"role\":");
+  AppendJsonString(out, RoleName(m.role));
+  out.append(",\"content\":");
+  AppendJsonString(out, m.content);
+  out.append(",\"at\":");
+  AppendJsonString(out, Rfc3339(m.ts_ms));
+  out.append(",\"turnId\":");
+  AppendJsonString(out, m.turn_id);
+  out.append("}");
+}
+
+Status RedisError(const RedisValue& r, std::string_view what) {
+  if (r.is_error()) return Unavailable("memory_unavailable", std::string(what) + " failed: " + r.str);
+  return Status::Ok();
+}
+
+}  // namespace
+
+std::string FormatCursor(const HistoryCursor& cursor) {
+  return cursor.member + (cursor.role == Role::kUser ? ":u" : ":a");
+}
+
+std::optional<HistoryCursor> ParseCursor(std::string_view text) {
+  // <15 digits>:<turn id>:<u|a>
+  if (text.size() < kTurnIndexTsDigits + 4 || text[kTurnIndexTsDigits] != ':') return std::nullopt;
+  for (size_t i = 0; i < kTurnIndexTsDigits; ++i) {
+    if (text[i] < '0' || text[i] > '9') return std::nullopt;
+  }
+  const char half = text.back();
+  if (text[text.size() - 2] != ':' || (half != 'u' && half != 'a')) return std::nullopt;
+  std::string_view turn = text.substr(kTurnIndexTsDigits + 1, text.size() - kTurnIndexTsDigits - 3);
+  if (turn.empty() || turn.size() > kMaxCursorTurnId) return std::nullopt;
+  for (char c : turn) {
+    if (!IsCursorTurnChar(c)) return std::nullopt;
+  }
+  HistoryCursor c;
+  c.member.assign(text.substr(0, text.size() - 2));
+  c.role = half == 'u' ? Role::kUser : Role::kAssistant;
+  return c;
+}
+
+UserData::UserData(RedisClient& redis, ChromaStore& chroma, Cleanup& cleanup, std::string archive_dir)
+    : redis_(redis), chroma_(chroma), cleanup_(cleanup), archive_dir_(std::move(archive_dir)) {}
+
+Result<int64_t> UserData::RestoreIfArchived(std::string_view user_id) {
+  // One stat per request: the common answer (no archive) costs no more.
+  struct stat st {};
+  const std::string dir = ArchiveUserDir(archive_dir_, user_id);
+  if (::stat(dir.c_str(), &st) != 0) {
+    if (errno == ENOENT) return 0;
+    return Unavailable("archive_unavailable", "the archive directory cannot be read");
+  }
+  auto started = SteadyClock::now();
+  Result<int64_t> restored = cleanup_.Restore(user_id);
+  const double ms = std::chrono::duration<double, std::milli>(SteadyClock::now() - started).count();
+  if (!restored.ok()) {
+    LogWarn("auto_restore_failed")
+        .Str("user", std::string(user_id))
+        .Str("reason", restored.status().reason())
+        .Str("detail", restored.status().message())
+        .Emit();
+    return restored;
+  }
+  LogInfo("auto_restore").Str("user", std::string(user_id)).Int("records", *restored).Num("ms", ms).Emit();
+  return restored;
+}
+
+Result<std::vector<HistoryMessage>> UserData::Fetch(std::string_view user_id,
+                                                    const std::vector<std::pair<std::string, Role>>& slots) {
+  std::vector<HistoryMessage> out;
+  if (slots.empty()) return out;
+  const std::string recent_key = RecentKey(user_id), hot_key = HotKey(user_id), queued_key = QueuedTurnsKey(user_id);
+  std::vector<std::string> ids, turns;
+  std::set<std::string> seen_turns;
+  for (const auto& [member, role] : slots) {
+    std::string turn(MemberTurn(member));
+    ids.push_back(MessageId(turn, role));
+    if (seen_turns.insert(turn).second) turns.push_back(turn);
+  }
+  std::vector<std::string_view> hmget_hot = {"HMGET", hot_key}, hmget_queued = {"HMGET", queued_key};
+  for (const std::string& id : ids) hmget_hot.push_back(id);
+  for (const std::string& t : turns) hmget_queued.push_back(t);
+  auto replies = redis_.Pipeline({{"LRANGE", recent_key, "0", "-1"}, hmget_hot, hmget_queued});
+  if (!replies.ok()) return Unavailable("memory_unavailable", "Conversation memory is unavailable; try again shortly");
+  for (const RedisValue& r : *replies) {
+    if (Status s = RedisError(r, "reading the history"); !s.ok()) return s;
+  }
+
+  std::map<std::string, std::string> found;  // message id -> content
+  for (const RedisValue& e : (*replies)[0].elements) {
+    Result<Message> m = ParseRecentEntry(e.str);
+    if (m.ok()) found[m->id] = std::move(m->content);
+  }
+  const RedisValue& hot = (*replies)[1];
+  for (size_t i = 0; i < hot.elements.size() && i < ids.size(); ++i) {
+    if (hot.elements[i].type != RedisValue::Type::kString) continue;
+    Result<StoredMessage> m = UnpackHotRecord(hot.elements[i].str);
+    if (m.ok() && m->id == ids[i]) found.emplace(ids[i], std::move(m->content));
+  }
+  // Turns still waiting for the indexer: their stream entries, by id.
+  const RedisValue& queued = (*replies)[2];
+  std::vector<std::vector<std::string_view>> xranges;
+  for (size_t i = 0; i < queued.elements.size() && i < turns.size(); ++i) {
+    if (queued.elements[i].type != RedisValue::Type::kString) continue;
+    const std::string& entry = queued.elements[i].str;
+    xranges.push_back({"XRANGE", kIndexStreamKey, entry, entry});
+  }
+  if (!xranges.empty()) {
+    auto entries = redis_.Pipeline(xranges);
+    if (!entries.ok()) return Unavailable("memory_unavailable", "Conversation memory is unavailable; try again shortly");
+    for (const RedisValue& r : *entries) {
+      if (r.is_error()) continue;  // indexed meanwhile and gone: Chroma has it
+      for (const IndexEntry& e : ParseIndexEntries(r)) {
+        if (e.user != user_id) continue;  // never another user's, whatever the hash said
+        found.emplace(e.turn + ":u", e.user_text);
+        found.emplace(e.turn + ":a", e.assistant_text);
+      }
+    }
+  }
+  // The rest from Chroma, in one call by id.
+  std::vector<std::string> missing;
+  for (const std::string& id : ids) {
+    if (found.count(id) == 0) missing.push_back(id);
+  }
+  if (!missing.empty()) {
+    auto records = chroma_.GetMessages(user_id, missing);
+    if (!records.ok()) {
+      return Unavailable("long_term_memory_unavailable", "Long-term memory is unavailable; try again shortly");
+    }
+    for (StoredMessage& m : *records) found.emplace(m.id, std::move(m.content));
+  }
+  for (size_t i = 0; i < slots.size(); ++i) {
+    auto it = found.find(ids[i]);
+    if (it == found.end()) {
+      // A dead-lettered turn, or one erased meanwhile: nowhere to read it from.
+      LogWarn("history_message_missing").Str("user", std::string(user_id)).Str("message", ids[i]).Emit();
+      continue;
+    }
+    HistoryMessage m;
+    m.role = slots[i].second;
+    m.content = std::move(it->second);
+    m.ts_ms = MemberTs(slots[i].first);
+    m.turn_id.assign(MemberTurn(slots[i].first));
+    out.push_back(std::move(m));
+  }
+  return out;
+}
+
+Result<HistoryPage> UserData::History(std::string_view user_id, int limit, const std::optional<HistoryCursor>& before) {
+  limit = std::clamp(limit, 1, kHistoryMaxLimit);
+  std::vector<std::pair<std::string, Role>> slots;  // newest first
+  std::string max = "+";
+  if (before) {
+    // The cursor's turn still has its user half to give.
+    if (before->role == Role::kAssistant) slots.emplace_back(before->member, Role::kUser);
+    max = "(" + before->member;
+  }
+  // Enough turns to fill the page and to know whether anything is older.
+  const std::string want = std::to_string(limit / 2 + 2);
+  auto turns = redis_.Command({"ZRANGE", TurnIndexKey(user_id), max, "-", "BYLEX", "REV", "LIMIT", "0", want});
+  if (!turns.ok()) return Unavailable("memory_unavailable", "Conversation memory is unavailable; try again shortly");
+  if (Status s = RedisError(*turns, "reading the turn index"); !s.ok()) return s;
+  for (const RedisValue& m : turns->elements) {
+    slots.emplace_back(m.str, Role::kAssistant);
+    slots.emplace_back(m.str, Role::kUser);
+  }
+  HistoryPage page;
+  const bool more = slots.size() > static_cast<size_t>(limit);
+  if (more) slots.resize(static_cast<size_t>(limit));
+  auto messages = Fetch(user_id, slots);
+  if (!messages.ok()) return messages.status();
+  page.messages = std::move(*messages);
+  std::reverse(page.messages.begin(), page.messages.end());
+  if (more) page.next = FormatCursor({slots.back().first, slots.back().second});
+  return page;
+}
+
+Status UserData::Export(std::string_view user_id, int64_t restored,
+                        const std::function<bool(std::string_view)>& write) {
+  const std::string user(user_id);
+  auto activity = redis_.Command({"ZSCORE", kActivityKey, user});
+  if (!activity.ok()) return Unavailable("memory_unavailable", "Conversation memory is unavailable; try again shortly");
+  if (Status s = RedisError(*activity, "reading the activity"); !s.ok()) return s;
+  auto archives = ListArchives(archive_dir_, user);
+  if (!archives.ok()) return Unavailable("archive_unavailable", "the archive directory cannot be read");
+
+  std::string out = "{\"userId\":";
+  AppendJsonString(out, user);
+  out.append(",\"exportedAt\":");
+  AppendJsonString(out, Rfc3339(WallMs()));
+  out.append(",\"activity\":{\"lastActiveAt\":");
+  std::optional<int64_t> last = activity->type == RedisValue::Type::kString ? ParseDecimal(activity->str)
+                                                                              : std::nullopt;
+  if (last) {
+    AppendJsonString(out, Rfc3339(*last));
+  } else {
+    out.append("null");
+  }
+  out.append("},\"archive\":{\"archived\":").append(archives->empty() ? "false" : "true");
+  out.append(",\"files\":").append(std::to_string(archives->size()));
+  out.append(",\"restoredRecords\":").append(std::to_string(restored));
+  out.append("},\"messages\":[");
+
+  // Oldest first, a page of turns at a time.
+  const std::string key = TurnIndexKey(user), page_turns = std::to_string(kExportPageTurns);
+  std::string min = "-";
+  bool first = true;
+  for (;;) {
+    auto turns = redis_.Command({"ZRANGE", key, min, "+", "BYLEX", "LIMIT", "0", page_turns});
+    if (!turns.ok()) return Unavailable("memory_unavailable", "Conversation memory is unavailable");
+    if (Status s = RedisError(*turns, "reading the turn index"); !s.ok()) return s;
+    std::vector<std::pair<std::string, Role>> slots;
+    for (const RedisValue& m : turns->elements) {
+      slots.emplace_back(m.str, Role::kUser);
+      slots.emplace_back(m.str, Role::kAssistant);
+    }
+    auto messages = Fetch(user, slots);
+    if (!messages.ok()) return messages.status();
+    for (const HistoryMessage& m : *messages) {
+      if (!first) out.push_back(',');
+      first = false;
+      AppendMessage(out, m);
+    }
+    if (turns->elements.size() < static_cast<size_t>(kExportPageTurns)) break;
+    if (!write(out)) return Status(Code::kUnavailable, "client_gone", "the client went away");
+    out.clear();
+    min = "(" + turns->elements.back().str;
+  }
+  out.append("]}");
+  if (!write(out)) return Status(Code::kUnavailable, "client_gone", "the client went away");
+  return Status::Ok();
+}
+
+Result<int64_t> UserData::Erase(std::string_view user_id) { return cleanup_.Forget(user_id, /*keep_rate_limits=*/true); }
+
+std::string HistoryBody(const HistoryPage& page) {
+  std::string out = "{\"messages\":[";
+  for (size_t i = 0; i < page.messages.size(); ++i) {
+    if (i) out.push_back(',');
+    AppendMessage(out, page.messages[i]);
+  }
+  out.append("],\"next\":");
+  if (page.next) {
+    AppendJsonString(out, *page.next);
+  } else {
+    out.append("null");
+  }
+  out.append("}");
+  return out;
+}
+
+}  // namespace chatd
