@@ -263,15 +263,15 @@ class ChaosRun:
     # ------------------------------------------------------------------
     # The load
 
-    def _message(self, user: str, kind: str, n: int) -> str:
+    def _message(self, user: str, kind: str, n: int, fault_n: int) -> str:
         text = f"chaos {self.run_tag} {user} #{n} {uuid.uuid4().hex[:12]}"
         if kind == "forget":
             return f"{text} #fake:delay_ms={self.config.forget_model_delay_ms}"
         if self.model_faults.is_set():
-            # One in four each: a 500 the retries cannot cure (502), a 500 the
-            # first retry cures (200), every attempt slower than its timeout
-            # (504), and a normal chat.
-            fault = n % 4
+            # In turn, from each user's first chat of the phase on: a 500 the
+            # retries cannot cure (502), a 500 the first retry cures (200),
+            # every attempt slower than its timeout (504), a normal chat.
+            fault = fault_n % 4
             if fault == 0:
                 return f"{text} #fake:status=500"
             if fault == 1:
@@ -294,8 +294,8 @@ class ChaosRun:
         turn = body.get("turnId", "") if isinstance(body, dict) and status == 200 else ""
         return Attempt(send, recv, status, str(code), str(turn), retry_after=headers.get("retry-after", ""))
 
-    def _chat(self, user: str, kind: str, n: int) -> Chat:
-        chat = Chat(user, kind, self._message(user, kind, n), uuid.uuid4().hex)
+    def _chat(self, user: str, kind: str, n: int, fault_n: int) -> Chat:
+        chat = Chat(user, kind, self._message(user, kind, n, fault_n), uuid.uuid4().hex)
         with self._chats_lock:
             self.chats.append(chat)
         for i in range(self.config.max_attempts):
@@ -312,7 +312,7 @@ class ChaosRun:
         return chat
 
     def _user_loop(self, user: str, kind: str, period: float, stop: threading.Event) -> None:
-        n = 0
+        n = fault_n = 0
         next_send = _now()
         while not stop.is_set() and not self.stop_users.is_set():
             wait = next_send - _now()
@@ -320,8 +320,10 @@ class ChaosRun:
                 stop.wait(wait)
                 continue
             started = _now()
-            self._chat(user, kind, n)
+            faulty = self.model_faults.is_set()
+            self._chat(user, kind, n, fault_n if faulty else 0)
             n += 1
+            fault_n = fault_n + 1 if faulty else 0
             next_send = max(started + period, _now()) if period > 0 else _now()
 
     # ------------------------------------------------------------------
@@ -765,8 +767,6 @@ class ChaosRun:
             self._calm(cfg.warmup_s, "warmup")
             # The sleepers stop now so that they are inactive by the cleanup phase.
             self.stop_sleepers.set()
-            for mode in dict.fromkeys(cfg.redis_kill_fsync) if cfg.bench_s > 0 else ():
-                self._bench(mode)
             actions: "dict[str, Callable[[], None]]" = {
                 "worker-kill": self._worker_kill,
                 "redis-kill": lambda: [self._redis_kill(m) or self._calm(cfg.calm_s, f"calm-after-redis-kill-{m}")
@@ -785,6 +785,10 @@ class ChaosRun:
                 actions[name]()
                 if name != "redis-kill":
                     self._calm(cfg.calm_s, f"calm-after-{name}")
+            # Last, so that the cleanup does not meet the bench's many users
+            # (inactive by then, so `run` would archive them all).
+            for mode in dict.fromkeys(cfg.redis_kill_fsync) if cfg.bench_s > 0 else ():
+                self._bench(mode)
         finally:
             self.stop_users.set()
             self.stop_sleepers.set()
