@@ -108,7 +108,9 @@ class ChaosConfig:
     bench_clients: int = 8
     inactive_s: int = 10  # CHATD_CLEANUP_INACTIVE_S of the concurrent `chatd-cleanup run`
     request_deadline_ms: int = 6000
-    llm_attempt_timeout_ms: int = 1500
+    # Three attempts of 2.5 s outlast the deadline: a model that never answers
+    # in time ends as 504 model_timeout, one that fails fast as 502 model_error.
+    llm_attempt_timeout_ms: int = 2500
     drain_timeout_s: float = 240.0
     http_timeout_s: float = 30.0
     max_attempts: int = 4
@@ -785,10 +787,6 @@ class ChaosRun:
                 actions[name]()
                 if name != "redis-kill":
                     self._calm(cfg.calm_s, f"calm-after-{name}")
-            # Last, so that the cleanup does not meet the bench's many users
-            # (inactive by then, so `run` would archive them all).
-            for mode in dict.fromkeys(cfg.redis_kill_fsync) if cfg.bench_s > 0 else ():
-                self._bench(mode)
         finally:
             self.stop_users.set()
             self.stop_sleepers.set()
@@ -802,6 +800,11 @@ class ChaosRun:
         try:
             drain = self._drain()
             stored = self._stored()
+            # After the reconciliation, so that its thousands of turns neither
+            # meet the cleanup (they would all be inactive users to archive)
+            # nor hold up the drain; the chaos load has stopped by then.
+            for mode in dict.fromkeys(cfg.redis_kill_fsync) if cfg.bench_s > 0 else ():
+                self._bench(mode)
             self.stop_monitor.set()
             monitor.join()
             report = self._reconcile(stored)
