@@ -767,8 +767,12 @@ class ChaosRun:
                 thread.start()
                 threads.append(thread)
             self._calm(cfg.warmup_s, "warmup")
-            # The sleepers stop now so that they are inactive by the cleanup phase.
+            # The sleepers stop now so that they are inactive by the cleanup
+            # phase; their last chat ends first.
             self.stop_sleepers.set()
+            for thread in threads:
+                if thread.name.startswith("chaos-sleeper-"):
+                    thread.join(timeout=cfg.http_timeout_s * cfg.max_attempts + 5)
             actions: "dict[str, Callable[[], None]]" = {
                 "worker-kill": self._worker_kill,
                 "redis-kill": lambda: [self._redis_kill(m) or self._calm(cfg.calm_s, f"calm-after-redis-kill-{m}")
@@ -781,8 +785,8 @@ class ChaosRun:
                 if name == "cleanup":
                     # The sleepers must have been idle longer than the threshold
                     # (a duration measured from their last chat's answer).
-                    last = max((c.final.recv for c in list(self.chats) if self.users[c.user] == "sleeper"),
-                               default=_now())
+                    last = max((c.final.recv for c in list(self.chats)
+                                if self.users[c.user] == "sleeper" and c.attempts), default=_now())
                     self._hold(cfg.inactive_s + 1 - (_now() - last))
                 actions[name]()
                 if name != "redis-kill":
