@@ -752,9 +752,19 @@ class ChaosRun:
         return plan
 
     def run(self) -> "dict[str, Any]":
-        cfg = self.config
+        """Starts the stack, runs everything, returns the report; the stack is
+        stopped whatever happens."""
         started = _now()
         self.stack = self._start_stack()
+        try:
+            return self._load_inject_reconcile(started)
+        finally:
+            self.stop_monitor.set()
+            self.stack.stop()
+
+    def _load_inject_reconcile(self, started: float) -> "dict[str, Any]":
+        cfg = self.config
+        assert self.stack is not None
         threads: "list[threading.Thread]" = []
         monitor = threading.Thread(target=self._monitor, name="chaos-monitor", daemon=True)
         try:
@@ -801,29 +811,25 @@ class ChaosRun:
                     os.killpg(self.stack.chroma.pid, signal.SIGCONT)
                 except (ProcessLookupError, PermissionError):
                     pass
-        try:
-            drain = self._drain()
-            stored = self._stored()
-            # After the reconciliation, so that its thousands of turns neither
-            # meet the cleanup (they would all be inactive users to archive)
-            # nor hold up the drain; the chaos load has stopped by then.
-            for mode in dict.fromkeys(cfg.redis_kill_fsync) if cfg.bench_s > 0 else ():
-                self._bench(mode)
-            self.stop_monitor.set()
-            monitor.join()
-            report = self._reconcile(stored)
-            report["drain"] = drain
-            report["crashes"] = self._crashes()
-            report["bench"] = self.bench
-            report["cleanup_runs"] = [{k: v for k, v in r.items()} for r in self.cleanup_runs]
-            report["phase_windows"] = [dataclasses.asdict(p) for p in self.phases]
-            report["config"] = dataclasses.asdict(cfg)
-            report["seconds"] = round(_now() - started, 1)
-            report["users"] = dict(Counter(self.users.values()))
-            return report
-        finally:
-            self.stop_monitor.set()
-            self.stack.stop()
+        drain = self._drain()
+        stored = self._stored()
+        # After the reconciliation, so that its thousands of turns neither
+        # meet the cleanup (they would all be inactive users to archive) nor
+        # hold up the drain; the chaos load has stopped by then.
+        for mode in dict.fromkeys(cfg.redis_kill_fsync) if cfg.bench_s > 0 else ():
+            self._bench(mode)
+        self.stop_monitor.set()
+        monitor.join()
+        report = self._reconcile(stored)
+        report["drain"] = drain
+        report["crashes"] = self._crashes()
+        report["bench"] = self.bench
+        report["cleanup_runs"] = list(self.cleanup_runs)
+        report["phase_windows"] = [dataclasses.asdict(p) for p in self.phases]
+        report["config"] = dataclasses.asdict(cfg)
+        report["seconds"] = round(_now() - started, 1)
+        report["users"] = dict(Counter(self.users.values()))
+        return report
 
 
 def summary_text(report: "dict[str, Any]") -> str:
