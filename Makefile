@@ -27,7 +27,7 @@ UNIT_OBJS := $(UNIT_SRCS:tests/unit/%.cc=$(BUILD)/obj/unit/%.o)
 BINS      := $(BUILD)/bin/chatd $(BUILD)/bin/chatd-cleanup $(BUILD)/bin/chatd-cleanup-testhooks \
              $(BUILD)/bin/unit_tests
 
-.PHONY: all deps run test asan fuzz fuzz-build unit integration bench install install-chroma uninstall clean
+.PHONY: all deps run test asan chaos fuzz fuzz-build unit integration bench install install-chroma uninstall clean
 all: $(BINS)
 
 $(BUILD)/obj/%.o: src/%.cc
@@ -184,6 +184,13 @@ test: deps all
 # The same tests against an AddressSanitizer + UBSan build.
 asan:
 	$(MAKE) BUILD=build-asan SAN=1 test
+
+# The long chaos run under load (docs/testing.md, "Chaos"): minutes; writes
+# $(BUILD)/chaos/report.json and report.txt. Options go in CHAOS_ARGS, e.g.
+# make chaos CHAOS_ARGS="--phase-s 40 --steady-users 40 --fsync everysec,always"
+# (tests/chaos/chaos.py --help lists them). The short form runs in `make test`.
+chaos: deps all
+	$(PYTHON) tests/chaos/chaos.py --build $(BUILD) --out $(BUILD)/chaos $(CHAOS_ARGS)
 
 bench: deps all $(BENCH_BINS)
 	$(PYTHON) bench/run_bench.py --build $(BUILD)

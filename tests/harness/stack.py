@@ -73,6 +73,11 @@ LOG_TAIL_CHARS = 4000
 UNCAPPED = "1000"
 
 
+# Redis AOF fsync policies the harness offers: `everysec` (the deployed one;
+# a crash of the machine may lose the last second) and `always`.
+APPENDFSYNC_MODES = ("everysec", "always")
+
+
 class StackError(RuntimeError):
     """A service could not be started or stopped as expected."""
 
@@ -375,14 +380,19 @@ class Redis(_Service):
     name = "redis"
 
     def __init__(self, tmpdir: Path | str, port: Optional[int] = None, requirepass: Optional[str] = None,
-                 acl_file: Optional[Path | str] = None, admin: Optional[Sequence[str]] = None) -> None:
+                 acl_file: Optional[Path | str] = None, admin: Optional[Sequence[str]] = None,
+                 appendfsync: str = "everysec") -> None:
         """requirepass: the default user's password. acl_file: users and their
         rules (Redis `aclfile`); `admin` is then the [user, password] the
-        harness itself authenticates with."""
+        harness itself authenticates with. appendfsync: the AOF's fsync policy
+        (`everysec`, as deployed, or `always`); a restart keeps it."""
         super().__init__()
         # More redis-server arguments for the next start (a test may slow the
         # loading of the AOF down with the test-only "--key-load-delay").
         self.extra_args: "list[str]" = []
+        if appendfsync not in APPENDFSYNC_MODES:
+            raise ValueError(f"appendfsync must be one of {APPENDFSYNC_MODES}, not {appendfsync!r}")
+        self.appendfsync = appendfsync
         self.dir = Path(tmpdir) / "redis"
         self.dir.mkdir(parents=True, exist_ok=True)
         self._fixed_port = port is not None
@@ -400,7 +410,7 @@ class Redis(_Service):
     def start(self) -> "Redis":
         self._start_on_free_port(
             lambda: self._spawn(["redis-server", "--bind", LOOPBACK, "--port", str(self.port),
-                                 "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "everysec",
+                                 "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", self.appendfsync,
                                  "--save", "", "--daemonize", "no", "--protected-mode", "no",
                                  # What production must set (docs/deployment.md): no
                                  # policy may evict the turn stream.
@@ -421,6 +431,14 @@ class Redis(_Service):
             if str(e).startswith(REDIS_TRANSIENT_ERRORS):
                 return False
             raise
+
+    def set_appendfsync(self, mode: str) -> None:
+        """Switches the fsync policy of the running server (CONFIG SET) and of
+        its later restarts."""
+        if mode not in APPENDFSYNC_MODES:
+            raise ValueError(f"appendfsync must be one of {APPENDFSYNC_MODES}, not {mode!r}")
+        self.redis_command("CONFIG", "SET", "appendfsync", mode)
+        self.appendfsync = mode
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> float:
         # SIGTERM makes Redis flush the AOF before exiting.
