@@ -17,6 +17,7 @@
 #include "chatd/indexer.h"
 #include "chatd/log.h"
 #include "chatd/random_id.h"
+#include "chatd/redis_idempotency.h"
 #include "chatd/redis_memory.h"
 #include "chatd/redis_rate_limiter.h"
 #include "chatd/user_id.h"
@@ -129,7 +130,8 @@ return 1
 
 // KEYS: activity, recent, rl fixed, rl sliding, lock, hot set, hot index,
 // index stream, dead letters, in-progress set, turn index, queued turns,
-// tombstone, recorded turns.
+// tombstone, recorded turns, the list of Idempotency-Key hashes, then those
+// hashes.
 // ARGV: user, index group, our lock value, tombstone TTL (ms), keep rate
 // limits (1/0), then stream ids (index stream) ... "|" ... dead-letter ids.
 // -1 (nothing touched) when the lock is not ours. Else leaves the tombstone:
@@ -149,7 +151,8 @@ if #ids > 0 then
   redis.call('XDEL', KEYS[8], unpack(ids))
 end
 if #dead > 0 then redis.call('XDEL', KEYS[9], unpack(dead)) end
-redis.call('DEL', KEYS[2], KEYS[5], KEYS[6], KEYS[7], KEYS[11], KEYS[12], KEYS[14])
+redis.call('DEL', KEYS[2], KEYS[5], KEYS[6], KEYS[7], KEYS[11], KEYS[12], KEYS[14], KEYS[15])
+for i = 16, #KEYS do redis.call('DEL', KEYS[i]) end
 if ARGV[5] ~= '1' then redis.call('DEL', KEYS[3], KEYS[4]) end
 redis.call('ZREM', KEYS[1], ARGV[1])
 local mark = redis.call('XADD', KEYS[8], '*', 'erase', ARGV[1])
@@ -650,7 +653,11 @@ Result<int64_t> Cleanup::EraseLocked(const std::string& user, bool keep_rate_lim
   // and the hot set.
   std::vector<std::string> keys = UserKeys(user);
   const std::string turns = TurnIndexKey(user), queued_turns = QueuedTurnsKey(user), tombstone = TombstoneKey(user);
-  auto held = redis_.Pipeline({{"LRANGE", keys[0], "0", "-1"}, {"ZRANGE", turns, "0", "-1"}, {"HKEYS", keys[4]}});
+  const std::string idem_list = IdempotencyKeysKey(user);
+  auto held = redis_.Pipeline({{"LRANGE", keys[0], "0", "-1"},
+                               {"ZRANGE", turns, "0", "-1"},
+                               {"HKEYS", keys[4]},
+                               {"ZRANGE", idem_list, "0", "-1"}});
   if (!held.ok()) return held.status();
   for (const RedisValue& r : *held) {
     if (r.is_error()) return Unavailable("redis_error", "reading the user's keys failed: " + r.str);
@@ -663,6 +670,13 @@ Result<int64_t> Cleanup::EraseLocked(const std::string& user, bool keep_rate_lim
     if (e.str.size() > kTurnIndexTsDigits + 1) add_turn(e.str.substr(kTurnIndexTsDigits + 1));
   }
   for (const RedisValue& e : (*held)[2].elements) erased.insert(e.str);
+  // The user's Idempotency-Key answers hold reply texts: they go too. Only
+  // names under the user's own prefix, whatever the list says.
+  const std::string idem_prefix = UserKey(user, "idem:");
+  std::vector<std::string> idem_keys;
+  for (const RedisValue& e : (*held)[3].elements) {
+    if (e.str.rfind(idem_prefix, 0) == 0) idem_keys.push_back(e.str);
+  }
 
   if (Status s = Fence(user); !s.ok()) return s;
   std::vector<std::string> chroma_ids;
@@ -684,7 +698,8 @@ Result<int64_t> Cleanup::EraseLocked(const std::string& user, bool keep_rate_lim
                                                keys[2],         keys[3],        keys[4],
                                                keys[5],         kIndexStreamKey, kDeadLetterKey,
                                                kCleanupInProgressKey, turns,    queued_turns,
-                                               tombstone,       keys[6]};
+                                               tombstone,       keys[6],        idem_list};
+  for (const std::string& k : idem_keys) script_keys.push_back(k);
   Result<RedisValue> mark = redis_.Eval(kForget, script_keys, args);
   if (Status s = RedisErrorIf(mark, "forget"); !s.ok()) return s;
   if (mark->type == RedisValue::Type::kInteger && mark->integer < 0) return LockLost();

@@ -6,14 +6,23 @@ namespace chatd {
 
 namespace {
 
-// KEYS[1]: the key's hash. ARGV: fingerprint, token, claim TTL in ms.
+// KEYS[1]: the key's hash, KEYS[2]: the user's list of key hashes.
+// ARGV: fingerprint, token, claim TTL in ms, how long an answer is kept (ms).
 // A different fingerprint wins over "in progress": the client reused the key
-// for another request, whatever became of the first.
+// for another request, whatever became of the first. The list lets an erase
+// find the user's keys (and the answers they hold) without a SCAN; an entry
+// goes once the key it names must have expired.
 const RedisScript kClaim(R"lua(
 local held = redis.call('HMGET', KEYS[1], 'fp', 'turn', 'resp')
 if not held[1] then
   redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'tok', ARGV[2])
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local life = math.max(tonumber(ARGV[3]), tonumber(ARGV[4]))
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  redis.call('ZADD', KEYS[2], now + life, KEYS[1])
+  redis.call('PEXPIRE', KEYS[2], life)
   return {'claimed'}
 end
 if held[1] ~= ARGV[1] then return {'reused'} end
@@ -38,13 +47,17 @@ Result<std::string> IdempotencyRedisKey(std::string_view user_id, std::string_vi
   return UserKey(user_id, "idem:" + *digest);
 }
 
+std::string IdempotencyKeysKey(std::string_view user_id) { return UserKey(user_id, "idemkeys"); }
+
 RedisIdempotencyStore::RedisIdempotencyStore(RedisClient& redis, int64_t claim_ttl_ms)
     : redis_(redis), claim_ttl_ms_(std::to_string(claim_ttl_ms)) {}
 
 Result<KeyClaim> RedisIdempotencyStore::Claim(std::string_view user_id, const IdempotencyTicket& ticket) {
   Result<std::string> key = IdempotencyRedisKey(user_id, ticket.key);
   if (!key.ok()) return key.status();
-  auto reply = redis_.Eval(kClaim, {*key}, {ticket.fingerprint, ticket.token, claim_ttl_ms_});
+  const std::string list = IdempotencyKeysKey(user_id);
+  const std::string keep_ms = std::to_string(ticket.keep_ms);
+  auto reply = redis_.Eval(kClaim, {*key, list}, {ticket.fingerprint, ticket.token, claim_ttl_ms_, keep_ms});
   if (!reply.ok()) return reply.status();
   return KeyClaimFromReply(*reply);
 }

@@ -390,6 +390,28 @@ def test_delete_erases_the_user_everywhere_and_nobody_else(world, stack, unique,
     assert [m["content"] for m in client.history(user)["messages"]][0] == question
 
 
+def test_a_delete_erases_the_answers_kept_for_idempotency_keys(world, stack, unique):
+    # A kept answer holds the reply text: it is the user's data like the rest,
+    # and a retry after the erase must not bring it back.
+    client = world.clients["off"]
+    user, key = unique("erase-idem"), unique("key")
+    message = f"remember my keyed secret {unique('m')}"
+    status, _, first = post_chat(client.url, user, message, headers={"Idempotency-Key": key}, timeout=60)
+    assert status == 200, first
+    replay = post_chat(client.url, user, message, headers={"Idempotency-Key": key}, timeout=60)
+    assert replay[1].get("idempotent-replayed") == "true"  # kept before the erase
+    assert any(":idem" in k for k in world.user_keys(user))
+
+    assert client.erase(user)["deleted"]["messages"] >= 2
+
+    assert not [k for k in world.user_keys(user) if ":idem" in k]
+    calls = len(stack.fake.requests(message))
+    status, headers, again = post_chat(client.url, user, message, headers={"Idempotency-Key": key}, timeout=60)
+    assert status == 200, again
+    assert "idempotent-replayed" not in headers and again["turnId"] != first["turnId"]
+    assert len(stack.fake.requests(message)) == calls + 1  # the model answered anew
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_a_delete_during_a_slow_chat_leaves_nothing_behind(world, stack, unique, mode):
     client = world.clients[mode]
