@@ -157,7 +157,7 @@ if ARGV[5] ~= '1' then redis.call('DEL', KEYS[3], KEYS[4]) end
 redis.call('ZREM', KEYS[1], ARGV[1])
 local mark = redis.call('XADD', KEYS[8], '*', 'erase', ARGV[1])
 redis.call('XDEL', KEYS[8], mark)
-redis.call('SET', KEYS[13], mark, 'PX', ARGV[3])
+redis.call('SET', KEYS[13], mark, 'PX', ARGV[4])
 return mark
 )lua");
 
