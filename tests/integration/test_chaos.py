@@ -46,15 +46,14 @@ def test_no_turn_lost_or_duplicated_no_admission_over_the_limit_no_crash_under_c
     assert report["lost"] == [], f"answered turns lost:\n{summary}"
     assert report["over_limit"]["count"] == 0, f"admissions over the limit: {report['over_limit']}\n{summary}"
     assert report["crashes"]["count"] == 0, f"worker crashes: {report['crashes']}\n{summary}"
-    # DEFECT on main (issue 13, items 1 and 2), fixed by Idempotency-Key and
-    # the record idempotent by turn id: a worker killed after it recorded a
-    # turn gives nginx's 502, the client retries (with the same
-    # Idempotency-Key, which main ignores) and the turn is recorded again
-    # under a new turn id. On main: in 3 of 6 short runs (1, 3 and 1 turns).
+    # A worker killed after it recorded a turn gives nginx's 502, and the
+    # client retries with the same Idempotency-Key: before keys were honoured
+    # (issue 13, items 1 and 2) the turn was recorded again under a new turn
+    # id, in 3 of 6 short runs.
     assert report["duplicates"]["count"] == 0, f"duplicates: {report['duplicates']}\n{summary}"
-    # DEFECT on main (issue 13, item 4), fixed by the forget tombstone: a chat
-    # in flight while `forget` erases its user records its turn afterwards, and
-    # the forgotten user is remembered again. On main: in every run.
+    # A chat in flight while `forget` erases its user must not record its turn
+    # afterwards: before the erase tombstone (issue 13, item 4) the forgotten
+    # user was remembered again in every run.
     kept = {user: {cls: v for cls, v in info.items()
                    if cls in ("answered before the forget", "in flight during the forget") and v["kept"]}
             for user, info in report["forgotten"].items()}
