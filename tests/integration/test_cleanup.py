@@ -957,7 +957,7 @@ def test_forget_during_a_run_of_the_same_user_leaves_no_archive(world, unique, t
     assert forgotten.events("forget_done")
     # What the run archived meanwhile went too: a restore finds nothing.
     assert not archive_dir_of(world.archive_root, user).exists()
-    world.assert_gone_from_live_storage(user)
+    world.assert_gone_from_live_storage(user, erased=True)
     restore = world.cleanup("restore", user)
     assert restore.returncode == 0, restore.stderr[-3000:]
     assert restore.events("restore_done")[0]["records"] == 0
