@@ -33,6 +33,19 @@ void AddRateHeaders(const std::string& policy, const ChatTrace& trace, HttpReply
   for (auto& h : RateLimitHeaders(*trace.rate)) reply.headers.push_back(std::move(h));
 }
 
+// Adds "key": <raw JSON value> to an error body ({"error", "code"}, built by
+// ErrorReply) before its closing brace.
+void AddErrorMember(std::string& body, std::string_view key, std::string_view raw_json) {
+  body.pop_back();
+  body.append(",\"").append(key).append("\":").append(raw_json).push_back('}');
+}
+
+// What history and export answer when an archived user's memory could not be
+// brought back first.
+Status RestoreFailed() {
+  return Unavailable("restore_failed", "The archived memory could not be restored; try again shortly");
+}
+
 // Whether one media type (parameters allowed) is `wanted`, in any case.
 bool MediaTypeIs(std::string_view media_type, std::string_view wanted) {
   std::string_view media = media_type.substr(0, media_type.find(';'));
@@ -270,21 +283,17 @@ HttpReply HttpApi::Chat(const HttpRequest& req, RequestLog& log, ResponseStream*
   if (!result.ok()) {
     HttpReply reply = fail(result.status());
     if (result.status().code() == Code::kRateLimited && trace.rate) {
-      // {"error", "code", "retryAfter"}: splice the number into the object.
-      reply.body.pop_back();
-      reply.body.append(",\"retryAfter\":").append(std::to_string(RetryAfterSeconds(*trace.rate))).append("}");
+      AddErrorMember(reply.body, "retryAfter", std::to_string(RetryAfterSeconds(*trace.rate)));
     } else if (const int wait_s = RetryAfterSeconds(result.status()); wait_s > 0) {
       reply.headers.emplace_back("Retry-After", std::to_string(wait_s));
-      reply.body.pop_back();
-      reply.body.append(",\"retryAfter\":").append(std::to_string(wait_s)).append("}");
+      AddErrorMember(reply.body, "retryAfter", std::to_string(wait_s));
     }
     if (result.status().reason() == kRecordOutcomeUnknown) {
       // The id the turn has if it landed: the client can look for it, or
       // retry with its Idempotency-Key to learn the outcome.
-      reply.body.pop_back();
-      reply.body.append(",\"turnId\":");
-      AppendJsonString(reply.body, trace.turn_id);
-      reply.body.append("}");
+      std::string turn_id;
+      AppendJsonString(turn_id, trace.turn_id);
+      AddErrorMember(reply.body, "turnId", turn_id);
     }
     return reply;
   }
@@ -365,8 +374,7 @@ Result<std::string> HttpApi::DataUser(const HttpRequest& req, const char* method
   }
   if (!decision->allowed) {
     Status s = fail(Status(Code::kRateLimited, "rate_limited", "Too many requests"));
-    refused.body.pop_back();
-    refused.body.append(",\"retryAfter\":").append(std::to_string(RetryAfterSeconds(*decision))).append("}");
+    AddErrorMember(refused.body, "retryAfter", std::to_string(RetryAfterSeconds(*decision)));
     for (auto& h : RateLimitHeaders(*decision)) refused.headers.push_back(std::move(h));
     return s;
   }
@@ -401,7 +409,7 @@ HttpReply HttpApi::History(const HttpRequest& req, RequestLog& log) {
   }
   // An archived user's history is restored on read, like on a chat.
   if (Result<int64_t> r = data_->RestoreIfArchived(*user); !r.ok()) {
-    return fail(Unavailable("restore_failed", "The archived memory could not be restored; try again shortly"));
+    return fail(RestoreFailed());
   }
   Result<HistoryPage> page = data_->History(*user, limit, before);
   if (!page.ok()) return fail(page.status());
@@ -416,8 +424,9 @@ HttpReply HttpApi::Export(const HttpRequest& req, RequestLog& log) {
   if (!user.ok()) return refused;
   Result<int64_t> restored = data_->RestoreIfArchived(*user);
   if (!restored.ok()) {
-    log.error_reason = "restore_failed";
-    return ErrorReply(Unavailable("restore_failed", "The archived memory could not be restored; try again shortly"));
+    const Status failed = RestoreFailed();
+    log.error_reason = failed.reason();
+    return ErrorReply(failed);
   }
   HttpReply reply;
   reply.headers.emplace_back("Content-Disposition", "attachment; filename=\"chatd-export.json\"");
