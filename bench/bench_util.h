@@ -2,6 +2,8 @@
 // timing, latency series as JSON, flag parsing and the synthetic topics.
 #pragma once
 
+#include <time.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
@@ -28,6 +30,14 @@ inline constexpr const char* kTopics[] = {
 inline constexpr size_t kTopicCount = sizeof(kTopics) / sizeof(kTopics[0]);
 
 using Clock = std::chrono::steady_clock;
+
+// This thread's CPU time (user + system) in milliseconds: what a call cost
+// the caller's process, whatever else the machine runs.
+inline double ThreadCpuMs() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) * 1e3 + static_cast<double>(ts.tv_nsec) / 1e6;
+}
 
 inline double MsSince(Clock::time_point start) {
   return std::chrono::duration<double, std::milli>(Clock::now() - start).count();

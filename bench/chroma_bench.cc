@@ -283,6 +283,33 @@ int RunQuery(const Options& o) {
   }
   const double range_cpu_ms = range_cpu.PerCall(ranged.size());
 
+  // Recall by id (CHATD_RECALL_BY_ID_MAX): what the request path sends for a
+  // user whose older messages are few enough to list. Here every message but
+  // the recent ones, so the answer is the plain recall's above; read by id
+  // with embeddings and ranked in this process, whose CPU (the pool's cost of
+  // it) is timed per call too.
+  std::vector<double> by_id, by_id_worker_cpu;
+  CpuMeter by_id_cpu(o.pid);
+  int by_id_short = 0;
+  for (int i = 0; i < o.queries; ++i) {
+    const int user = sampled[pick(rng)];
+    std::vector<float> embedding = QueryEmbedding(rng, dims);
+    std::vector<std::string> older;
+    for (int j = o.messages - static_cast<int>(kRecentExcluded) - 1; j >= 0; --j) older.push_back(MessageId(user, j));
+    const double thread_cpu_before = ThreadCpuMs();
+    auto call_started = Clock::now();
+    auto r = store.RecallAmong(UserId(user), embedding, kRecallK, older);
+    by_id.push_back(MsSince(call_started));
+    by_id_worker_cpu.push_back(ThreadCpuMs() - thread_cpu_before);
+    if (!r.ok()) {
+      ++failures;
+      std::fprintf(stderr, "chroma_bench: recall by id: %s\n", r.status().message().c_str());
+    } else if (r->messages.size() != kRecallK) {
+      ++by_id_short;
+    }
+  }
+  const double by_id_cpu_ms = by_id_cpu.PerCall(by_id.size());
+
   // One turn (both messages) into a user's collection, as the indexer writes
   // it, then that user's next recall: does a write make the next read cold?
   std::vector<double> adds, after_add;
@@ -335,13 +362,16 @@ int RunQuery(const Options& o) {
   std::printf(
       "{\"users\":%d,\"sampled_users\":%zu,\"first_query_ms\":%s,\"query_ms\":%s,\"http_calls_per_query\":%s,"
       "\"query_before_ts_ms\":%s,\"query_before_ts_short_answers\":%d,\"query_before_ts_cpu_ms\":%s,"
+      "\"recall_by_id_ms\":%s,\"recall_by_id_short_answers\":%d,\"recall_by_id_cpu_ms\":%s,"
+      "\"recall_by_id_client_cpu_ms\":%s,"
       "\"add_turn_ms\":%s,\"query_after_add_ms\":%s,"
       "\"chroma_cpu_ms_per_call\":{\"first_query\":%s,\"query\":%s,\"add_turn\":%s,\"parallel_query\":%s},"
       "\"parallel\":{\"threads\":%d,\"queries\":%d,\"seconds\":%s,\"qps\":%s,\"query_ms\":%s},"
       "\"short_answers\":%d,\"failures\":%d}\n",
       o.users, sampled.size(), Series(std::move(first)).c_str(), Series(std::move(random)).c_str(),
       Num(static_cast<double>(calls_per_query_x1000) / 1000.0).c_str(), Series(std::move(ranged)).c_str(), range_short,
-      Num(range_cpu_ms).c_str(), Series(std::move(adds)).c_str(),
+      Num(range_cpu_ms).c_str(), Series(std::move(by_id)).c_str(), by_id_short, Num(by_id_cpu_ms).c_str(),
+      Series(std::move(by_id_worker_cpu)).c_str(), Series(std::move(adds)).c_str(),
       Series(std::move(after_add)).c_str(), Num(first_cpu_ms).c_str(), Num(query_cpu_ms).c_str(),
       Num(add_cpu_ms).c_str(), Num(parallel_cpu_ms).c_str(),
       o.threads, o.queries, Num(parallel_seconds).c_str(),

@@ -194,12 +194,31 @@ Result<ChatReply> ChatService::Chat(const std::string& user_id, const std::strin
       for (const auto& m : recent) exclude_ids.push_back(m.id);
       memories = RankHot(memory->hot, embedding, options_.recall_k, exclude_ids);
       if (memory->older_in_long_term) {
-        // Chroma holds the hot messages too, so its k nearest, merged with the
-        // hot ranking (each id once), are the k nearest overall. Excluding the
-        // hot ids instead would make it return k + the hot set's size records
-        // (73 by default) and the worker parse them all, for the same answer.
-        trace.long_term_queried = true;
-        auto recalled = long_term_.Recall(user_id, embedding, options_.recall_k, exclude_ids);
+        Result<RecallResult> recalled = RecallResult{};
+        if (memory->older_listed) {
+          // Few older messages: read exactly those by id and rank them here.
+          // A filtered vector search over a shared shard costs Chroma many
+          // times more than these lookups (memory.md).
+          std::vector<std::string> among;
+          among.reserve(memory->older_ids.size());
+          for (std::string& id : memory->older_ids) {
+            if (std::find(exclude_ids.begin(), exclude_ids.end(), id) == exclude_ids.end()) {
+              among.push_back(std::move(id));
+            }
+          }
+          if (!among.empty()) {
+            trace.long_term_queried = true;
+            recalled = long_term_.RecallAmong(user_id, embedding, options_.recall_k, among);
+          }
+        } else {
+          // Chroma holds the hot messages too, so its k nearest, merged with
+          // the hot ranking (each id once), are the k nearest overall.
+          // Excluding the hot ids instead would make it return k + the hot
+          // set's size records (73 by default) and the worker parse them all,
+          // for the same answer.
+          trace.long_term_queried = true;
+          recalled = long_term_.Recall(user_id, embedding, options_.recall_k, exclude_ids);
+        }
         if (recalled.ok()) {
           trace.foreign_records_dropped = recalled->foreign_dropped;
           if (recalled->foreign_dropped > 0) {

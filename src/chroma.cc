@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "chatd/json.h"
+#include "chatd/recall.h"
 #include "chatd/user_id.h"
 
 namespace chatd {
@@ -291,6 +292,17 @@ Result<std::string> GetIdsRequest(std::string_view user_id, const std::vector<st
   for (const std::string& id : record_ids) ok = ok && WriteString(w, id);
   ok = ok && w.EndArray() && WriteUserFilter(w, user_id) && w.Key("include") && w.StartArray() &&
        w.String("documents") && w.String("metadatas") && w.EndArray() && w.EndObject();
+  if (!ok) return InvalidArgument("invalid_utf8", "a record id is not valid UTF-8");
+  return Finish(buffer);
+}
+
+Result<std::string> GetIdsWithEmbeddingsRequest(const std::vector<std::string>& record_ids) {
+  rapidjson::StringBuffer buffer;
+  JsonWriter w(buffer);
+  bool ok = w.StartObject() && w.Key("ids") && w.StartArray();
+  for (const std::string& id : record_ids) ok = ok && WriteString(w, id);
+  ok = ok && w.EndArray() && w.Key("include") && w.StartArray() && w.String("documents") &&
+       w.String("metadatas") && w.String("embeddings") && w.EndArray() && w.EndObject();
   if (!ok) return InvalidArgument("invalid_utf8", "a record id is not valid UTF-8");
   return Finish(buffer);
 }
@@ -577,6 +589,22 @@ Result<std::optional<HttpResponse>> ChromaStore::LegacyCall(std::string_view use
   return std::optional<HttpResponse>(std::move(response).value());
 }
 
+Result<std::optional<HttpResponse>> ChromaStore::ShardGet(int shard, const std::string& body) {
+  auto response = ShardCall(shard, "/get", body);
+  if (!response.ok()) return response.status();
+  if (response->status == 200) return std::optional<HttpResponse>(std::move(response).value());
+  // Chroma 1.5.9 cannot read a shard nothing was written to yet: only a count
+  // of zero makes that "no records".
+  if (response->body.find(kNoSegmentOnDisk) != std::string::npos) {
+    auto count = ShardCall(shard, "/count", "", "GET");
+    if (count.ok() && count->status == 200) {
+      auto n = chroma_json::ParseCount(count->body);
+      if (n.ok() && *n == 0) return std::optional<HttpResponse>();
+    }
+  }
+  return HttpError(*response, "get");
+}
+
 Result<RecallResult> ChromaStore::Recall(std::string_view user_id, const std::vector<float>& embedding, size_t k,
                                          const std::vector<std::string>& exclude_ids) {
   if (k == 0) return RecallResult{};
@@ -598,6 +626,35 @@ Result<RecallResult> ChromaStore::Recall(std::string_view user_id, const std::ve
     if (out.messages.size() == k) break;
     if (excluded.count(r.message.id) == 0) out.messages.push_back(std::move(r));
   }
+  return out;
+}
+
+Result<RecallResult> ChromaStore::RecallAmong(std::string_view user_id, const std::vector<float>& embedding,
+                                              size_t k, const std::vector<std::string>& message_ids) {
+  RecallResult out;
+  if (k == 0 || message_ids.empty()) return out;
+  std::vector<std::string> ids;
+  ids.reserve(message_ids.size());
+  for (const std::string& id : message_ids) ids.push_back(chroma_json::RecordId(user_id, id));
+  auto request = chroma_json::GetIdsWithEmbeddingsRequest(ids);
+  if (!request.ok()) return request.status();
+  auto response = ShardGet(ChromaShardOf(user_id, options_.shards), *request);
+  if (!response.ok()) return response.status();
+  if (!response->has_value()) return out;  // an empty shard
+  auto records = chroma_json::ParseGetResponse((*response)->body, user_id, /*full=*/true, &out.foreign_dropped,
+                                               nullptr, nullptr);
+  if (!records.ok()) return records.status();
+  out.messages.reserve(records->size());
+  for (StoredMessage& m : *records) {
+    const double distance = SquaredL2(m.embedding, embedding);
+    m.embedding = {};  // the prompt needs the text only
+    out.messages.push_back({std::move(m), distance});
+  }
+  const auto nearer = [](const RecalledMessage& a, const RecalledMessage& b) { return a.distance < b.distance; };
+  const size_t keep = std::min(k, out.messages.size());
+  std::partial_sort(out.messages.begin(), out.messages.begin() + static_cast<std::ptrdiff_t>(keep),
+                    out.messages.end(), nearer);
+  out.messages.resize(keep);
   return out;
 }
 
@@ -678,23 +735,11 @@ Result<std::vector<StoredMessage>> ChromaStore::GetMessages(std::string_view use
   for (const std::string& id : message_ids) ids.push_back(chroma_json::RecordId(user_id, id));
   auto request = chroma_json::GetIdsRequest(user_id, ids);
   if (!request.ok()) return request.status();
-  const int shard = ChromaShardOf(user_id, options_.shards);
-  auto response = ShardCall(shard, "/get", *request);
+  auto response = ShardGet(ChromaShardOf(user_id, options_.shards), *request);
   if (!response.ok()) return response.status();
-  if (response->status != 200) {
-    // Chroma 1.5.9 cannot read a shard nothing was written to yet: only a
-    // count of zero makes that "no records".
-    if (response->body.find(kNoSegmentOnDisk) != std::string::npos) {
-      auto count = ShardCall(shard, "/count", "", "GET");
-      if (count.ok() && count->status == 200) {
-        auto n = chroma_json::ParseCount(count->body);
-        if (n.ok() && *n == 0) return out;
-      }
-    }
-    return HttpError(*response, "get");
-  }
+  if (!response->has_value()) return out;  // an empty shard
   size_t foreign = 0;
-  auto records = chroma_json::ParseGetDocumentsResponse(response->body, user_id, &foreign);
+  auto records = chroma_json::ParseGetDocumentsResponse((*response)->body, user_id, &foreign);
   if (!records.ok()) return records.status();
   if (foreign > 0) return Status(Code::kInternal, "chroma_foreign_record", "Chroma returned records of other users");
   return records;

@@ -667,7 +667,7 @@ Result<int64_t> Cleanup::EraseLocked(const std::string& user, bool keep_rate_lim
     if (m.ok()) erased.insert(m->id);
   }
   for (const RedisValue& e : (*held)[1].elements) {
-    if (e.str.size() > kTurnIndexTsDigits + 1) add_turn(e.str.substr(kTurnIndexTsDigits + 1));
+    if (std::string_view turn = TurnOfIndexMember(e.str); !turn.empty()) add_turn(std::string(turn));
   }
   for (const RedisValue& e : (*held)[2].elements) erased.insert(e.str);
   // The user's Idempotency-Key answers hold reply texts: they go too. Only

@@ -149,6 +149,9 @@ constexpr int64_t kMaxDimensions = 8192;
 // The hot set is read whole on every chat: a few hundred records is already
 // hundreds of kilobytes per request.
 constexpr int64_t kMaxHotMessages = 1000;
+// Read by id with their embeddings on every chat of such a user: about 3 KiB
+// of JSON per message at 256 dimensions.
+constexpr int64_t kMaxRecallById = 1000;
 constexpr int64_t kMaxChromaShards = 4096;  // as chroma.h; config does not depend on the adapter
 constexpr int64_t kMaxTokens = 1 << 20;
 constexpr int64_t kMaxRateLimit = 1'000'000;
@@ -222,6 +225,7 @@ Result<Config> LoadConfig(const EnvLookup& env) {
   r.Int("CHATD_CHROMA_SYNC_THRESHOLD", c.chroma_sync_threshold, 2, 1'000'000);
   r.Int("CHATD_CHROMA_SHARDS", c.chroma_shards, 1, kMaxChromaShards);
   r.Int("CHATD_RECALL_HOT_MESSAGES", c.recall_hot_messages, 1, kMaxHotMessages);
+  r.Int("CHATD_RECALL_BY_ID_MAX", c.recall_by_id_max, 0, kMaxRecallById);
   r.PathSegment("CHATD_CHROMA_TENANT", c.chroma_tenant);
   r.PathSegment("CHATD_CHROMA_DATABASE", c.chroma_database);
   r.SecretFile("CHATD_CHROMA_TOKEN_FILE", c.chroma_token);

@@ -148,7 +148,8 @@ int main() {
   // so no retry records twice.
   const int64_t chat_lifetime_ms =
       config.request_deadline_ms + kRecordRedisTimeouts * config.redis_timeout_ms + kLeaseMarginMs;
-  RedisShortTermStore recent(redis, config.recent_messages, config.recall_hot_messages, chat_lifetime_ms);
+  RedisShortTermStore recent(redis, config.recent_messages, config.recall_hot_messages, chat_lifetime_ms,
+                             config.recall_by_id_max);
   RedisIdempotencyStore idempotency(redis, chat_lifetime_ms);
 
   ChromaOptions chroma_options;

@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <set>
+#include <unordered_set>
 
 #include "chatd/redis_idempotency.h"
 #include "chatd/redis_rate_limiter.h"
@@ -212,18 +213,26 @@ std::vector<IndexEntry> ParseIndexEntries(const RedisValue& list, std::vector<st
 }
 
 RedisShortTermStore::RedisShortTermStore(RedisClient& redis, int recent_messages, int hot_messages,
-                                         int64_t recorded_window_ms)
+                                         int64_t recorded_window_ms, int older_by_id_max)
     : redis_(redis),
       recent_messages_(recent_messages),
       hot_messages_(hot_messages),
-      recorded_window_ms_(std::to_string(recorded_window_ms)) {}
+      recorded_window_ms_(std::to_string(recorded_window_ms)),
+      older_by_id_max_(older_by_id_max),
+      // Two messages a turn; ZREVRANGE's stop is inclusive, so this reads
+      // (hot + max) / 2 + 1 turns, rounded up.
+      turns_to_read_(std::to_string((hot_messages + older_by_id_max + 1) / 2)) {}
 
 Result<UserMemory> RedisShortTermStore::Read(std::string_view user_id) {
   const std::string recent_key = RecentKey(user_id);
   const std::string hot_key = HotKey(user_id);
   const std::string tombstone_key = TombstoneKey(user_id);
-  auto replies =
-      redis_.Pipeline({{"LRANGE", recent_key, "0", "-1"}, {"HVALS", hot_key}, {"GET", tombstone_key}});
+  const std::string turns_key = TurnIndexKey(user_id);
+  std::vector<std::vector<std::string_view>> commands = {
+      {"LRANGE", recent_key, "0", "-1"}, {"HVALS", hot_key}, {"GET", tombstone_key}};
+  // Newest first: members sort by time (TurnIndexMember) under one score.
+  if (older_by_id_max_ > 0) commands.push_back({"ZREVRANGE", turns_key, "0", turns_to_read_});
+  auto replies = redis_.Pipeline(commands);
   if (!replies.ok()) return replies.status();
   const RedisValue& recent = (*replies)[0];
   const RedisValue& hot = (*replies)[1];
@@ -248,7 +257,38 @@ Result<UserMemory> RedisShortTermStore::Read(std::string_view user_id) {
   const RedisValue& tombstone = (*replies)[2];
   if (tombstone.is_error()) return Unavailable("redis_error", "GET failed: " + tombstone.str);
   out.fence = tombstone.str;  // nil: no tombstone, empty
+  if (out.older_in_long_term && older_by_id_max_ > 0) ListOlder((*replies)[3], out);
   return out;
+}
+
+void RedisShortTermStore::ListOlder(const RedisValue& turns, UserMemory& out) const {
+  // Fewer turns than asked for means the index gave every turn of the user;
+  // otherwise older ones may exist beyond it, and recall must search.
+  if (turns.type != RedisValue::Type::kArray) return;
+  const size_t asked = static_cast<size_t>((hot_messages_ + older_by_id_max_ + 1) / 2) + 1;
+  if (turns.elements.size() >= asked) return;
+  std::unordered_set<std::string> hot_ids;
+  hot_ids.reserve(out.hot.size());
+  HotRecordView view;
+  for (const std::string& record : out.hot) {
+    if (!ViewHotRecord(record, view)) return;  // cannot tell which are hot: search instead
+    std::string id(view.turn_id);
+    id.append(view.role == Role::kUser ? ":u" : ":a");
+    hot_ids.insert(std::move(id));
+  }
+  std::vector<std::string> ids;
+  for (const RedisValue& member : turns.elements) {
+    const std::string_view turn_id = TurnOfIndexMember(member.str);
+    if (member.type != RedisValue::Type::kString || turn_id.empty()) return;
+    for (const char* half : {":a", ":u"}) {  // newest first: the answer follows the question
+      std::string id(turn_id);
+      id.append(half);
+      if (hot_ids.count(id) == 0) ids.push_back(std::move(id));
+    }
+  }
+  if (ids.size() > static_cast<size_t>(older_by_id_max_)) return;
+  out.older_ids = std::move(ids);
+  out.older_listed = true;
 }
 
 Status RedisShortTermStore::RecordTurn(const Turn& turn) {

@@ -28,10 +28,6 @@ bool IsCursorTurnChar(char c) {
   return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '-' || c == '_';
 }
 
-std::string_view MemberTurn(std::string_view member) {
-  return member.size() > kTurnIndexTsDigits + 1 ? member.substr(kTurnIndexTsDigits + 1) : std::string_view();
-}
-
 int64_t MemberTs(std::string_view member) {
   std::optional<int64_t> ts = ParseDecimal(member.substr(0, kTurnIndexTsDigits));
   return ts ? *ts : 0;
@@ -129,7 +125,7 @@ Result<std::vector<HistoryMessage>> UserData::Fetch(std::string_view user_id,
   std::vector<std::string> ids, turns;
   std::set<std::string> seen_turns;
   for (const auto& [member, role] : slots) {
-    std::string turn(MemberTurn(member));
+    std::string turn(TurnOfIndexMember(member));
     ids.push_back(MessageId(turn, role));
     if (seen_turns.insert(turn).second) turns.push_back(turn);
   }
@@ -196,7 +192,7 @@ Result<std::vector<HistoryMessage>> UserData::Fetch(std::string_view user_id,
     m.role = slots[i].second;
     m.content = std::move(it->second);
     m.ts_ms = MemberTs(slots[i].first);
-    m.turn_id.assign(MemberTurn(slots[i].first));
+    m.turn_id.assign(TurnOfIndexMember(slots[i].first));
     out.push_back(std::move(m));
   }
   return out;

@@ -68,6 +68,10 @@ class ChromaStore : public LongTermStore {
 
   Result<RecallResult> Recall(std::string_view user_id, const std::vector<float>& embedding, size_t k,
                               const std::vector<std::string>& exclude_ids) override;
+  // One /get by id with embeddings, ranked here by the distance Chroma's "l2"
+  // space uses.
+  Result<RecallResult> RecallAmong(std::string_view user_id, const std::vector<float>& embedding, size_t k,
+                                   const std::vector<std::string>& message_ids) override;
   // One call per shard touched (in chunks of a bounded size).
   Status Upsert(const std::vector<StoredMessage>& messages) override;
 
@@ -98,6 +102,8 @@ class ChromaStore : public LongTermStore {
   // One call on the user's shard collection, whose id is resolved (and the
   // collection created) on first use and resolved again once if Chroma says
   // it is gone. `suffix` is the record endpoint ("/query", "/get", ...).
+  // A /get on a shard; nullopt when the shard holds nothing yet.
+  Result<std::optional<HttpResponse>> ShardGet(int shard, const std::string& body);
   Result<HttpResponse> ShardCall(int shard, const char* suffix, const std::string& body,
                                  const char* method = "POST");
   // The same on a per-user collection of the old layout; nullopt when it does
@@ -153,6 +159,11 @@ std::string DeleteIdsRequest(const std::vector<std::string>& record_ids);
 // These records of one user, by id and with the user filter, with documents
 // and metadatas.
 Result<std::string> GetIdsRequest(std::string_view user_id, const std::vector<std::string>& record_ids);
+// These records by id alone, with documents, metadatas and embeddings. No
+// user filter: Chroma 1.5.9 evaluates one by joining over the shard's
+// metadata, which costs more than the lookups themselves; ids name their user,
+// and ParseGetResponse checks every record's user anyway.
+Result<std::string> GetIdsWithEmbeddingsRequest(const std::vector<std::string>& record_ids);
 
 // Records of a /query answer for one query embedding, nearest first. Records
 // of another user (by metadata or id) are dropped and counted.

@@ -82,6 +82,7 @@ struct Config {
   int chroma_sync_threshold = 1000;   // CHATD_CHROMA_SYNC_THRESHOLD: HNSW persistence for new collections
   int chroma_shards = 16;             // CHATD_CHROMA_SHARDS: collections the users are spread over
   int recall_hot_messages = 64;       // CHATD_RECALL_HOT_MESSAGES: per-user hot set ranked in process
+  int recall_by_id_max = 128;         // CHATD_RECALL_BY_ID_MAX: older messages read by id, not searched
   std::string chroma_tenant = "default_tenant";      // CHATD_CHROMA_TENANT (must exist)
   std::string chroma_database = "default_database";  // CHATD_CHROMA_DATABASE (must exist)
   std::string chroma_token;  // from CHATD_CHROMA_TOKEN_FILE (a secret); empty sends no token

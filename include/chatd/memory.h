@@ -89,6 +89,14 @@ struct UserMemory {
   // False means the hot set is the user's whole long-term memory,
   // so a user without memory costs no long-term call at all.
   bool older_in_long_term = false;
+  // With older_in_long_term: when the user has at most
+  // CHATD_RECALL_BY_ID_MAX messages older than the hot set, their message ids
+  // (newest first; some may not be indexed yet) and older_listed. Recall then
+  // reads exactly those by id and ranks them in process, which costs the vector
+  // database a few lookups instead of a filtered search (memory.md). Otherwise
+  // empty, and recall searches.
+  std::vector<std::string> older_ids;
+  bool older_listed = false;
   // The user's erase tombstone at the time of the read (empty: none). Carried
   // to Turn::fence, so that a chat in flight during an erase keeps nothing.
   std::string fence;
@@ -127,6 +135,13 @@ class LongTermStore {
   // checked to belong to the user.
   virtual Result<RecallResult> Recall(std::string_view user_id, const std::vector<float>& embedding, size_t k,
                                       const std::vector<std::string>& exclude_ids) = 0;
+  // Up to k of the user's messages among `message_ids` closest to
+  // `embedding`, read by id and ranked by the caller: no vector search, so the
+  // cost follows the number of ids (which the caller bounds), not the store's
+  // size. Ids the store does not hold are skipped; every returned record is
+  // checked to belong to the user.
+  virtual Result<RecallResult> RecallAmong(std::string_view user_id, const std::vector<float>& embedding, size_t k,
+                                           const std::vector<std::string>& message_ids) = 0;
   // Many users' messages in as few calls as the layout allows (each message
   // names its user). Idempotent: writing the same ids again changes nothing.
   virtual Status Upsert(const std::vector<StoredMessage>& messages) = 0;

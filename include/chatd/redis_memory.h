@@ -78,6 +78,10 @@ inline std::string TombstoneKey(std::string_view user_id) { return UserKey(user_
 // strings, then by turn id.
 std::string TurnIndexMember(int64_t ts_ms, std::string_view turn_id);
 inline constexpr size_t kTurnIndexTsDigits = 15;
+// The turn id of a TurnIndexMember; empty when the member is malformed.
+inline std::string_view TurnOfIndexMember(std::string_view member) {
+  return member.size() > kTurnIndexTsDigits + 1 ? member.substr(kTurnIndexTsDigits + 1) : std::string_view();
+}
 // Users whose cleanup started and has not finished (a run killed midway):
 // every run settles them first.
 inline constexpr std::string_view kCleanupInProgressKey = "chatd:cleanup:inprogress";
@@ -105,9 +109,13 @@ class RedisShortTermStore : public ShortTermStore {
   // (CHATD_RECALL_HOT_MESSAGES): a full hot set means older messages exist.
   // `recorded_window_ms`: how long a recorded turn stays listed, at least as
   // long as a chat may still be recording (then no retry can record twice).
-  RedisShortTermStore(RedisClient& redis, int recent_messages, int hot_messages, int64_t recorded_window_ms);
+  // `older_by_id_max` (CHATD_RECALL_BY_ID_MAX): up to how many older messages
+  // Read lists by id (UserMemory::older_ids); 0 lists none.
+  RedisShortTermStore(RedisClient& redis, int recent_messages, int hot_messages, int64_t recorded_window_ms,
+                      int older_by_id_max = 0);
 
-  // LRANGE of the recent list and HVALS of the hot set, pipelined.
+  // LRANGE of the recent list, HVALS of the hot set, the tombstone and the
+  // newest turns of the turn index (to list the older messages), pipelined.
   Result<UserMemory> Read(std::string_view user_id) override;
   // One script call; after a transport error, one more (the script is
   // idempotent by turn id), whose answer tells whether the turn landed.
@@ -118,6 +126,15 @@ class RedisShortTermStore : public ShortTermStore {
   int recent_messages_;
   int hot_messages_;
   std::string recorded_window_ms_;
+  int older_by_id_max_;
+  // Turns read from the turn index: enough for the hot set and
+  // older_by_id_max_ older messages, plus one to tell "all of them" from
+  // "more exist".
+  std::string turns_to_read_;
+
+  // Fills out.older_ids from the newest turns of the index, when they are all
+  // of the user's turns and hold at most older_by_id_max_ older messages.
+  void ListOlder(const RedisValue& turns, UserMemory& out) const;
 };
 
 // The record script's reply as RecordTurn's status (memory.h). Exposed for tests.

@@ -3,6 +3,9 @@ does when Chroma misbehaves without being down:
 
 - `strip_where`: removes the "where" filter from /query and /get bodies, as a
   store that ignored it would (isolation must still hold);
+- `rewrite_get_ids` (a function of the ids list): replaces the ids of a /get
+  that asks for embeddings, as a store answering with records it was not
+  asked for would (recall by id must drop them);
 - `fail_marker`: answers 500 to any /upsert whose body contains the marker,
   and passes every other call (one poisoned turn among good ones);
 - `fail_upserts`: answers 500 to every /upsert (an indexer that can never
@@ -36,6 +39,7 @@ class ChromaProxy:
         self.released = threading.Event()  # the test lets it through
         self.passed = threading.Event()    # its answer went back to the client
         self.strip_where = False
+        self.rewrite_get_ids: Optional[Callable[[list], list]] = None
         self.fail_marker: Optional[str] = None
         self.fail_upserts = False
         self.calls: Counter = Counter()
@@ -65,6 +69,7 @@ class ChromaProxy:
                 with proxy.lock:
                     proxy.calls[endpoint] += 1
                     strip, marker, fail_all = proxy.strip_where, proxy.fail_marker, proxy.fail_upserts
+                    rewrite = proxy.rewrite_get_ids
                 if endpoint == "upsert" and (fail_all or (marker is not None and body and marker.encode() in body)):
                     with proxy.lock:
                         proxy.failed[endpoint] += 1
@@ -81,6 +86,11 @@ class ChromaProxy:
                     doc = json.loads(body)
                     doc.pop("where", None)
                     body = json.dumps(doc).encode()
+                if rewrite is not None and endpoint == "get" and body:
+                    doc = json.loads(body)
+                    if "ids" in doc and "embeddings" in doc.get("include", []):
+                        doc["ids"] = rewrite(doc["ids"])
+                        body = json.dumps(doc).encode()
                 conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port,
                                                   timeout=UPSTREAM_TIMEOUT_S)
                 try:

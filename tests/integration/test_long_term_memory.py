@@ -157,30 +157,79 @@ def test_a_new_user_costs_no_chroma_call_on_the_request_path(own_redis, proxy, n
     assert proxy.count("get") == 0
 
 
-def test_the_hot_set_keeps_the_newest_messages_and_older_ones_come_from_chroma(
-        own_redis, proxy, new_pool, stack, unique):
-    front = new_pool(pool_env(own_redis, proxy.url, CHATD_RECALL_HOT_MESSAGES="4"))
+def remember_a_pet_then_chat(front, own_redis, proxy, unique, turns_after):
+    """One turn naming a pet, then `turns_after` fillers, all indexed; returns
+    (pet, records in Chroma)."""
     user = unique("older")
     pet = unique("quazzle").replace("-", "")
     chat_ok(front.url, user, f"my dog is called {pet}")
-    for i in range(3):
+    for i in range(turns_after):
         chat_ok(front.url, user, f"filler message number {i}")
-    records = wait_indexed(own_redis, proxy.url, user, 8)
+    return user, pet, wait_indexed(own_redis, proxy.url, user, 2 * (turns_after + 1))
+
+
+def test_the_hot_set_keeps_the_newest_messages_and_older_ones_are_read_by_id(
+        own_redis, proxy, new_pool, stack, unique):
+    front = new_pool(pool_env(own_redis, proxy.url, CHATD_RECALL_HOT_MESSAGES="4"))
+    user, pet, records = remember_a_pet_then_chat(front, own_redis, proxy, unique, 3)
     # The two newest turns (both halves of a turn share its time stamp).
     newest = sorted(r["id"] for r in sorted(records, key=lambda r: r["metadata"]["ts"])[-4:])
     assert sorted(k.decode() for k in hot_set(own_redis, user)) == newest
+    queries, gets = proxy.count("query"), proxy.count("get")
     question = f"what is my dog called {unique('q')}"
     chat_ok(front.url, user, question)
     assert pet in excerpts(prompt_of(stack.fake, question))
-    assert proxy.count("query") >= 1
+    # Four older messages, under CHATD_RECALL_BY_ID_MAX: read by id, never searched.
+    assert proxy.count("query") == queries
+    assert proxy.count("get") == gets + 1
     assert metrics(front.url)["chatd_recall_long_term_queries_total"] >= 1
+
+
+@pytest.mark.parametrize("by_id_max", ["0", "2"])
+def test_a_user_with_more_older_messages_than_the_by_id_bound_is_searched(
+        own_redis, proxy, new_pool, stack, unique, by_id_max):
+    front = new_pool(pool_env(own_redis, proxy.url, CHATD_RECALL_HOT_MESSAGES="4",
+                              CHATD_RECALL_BY_ID_MAX=by_id_max))
+    user, pet, _ = remember_a_pet_then_chat(front, own_redis, proxy, unique, 3)
+    queries, gets = proxy.count("query"), proxy.count("get")
+    question = f"what is my dog called {unique('q')}"
+    chat_ok(front.url, user, question)
+    assert pet in excerpts(prompt_of(stack.fake, question))
+    assert proxy.count("query") == queries + 1
+    assert proxy.count("get") == gets
+
+
+def test_a_chroma_that_answers_a_read_by_id_with_another_users_records_leaks_nothing(
+        own_redis, own_chroma, proxy, new_pool, stack, unique):
+    # One shard, so both users' records share a collection; a hot set of two
+    # messages, so every chat after the first turn reads older ones by id.
+    front = new_pool(pool_env(own_redis, proxy.url, CHATD_CHROMA_SHARDS="1", CHATD_RECALL_HOT_MESSAGES="2"))
+    alice, bob = unique("alice"), unique("bob")
+    code = unique("code").replace("-", "")
+    chat_ok(front.url, alice, f"the launch code of the rocket is {code}")
+    chat_ok(front.url, alice, "nothing else to say")
+    # Three turns: the first is older than both the hot set and the recent
+    # messages, so bob's next chat reads it by id.
+    for text in ("hello there", "how are you", "fine weather"):
+        chat_ok(front.url, bob, text)
+    wait_indexed(own_redis, own_chroma.url, alice, 4, shards=1)
+    wait_indexed(own_redis, own_chroma.url, bob, 6, shards=1)
+    # The store answers bob's read with alice's records of the same turns' shape.
+    alice_ids = [r["id"] for r in user_records(own_chroma.url, alice, 1)]
+    proxy.rewrite_get_ids = lambda ids: [f"{alice}/{i}" for i in alice_ids]
+    question = f"what is the launch code of the rocket {unique('q')}"
+    reply = chat_ok(front.url, bob, question)
+    prompt = json.dumps(prompt_of(stack.fake, question))
+    assert code not in prompt and code not in reply
+    assert metrics(front.url)["chatd_recall_foreign_records_dropped_total"] >= 1
 
 
 def test_a_chroma_that_ignores_the_user_filter_leaks_nothing(own_redis, own_chroma, proxy, new_pool, stack, unique):
     # One shard, so both users' records share a collection; a hot set of two
     # messages, so every chat after the first turn asks Chroma.
     proxy.strip_where = True
-    front = new_pool(pool_env(own_redis, proxy.url, CHATD_CHROMA_SHARDS="1", CHATD_RECALL_HOT_MESSAGES="2"))
+    front = new_pool(pool_env(own_redis, proxy.url, CHATD_CHROMA_SHARDS="1", CHATD_RECALL_HOT_MESSAGES="2",
+                              CHATD_RECALL_BY_ID_MAX="0"))
     alice, bob = unique("alice"), unique("bob")
     code = unique("code").replace("-", "")
     chat_ok(front.url, alice, f"the launch code of the rocket is {code}")

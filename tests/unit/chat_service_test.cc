@@ -167,6 +167,44 @@ BOOST_FIXTURE_TEST_CASE(older_memories_are_merged_with_the_hot_ones_each_id_once
   BOOST_TEST(quoted.find("hot and newer") == quoted.rfind("hot and newer"));
 }
 
+BOOST_FIXTURE_TEST_CASE(listed_older_messages_are_read_by_id_not_searched, ServiceFixture) {
+  recent.older["alice"] = true;
+  recent.messages["alice"] = {{Role::kUser, "recent", 7000, "t7:u"}};
+  // The store listed the older messages; one of them is also a recent one.
+  recent.older_ids["alice"] = {"t7:u", "t2:a", "t2:u", "t1:a", "t1:u"};
+  RecalledMessage near;
+  near.message = {"t1:u", "alice", "t1", Role::kUser, "old and near", 1000, {}};
+  long_term.memories = {near};
+  BOOST_REQUIRE(Chat("alice", "q").ok());
+  BOOST_TEST(long_term.recall_calls == 0);
+  BOOST_TEST(long_term.recall_among_calls == 1);
+  // The recent message is in the prompt already: not asked for again.
+  BOOST_TEST(long_term.last_among == (std::vector<std::string>{"t2:a", "t2:u", "t1:a", "t1:u"}));
+  BOOST_TEST(trace.long_term_queried);
+  BOOST_TEST(llm.last_prompt[1].content.find("old and near") != std::string::npos);
+}
+
+BOOST_FIXTURE_TEST_CASE(listed_older_messages_that_are_all_recent_cost_no_call, ServiceFixture) {
+  recent.older["alice"] = true;
+  recent.messages["alice"] = {{Role::kUser, "recent", 7000, "t7:u"}};
+  recent.older_ids["alice"] = {"t7:u"};
+  BOOST_REQUIRE(Chat("alice", "q").ok());
+  BOOST_TEST(long_term.recall_calls == 0);
+  BOOST_TEST(long_term.recall_among_calls == 0);
+  BOOST_TEST(!trace.long_term_queried);
+}
+
+BOOST_FIXTURE_TEST_CASE(a_failed_read_by_id_degrades_but_answers, ServiceFixture) {
+  recent.older["alice"] = true;
+  recent.older_ids["alice"] = {"t1:u"};
+  long_term.status = Unavailable("chroma_unavailable", "down");
+  auto r = Chat("alice", "Hi");
+  BOOST_REQUIRE(r.ok());
+  BOOST_TEST(long_term.recall_among_calls == 1);
+  BOOST_TEST(trace.recall_degraded);
+  BOOST_TEST(recent.turns.size() == 1u);
+}
+
 BOOST_FIXTURE_TEST_CASE(foreign_records_dropped_by_the_store_reach_the_trace, ServiceFixture) {
   recent.older["alice"] = true;
   long_term.foreign_dropped = 3;

@@ -142,6 +142,10 @@ BOOST_AUTO_TEST_CASE(query_request) {
   BOOST_TEST(chroma_json::GetPageRequest("", 1000, 0, false) ==
              R"({"limit":1000,"offset":0,"include":["metadatas"]})");
   BOOST_TEST(chroma_json::DeleteIdsRequest({"alice/t1:u", "alice/t1:a"}) == R"({"ids":["alice/t1:u","alice/t1:a"]})");
+  // Recall by id: no user filter (the ids name the user; records are checked).
+  auto by_id = chroma_json::GetIdsWithEmbeddingsRequest({"alice/t1:u", "alice/t1:a"});
+  BOOST_REQUIRE(by_id.ok());
+  BOOST_TEST(*by_id == R"({"ids":["alice/t1:u","alice/t1:a"],"include":["documents","metadatas","embeddings"]})");
 }
 
 BOOST_AUTO_TEST_CASE(parses_a_query_answer) {

@@ -105,6 +105,10 @@ class FakeShortTerm : public ShortTermStore {
     m.recent = messages[std::string(user)];
     for (const StoredMessage& h : hot[std::string(user)]) m.hot.push_back(PackHotRecord(h));
     m.older_in_long_term = older[std::string(user)];
+    if (auto o = older_ids.find(std::string(user)); o != older_ids.end()) {
+      m.older_ids = o->second;
+      m.older_listed = true;
+    }
     m.fence = tombstone[std::string(user)];
     return m;
   }
@@ -130,6 +134,7 @@ class FakeShortTerm : public ShortTermStore {
   std::map<std::string, std::vector<Message>> messages;
   std::map<std::string, std::vector<StoredMessage>> hot;
   std::map<std::string, bool> older;
+  std::map<std::string, std::vector<std::string>> older_ids;  // listed older messages, when set
   std::map<std::string, std::string> tombstone;  // user -> the erase's tombstone
   std::vector<Turn> turns;
   std::vector<std::string> released_leases;  // released with a recorded turn
@@ -157,6 +162,20 @@ class FakeLongTerm : public LongTermStore {
     }
     return out;
   }
+  Result<RecallResult> RecallAmong(std::string_view, const std::vector<float>&, size_t k,
+                                   const std::vector<std::string>& ids) override {
+    ++recall_among_calls;
+    last_among = ids;
+    if (!status.ok()) return status;
+    RecallResult out;
+    out.foreign_dropped = foreign_dropped;
+    for (const auto& m : memories) {
+      bool listed = false;
+      for (const auto& id : ids) listed |= (id == m.message.id);
+      if (listed && out.messages.size() < k) out.messages.push_back(m);
+    }
+    return out;
+  }
   Status Upsert(const std::vector<StoredMessage>& messages) override {
     ++upsert_calls;
     if (!upsert_status.ok()) return upsert_status;
@@ -168,9 +187,10 @@ class FakeLongTerm : public LongTermStore {
   }
   std::vector<RecalledMessage> memories;
   std::vector<std::string> last_exclude;
+  std::vector<std::string> last_among;
   size_t foreign_dropped = 0;
   Status status;
-  int recall_calls = 0;
+  int recall_calls = 0, recall_among_calls = 0;
   // Upsert: everything fails with upsert_status, or a batch holding a text
   // containing `poison` fails with poison_status.
   Status upsert_status;
