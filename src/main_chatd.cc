@@ -135,19 +135,21 @@ int main() {
   }
   ReportRedisAccess(redis, "memory");
   if (rate_redis_own) ReportRedisAccess(*rate_redis_own, "counters");
+  // The longest a chat can still be recording its turn (the record is sent
+  // again once after a transport error): an Idempotency-Key's claim, and a
+  // turn's entry in the user's recorded turns, must outlive it, so no retry
+  // records twice; and so must the chat's concurrency lease, which the record
+  // releases, or the user could briefly run one chat over the cap.
+  const int64_t chat_lifetime_ms =
+      config.request_deadline_ms + kRecordRedisTimeouts * config.redis_timeout_ms + kLeaseMarginMs;
   // The concurrency leases live with the rate counters: taking one is part of
   // the limiter's script (one round trip for both).
   ConcurrencyCap cap;
   cap.max_in_flight = config.max_concurrent_per_user;
-  cap.lease_ttl_ms = config.request_deadline_ms + config.redis_timeout_ms + kLeaseMarginMs;
+  cap.lease_ttl_ms = chat_lifetime_ms;
   RedisRateLimiter redis_limiter(rate_redis_own ? *rate_redis_own : redis, config.rate_limit, config.rate_window_s,
                                  config.rate_algorithm, cap);
   RejectionCache limiter(redis_limiter, kMaxRememberedRejections, SteadyNowMs);
-  // The longest a chat can still be recording its turn: an Idempotency-Key's
-  // claim, and a turn's entry in the user's recorded turns, must outlive it,
-  // so no retry records twice.
-  const int64_t chat_lifetime_ms =
-      config.request_deadline_ms + kRecordRedisTimeouts * config.redis_timeout_ms + kLeaseMarginMs;
   RedisShortTermStore recent(redis, config.recent_messages, config.recall_hot_messages, chat_lifetime_ms,
                              config.recall_by_id_max);
   RedisIdempotencyStore idempotency(redis, chat_lifetime_ms);
