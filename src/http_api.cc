@@ -264,7 +264,7 @@ HttpReply HttpApi::Chat(const HttpRequest& req, RequestLog& log, ResponseStream*
 
   Deadline deadline = Deadline::In(std::chrono::milliseconds(config_.request_deadline_ms));
   std::optional<SseSink> sse;
-  if (stream != nullptr && (parsed->stream || AcceptsEventStream(req.accept))) {
+  if (stream != nullptr && parsed->stream.value_or(AcceptsEventStream(req.accept))) {
     sse.emplace(*stream, rate_policy_, trace);
   }
   Result<ChatReply> result =

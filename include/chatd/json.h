@@ -15,7 +15,9 @@ namespace chatd {
 struct ChatRequest {
   std::optional<std::string> user_id;  // absent only when the client left it out
   std::string message;
-  bool stream = false;  // "stream": true asks for server-sent events
+  // "stream" as sent: true asks for server-sent events, false for one JSON
+  // reply whatever Accept says; unset leaves the choice to Accept.
+  std::optional<bool> stream;
 };
 
 // Parses and validates a /api/chat body: an object with a string "message"

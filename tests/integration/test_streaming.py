@@ -124,6 +124,14 @@ def test_accept_event_stream_asks_for_a_stream_and_rate_headers_come_with_the_20
     assert events[-1][1]["done"] is True
 
 
+def test_stream_false_in_the_body_wins_over_accept_event_stream(stack, unique):
+    body = json.dumps({"userId": unique("u"), "message": f"hi {unique('m')}", "stream": False})
+    status, headers, reply = post_chat(stack.url, raw_body=body, headers={"Accept": "text/event-stream"})
+    assert status == 200, reply
+    assert headers["content-type"].startswith("application/json")
+    assert isinstance(reply["response"], str) and reply["response"]
+
+
 def test_the_first_delta_arrives_before_the_model_has_finished(stack, unique):
     marker = unique("first")
     s = SseStream(stack.url, unique("u"), f"{marker} {LONG_TAIL} #fake:chunk_delay_ms={SLOW_CHUNK_MS}")
