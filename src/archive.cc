@@ -1,4 +1,4 @@
-#include "chatd/archive.h"
+#include "archive.h"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -13,9 +13,9 @@
 #include <cstring>
 #include <map>
 
-#include "chatd/decimal.h"
-#include "chatd/json.h"
-#include "chatd/random_id.h"
+#include "decimal.h"
+#include "json.h"
+#include "random_id.h"
 #include "chatd/user_id.h"
 
 namespace chatd {

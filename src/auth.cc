@@ -29,7 +29,7 @@
 #include <vector>
 
 #include "chatd/log.h"
-#include "chatd/secret_strength.h"
+#include "secret_strength.h"
 #include "chatd/user_id.h"
 
 namespace chatd {

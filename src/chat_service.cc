@@ -5,9 +5,9 @@
 #include <optional>
 
 #include "chatd/log.h"
-#include "chatd/prompt.h"
-#include "chatd/random_id.h"
-#include "chatd/recall.h"
+#include "prompt.h"
+#include "random_id.h"
+#include "recall.h"
 #include "chatd/user_data.h"
 
 namespace chatd {

@@ -13,8 +13,9 @@
 #include <unordered_set>
 #include <utility>
 
-#include "chatd/json.h"
+#include "json.h"
 #include "chatd/user_id.h"
+#include "chroma_json.h"
 
 namespace chatd {
 

@@ -14,8 +14,9 @@
 #include <utility>
 
 #include "chatd/http_client.h"
-#include "chatd/json.h"
-#include "chatd/openai_embedder.h"
+#include "json.h"
+#include "openai_embedder.h"
+#include "local_embedder.h"
 
 namespace chatd {
 

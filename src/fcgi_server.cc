@@ -15,7 +15,7 @@
 
 #include "chatd/clock.h"
 #include "chatd/log.h"
-#include "chatd/random_id.h"
+#include "random_id.h"
 
 namespace chatd {
 

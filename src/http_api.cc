@@ -6,8 +6,8 @@
 
 #include "chatd/clock.h"
 #include "chatd/idempotency.h"
-#include "chatd/decimal.h"
-#include "chatd/json.h"
+#include "decimal.h"
+#include "json.h"
 #include "chatd/log.h"
 #include "chatd/rate_limiter.h"
 #include "chatd/user_id.h"

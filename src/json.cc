@@ -1,4 +1,4 @@
-#include "chatd/json.h"
+#include "json.h"
 
 #include <rapidjson/document.h>
 #include <rapidjson/error/en.h>

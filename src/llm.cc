@@ -9,8 +9,9 @@
 #include <thread>
 
 #include "chatd/http_client.h"
-#include "chatd/json.h"
+#include "json.h"
 #include "chatd/log.h"
+#include "openai_chat.h"
 
 namespace chatd {
 

@@ -26,12 +26,15 @@
 #include "chatd/llm.h"
 #include "chatd/log.h"
 #include "chatd/metrics.h"
-#include "chatd/openai_embedder.h"
+#include "openai_embedder.h"
 #include "chatd/redis.h"
 #include "chatd/redis_idempotency.h"
 #include "chatd/redis_memory.h"
 #include "chatd/redis_rate_limiter.h"
 #include "chatd/user_data.h"
+#include "openai_chat.h"
+#include "local_embedder.h"
+#include "rejection_cache.h"
 
 namespace {
 

@@ -24,9 +24,10 @@
 #include "chatd/embeddings.h"
 #include "chatd/http_client.h"
 #include "chatd/log.h"
-#include "chatd/openai_embedder.h"
+#include "openai_embedder.h"
 #include "chatd/redis.h"
 #include "chatd/user_id.h"
+#include "local_embedder.h"
 
 namespace {
 

@@ -9,10 +9,10 @@
 #include <map>
 #include <set>
 
-#include "chatd/archive.h"
+#include "archive.h"
 #include "chatd/clock.h"
-#include "chatd/decimal.h"
-#include "chatd/json.h"
+#include "decimal.h"
+#include "json.h"
 #include "chatd/log.h"
 #include "chatd/redis_memory.h"
 

@@ -10,7 +10,6 @@
 #include <string>
 
 #include "chatd/clock.h"
-#include "chatd/config.h"
 #include "chatd/embeddings.h"
 #include "chatd/idempotency.h"
 #include "chatd/llm.h"

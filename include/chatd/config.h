@@ -8,12 +8,12 @@
 #include <string>
 #include <vector>
 
+#include "chatd/rate_limiter.h"
 #include "chatd/status.h"
 
 namespace chatd {
 
 enum class RateAlgorithm { kFixed, kSliding };
-enum class FailureMode { kClosed, kOpen };
 enum class EmbedderKind { kLocal, kOpenAI };
 enum class AuthMode { kOff, kService, kJwt };
 

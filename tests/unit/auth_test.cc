@@ -19,7 +19,7 @@
 #include <vector>
 
 #include "chatd/auth.h"
-#include "chatd/secret_strength.h"
+#include "secret_strength.h"
 
 using namespace chatd;
 

@@ -11,7 +11,7 @@
 #include "chatd/chat_service.h"
 #include "chatd/config.h"
 #include "chatd/embeddings.h"
-#include "chatd/hot_record.h"
+#include "hot_record.h"
 #include "chatd/idempotency.h"
 #include "chatd/llm.h"
 #include "chatd/memory.h"

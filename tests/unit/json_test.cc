@@ -1,7 +1,7 @@
 #include <boost/test/unit_test.hpp>
 #include <string>
 
-#include "chatd/json.h"
+#include "json.h"
 
 using namespace chatd;
 
