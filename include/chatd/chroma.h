@@ -100,6 +100,9 @@ class ChromaStore : public LongTermStore {
   // it is gone. `suffix` is the record endpoint ("/query", "/get", ...).
   Result<HttpResponse> ShardCall(int shard, const char* suffix, const std::string& body,
                                  const char* method = "POST");
+  // Whether a failed read of `shard` only means nothing was ever written to
+  // it (then the user has no records there).
+  Result<bool> UnwrittenShard(int shard, const HttpResponse& read);
   // The same on a per-user collection of the old layout; nullopt when it does
   // not exist.
   Result<std::optional<HttpResponse>> LegacyCall(std::string_view user_id, const char* suffix,
