@@ -210,7 +210,7 @@ int main() {
   chat_options.record_turn_releases_lease = !rate_redis_own;
   chat_options.idempotency_keep_ms = config.idempotency_ttl_s * 1000;
   ChatService chat(limiter, recent, chroma, *embedder, llm, chat_options, &idempotency);
-  Result<std::unique_ptr<Authenticator>> auth = MakeAuthenticator(config.auth_mode, ProcessEnv());
+  Result<std::unique_ptr<Authenticator>> auth = MakeAuthenticator(config.auth_mode, config.auth);
   if (!auth.ok()) {
     std::fprintf(stderr, "chatd: configuration error: %s\n", auth.status().message().c_str());
     return 2;

@@ -18,7 +18,9 @@
 #include <thread>
 #include <vector>
 
+#include "auth_internal.h"
 #include "chatd/auth.h"
+#include "secret_file.h"
 #include "secret_strength.h"
 
 using namespace chatd;
