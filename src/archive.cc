@@ -17,6 +17,7 @@
 #include "json.h"
 #include "random_id.h"
 #include "chatd/user_id.h"
+#include "unique_fd.h"
 
 namespace chatd {
 
@@ -31,11 +32,9 @@ Status IoError(const std::string& what, const std::string& path) {
 }
 
 Status FsyncPath(const std::string& path, int flags) {
-  int fd = ::open(path.c_str(), flags | O_CLOEXEC);
-  if (fd < 0) return IoError("open", path);
-  int rc = ::fsync(fd);
-  ::close(fd);
-  if (rc != 0) return IoError("fsync", path);
+  UniqueFd fd(::open(path.c_str(), flags | O_CLOEXEC));
+  if (!fd.valid()) return IoError("open", path);
+  if (::fsync(fd.get()) != 0) return IoError("fsync", path);
   return Status::Ok();
 }
 
@@ -179,29 +178,29 @@ Status WriteFileDurably(const std::string& path, std::string_view content) {
   // A name of its own per write (O_EXCL makes sure): two writers of one path
   // must never write into, or rename, each other's half-written file.
   std::string tmp = path + "." + RandomHexId() + ".tmp";
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, kFileMode);
-  if (fd < 0) return IoError("create", tmp);
+  UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, kFileMode));
+  if (!fd.valid()) return IoError("create", tmp);
   const char* p = content.data();
   size_t left = content.size();
   while (left > 0) {
-    ssize_t n = ::write(fd, p, left);
+    ssize_t n = ::write(fd.get(), p, left);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) {
       Status s = IoError("write", tmp);
-      ::close(fd);
+      fd.reset();
       ::unlink(tmp.c_str());
       return s;
     }
     p += n;
     left -= static_cast<size_t>(n);
   }
-  if (::fsync(fd) != 0) {
+  if (::fsync(fd.get()) != 0) {
     Status s = IoError("fsync", tmp);
-    ::close(fd);
+    fd.reset();
     ::unlink(tmp.c_str());
     return s;
   }
-  ::close(fd);
+  fd.reset();
   if (::rename(tmp.c_str(), path.c_str()) != 0) {
     Status s = IoError("rename", tmp);
     ::unlink(tmp.c_str());
@@ -211,22 +210,17 @@ Status WriteFileDurably(const std::string& path, std::string_view content) {
 }
 
 Result<std::string> ReadFile(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return IoError("open", path);
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd.valid()) return IoError("open", path);
   std::string out;
   char buf[1 << 16];
   for (;;) {
-    ssize_t n = ::read(fd, buf, sizeof(buf));
+    ssize_t n = ::read(fd.get(), buf, sizeof(buf));
     if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      Status s = IoError("read", path);
-      ::close(fd);
-      return s;
-    }
+    if (n < 0) return IoError("read", path);
     if (n == 0) break;
     out.append(buf, static_cast<size_t>(n));
   }
-  ::close(fd);
   return out;
 }
 

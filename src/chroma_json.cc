@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "json.h"
+#include "json_writer.h"
 
 namespace chatd {
 
@@ -29,21 +30,19 @@ constexpr char kMetaTurn[] = "turn";
 constexpr char kRoleUser[] = "user";
 constexpr char kRoleAssistant[] = "assistant";
 
-using JsonWriter = rapidjson::Writer<rapidjson::StringBuffer, rapidjson::UTF8<>, rapidjson::UTF8<>,
-                                     rapidjson::CrtAllocator, rapidjson::kWriteValidateEncodingFlag>;
 constexpr unsigned kParseFlags = rapidjson::kParseValidateEncodingFlag | rapidjson::kParseIterativeFlag;
 
 Status BadResponse(std::string message) {
   return Unavailable("chroma_unavailable", "malformed Chroma answer: " + std::move(message));
 }
 
-bool WriteString(JsonWriter& w, std::string_view s) {
+bool WriteString(StrictJsonWriter& w, std::string_view s) {
   return w.String(s.data(), static_cast<rapidjson::SizeType>(s.size()));
 }
 
 // Shortest text that reads back as the same float: about half the bytes of
 // Writer::Double, which prints the widened double with 17 digits.
-bool WriteFloat(JsonWriter& w, float x) {
+bool WriteFloat(StrictJsonWriter& w, float x) {
   if (!std::isfinite(x)) return false;
   char buf[32];
   auto [end, ec] = std::to_chars(buf, buf + sizeof(buf), x);
@@ -51,7 +50,7 @@ bool WriteFloat(JsonWriter& w, float x) {
   return w.RawValue(buf, static_cast<size_t>(end - buf), rapidjson::kNumberType);
 }
 
-bool WriteVector(JsonWriter& w, const std::vector<float>& v) {
+bool WriteVector(StrictJsonWriter& w, const std::vector<float>& v) {
   bool ok = w.StartArray();
   for (float x : v) ok = ok && WriteFloat(w, x);
   return ok && w.EndArray();
@@ -119,7 +118,7 @@ Status ReadRecord(const rapidjson::Value& id, const rapidjson::Value& meta, std:
 
 bool IsForeign(const Status& s) { return s.reason() == "chroma_foreign_record"; }
 
-bool WriteUserFilter(JsonWriter& w, std::string_view user_id) {
+bool WriteUserFilter(StrictJsonWriter& w, std::string_view user_id) {
   return w.Key("where") && w.StartObject() && w.Key(kMetaUser) && WriteString(w, user_id) && w.EndObject();
 }
 
@@ -142,7 +141,7 @@ namespace chroma_json {
 
 std::string CreateCollectionRequest(std::string_view name, int sync_threshold) {
   rapidjson::StringBuffer buffer;
-  JsonWriter w(buffer);
+  StrictJsonWriter w(buffer);
   w.StartObject();
   w.Key("name");
   WriteString(w, name);
@@ -206,7 +205,7 @@ Result<std::string> UpsertRequest(const std::vector<StoredMessage>& messages) {
     }
   }
   rapidjson::StringBuffer buffer;
-  JsonWriter w(buffer);
+  StrictJsonWriter w(buffer);
   bool ok = w.StartObject();
   ok = ok && w.Key("ids") && w.StartArray();
   for (const StoredMessage& m : messages) ok = ok && WriteString(w, RecordId(m.user_id, m.id));
@@ -235,7 +234,7 @@ Result<std::string> UpsertRequest(const std::vector<StoredMessage>& messages) {
 Result<std::string> QueryRequest(const std::vector<float>& embedding, int64_t n_results, std::string_view user_id) {
   if (embedding.empty()) return InvalidArgument("missing_embedding", "recall needs an embedding");
   rapidjson::StringBuffer buffer;
-  JsonWriter w(buffer);
+  StrictJsonWriter w(buffer);
   bool ok = w.StartObject() && w.Key("query_embeddings") && w.StartArray() && WriteVector(w, embedding) &&
             w.EndArray();
   if (!ok) return InvalidArgument("bad_embedding", "the embedding holds a value that is not a finite number");
@@ -250,7 +249,7 @@ Result<std::string> QueryRequest(const std::vector<float>& embedding, int64_t n_
 
 std::string GetPageRequest(std::string_view user_id, int64_t limit, int64_t offset, bool full) {
   rapidjson::StringBuffer buffer;
-  JsonWriter w(buffer);
+  StrictJsonWriter w(buffer);
   w.StartObject();
   if (!user_id.empty()) WriteUserFilter(w, user_id);  // valid user ids are ASCII: cannot fail
   w.Key("limit");
@@ -271,7 +270,7 @@ std::string GetPageRequest(std::string_view user_id, int64_t limit, int64_t offs
 
 Result<std::string> GetIdsRequest(std::string_view user_id, const std::vector<std::string>& record_ids) {
   rapidjson::StringBuffer buffer;
-  JsonWriter w(buffer);
+  StrictJsonWriter w(buffer);
   bool ok = w.StartObject() && w.Key("ids") && w.StartArray();
   for (const std::string& id : record_ids) ok = ok && WriteString(w, id);
   ok = ok && w.EndArray() && WriteUserFilter(w, user_id) && w.Key("include") && w.StartArray() &&
@@ -282,7 +281,7 @@ Result<std::string> GetIdsRequest(std::string_view user_id, const std::vector<st
 
 std::string DeleteIdsRequest(const std::vector<std::string>& record_ids) {
   rapidjson::StringBuffer buffer;
-  JsonWriter w(buffer);
+  StrictJsonWriter w(buffer);
   w.StartObject();
   w.Key("ids");
   w.StartArray();

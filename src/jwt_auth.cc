@@ -283,11 +283,9 @@ class JwtAuthenticator final : public LoggingAuthenticator {
     const rapidjson::Value* sub = Member(*payload, "sub");
     if (sub == nullptr) return Unauthorized("missing_subject", "The token has no subject (sub)");
     // No normalisation: "Alice" and "alice" are different users.
-    if (!sub->IsString() || !IsValidUserId(AsView(*sub))) {
-      return Unauthorized("invalid_subject", "The token's subject is not a valid userId");
-    }
     Principal principal;
-    principal.subject.emplace(sub->GetString(), sub->GetStringLength());
+    if (sub->IsString()) principal.subject = UserId::Parse(AsView(*sub));
+    if (!principal.subject) return Unauthorized("invalid_subject", "The token's subject is not a valid userId");
     return principal;
   }
 

@@ -18,13 +18,14 @@
 #include "chatd/config.h"
 #include "chatd/http.h"
 #include "chatd/status.h"
+#include "chatd/user_id.h"
 
 namespace chatd {
 
 struct Principal {
   // The authenticated user (jwt mode), or nullopt when the caller is a trusted
   // service that names the user in the body (service mode).
-  std::optional<std::string> subject;
+  std::optional<UserId> subject;
 };
 
 // Thread-safe.

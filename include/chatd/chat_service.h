@@ -16,6 +16,7 @@
 #include "chatd/memory.h"
 #include "chatd/rate_limiter.h"
 #include "chatd/status.h"
+#include "chatd/user_id.h"
 
 namespace chatd {
 
@@ -83,7 +84,7 @@ class ChatService {
   // the model writes it (Llm::Stream); the turn is still recorded once, whole,
   // at the end, and a client that leaves mid-stream (the sink says stop) ends
   // the chat with kUnavailable "client_gone" and nothing recorded.
-  Result<ChatReply> Chat(const std::string& user_id, const std::string& message, Deadline deadline,
+  Result<ChatReply> Chat(const UserId& user_id, const std::string& message, Deadline deadline,
                          ChatTrace& trace, std::string_view idempotency_key = {}, StreamSink* sink = nullptr);
 
  private:

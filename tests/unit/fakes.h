@@ -16,8 +16,12 @@
 #include "chatd/llm.h"
 #include "chatd/memory.h"
 #include "chatd/rate_limiter.h"
+#include "chatd/user_id.h"
 
 namespace chatd::testing {
+
+// A user id the test knows to be valid.
+inline UserId Uid(std::string_view id) { return UserId::Parse(id).value(); }
 
 class FakeLimiter : public RateLimiter {
  public:
