@@ -18,6 +18,7 @@
 #include "random_id.h"
 #include "chatd/user_id.h"
 #include "unique_fd.h"
+#include "json_writer.h"
 
 namespace chatd {
 
@@ -54,12 +55,6 @@ std::string Parent(const std::string& path) {
   return slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
 }
 
-void AppendFloat(std::string& out, float f) {
-  char buf[32];
-  std::snprintf(buf, sizeof(buf), "%.9g", static_cast<double>(f));
-  out.append(buf);
-}
-
 }  // namespace
 
 std::string ArchiveUserDir(std::string_view archive_dir, std::string_view user_id) {
@@ -73,36 +68,31 @@ std::string ArchivePath(std::string_view archive_dir, std::string_view user_id, 
 std::string SerializeArchive(const Archive& a) {
   std::string out;
   out.reserve(256 + a.records.size() * 2048);
-  out.append("{\"format\":");
-  AppendJsonString(out, kFormat);
-  out.append(",\"user\":");
-  AppendJsonString(out, a.user_id);
-  out.append(",\"collection\":");
-  AppendJsonString(out, ChromaCollectionName(a.user_id));
-  out.append(",\"last_activity_ms\":").append(std::to_string(a.last_activity_ms));
-  out.append(",\"archived_at_ms\":").append(std::to_string(a.archived_at_ms));
-  out.append(",\"records\":[");
-  for (size_t i = 0; i < a.records.size(); ++i) {
-    const StoredMessage& m = a.records[i];
-    out.append(i ? ",\n" : "\n").append("{\"id\":");
-    AppendJsonString(out, m.id);
-    out.append(",\"document\":");
-    AppendJsonString(out, m.content);
-    out.append(",\"metadata\":{\"role\":");
-    AppendJsonString(out, RoleName(m.role));
-    out.append(",\"ts\":").append(std::to_string(m.ts_ms));
-    out.append(",\"user\":");
-    AppendJsonString(out, m.user_id);
-    out.append(",\"turn\":");
-    AppendJsonString(out, m.turn_id);
-    out.append("},\"embedding\":[");
-    for (size_t k = 0; k < m.embedding.size(); ++k) {
-      if (k) out.push_back(',');
-      AppendFloat(out, m.embedding[k]);
+  JsonWriter w(out);
+  w.StartObject();
+  w.Key("format").String(kFormat).Key("user").String(a.user_id);
+  w.Key("collection").String(ChromaCollectionName(a.user_id));
+  w.Key("last_activity_ms").Int(a.last_activity_ms).Key("archived_at_ms").Int(a.archived_at_ms);
+  w.Key("records").StartArray();
+  char digits[32];
+  for (const StoredMessage& m : a.records) {
+    out.push_back('\n');  // a record a line: whitespace between values, for people reading the file
+    w.StartObject().Key("id").String(m.id).Key("document").String(m.content);
+    w.Key("metadata").StartObject();
+    w.Key("role").String(RoleName(m.role)).Key("ts").Int(m.ts_ms).Key("user").String(m.user_id);
+    w.Key("turn").String(m.turn_id);
+    w.EndObject();
+    w.Key("embedding").StartArray();
+    for (float f : m.embedding) {
+      // Nine significant digits read back as the same float.
+      std::snprintf(digits, sizeof(digits), "%.9g", static_cast<double>(f));
+      w.RawNumber(digits);
     }
-    out.append("]}");
+    w.EndArray().EndObject();
   }
-  out.append("\n]}\n");
+  out.push_back('\n');
+  w.EndArray().EndObject();
+  out.push_back('\n');
   return out;
 }
 

@@ -39,6 +39,12 @@ class JsonWriter {
   JsonWriter& Int(int64_t v) { writer_.Int64(v); return *this; }
   JsonWriter& Bool(bool v) { writer_.Bool(v); return *this; }
   JsonWriter& Null() { writer_.Null(); return *this; }
+  // A number already formatted by the caller (a float's shortest digits, a
+  // fixed precision), written as is.
+  JsonWriter& RawNumber(std::string_view digits) {
+    writer_.RawValue(digits.data(), digits.size(), rapidjson::kNumberType);
+    return *this;
+  }
 
  private:
   // RapidJSON's output-stream concept over a std::string.
