@@ -6,7 +6,7 @@ PYTHON   := /usr/bin/python3
 BUILD    ?= build
 SAN      ?=
 
-CXXFLAGS_BASE := -std=c++20 -Wall -Wextra -Werror -Iinclude -MMD -MP -pthread
+CXXFLAGS_BASE := -std=c++20 -Wall -Wextra -Werror -Iinclude -iquote src -MMD -MP -pthread
 ifeq ($(SAN),1)
   CXXFLAGS_OPT := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
   LDFLAGS_SAN  := -fsanitize=address,undefined

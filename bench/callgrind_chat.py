@@ -10,7 +10,7 @@ sets, then sends CHATS chats (the same ones for every binary: seeded) and
 prints the instructions of the request threads (FcgiServer::ThreadMain,
 inclusive) per chat, with the biggest callees.
 
-    bench/callgrind_chat.py --binary build/bin/chatd [--users 40] [--turns 10] [--chats 200]
+    bench/callgrind_chat.py --binary build/bin/chatd [--users 40] [--turns 10] [--chats 200] [--env N=V]
 
 Compare two binaries on the same data by running it once per binary; --turns
 above CHATD_RECALL_HOT_MESSAGES / 2 (32) gives users whose hot set is full,
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from harness.stack import Chroma, FakeModel, Nginx, Pool, Redis, poll_until  # noqa: E402
 
 FUNCTIONS = ["FcgiServer::ThreadMain()", "ChatService::Chat(", "RedisShortTermStore::Read(", "RankHot(",
-             "ChromaStore::Recall(", "OpenAIChat::Complete(", "RedisShortTermStore::RecordTurn(",
+             "ChromaStore::Recall(", "ChromaStore::RecallAmong(", "OpenAIChat::Complete(", "RedisShortTermStore::RecordTurn(",
              "RejectionCache::Check(", "FCGX_Accept_r"]
 DRAIN_TIMEOUT_S = 600
 
@@ -63,6 +63,8 @@ def main() -> int:
     ap.add_argument("--users", type=int, default=40)
     ap.add_argument("--turns", type=int, default=10)
     ap.add_argument("--chats", type=int, default=200)
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="one more variable for chatd, e.g. CHATD_RECALL_BY_ID_MAX=0 (repeatable)")
     args = ap.parse_args()
     binary = Path(args.binary).resolve()
     tmp = Path(tempfile.mkdtemp(prefix="chatd-cg-"))
@@ -86,6 +88,7 @@ def main() -> int:
                "OPENAI_BASE_URL": fake.url, "OPENAI_API_KEY": "callgrind", "CHATD_AUTH_MODE": "off",
                "CHATD_RATE_LIMIT": "100000", "CHATD_MAX_CONCURRENT_PER_USER": "1000",
                "CHATD_METRICS_FILE": str(tmp / "metrics")}
+        env.update(kv.split("=", 1) for kv in args.env)
         pool = Pool(tmp / "pool", wrapper_dir, env, workers=1, threads=2, log_path=tmp / "chatd.log")
         pool.start()
         started.append(pool)
@@ -114,7 +117,7 @@ def main() -> int:
         dump = max(dumps, key=lambda p: p.stat().st_mtime)
         report = subprocess.run(["callgrind_annotate", "--inclusive=yes", str(dump)], capture_output=True,
                                 text=True, check=True).stdout
-        print(f"binary {binary}: {args.users} users x {args.turns} turns, {args.chats} chats")
+        print(f"binary {binary}: {args.users} users x {args.turns} turns, {args.chats} chats {' '.join(args.env)}")
         for name in FUNCTIONS:
             print(f"  {name:36s} {inclusive(report, name) / args.chats:12,.0f} instructions per chat")
         return 0

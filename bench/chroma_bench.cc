@@ -55,6 +55,8 @@
 #include "chatd/user_id.h"
 
 #include "bench_util.h"
+#include "local_embedder.h"
+#include "chroma_json.h"
 
 using namespace bench;  // NOLINT: the shared bench helpers, bench_util.h
 

@@ -56,6 +56,7 @@
 #include "chatd/embeddings.h"
 #include "chatd/http_client.h"
 #include "chatd/status.h"
+#include "local_embedder.h"
 
 namespace {
 

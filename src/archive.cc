@@ -1,4 +1,4 @@
-#include "chatd/archive.h"
+#include "archive.h"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -13,10 +13,12 @@
 #include <cstring>
 #include <map>
 
-#include "chatd/decimal.h"
-#include "chatd/json.h"
-#include "chatd/random_id.h"
+#include "decimal.h"
+#include "json.h"
+#include "random_id.h"
 #include "chatd/user_id.h"
+#include "unique_fd.h"
+#include "json_writer.h"
 
 namespace chatd {
 
@@ -31,11 +33,9 @@ Status IoError(const std::string& what, const std::string& path) {
 }
 
 Status FsyncPath(const std::string& path, int flags) {
-  int fd = ::open(path.c_str(), flags | O_CLOEXEC);
-  if (fd < 0) return IoError("open", path);
-  int rc = ::fsync(fd);
-  ::close(fd);
-  if (rc != 0) return IoError("fsync", path);
+  UniqueFd fd(::open(path.c_str(), flags | O_CLOEXEC));
+  if (!fd.valid()) return IoError("open", path);
+  if (::fsync(fd.get()) != 0) return IoError("fsync", path);
   return Status::Ok();
 }
 
@@ -55,12 +55,6 @@ std::string Parent(const std::string& path) {
   return slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
 }
 
-void AppendFloat(std::string& out, float f) {
-  char buf[32];
-  std::snprintf(buf, sizeof(buf), "%.9g", static_cast<double>(f));
-  out.append(buf);
-}
-
 }  // namespace
 
 std::string ArchiveUserDir(std::string_view archive_dir, std::string_view user_id) {
@@ -74,36 +68,31 @@ std::string ArchivePath(std::string_view archive_dir, std::string_view user_id, 
 std::string SerializeArchive(const Archive& a) {
   std::string out;
   out.reserve(256 + a.records.size() * 2048);
-  out.append("{\"format\":");
-  AppendJsonString(out, kFormat);
-  out.append(",\"user\":");
-  AppendJsonString(out, a.user_id);
-  out.append(",\"collection\":");
-  AppendJsonString(out, ChromaCollectionName(a.user_id));
-  out.append(",\"last_activity_ms\":").append(std::to_string(a.last_activity_ms));
-  out.append(",\"archived_at_ms\":").append(std::to_string(a.archived_at_ms));
-  out.append(",\"records\":[");
-  for (size_t i = 0; i < a.records.size(); ++i) {
-    const StoredMessage& m = a.records[i];
-    out.append(i ? ",\n" : "\n").append("{\"id\":");
-    AppendJsonString(out, m.id);
-    out.append(",\"document\":");
-    AppendJsonString(out, m.content);
-    out.append(",\"metadata\":{\"role\":");
-    AppendJsonString(out, RoleName(m.role));
-    out.append(",\"ts\":").append(std::to_string(m.ts_ms));
-    out.append(",\"user\":");
-    AppendJsonString(out, m.user_id);
-    out.append(",\"turn\":");
-    AppendJsonString(out, m.turn_id);
-    out.append("},\"embedding\":[");
-    for (size_t k = 0; k < m.embedding.size(); ++k) {
-      if (k) out.push_back(',');
-      AppendFloat(out, m.embedding[k]);
+  JsonWriter w(out);
+  w.StartObject();
+  w.Key("format").String(kFormat).Key("user").String(a.user_id);
+  w.Key("collection").String(ChromaCollectionName(a.user_id));
+  w.Key("last_activity_ms").Int(a.last_activity_ms).Key("archived_at_ms").Int(a.archived_at_ms);
+  w.Key("records").StartArray();
+  char digits[32];
+  for (const StoredMessage& m : a.records) {
+    out.push_back('\n');  // a record a line: whitespace between values, for people reading the file
+    w.StartObject().Key("id").String(m.id).Key("document").String(m.content);
+    w.Key("metadata").StartObject();
+    w.Key("role").String(RoleName(m.role)).Key("ts").Int(m.ts_ms).Key("user").String(m.user_id);
+    w.Key("turn").String(m.turn_id);
+    w.EndObject();
+    w.Key("embedding").StartArray();
+    for (float f : m.embedding) {
+      // Nine significant digits read back as the same float.
+      std::snprintf(digits, sizeof(digits), "%.9g", static_cast<double>(f));
+      w.RawNumber(digits);
     }
-    out.append("]}");
+    w.EndArray().EndObject();
   }
-  out.append("\n]}\n");
+  out.push_back('\n');
+  w.EndArray().EndObject();
+  out.push_back('\n');
   return out;
 }
 
@@ -179,29 +168,29 @@ Status WriteFileDurably(const std::string& path, std::string_view content) {
   // A name of its own per write (O_EXCL makes sure): two writers of one path
   // must never write into, or rename, each other's half-written file.
   std::string tmp = path + "." + RandomHexId() + ".tmp";
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, kFileMode);
-  if (fd < 0) return IoError("create", tmp);
+  UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, kFileMode));
+  if (!fd.valid()) return IoError("create", tmp);
   const char* p = content.data();
   size_t left = content.size();
   while (left > 0) {
-    ssize_t n = ::write(fd, p, left);
+    ssize_t n = ::write(fd.get(), p, left);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) {
       Status s = IoError("write", tmp);
-      ::close(fd);
+      fd.reset();
       ::unlink(tmp.c_str());
       return s;
     }
     p += n;
     left -= static_cast<size_t>(n);
   }
-  if (::fsync(fd) != 0) {
+  if (::fsync(fd.get()) != 0) {
     Status s = IoError("fsync", tmp);
-    ::close(fd);
+    fd.reset();
     ::unlink(tmp.c_str());
     return s;
   }
-  ::close(fd);
+  fd.reset();
   if (::rename(tmp.c_str(), path.c_str()) != 0) {
     Status s = IoError("rename", tmp);
     ::unlink(tmp.c_str());
@@ -211,22 +200,17 @@ Status WriteFileDurably(const std::string& path, std::string_view content) {
 }
 
 Result<std::string> ReadFile(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return IoError("open", path);
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd.valid()) return IoError("open", path);
   std::string out;
   char buf[1 << 16];
   for (;;) {
-    ssize_t n = ::read(fd, buf, sizeof(buf));
+    ssize_t n = ::read(fd.get(), buf, sizeof(buf));
     if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      Status s = IoError("read", path);
-      ::close(fd);
-      return s;
-    }
+    if (n < 0) return IoError("read", path);
     if (n == 0) break;
     out.append(buf, static_cast<size_t>(n));
   }
-  ::close(fd);
   return out;
 }
 

@@ -5,9 +5,9 @@
 #include <optional>
 
 #include "chatd/log.h"
-#include "chatd/prompt.h"
-#include "chatd/random_id.h"
-#include "chatd/recall.h"
+#include "prompt.h"
+#include "random_id.h"
+#include "recall.h"
 #include "chatd/user_data.h"
 
 namespace chatd {
@@ -19,7 +19,7 @@ namespace {
 // the lease was released otherwise (with the recorded turn).
 class LeaseGuard {
  public:
-  LeaseGuard(RateLimiter& limiter, const std::string& user_id, std::string lease_id)
+  LeaseGuard(RateLimiter& limiter, const UserId& user_id, std::string lease_id)
       : limiter_(limiter), user_id_(user_id), lease_id_(std::move(lease_id)) {}
   ~LeaseGuard() {
     if (lease_id_.empty()) return;
@@ -36,7 +36,7 @@ class LeaseGuard {
 
  private:
   RateLimiter& limiter_;
-  const std::string& user_id_;
+  const UserId& user_id_;
   std::string lease_id_;
 };
 
@@ -46,7 +46,7 @@ class LeaseGuard {
 // claim expires by itself, and until then a retry cannot record twice).
 class ClaimGuard {
  public:
-  ClaimGuard(IdempotencyStore* store, const std::string& user_id, const std::optional<IdempotencyTicket>& ticket)
+  ClaimGuard(IdempotencyStore* store, const UserId& user_id, const std::optional<IdempotencyTicket>& ticket)
       : store_(ticket ? store : nullptr), user_id_(user_id), ticket_(ticket) {}
   ~ClaimGuard() {
     if (store_ == nullptr) return;
@@ -62,7 +62,7 @@ class ClaimGuard {
 
  private:
   IdempotencyStore* store_;
-  const std::string& user_id_;
+  const UserId& user_id_;
   const std::optional<IdempotencyTicket>& ticket_;
 };
 
@@ -120,7 +120,7 @@ ChatService::ChatService(RateLimiter& limiter, ShortTermStore& recent, LongTermS
       options_(std::move(options)),
       idempotency_(idempotency) {}
 
-Result<ChatReply> ChatService::Chat(const std::string& user_id, const std::string& message, Deadline deadline,
+Result<ChatReply> ChatService::Chat(const UserId& user_id, const std::string& message, Deadline deadline,
                                     ChatTrace& trace, std::string_view idempotency_key, StreamSink* sink) {
   // 0. An Idempotency-Key is claimed before the limiter: a replay, a 409 and
   // a 422 then cost this one call, and neither quota nor a slot in flight.

@@ -11,12 +11,12 @@
 #include <sstream>
 #include <thread>
 
-#include "chatd/archive.h"
+#include "archive.h"
 #include "chatd/clock.h"
-#include "chatd/decimal.h"
+#include "decimal.h"
 #include "chatd/indexer.h"
 #include "chatd/log.h"
-#include "chatd/random_id.h"
+#include "random_id.h"
 #include "chatd/redis_idempotency.h"
 #include "chatd/redis_memory.h"
 #include "chatd/redis_rate_limiter.h"

@@ -5,7 +5,7 @@
 #include <limits>
 #include <string_view>
 
-#include "chatd/auth.h"
+#include "secret_file.h"
 
 namespace chatd {
 
@@ -88,7 +88,7 @@ class Reader {
       Fail(name, "must not be empty");
       return;
     }
-    Result<std::string> text = ReadProtectedFile(*path, name, kSecretFileForbiddenBits);
+    Result<std::string> text = ReadProtectedFile(*path, name, kSecretForbiddenBits);
     if (!text.ok()) {
       status_ = text.status();
       return;
@@ -131,8 +131,6 @@ class Reader {
   const Status& status() const { return status_; }
 
  private:
-  // Group may read, as for the environment file; others may not.
-  static constexpr mode_t kSecretFileForbiddenBits = 0027;
   static constexpr size_t kMaxPathSegment = 128;
 
   const EnvLookup& env_;
@@ -169,6 +167,25 @@ EnvLookup ProcessEnv() {
     if (v == nullptr) return std::nullopt;
     return std::string(v);
   };
+}
+
+AuthConfig ReadAuthConfig(const EnvLookup& env) {
+  auto get = [&env](const char* name) {
+    std::optional<std::string> v = env(name);
+    if (v && v->empty()) v.reset();
+    return v;
+  };
+  AuthConfig a;
+  a.service_tokens = get("CHATD_SERVICE_TOKENS");
+  a.service_tokens_file = get("CHATD_SERVICE_TOKENS_FILE");
+  a.jwt_algorithm = get("CHATD_JWT_ALGORITHM");
+  a.jwt_issuer = get("CHATD_JWT_ISSUER");
+  a.jwt_audience = get("CHATD_JWT_AUDIENCE");
+  a.jwt_secret = get("CHATD_JWT_SECRET");
+  a.jwt_secret_file = get("CHATD_JWT_SECRET_FILE");
+  a.jwt_public_key_file = get("CHATD_JWT_PUBLIC_KEY_FILE");
+  a.jwt_leeway_s = get("CHATD_JWT_LEEWAY_S");
+  return a;
 }
 
 Result<Config> LoadConfig(const EnvLookup& env) {
@@ -256,6 +273,7 @@ Result<Config> LoadConfig(const EnvLookup& env) {
 
   r.Enum("CHATD_AUTH_MODE", c.auth_mode,
          {{"off", AuthMode::kOff}, {"service", AuthMode::kService}, {"jwt", AuthMode::kJwt}});
+  c.auth = ReadAuthConfig(env);
 
   r.String("CHATD_METRICS_FILE", c.metrics_path, /*allow_empty=*/true);
 

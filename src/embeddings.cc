@@ -14,8 +14,10 @@
 #include <utility>
 
 #include "chatd/http_client.h"
-#include "chatd/json.h"
-#include "chatd/openai_embedder.h"
+#include "json.h"
+#include "json_writer.h"
+#include "openai_embedder.h"
+#include "local_embedder.h"
 
 namespace chatd {
 
@@ -133,9 +135,7 @@ Result<std::vector<std::vector<float>>> LocalEmbedder::Embed(const std::vector<s
 Result<std::string> BuildEmbeddingsRequest(std::string_view model, const std::vector<std::string>& texts,
                                            size_t dimensions) {
   rapidjson::StringBuffer buffer;
-  rapidjson::Writer<rapidjson::StringBuffer, rapidjson::UTF8<>, rapidjson::UTF8<>, rapidjson::CrtAllocator,
-                    rapidjson::kWriteValidateEncodingFlag>
-      writer(buffer);
+  StrictJsonWriter writer(buffer);
   bool ok = writer.StartObject();
   ok = ok && writer.Key("model") &&
        writer.String(model.data(), static_cast<rapidjson::SizeType>(model.size()));

@@ -15,7 +15,8 @@
 
 #include "chatd/clock.h"
 #include "chatd/log.h"
-#include "chatd/random_id.h"
+#include "random_id.h"
+#include "unique_fd.h"
 
 namespace chatd {
 
@@ -26,13 +27,6 @@ constexpr int kReadChunk = 16 * 1024;
 // After an accept error that is not "someone else took it", pause before
 // retrying so that e.g. EMFILE does not spin a core.
 constexpr int kAcceptErrorPauseMs = 50;
-
-struct FdCloser {
-  int fd;
-  ~FdCloser() {
-    if (fd >= 0) ::close(fd);
-  }
-};
 
 std::string Param(FCGX_Request& req, const char* name) {
   // Copied: libfcgi frees params at the next Accept/Finish.
@@ -206,8 +200,8 @@ void FcgiServer::Join() {
 }
 
 void FcgiServer::ThreadMain() {
-  FdCloser ep{epoll_create1(EPOLL_CLOEXEC)};
-  if (ep.fd < 0) {
+  UniqueFd ep(epoll_create1(EPOLL_CLOEXEC));
+  if (!ep.valid()) {
     LogError("fcgi_thread").Str("error", strerror(errno)).Emit();
     return;
   }
@@ -217,8 +211,8 @@ void FcgiServer::ThreadMain() {
   epoll_event stop_ev{};
   stop_ev.events = EPOLLIN;
   stop_ev.data.fd = stop_fd_;
-  if (epoll_ctl(ep.fd, EPOLL_CTL_ADD, listen_fd_, &listen_ev) != 0 ||
-      epoll_ctl(ep.fd, EPOLL_CTL_ADD, stop_fd_, &stop_ev) != 0) {
+  if (epoll_ctl(ep.get(), EPOLL_CTL_ADD, listen_fd_, &listen_ev) != 0 ||
+      epoll_ctl(ep.get(), EPOLL_CTL_ADD, stop_fd_, &stop_ev) != 0) {
     LogError("fcgi_thread").Str("error", strerror(errno)).Emit();
     return;
   }
@@ -231,7 +225,7 @@ void FcgiServer::ThreadMain() {
 
   for (;;) {
     epoll_event ready[2];
-    int n = epoll_wait(ep.fd, ready, 2, -1);
+    int n = epoll_wait(ep.get(), ready, 2, -1);
     if (n < 0) {
       if (errno == EINTR) continue;
       LogError("fcgi_thread").Str("error", strerror(errno)).Emit();

@@ -1,4 +1,4 @@
-#include "chatd/hot_record.h"
+#include "hot_record.h"
 
 #include <cstring>
 #include <limits>

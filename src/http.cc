@@ -1,6 +1,6 @@
 #include "chatd/http.h"
 
-#include "chatd/json.h"
+#include "json.h"
 
 namespace chatd {
 

@@ -6,11 +6,12 @@
 
 #include "chatd/clock.h"
 #include "chatd/idempotency.h"
-#include "chatd/decimal.h"
-#include "chatd/json.h"
+#include "decimal.h"
+#include "json.h"
 #include "chatd/log.h"
 #include "chatd/rate_limiter.h"
 #include "chatd/user_id.h"
+#include "json_writer.h"
 
 namespace chatd {
 
@@ -72,9 +73,9 @@ class SseSink : public StreamSink {
     // Nothing may throw into the model client's C callbacks: an allocation
     // failure counts as a lost client.
     try {
-      event_.assign("data: {\"delta\":");
-      AppendJsonString(event_, text);
-      event_.append("}\n\n");
+      event_.assign("data: ");
+      JsonWriter(event_).StartObject().Key("delta").String(text).EndObject();
+      event_.append("\n\n");
       return Send(event_) ? SinkAction::kContinue : SinkAction::kStop;
     } catch (...) {
       gone_ = true;
@@ -119,12 +120,10 @@ class SseSink : public StreamSink {
   bool replayed_ = false;
 };
 
-void AppendUsage(std::string& out, const ChatReply& reply) {
-  out.append("\"usage\":{\"prompt_tokens\":")
-      .append(std::to_string(reply.prompt_tokens))
-      .append(",\"completion_tokens\":")
-      .append(std::to_string(reply.completion_tokens))
-      .append("}");
+void WriteUsage(JsonWriter& w, const ChatReply& reply) {
+  w.Key("usage").StartObject();
+  w.Key("prompt_tokens").Int(reply.prompt_tokens).Key("completion_tokens").Int(reply.completion_tokens);
+  w.EndObject();
 }
 
 HttpReply EndStream(SseSink& sse, const Result<ChatReply>& result, RequestLog& log) {
@@ -145,11 +144,12 @@ HttpReply EndStream(SseSink& sse, const Result<ChatReply>& result, RequestLog& l
     if (!result->response.empty()) sse.OnDelta(result->response);
   }
   if (result.ok()) {
-    event.append("data: {\"done\":true,\"turnId\":");
-    AppendJsonString(event, result->turn_id);
-    event.push_back(',');
-    AppendUsage(event, *result);
-    event.append("}\n\n");
+    event.append("data: ");
+    JsonWriter w(event);
+    w.StartObject().Key("done").Bool(true).Key("turnId").String(result->turn_id);
+    WriteUsage(w, *result);
+    w.EndObject();
+    event.append("\n\n");
   } else {
     // The 200 is out: the failure can only be an event now.
     event.append("event: error\ndata: ").append(ErrorBody(result.status())).append("\n\n");
@@ -241,14 +241,14 @@ HttpReply HttpApi::Chat(const HttpRequest& req, RequestLog& log, ResponseStream*
   if (principal.subject) {
     // A user token speaks for its subject only; naming anyone else is refused.
     if (parsed->user_id && *parsed->user_id != *principal.subject) {
-      log.user_id = *principal.subject;
+      log.user_id = principal.subject->str();
       return fail(Status(Code::kForbidden, "user_mismatch", "The token does not allow speaking as this userId"));
     }
     parsed->user_id = *principal.subject;
   }
   if (!parsed->user_id) return fail(InvalidArgument("missing_field", "The field \"userId\" is required"));
-  const std::string& user_id = *parsed->user_id;
-  log.user_id = user_id;
+  const UserId& user_id = *parsed->user_id;
+  log.user_id = user_id.str();
 
   std::string idempotency_key;
   if (req.idempotency_key) {
@@ -300,15 +300,12 @@ HttpReply HttpApi::Chat(const HttpRequest& req, RequestLog& log, ResponseStream*
 
   HttpReply reply;
   reply.body.reserve(result->response.size() + 128);
-  reply.body.append("{\"response\":");
-  AppendJsonString(reply.body, result->response);
-  reply.body.append(",\"requestId\":");
-  AppendJsonString(reply.body, req.request_id);
-  reply.body.append(",\"turnId\":");
-  AppendJsonString(reply.body, result->turn_id);
-  reply.body.push_back(',');
-  AppendUsage(reply.body, *result);
-  reply.body.append("}");
+  JsonWriter w(reply.body);
+  w.StartObject();
+  w.Key("response").String(result->response).Key("requestId").String(req.request_id);
+  w.Key("turnId").String(result->turn_id);
+  WriteUsage(w, *result);
+  w.EndObject();
   AddRateHeaders(rate_policy_, trace, reply);
   if (result->replayed) reply.headers.emplace_back("Idempotent-Replayed", "true");
   return reply;
@@ -332,7 +329,7 @@ void HttpApi::EnableUserData(UserDataStore* data, RateLimiter* limiter) {
   data_limiter_ = limiter;
 }
 
-Result<std::string> HttpApi::DataUser(const HttpRequest& req, const char* method, RequestLog& log,
+Result<UserId> HttpApi::DataUser(const HttpRequest& req, const char* method, RequestLog& log,
                                       HttpReply& refused) {
   auto fail = [&](const Status& s) {
     log.error_reason = s.reason();
@@ -358,17 +355,16 @@ Result<std::string> HttpApi::DataUser(const HttpRequest& req, const char* method
   if (principal.subject) {
     // A user token reads and erases its subject's data only.
     if (user && *user != *principal.subject) {
-      log.user_id = *principal.subject;
+      log.user_id = principal.subject->str();
       return fail(Status(Code::kForbidden, "user_mismatch", "The token does not allow acting for this userId"));
     }
     user = *principal.subject;
   }
   if (!user) return fail(InvalidArgument("missing_field", "The query parameter \"userId\" is required"));
-  if (!IsValidUserId(*user)) {
-    return fail(InvalidArgument("invalid_user_id", "userId must be 1 to 64 characters of [A-Za-z0-9_.@-]"));
-  }
-  log.user_id = *user;
-  Result<RateDecision> decision = data_limiter_->Check(*user);
+  std::optional<UserId> id = UserId::Parse(*user);
+  if (!id) return fail(InvalidArgument("invalid_user_id", "userId must be 1 to 64 characters of [A-Za-z0-9_.@-]"));
+  log.user_id = id->str();
+  Result<RateDecision> decision = data_limiter_->Check(*id);
   if (!decision.ok()) {
     return fail(Unavailable("rate_limiter_unavailable", "The rate limiter is unavailable; try again shortly"));
   }
@@ -378,12 +374,12 @@ Result<std::string> HttpApi::DataUser(const HttpRequest& req, const char* method
     for (auto& h : RateLimitHeaders(*decision)) refused.headers.push_back(std::move(h));
     return s;
   }
-  return std::move(*user);
+  return std::move(*id);
 }
 
 HttpReply HttpApi::History(const HttpRequest& req, RequestLog& log) {
   HttpReply refused;
-  Result<std::string> user = DataUser(req, "GET", log, refused);
+  Result<UserId> user = DataUser(req, "GET", log, refused);
   if (!user.ok()) return refused;
   auto fail = [&](const Status& s) {
     log.error_reason = s.reason();
@@ -420,7 +416,7 @@ HttpReply HttpApi::History(const HttpRequest& req, RequestLog& log) {
 
 HttpReply HttpApi::Export(const HttpRequest& req, RequestLog& log) {
   HttpReply refused;
-  Result<std::string> user = DataUser(req, "GET", log, refused);
+  Result<UserId> user = DataUser(req, "GET", log, refused);
   if (!user.ok()) return refused;
   Result<int64_t> restored = data_->RestoreIfArchived(*user);
   if (!restored.ok()) {
@@ -444,7 +440,7 @@ HttpReply HttpApi::Export(const HttpRequest& req, RequestLog& log) {
 
 HttpReply HttpApi::EraseMemory(const HttpRequest& req, RequestLog& log) {
   HttpReply refused;
-  Result<std::string> user = DataUser(req, "DELETE", log, refused);
+  Result<UserId> user = DataUser(req, "DELETE", log, refused);
   if (!user.ok()) return refused;
   Result<int64_t> erased = data_->Erase(*user);
   if (!erased.ok()) {
@@ -484,14 +480,13 @@ HttpReply HttpApi::Health(const HttpRequest& req) {
   std::vector<DependencyState> deps;
   if (health_ != nullptr) deps = health_->Check();
   bool healthy = true;
-  std::string body = "{\"dependencies\":{";
+  std::string body;
+  JsonWriter w(body);
+  w.StartObject().Key("dependencies").StartObject();
   std::string down;
   std::string not_ready;  // a Redis loading or busy: back within seconds
   for (size_t i = 0; i < deps.size(); ++i) {
-    if (i) body.push_back(',');
-    AppendJsonString(body, deps[i].name);
-    body.push_back(':');
-    AppendJsonString(body, deps[i].state);
+    w.Key(deps[i].name).String(deps[i].state);
     if (!deps[i].healthy) {
       healthy = false;
       down += (down.empty() ? "" : ", ") + deps[i].name;
@@ -500,46 +495,35 @@ HttpReply HttpApi::Health(const HttpRequest& req) {
       }
     }
   }
-  body.append("}");
+  w.EndObject();
   // Long-term memory falling behind is a degraded service, not a down one:
   // chats are answered, but recall does not see the latest turns yet. The
   // indexers refresh the figure about once a second; a stale one says nothing.
   bool lagging = false;
   if (metrics_ != nullptr) {
-    body.append(",\"workers\":").append(std::to_string(metrics_->WorkersAlive(kWorkerAliveMs)));
+    w.Key("workers").Int(static_cast<int64_t>(metrics_->WorkersAlive(kWorkerAliveMs)));
     const SharedMetrics& m = metrics_->shared();
     if (WallMs() - m.index_backlog_at_ms.load(std::memory_order_relaxed) <= kBacklogFreshMs) {
       const int64_t age_ms = m.index_oldest_age_ms.load(std::memory_order_relaxed);
       lagging = age_ms > config_.index_lag_degraded_ms;
-      body.append(",\"index\":{\"waiting\":")
-          .append(std::to_string(m.index_waiting.load(std::memory_order_relaxed)))
-          .append(",\"pending\":")
-          .append(std::to_string(m.index_pending.load(std::memory_order_relaxed)))
-          .append(",\"oldestAgeMs\":")
-          .append(std::to_string(age_ms))
-          .append(",\"streamLength\":")
-          .append(std::to_string(m.index_stream_length.load(std::memory_order_relaxed)))
-          .append(",\"deadLetters\":")
-          .append(std::to_string(m.dead_letter_length.load(std::memory_order_relaxed)))
-          .append("},\"redisMemory\":{\"usedBytes\":")
-          .append(std::to_string(m.redis_used_memory.load(std::memory_order_relaxed)))
-          .append(",\"maxmemoryBytes\":")
-          .append(std::to_string(m.redis_maxmemory.load(std::memory_order_relaxed)))
-          .append("}");
+      auto read = [](const auto& counter) { return static_cast<int64_t>(counter.load(std::memory_order_relaxed)); };
+      w.Key("index").StartObject();
+      w.Key("waiting").Int(read(m.index_waiting)).Key("pending").Int(read(m.index_pending));
+      w.Key("oldestAgeMs").Int(age_ms).Key("streamLength").Int(read(m.index_stream_length));
+      w.Key("deadLetters").Int(read(m.dead_letter_length));
+      w.EndObject();
+      w.Key("redisMemory").StartObject();
+      w.Key("usedBytes").Int(read(m.redis_used_memory)).Key("maxmemoryBytes").Int(read(m.redis_maxmemory));
+      w.EndObject();
     }
   }
-  body.append(",\"status\":");
-  AppendJsonString(body, !healthy ? "unavailable" : lagging ? "degraded" : "ok");
-  if (!healthy) {
-    body.append(",\"error\":");
-    AppendJsonString(body, "Not available: " + down);
-  }
+  w.Key("status").String(!healthy ? "unavailable" : lagging ? "degraded" : "ok");
+  if (!healthy) w.Key("error").String("Not available: " + down);
   if (!not_ready.empty()) {
-    body.append(",\"code\":");
-    AppendJsonString(body, not_ready);
+    w.Key("code").String(not_ready);
     reply.headers.emplace_back("Retry-After", std::to_string(RetryAfterSeconds(Unavailable(not_ready, ""))));
   }
-  body.append("}");
+  w.EndObject();
   reply.status = healthy ? 200 : 503;
   reply.body = std::move(body);
   return reply;

@@ -1,4 +1,4 @@
-#include "chatd/json.h"
+#include "json.h"
 
 #include <rapidjson/document.h>
 #include <rapidjson/error/en.h>
@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "chatd/user_id.h"
+#include "json_writer.h"
 
 namespace chatd {
 
@@ -160,13 +161,12 @@ Result<ChatRequest> ParseChatRequest(std::string_view body, size_t max_message_b
   auto user = doc.FindMember("userId");
   if (user != doc.MemberEnd()) {
     if (!user->value.IsString()) return InvalidArgument("wrong_type", "The field \"userId\" must be a string");
-    std::string_view id(user->value.GetString(), user->value.GetStringLength());
-    if (!IsValidUserId(id)) {
+    req.user_id = UserId::Parse(std::string_view(user->value.GetString(), user->value.GetStringLength()));
+    if (!req.user_id) {
       return InvalidArgument("invalid_user_id",
                              "The field \"userId\" must be 1 to 64 characters of letters, digits, '_', '-', "
                              "'.' or '@'");
     }
-    req.user_id.emplace(id);
   }
 
   auto stream = doc.FindMember("stream");
@@ -178,27 +178,8 @@ Result<ChatRequest> ParseChatRequest(std::string_view body, size_t max_message_b
 }
 
 void AppendJsonString(std::string& out, std::string_view s) {
-  static constexpr char kHex[] = "0123456789abcdef";
-  out.push_back('"');
-  for (char ch : s) {
-    auto c = static_cast<unsigned char>(ch);
-    switch (c) {
-      case '"': out.append("\\\""); break;
-      case '\\': out.append("\\\\"); break;
-      case '\n': out.append("\\n"); break;
-      case '\r': out.append("\\r"); break;
-      case '\t': out.append("\\t"); break;
-      default:
-        if (c < 0x20) {
-          out.append("\\u00");
-          out.push_back(kHex[c >> 4]);
-          out.push_back(kHex[c & 0xf]);
-        } else {
-          out.push_back(ch);
-        }
-    }
-  }
-  out.push_back('"');
+  // A lone value is a whole document to the writer; it appends to `out`.
+  JsonWriter(out).String(s);
 }
 
 bool JsonToFloat(double d, float* out) {
@@ -215,11 +196,8 @@ bool JsonToFloat(double d, float* out) {
 }
 
 std::string ErrorBody(const Status& status) {
-  std::string out = "{\"error\":";
-  AppendJsonString(out, status.message());
-  out.append(",\"code\":");
-  AppendJsonString(out, status.reason());
-  out.push_back('}');
+  std::string out;
+  JsonWriter(out).StartObject().Key("error").String(status.message()).Key("code").String(status.reason()).EndObject();
   return out;
 }
 

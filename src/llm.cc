@@ -9,8 +9,10 @@
 #include <thread>
 
 #include "chatd/http_client.h"
-#include "chatd/json.h"
+#include "json.h"
 #include "chatd/log.h"
+#include "openai_chat.h"
+#include "json_writer.h"
 
 namespace chatd {
 
@@ -111,23 +113,17 @@ std::string BuildChatCompletionBody(const OpenAIChatOptions& options, const std:
   for (const auto& m : messages) size += m.content.size() + 32;
   std::string out;
   out.reserve(size);
-  out.append("{\"model\":");
-  AppendJsonString(out, options.model);
-  out.append(",\"messages\":[");
-  for (size_t i = 0; i < messages.size(); ++i) {
-    if (i) out.push_back(',');
-    out.append("{\"role\":");
-    AppendJsonString(out, messages[i].role);
-    out.append(",\"content\":");
-    AppendJsonString(out, messages[i].content);
-    out.push_back('}');
+  JsonWriter w(out);
+  w.StartObject().Key("model").String(options.model).Key("messages").StartArray();
+  for (const ChatMessage& m : messages) {
+    w.StartObject().Key("role").String(m.role).Key("content").String(m.content).EndObject();
   }
-  out.append("],");
-  AppendJsonString(out, options.max_tokens_field);
-  out.push_back(':');
-  out.append(std::to_string(options.max_completion_tokens));
+  w.EndArray();
+  w.Key(options.max_tokens_field).Int(options.max_completion_tokens);
+  w.Key("stream").Bool(stream);
   // Without include_usage a stream carries no token counts at all.
-  out.append(stream ? ",\"stream\":true,\"stream_options\":{\"include_usage\":true}}" : ",\"stream\":false}");
+  if (stream) w.Key("stream_options").StartObject().Key("include_usage").Bool(true).EndObject();
+  w.EndObject();
   return out;
 }
 

@@ -8,7 +8,7 @@
 #include <cstdio>
 #include <ctime>
 
-#include "chatd/json.h"
+#include "json.h"
 
 namespace chatd {
 

@@ -26,12 +26,13 @@
 #include "chatd/llm.h"
 #include "chatd/log.h"
 #include "chatd/metrics.h"
-#include "chatd/openai_embedder.h"
 #include "chatd/redis.h"
 #include "chatd/redis_idempotency.h"
 #include "chatd/redis_memory.h"
 #include "chatd/redis_rate_limiter.h"
 #include "chatd/user_data.h"
+#include "chatd/wiring.h"
+#include "rejection_cache.h"
 
 namespace {
 
@@ -70,20 +71,6 @@ std::string ConsumerName() {
   return std::string(host) + "-" + std::to_string(getpid());
 }
 
-std::unique_ptr<chatd::Embedder> MakeEmbedder(const chatd::Config& c) {
-  if (c.embedder == chatd::EmbedderKind::kLocal) {
-    return std::make_unique<chatd::LocalEmbedder>(static_cast<size_t>(c.embedding_dimensions));
-  }
-  chatd::OpenAIEmbedderOptions o;
-  o.base_url = c.openai_base_url;
-  o.api_key = c.openai_api_key;
-  o.model = c.embedding_model;
-  o.dimensions = static_cast<size_t>(c.embedding_dimensions);
-  o.connect_timeout_ms = c.llm_connect_timeout_ms;
-  o.timeout_ms = c.chroma_timeout_ms;  // on the request path: as short as a recall
-  return std::make_unique<chatd::OpenAIEmbedder>(o);
-}
-
 }  // namespace
 
 int main() {
@@ -108,16 +95,13 @@ int main() {
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
   InitHttpGlobal();
 
-  RedisOptions redis_options;
-  redis_options.host = config.redis_host;
-  redis_options.port = config.redis_port;
-  redis_options.timeout_ms = config.redis_timeout_ms;
-  redis_options.username = config.redis_username;
-  redis_options.password = config.redis_password;
-  // Every request thread may hold a connection at once; keeping that many idle
-  // spares a burst of synchronised requests a storm of new connections (which
-  // is what made 2,000 chats in flight time out in the capacity benchmark).
-  redis_options.max_idle = static_cast<size_t>(config.threads) + 1;
+  Result<std::unique_ptr<Metrics>> metrics = Metrics::Open(config.metrics_path);
+  if (!metrics.ok()) {
+    std::fprintf(stderr, "chatd: %s\n", metrics.status().message().c_str());
+    return 1;
+  }
+  Adapters adapters = Wire(config, Binary::kChatd, &(*metrics)->shared().chroma_calls);
+  const RedisOptions& redis_options = adapters.redis;
   RedisClient redis(redis_options);
   RedisOptions indexer_redis_options = redis_options;
   indexer_redis_options.timeout_ms = kIndexerRedisTimeoutMs;
@@ -154,38 +138,9 @@ int main() {
                              config.recall_by_id_max);
   RedisIdempotencyStore idempotency(redis, chat_lifetime_ms);
 
-  ChromaOptions chroma_options;
-  chroma_options.base_url = config.chroma_url;
-  chroma_options.timeout_ms = config.chroma_timeout_ms;
-  chroma_options.sync_threshold = config.chroma_sync_threshold;
-  chroma_options.shards = config.chroma_shards;
-  chroma_options.tenant = config.chroma_tenant;
-  chroma_options.database = config.chroma_database;
-  chroma_options.token = config.chroma_token;
-  chroma_options.token_header = config.chroma_token_header;
-  Result<std::unique_ptr<Metrics>> metrics = Metrics::Open(config.metrics_path);
-  if (!metrics.ok()) {
-    std::fprintf(stderr, "chatd: %s\n", metrics.status().message().c_str());
-    return 1;
-  }
-  chroma_options.call_counter = &(*metrics)->shared().chroma_calls;
-  ChromaStore chroma(chroma_options);
-
-  std::unique_ptr<Embedder> embedder = MakeEmbedder(config);
-
-  OpenAIChatOptions llm_options;
-  llm_options.base_url = config.openai_base_url;
-  llm_options.api_key = config.openai_api_key;
-  llm_options.model = config.model;
-  llm_options.max_completion_tokens = config.max_completion_tokens;
-  llm_options.max_tokens_field = config.max_tokens_field;
-  llm_options.connect_timeout_ms = config.llm_connect_timeout_ms;
-  llm_options.attempt_timeout_ms = config.llm_attempt_timeout_ms;
-  llm_options.max_retries = config.llm_max_retries;
-  llm_options.backoff_base_ms = config.llm_backoff_base_ms;
-  llm_options.backoff_max_ms = config.llm_backoff_max_ms;
-  llm_options.stream_idle_timeout_ms = config.llm_stream_idle_ms;
-  OpenAIChat llm(llm_options);
+  ChromaStore& chroma = *adapters.chroma;
+  Embedder& embedder = *adapters.embedder;
+  Llm& llm = *adapters.llm;
 
   // The user-data endpoints: the cleanup's erase and restore (shared with
   // chatd-cleanup), limited per user apart from the chat.
@@ -194,7 +149,7 @@ int main() {
   cleanup_options.lock_ttl_ms = kEraseLockTtlDeadlines * config.request_deadline_ms;
   cleanup_options.hot_messages = config.recall_hot_messages;
   cleanup_options.tombstone_ttl_ms = EraseTombstoneTtlMs(config);
-  Cleanup cleanup(redis, chroma, *embedder, cleanup_options);
+  Cleanup cleanup(redis, chroma, embedder, cleanup_options);
   UserData user_data(redis, chroma, cleanup, config.archive_dir);
   RedisRateLimiter data_limiter(rate_redis_own ? *rate_redis_own : redis, config.data_rate_limit,
                                 config.data_rate_window_s, RateAlgorithm::kFixed, {}, kDataFixedWindowKeySuffix);
@@ -209,8 +164,8 @@ int main() {
   // lease back in the same script; otherwise a ZREM on the counters' Redis.
   chat_options.record_turn_releases_lease = !rate_redis_own;
   chat_options.idempotency_keep_ms = config.idempotency_ttl_s * 1000;
-  ChatService chat(limiter, recent, chroma, *embedder, llm, chat_options, &idempotency);
-  Result<std::unique_ptr<Authenticator>> auth = MakeAuthenticator(config.auth_mode, ProcessEnv());
+  ChatService chat(limiter, recent, chroma, embedder, llm, chat_options, &idempotency);
+  Result<std::unique_ptr<Authenticator>> auth = MakeAuthenticator(config.auth_mode, config.auth);
   if (!auth.ok()) {
     std::fprintf(stderr, "chatd: configuration error: %s\n", auth.status().message().c_str());
     return 2;
@@ -243,7 +198,7 @@ int main() {
   // per entry; each is bounded by the Chroma timeout.
   const int64_t calls_per_pass = 2 * std::min(config.chroma_shards, config.index_batch) + config.index_batch;
   indexer_options.marker_ttl_ms = calls_per_pass * config.chroma_timeout_ms + kIndexerMarkerMarginMs;
-  Indexer indexer(indexer_redis, chroma, *embedder, indexer_options, metrics->get());
+  Indexer indexer(indexer_redis, chroma, embedder, indexer_options, metrics->get());
 
   FcgiServer server(kListenFd, config.threads, config.max_body_bytes,
                     [&api](const HttpRequest& req, RequestLog& log, ResponseStream& stream) {

@@ -24,19 +24,15 @@
 #include "chatd/embeddings.h"
 #include "chatd/http_client.h"
 #include "chatd/log.h"
-#include "chatd/openai_embedder.h"
 #include "chatd/redis.h"
 #include "chatd/user_id.h"
+#include "chatd/wiring.h"
 
 namespace {
 
 constexpr int kExitFailed = 1;
 constexpr int kExitUsage = 2;
 constexpr int kExitAlreadyRunning = 3;
-// The cleanup is not latency-bound: give Chroma and Redis more patience than
-// the request path does.
-constexpr int64_t kCleanupChromaTimeoutMs = 30000;
-constexpr int64_t kCleanupRedisTimeoutMs = 5000;
 
 int Usage() {
   std::fprintf(stderr,
@@ -82,16 +78,8 @@ int main(int argc, char** argv) {
   signal(SIGPIPE, SIG_IGN);
   InitHttpGlobal();
 
-  RedisOptions redis_options;
-  redis_options.host = config.redis_host;
-  redis_options.port = config.redis_port;
-  redis_options.timeout_ms = std::max(config.redis_timeout_ms, kCleanupRedisTimeoutMs);
-  redis_options.username = config.redis_username;
-  redis_options.password = config.redis_password;
-  // A Redis restarting (loading its data) or busy with a long script is
-  // waited for, within a bound, rather than failing every user.
-  redis_options.transient_wait_ms = config.cleanup_redis_wait_ms;
-  RedisClient redis(redis_options);
+  Adapters adapters = Wire(config, Binary::kCleanup);
+  RedisClient redis(adapters.redis);
   // Refused credentials end the run at once with the reason, rather than as
   // one failure per user.
   if (Status s = redis.CheckAccess(); !s.ok()) {
@@ -99,29 +87,8 @@ int main(int argc, char** argv) {
     return kExitFailed;
   }
 
-  ChromaOptions chroma_options;
-  chroma_options.base_url = config.chroma_url;
-  chroma_options.timeout_ms = std::max(config.chroma_timeout_ms, kCleanupChromaTimeoutMs);
-  chroma_options.sync_threshold = config.chroma_sync_threshold;
-  chroma_options.shards = config.chroma_shards;
-  chroma_options.tenant = config.chroma_tenant;
-  chroma_options.database = config.chroma_database;
-  chroma_options.token = config.chroma_token;
-  chroma_options.token_header = config.chroma_token_header;
-  ChromaStore chroma(chroma_options);
-
-  std::unique_ptr<Embedder> embedder;
-  if (config.embedder == EmbedderKind::kLocal) {
-    embedder = std::make_unique<LocalEmbedder>(static_cast<size_t>(config.embedding_dimensions));
-  } else {
-    OpenAIEmbedderOptions o;
-    o.base_url = config.openai_base_url;
-    o.api_key = config.openai_api_key;
-    o.model = config.embedding_model;
-    o.dimensions = static_cast<size_t>(config.embedding_dimensions);
-    o.timeout_ms = kCleanupChromaTimeoutMs;
-    embedder = std::make_unique<OpenAIEmbedder>(o);
-  }
+  ChromaStore& chroma = *adapters.chroma;
+  Embedder& embedder = *adapters.embedder;
 
   CleanupOptions options;
   options.inactive_ms = config.cleanup_inactive_s * 1000;
@@ -142,7 +109,7 @@ int main(int argc, char** argv) {
     LogWarn("test_hook_ignored").Str("variable", "CHATD_CLEANUP_CRASH_AT").Emit();
   }
 #endif
-  Cleanup cleanup(redis, chroma, *embedder, options);
+  Cleanup cleanup(redis, chroma, embedder, options);
 
   if (command == "restore") {
     Result<int64_t> n = cleanup.Restore(args[1]);

@@ -13,6 +13,7 @@
 #include <new>
 
 #include "chatd/clock.h"
+#include "unique_fd.h"
 
 namespace chatd {
 
@@ -89,19 +90,18 @@ Result<std::unique_ptr<Metrics>> Metrics::Open(const std::string& path) {
     local->magic.store(kMagic);
     return std::unique_ptr<Metrics>(new Metrics(local, false));
   }
-  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0640);
-  if (fd < 0) return Unavailable("metrics", "CHATD_METRICS_FILE " + path + ": " + std::strerror(errno));
+  UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0640));
+  if (!fd.valid()) return Unavailable("metrics", "CHATD_METRICS_FILE " + path + ": " + std::strerror(errno));
   struct stat st {};
   // Growing a file to the same size from several workers at once is harmless:
   // new bytes read as zero, which is every counter's start value.
-  if (fstat(fd, &st) != 0 || (st.st_size < static_cast<off_t>(sizeof(SharedMetrics)) &&
-                              ftruncate(fd, sizeof(SharedMetrics)) != 0)) {
-    Status s = Unavailable("metrics", "CHATD_METRICS_FILE " + path + ": " + std::strerror(errno));
-    ::close(fd);
-    return s;
+  if (fstat(fd.get(), &st) != 0 || (st.st_size < static_cast<off_t>(sizeof(SharedMetrics)) &&
+                                    ftruncate(fd.get(), sizeof(SharedMetrics)) != 0)) {
+    return Unavailable("metrics", "CHATD_METRICS_FILE " + path + ": " + std::strerror(errno));
   }
-  void* p = mmap(nullptr, sizeof(SharedMetrics), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  ::close(fd);
+  // The mapping outlives the descriptor.
+  void* p = mmap(nullptr, sizeof(SharedMetrics), PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
+  fd.reset();
   if (p == MAP_FAILED) return Unavailable("metrics", "mmap " + path + ": " + std::strerror(errno));
   auto* m = static_cast<SharedMetrics*>(p);
   uint64_t expected = 0;

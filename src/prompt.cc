@@ -1,4 +1,4 @@
-#include "chatd/prompt.h"
+#include "prompt.h"
 
 #include <algorithm>
 #include <cstdio>

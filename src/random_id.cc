@@ -1,4 +1,4 @@
-#include "chatd/random_id.h"
+#include "random_id.h"
 
 #include <cstdint>
 #include <random>

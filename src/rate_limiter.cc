@@ -1,4 +1,5 @@
 #include "chatd/rate_limiter.h"
+#include "rejection_cache.h"
 
 #include <algorithm>
 #include <chrono>

@@ -1,4 +1,4 @@
-#include "chatd/recall.h"
+#include "recall.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -6,7 +6,7 @@
 #include <string_view>
 #include <unordered_set>
 
-#include "chatd/hot_record.h"
+#include "hot_record.h"
 
 namespace chatd {
 

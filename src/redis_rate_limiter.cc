@@ -2,7 +2,7 @@
 
 #include <algorithm>
 
-#include "chatd/random_id.h"
+#include "random_id.h"
 #include "chatd/user_id.h"
 
 namespace chatd {

@@ -1,4 +1,4 @@
-#include "chatd/secret_strength.h"
+#include "secret_strength.h"
 
 #include <array>
 

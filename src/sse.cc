@@ -1,4 +1,4 @@
-#include "chatd/sse.h"
+#include "sse.h"
 
 namespace chatd {
 

@@ -9,12 +9,13 @@
 #include <map>
 #include <set>
 
-#include "chatd/archive.h"
+#include "archive.h"
 #include "chatd/clock.h"
-#include "chatd/decimal.h"
-#include "chatd/json.h"
+#include "decimal.h"
+#include "json.h"
 #include "chatd/log.h"
 #include "chatd/redis_memory.h"
+#include "json_writer.h"
 
 namespace chatd {
 
@@ -49,16 +50,13 @@ std::string Rfc3339(int64_t ms) {
   return out;
 }
 
-void AppendMessage(std::string& out, const HistoryMessage& m) {
-  out.append("{\"role\":");
-  AppendJsonString(out, RoleName(m.role));
-  out.append(",\"content\":");
-  AppendJsonString(out, m.content);
-  out.append(",\"at\":");
-  AppendJsonString(out, Rfc3339(m.ts_ms));
-  out.append(",\"turnId\":");
-  AppendJsonString(out, m.turn_id);
-  out.append("}");
+void WriteMessage(JsonWriter& w, const HistoryMessage& m) {
+  w.StartObject();
+  w.Key("role").String(RoleName(m.role));
+  w.Key("content").String(m.content);
+  w.Key("at").String(Rfc3339(m.ts_ms));
+  w.Key("turnId").String(m.turn_id);
+  w.EndObject();
 }
 
 Status RedisError(const RedisValue& r, std::string_view what) {
@@ -236,27 +234,25 @@ Status UserData::Export(std::string_view user_id, int64_t restored,
   auto archives = ListArchives(archive_dir_, user);
   if (!archives.ok()) return Unavailable("archive_unavailable", "the archive directory cannot be read");
 
-  std::string out = "{\"userId\":";
-  AppendJsonString(out, user);
-  out.append(",\"exportedAt\":");
-  AppendJsonString(out, Rfc3339(WallMs()));
-  out.append(",\"activity\":{\"lastActiveAt\":");
+  std::string out;
+  JsonWriter w(out);
+  w.StartObject().Key("userId").String(user).Key("exportedAt").String(Rfc3339(WallMs()));
+  w.Key("activity").StartObject().Key("lastActiveAt");
   std::optional<int64_t> last = activity->type == RedisValue::Type::kString ? ParseDecimal(activity->str)
                                                                               : std::nullopt;
   if (last) {
-    AppendJsonString(out, Rfc3339(*last));
+    w.String(Rfc3339(*last));
   } else {
-    out.append("null");
+    w.Null();
   }
-  out.append("},\"archive\":{\"archived\":").append(archives->empty() ? "false" : "true");
-  out.append(",\"files\":").append(std::to_string(archives->size()));
-  out.append(",\"restoredRecords\":").append(std::to_string(restored));
-  out.append("},\"messages\":[");
+  w.EndObject();
+  w.Key("archive").StartObject().Key("archived").Bool(!archives->empty());
+  w.Key("files").Int(static_cast<int64_t>(archives->size())).Key("restoredRecords").Int(restored).EndObject();
+  w.Key("messages").StartArray();
 
   // Oldest first, a page of turns at a time.
   const std::string key = TurnIndexKey(user), page_turns = std::to_string(kExportPageTurns);
   std::string min = "-";
-  bool first = true;
   for (;;) {
     auto turns = redis_.Command({"ZRANGE", key, min, "+", "BYLEX", "LIMIT", "0", page_turns});
     if (!turns.ok()) return Unavailable("memory_unavailable", "Conversation memory is unavailable");
@@ -268,17 +264,13 @@ Status UserData::Export(std::string_view user_id, int64_t restored,
     }
     auto messages = Fetch(user, slots);
     if (!messages.ok()) return messages.status();
-    for (const HistoryMessage& m : *messages) {
-      if (!first) out.push_back(',');
-      first = false;
-      AppendMessage(out, m);
-    }
+    for (const HistoryMessage& m : *messages) WriteMessage(w, m);
     if (turns->elements.size() < static_cast<size_t>(kExportPageTurns)) break;
     if (!write(out)) return Status(Code::kUnavailable, "client_gone", "the client went away");
     out.clear();
     min = "(" + turns->elements.back().str;
   }
-  out.append("]}");
+  w.EndArray().EndObject();
   if (!write(out)) return Status(Code::kUnavailable, "client_gone", "the client went away");
   return Status::Ok();
 }
@@ -286,18 +278,17 @@ Status UserData::Export(std::string_view user_id, int64_t restored,
 Result<int64_t> UserData::Erase(std::string_view user_id) { return cleanup_.Forget(user_id, /*keep_rate_limits=*/true); }
 
 std::string HistoryBody(const HistoryPage& page) {
-  std::string out = "{\"messages\":[";
-  for (size_t i = 0; i < page.messages.size(); ++i) {
-    if (i) out.push_back(',');
-    AppendMessage(out, page.messages[i]);
-  }
-  out.append("],\"next\":");
+  std::string out;
+  JsonWriter w(out);
+  w.StartObject().Key("messages").StartArray();
+  for (const HistoryMessage& m : page.messages) WriteMessage(w, m);
+  w.EndArray().Key("next");
   if (page.next) {
-    AppendJsonString(out, *page.next);
+    w.String(*page.next);
   } else {
-    out.append("null");
+    w.Null();
   }
-  out.append("}");
+  w.EndObject();
   return out;
 }
 

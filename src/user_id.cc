@@ -17,6 +17,11 @@ bool IsValidUserId(std::string_view user_id) {
   return true;
 }
 
+std::optional<UserId> UserId::Parse(std::string_view text) {
+  if (!IsValidUserId(text)) return std::nullopt;
+  return UserId(std::string(text));
+}
+
 std::string UserKey(std::string_view user_id, std::string_view suffix) {
   std::string key;
   key.reserve(8 + user_id.size() + suffix.size());

@@ -10,13 +10,13 @@
 #include <string>
 
 #include "chatd/clock.h"
-#include "chatd/config.h"
 #include "chatd/embeddings.h"
 #include "chatd/idempotency.h"
 #include "chatd/llm.h"
 #include "chatd/memory.h"
 #include "chatd/rate_limiter.h"
 #include "chatd/status.h"
+#include "chatd/user_id.h"
 
 namespace chatd {
 
@@ -84,7 +84,7 @@ class ChatService {
   // the model writes it (Llm::Stream); the turn is still recorded once, whole,
   // at the end, and a client that leaves mid-stream (the sink says stop) ends
   // the chat with kUnavailable "client_gone" and nothing recorded.
-  Result<ChatReply> Chat(const std::string& user_id, const std::string& message, Deadline deadline,
+  Result<ChatReply> Chat(const UserId& user_id, const std::string& message, Deadline deadline,
                          ChatTrace& trace, std::string_view idempotency_key = {}, StreamSink* sink = nullptr);
 
  private:

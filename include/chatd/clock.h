@@ -1,5 +1,11 @@
-// Deadlines: every request carries one, and every blocking call below it takes
-// the time that is left instead of a fixed timeout of its own.
+// Deadlines: every chat request carries one (CHATD_REQUEST_DEADLINE_MS).
+// Only the model call takes it (Llm::Complete and Llm::Stream: each attempt,
+// each backoff and the whole stream fit in the time that is left), because it
+// is the one call that can take seconds. The calls before it keep short fixed
+// timeouts of their own: Redis CHATD_REDIS_TIMEOUT_MS, Chroma and the embedding
+// model CHATD_CHROMA_TIMEOUT_MS; recording the turn after the model answered
+// runs past the deadline on purpose, bounded by the Redis timeout, so an answer
+// the client may already hold is not lost (leases and claims are sized for it).
 #pragma once
 
 #include <algorithm>

@@ -8,14 +8,30 @@
 #include <string>
 #include <vector>
 
+#include "chatd/rate_limiter.h"
 #include "chatd/status.h"
 
 namespace chatd {
 
 enum class RateAlgorithm { kFixed, kSliding };
-enum class FailureMode { kClosed, kOpen };
 enum class EmbedderKind { kLocal, kOpenAI };
 enum class AuthMode { kOff, kService, kJwt };
+
+// Auth's variables as they are set; empty counts as unset (an empty secret is
+// never what was meant). MakeAuthenticator (auth.h) checks them for the
+// configured mode only, so a variable another mode would use cannot stop a
+// start.
+struct AuthConfig {
+  std::optional<std::string> service_tokens;       // CHATD_SERVICE_TOKENS
+  std::optional<std::string> service_tokens_file;  // CHATD_SERVICE_TOKENS_FILE
+  std::optional<std::string> jwt_algorithm;        // CHATD_JWT_ALGORITHM
+  std::optional<std::string> jwt_issuer;           // CHATD_JWT_ISSUER
+  std::optional<std::string> jwt_audience;         // CHATD_JWT_AUDIENCE
+  std::optional<std::string> jwt_secret;           // CHATD_JWT_SECRET
+  std::optional<std::string> jwt_secret_file;      // CHATD_JWT_SECRET_FILE
+  std::optional<std::string> jwt_public_key_file;  // CHATD_JWT_PUBLIC_KEY_FILE
+  std::optional<std::string> jwt_leeway_s;         // CHATD_JWT_LEEWAY_S
+};
 
 struct Config {
   // Pool
@@ -116,6 +132,7 @@ struct Config {
   // Access control
   // Secure by default: "off" must be asked for (make run does, and says so).
   AuthMode auth_mode = AuthMode::kJwt;  // CHATD_AUTH_MODE: off|service|jwt (details: auth.h)
+  AuthConfig auth;                      // the mode's own variables
 
   // Observability
   std::string metrics_path;             // CHATD_METRICS_FILE: shared counters of the pool
@@ -134,6 +151,9 @@ inline int64_t EraseTombstoneTtlMs(const Config& c) {
 // real environment.
 using EnvLookup = std::function<std::optional<std::string>(const std::string&)>;
 EnvLookup ProcessEnv();
+
+// Auth's variables, unchecked (LoadConfig uses it for Config::auth).
+AuthConfig ReadAuthConfig(const EnvLookup& env);
 
 // Reads and validates every variable. The error names the variable and says why.
 Result<Config> LoadConfig(const EnvLookup& env);

@@ -31,7 +31,7 @@ class HttpApi {
  private:
   // The user a data request is about (token subject or `userId`), after the
   // method, credentials, user and rate checks; otherwise the error reply.
-  Result<std::string> DataUser(const HttpRequest& req, const char* method, RequestLog& log, HttpReply& refused);
+  Result<UserId> DataUser(const HttpRequest& req, const char* method, RequestLog& log, HttpReply& refused);
   HttpReply History(const HttpRequest& req, RequestLog& log);
   HttpReply Export(const HttpRequest& req, RequestLog& log);
   HttpReply EraseMemory(const HttpRequest& req, RequestLog& log);

@@ -3,9 +3,6 @@
 #pragma once
 
 #include <cstdint>
-#include <functional>
-#include <mutex>
-#include <unordered_map>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -39,6 +36,10 @@ struct RateDecision {
 // soon as a slot frees.
 inline constexpr int64_t kTooManyConcurrentRetryAfterMs = 1000;
 
+// What a chat does when the limiter cannot answer (CHATD_RATE_FAILURE_MODE):
+// refuse it (closed) or let it through unlimited (open).
+enum class FailureMode { kClosed, kOpen };
+
 // Thread-safe: one instance serves all threads of a process.
 class RateLimiter {
  public:
@@ -52,44 +53,6 @@ class RateLimiter {
   // itself after the request deadline plus a margin.
   virtual Status Release(std::string_view user_id, std::string_view lease_id) = 0;
 };
-
-// Remembers, in this process, the users the shared limiter rejected, until
-// their retry-after has passed, and answers their requests without asking
-// Redis. That is exact, not an approximation: a rejected request is not
-// counted and admissions only age out, so nobody rejected can be admitted
-// before retry-after (the local deadline starts after Redis decided, so it
-// errs on the side of rejecting). A flood from one limited user then costs no
-// Redis call at all. Rejections by the concurrency cap are not remembered: a
-// slot frees whenever one of the user's chats ends, which this process cannot
-// see. Thread-safe.
-class RejectionCache : public RateLimiter {
- public:
-  using MonotonicMs = std::function<int64_t()>;
-  RejectionCache(RateLimiter& inner, size_t max_users, MonotonicMs now);
-  Result<RateDecision> Check(std::string_view user_id) override;
-  Status Release(std::string_view user_id, std::string_view lease_id) override;
-
- private:
-  struct Rejection {
-    RateDecision decision;
-    int64_t decided_ms = 0;
-    int64_t until_ms = 0;
-  };
-  // Lets find() take a string_view without building a std::string.
-  struct Hash {
-    using is_transparent = void;
-    size_t operator()(std::string_view s) const { return std::hash<std::string_view>()(s); }
-  };
-
-  RateLimiter& inner_;
-  size_t max_users_;
-  MonotonicMs now_;
-  std::mutex mu_;
-  std::unordered_map<std::string, Rejection, Hash, std::equal_to<>> rejected_;  // guarded by mu_
-};
-
-// Milliseconds of the steady clock, for RejectionCache.
-int64_t SteadyNowMs();
 
 // Seconds a rejected client should wait: retry_after_ms rounded up, at least 1
 // (a 0 would invite an immediate retry that fails again). For the Retry-After

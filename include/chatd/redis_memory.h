@@ -34,7 +34,7 @@
 #include <string_view>
 #include <vector>
 
-#include "chatd/hot_record.h"
+#include "hot_record.h"
 #include "chatd/memory.h"
 #include "chatd/redis.h"
 #include "chatd/user_id.h"

@@ -3,8 +3,10 @@
 // collection, whatever their ids look like (docs/api.md states the rule).
 #pragma once
 
+#include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 
 namespace chatd {
 
@@ -13,6 +15,27 @@ inline constexpr size_t kMaxUserIdLength = 64;
 // 1 to 64 characters of [A-Za-z0-9_.@-]. Case matters: "Alice" and "alice"
 // are two users.
 bool IsValidUserId(std::string_view user_id);
+
+// A user id that satisfies IsValidUserId. Parse is the only way to make one,
+// so whatever takes a UserId never checks it again, and the storage names
+// below are safe for every value it can hold. Requests parse theirs where they
+// enter (the body's userId, the query's, a token's subject); adapters still
+// take the plain id (the conversion below) and keep their own checks.
+class UserId {
+ public:
+  // nullopt when `text` breaks the rule; the caller says why in its own
+  // words (a body field, a query parameter, a token's subject).
+  static std::optional<UserId> Parse(std::string_view text);
+
+  const std::string& str() const { return value_; }
+  operator std::string_view() const { return value_; }  // NOLINT: an id is read as text everywhere
+  friend bool operator==(const UserId& a, const UserId& b) = default;
+  friend bool operator==(const UserId& a, std::string_view b) { return a.value_ == b; }
+
+ private:
+  explicit UserId(std::string value) : value_(std::move(value)) {}
+  std::string value_;
+};
 
 // "chat:{<id>}:<suffix>". The id sits verbatim inside the hash tag; ids cannot
 // contain '{' or '}', so the key identifies its user, and all keys of one user

@@ -1,7 +1,7 @@
 // Archive files of chatd-cleanup (ParseArchive): read back at restore time,
 // from a disk an operator may have edited or a crash may have cut short.
 // Whatever parses must survive a write and a read unchanged.
-#include "chatd/archive.h"
+#include "archive.h"
 #include "fuzz_input.h"
 
 namespace {

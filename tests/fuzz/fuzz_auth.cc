@@ -14,6 +14,7 @@
 #include <optional>
 #include <string>
 
+#include "auth_internal.h"
 #include "chatd/auth.h"
 #include "chatd/user_id.h"
 #include "fuzz_input.h"

@@ -1,6 +1,6 @@
 // The /api/chat body: JSON parsing and validation of {"userId","message"}
 // (ParseChatRequest), and the UTF-8 helpers it relies on.
-#include "chatd/json.h"
+#include "json.h"
 #include "chatd/user_id.h"
 #include "fuzz_input.h"
 

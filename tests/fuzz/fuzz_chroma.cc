@@ -6,6 +6,7 @@
 #include "chatd/chroma.h"
 #include "chatd/user_id.h"
 #include "fuzz_input.h"
+#include "chroma_json.h"
 
 namespace {
 // The user the records must belong to; seeds use it in their metadata.

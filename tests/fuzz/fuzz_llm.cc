@@ -5,9 +5,10 @@
 // Input: "<body>\0<Retry-After>\0<retry-after-ms>"; missing fields are empty.
 #include <algorithm>
 
-#include "chatd/json.h"
+#include "json.h"
 #include "chatd/llm.h"
 #include "fuzz_input.h"
+#include "openai_chat.h"
 
 namespace {
 // RetryDelayMs never waits longer than this inside one request (llm.cc).

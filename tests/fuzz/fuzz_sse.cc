@@ -6,10 +6,11 @@
 #include <string>
 #include <vector>
 
-#include "chatd/json.h"
+#include "json.h"
 #include "chatd/llm.h"
-#include "chatd/sse.h"
+#include "sse.h"
 #include "fuzz_input.h"
+#include "openai_chat.h"
 
 namespace {
 

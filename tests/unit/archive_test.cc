@@ -11,8 +11,8 @@
 #include <string>
 #include <thread>
 
-#include "chatd/archive.h"
-#include "chatd/decimal.h"
+#include "archive.h"
+#include "decimal.h"
 
 using namespace chatd;
 

@@ -18,8 +18,10 @@
 #include <thread>
 #include <vector>
 
+#include "auth_internal.h"
 #include "chatd/auth.h"
-#include "chatd/secret_strength.h"
+#include "secret_file.h"
+#include "secret_strength.h"
 
 using namespace chatd;
 
@@ -224,7 +226,7 @@ HttpRequest WithAuthorization(std::string value) {
 // The reason of a refusal, or "ok:<subject>" (empty subject for service mode).
 std::string Outcome(Authenticator& auth, const std::string& token) {
   Result<Principal> who = auth.Authenticate(WithAuthorization("Bearer " + token));
-  if (who.ok()) return "ok:" + who->subject.value_or("");
+  if (who.ok()) return "ok:" + (who->subject ? who->subject->str() : std::string());
   BOOST_TEST((who.status().code() == Code::kUnauthorized));
   BOOST_TEST(who.status().message().find(token) == std::string::npos);
   return who.status().reason();

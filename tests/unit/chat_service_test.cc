@@ -22,7 +22,7 @@ struct ServiceFixture {
 
   Result<ChatReply> Chat(const std::string& user, const std::string& text) {
     ChatService service(limiter, recent, long_term, embedder, llm, options);
-    return service.Chat(user, text, Deadline::In(std::chrono::seconds(5)), trace);
+    return service.Chat(Uid(user), text, Deadline::In(std::chrono::seconds(5)), trace);
   }
 };
 }  // namespace

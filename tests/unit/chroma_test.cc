@@ -1,4 +1,5 @@
 #include "chatd/chroma.h"
+#include "chroma_json.h"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>

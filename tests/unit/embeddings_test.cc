@@ -5,7 +5,8 @@
 #include <string>
 #include <vector>
 
-#include "chatd/openai_embedder.h"
+#include "openai_embedder.h"
+#include "local_embedder.h"
 
 namespace chatd {
 namespace {

@@ -11,13 +11,17 @@
 #include "chatd/chat_service.h"
 #include "chatd/config.h"
 #include "chatd/embeddings.h"
-#include "chatd/hot_record.h"
+#include "hot_record.h"
 #include "chatd/idempotency.h"
 #include "chatd/llm.h"
 #include "chatd/memory.h"
 #include "chatd/rate_limiter.h"
+#include "chatd/user_id.h"
 
 namespace chatd::testing {
+
+// A user id the test knows to be valid.
+inline UserId Uid(std::string_view id) { return UserId::Parse(id).value(); }
 
 class FakeLimiter : public RateLimiter {
  public:

@@ -20,7 +20,7 @@ struct IdemFixture : ServiceFakes {
   Result<ChatReply> Chat(const std::string& text, std::string_view key, const std::string& user = "alice") {
     trace = ChatTrace();
     ChatService service(limiter, recent, long_term, embedder, llm, options, &keys);
-    return service.Chat(user, text, Deadline::In(std::chrono::seconds(5)), trace, key);
+    return service.Chat(Uid(user), text, Deadline::In(std::chrono::seconds(5)), trace, key);
   }
 };
 
@@ -184,7 +184,7 @@ BOOST_FIXTURE_TEST_CASE(a_key_taken_over_while_the_model_ran_answers_with_the_ke
   slow.keys = &keys;
   slow.other = &other;
   ChatService service(limiter, recent, long_term, embedder, slow, options, &keys);
-  auto r = service.Chat("alice", "Hi", Deadline::In(std::chrono::seconds(5)), trace, "k1");
+  auto r = service.Chat(Uid("alice"), "Hi", Deadline::In(std::chrono::seconds(5)), trace, "k1");
   BOOST_REQUIRE(r.ok());
   BOOST_TEST(r->replayed);
   BOOST_TEST(r->turn_id == "their-turn");

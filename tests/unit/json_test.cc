@@ -1,7 +1,9 @@
 #include <boost/test/unit_test.hpp>
 #include <string>
 
-#include "chatd/json.h"
+#include "chatd/user_id.h"
+#include "json.h"
+#include "json_writer.h"
 
 using namespace chatd;
 
@@ -18,7 +20,7 @@ BOOST_AUTO_TEST_SUITE(json)
 BOOST_AUTO_TEST_CASE(accepts_a_valid_request) {
   auto r = ParseChatRequest(R"({"userId":"user_1-a.b@c","message":"Hi","extra":[1,2]})", kMax);
   BOOST_REQUIRE(r.ok());
-  BOOST_TEST(*r->user_id == "user_1-a.b@c");
+  BOOST_TEST(r->user_id->str() == "user_1-a.b@c");
   BOOST_TEST(r->message == "Hi");
 }
 
@@ -132,6 +134,32 @@ BOOST_AUTO_TEST_CASE(lone_surrogate_escapes_are_refused) {
   BOOST_TEST(ReasonOf(R"({"message":"\ud83d\ude08 \ude00"})") == "invalid_utf8");
   BOOST_TEST(ReasonOf(R"({"message":"a\ud800b"})") == "invalid_utf8");  // a lone high one too
   BOOST_TEST(ReasonOf(R"({"message":"\ud83d\ude00"})") == "ok");  // a proper pair
+}
+
+BOOST_AUTO_TEST_CASE(a_user_id_is_made_only_by_parsing) {
+  BOOST_TEST(UserId::Parse("user_1-a.b@c").has_value());
+  BOOST_TEST((UserId::Parse("Alice").value() != UserId::Parse("alice").value()));  // case matters
+  BOOST_TEST(!UserId::Parse("").has_value());
+  BOOST_TEST(!UserId::Parse("a{b}").has_value());  // would break the hash tag of its keys
+  BOOST_TEST(!UserId::Parse(std::string(kMaxUserIdLength + 1, 'a')).has_value());
+  BOOST_TEST(UserId::Parse(std::string(kMaxUserIdLength, 'a')).has_value());
+  std::optional<UserId> id = UserId::Parse("bob");
+  BOOST_TEST(id->str() == "bob");
+  BOOST_TEST(std::string_view(*id) == "bob");
+}
+
+BOOST_AUTO_TEST_CASE(the_writer_keeps_its_place_across_pages) {
+  // Export streams one document a page at a time: the caller sends and
+  // clears the string, and the writer goes on where it was.
+  std::string out;
+  JsonWriter w(out);
+  w.StartObject().Key("user").String("a\"b").Key("n").Int(-3).Key("list").StartArray();
+  w.Bool(true);
+  std::string sent = out;
+  out.clear();
+  w.Null().String("x\n").EndArray().EndObject();
+  sent += out;
+  BOOST_TEST(sent == R"({"user":"a\"b","n":-3,"list":[true,null,"x\n"]})");
 }
 
 BOOST_AUTO_TEST_SUITE_END()

@@ -1,6 +1,7 @@
 #include <boost/test/unit_test.hpp>
 
 #include "chatd/llm.h"
+#include "openai_chat.h"
 
 using namespace chatd;
 

@@ -1,6 +1,6 @@
 #include <boost/test/unit_test.hpp>
 
-#include "chatd/prompt.h"
+#include "prompt.h"
 
 using namespace chatd;
 

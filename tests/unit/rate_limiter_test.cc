@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "chatd/redis_rate_limiter.h"
+#include "rejection_cache.h"
 
 namespace chatd {
 namespace {

@@ -1,10 +1,10 @@
-#include "chatd/recall.h"
+#include "recall.h"
 
 #include <boost/test/unit_test.hpp>
 #include <cmath>
 #include <limits>
 
-#include "chatd/hot_record.h"
+#include "hot_record.h"
 
 namespace chatd {
 namespace {

@@ -1,6 +1,6 @@
 #include <boost/test/unit_test.hpp>
 
-#include "chatd/sse.h"
+#include "sse.h"
 
 using namespace chatd;
 

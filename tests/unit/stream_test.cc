@@ -6,9 +6,10 @@
 
 #include "chatd/chat_service.h"
 #include "chatd/http_api.h"
-#include "chatd/json.h"
+#include "json.h"
 #include "chatd/llm.h"
 #include "fakes.h"
+#include "openai_chat.h"
 
 using namespace chatd;
 using namespace chatd::testing;

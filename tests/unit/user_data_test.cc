@@ -48,7 +48,7 @@ class FakeAuth : public Authenticator {
   Result<Principal> Authenticate(const HttpRequest& req) override {
     if (req.authorization.empty()) return Status(Code::kUnauthorized, "missing_token", "no token");
     Principal p;
-    p.subject = req.authorization;
+    p.subject = UserId::Parse(req.authorization).value();
     return p;
   }
 };

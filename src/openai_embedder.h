@@ -9,6 +9,7 @@
 
 #include "chatd/embeddings.h"
 #include "chatd/status.h"
+#include "local_embedder.h"
 
 namespace chatd {
 

@@ -9,11 +9,12 @@
 #include <string_view>
 
 #include "chatd/status.h"
+#include "chatd/user_id.h"
 
 namespace chatd {
 
 struct ChatRequest {
-  std::optional<std::string> user_id;  // absent only when the client left it out
+  std::optional<UserId> user_id;  // absent only when the client left it out
   std::string message;
   // "stream" as sent: true asks for server-sent events, false for one JSON
   // reply whatever Accept says; unset leaves the choice to Accept.
