@@ -160,7 +160,10 @@ deps: $(CHROMA_STAMP)
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
-$(CHROMA_STAMP): requirements-chroma.txt
+# The stamp's name carries the requirements' hash, so a changed file makes a
+# new stamp name; no file-date prerequisite, which a fresh checkout (newer
+# date, same content) would take for a change and reinstall for nothing.
+$(CHROMA_STAMP):
 	@dpkg-query -W -f='$${Status}' python3-venv 2>/dev/null | grep -q 'install ok installed' || \
 	  { $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
 	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-venv; }
