@@ -114,6 +114,7 @@ int main() {
   redis_options.timeout_ms = config.redis_timeout_ms;
   redis_options.username = config.redis_username;
   redis_options.password = config.redis_password;
+  redis_options.cluster_seeds = config.redis_cluster;
   // Every request thread may hold a connection at once; keeping that many idle
   // spares a burst of synchronised requests a storm of new connections (which
   // is what made 2,000 chats in flight time out in the capacity benchmark).
@@ -125,10 +126,12 @@ int main() {
 
   std::unique_ptr<RedisClient> rate_redis_own;
   if (config.rate_redis_host != config.redis_host || config.rate_redis_port != config.redis_port ||
-      *config.rate_redis_username != config.redis_username || *config.rate_redis_password != config.redis_password) {
+      *config.rate_redis_username != config.redis_username || *config.rate_redis_password != config.redis_password ||
+      config.rate_redis_cluster != config.redis_cluster) {
     RedisOptions o = redis_options;
     o.host = config.rate_redis_host;
     o.port = config.rate_redis_port;
+    o.cluster_seeds = config.rate_redis_cluster;
     o.username = *config.rate_redis_username;
     o.password = *config.rate_redis_password;
     rate_redis_own = std::make_unique<RedisClient>(o);

@@ -88,6 +88,7 @@ int main(int argc, char** argv) {
   redis_options.timeout_ms = std::max(config.redis_timeout_ms, kCleanupRedisTimeoutMs);
   redis_options.username = config.redis_username;
   redis_options.password = config.redis_password;
+  redis_options.cluster_seeds = config.redis_cluster;
   // A Redis restarting (loading its data) or busy with a long script is
   // waited for, within a bound, rather than failing every user.
   redis_options.transient_wait_ms = config.cleanup_redis_wait_ms;
