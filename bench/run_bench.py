@@ -35,7 +35,10 @@ wrk (bench/chat.lua) and measures, in one run:
      connections for 60 s: throughput, pool CPU, Redis round trips and Chroma
      calls per chat, the oldest turn waiting for the indexer (sampled every
      0.5 s) and the time the backlog takes to empty afterwards. The capacity
-     runs use the same users, so they too run with hot sets (the full path).
+     runs use the same users, so they too run with hot sets (the full path);
+  8. the gateway path on a Redis Cluster ("gateway_cluster": 3 primaries and
+     3 replicas on this machine) next to the single Redis of "gateway":
+     throughput, Redis round trips and pool CPU per chat.
 
 Prints one table and writes the raw figures to bench/results/latest.json.
 Targets are reported, never asserted: the exit status is 0 when every phase
@@ -69,6 +72,7 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+from harness.cluster import RedisCluster  # noqa: E402
 from harness.stack import (  # noqa: E402
     LOOPBACK, UNCAPPED, Chroma, FakeModel, Frontend, Nginx, Pool, Redis, Stack, StackError, _proc_children, concurrently,
     free_port, http_json, http_request, nginx_limits_for, post_chat)
@@ -473,17 +477,22 @@ class Probe:
     """Counters of every process and service taking part, before and after a
     run; `delta` turns two snapshots into per-run figures."""
 
-    def __init__(self, stack: Stack, frontend: Frontend, trivial: Optional[Pool] = None) -> None:
+    def __init__(self, stack: Stack, frontend: Frontend, trivial: Optional[Pool] = None,
+                 redis_nodes: Optional["list[Redis]"] = None) -> None:
         self.stack = stack
         self.frontend = frontend
         self.trivial = trivial
+        # Whose command counters add up to the pool's Redis calls: the stack's
+        # Redis, or a cluster's primaries (a replica counts the replicated
+        # writes again).
+        self.redis_nodes = redis_nodes if redis_nodes is not None else [stack.redis]
 
     def groups(self) -> "dict[str, list[int]]":
         s, f = self.stack, self.frontend
         groups = {
             "pool": f.pool.worker_pids(),
             "nginx": descendants(f.nginx.pid) if f.nginx.pid else [],
-            "redis": [s.redis.pid] if s.redis and s.redis.pid else [],
+            "redis": [n.pid for n in self.redis_nodes if n is not None and n.pid],
             "chroma": descendants(s.chroma.pid) if s.chroma and s.chroma.pid else [],
             "fake_model": [s.fake.pid] if s.fake and s.fake.pid else [],
         }
@@ -514,7 +523,10 @@ class Probe:
         snap["pool_threads"] = self.pool_thread_ticks()
         if with_chat:
             snap["metrics"] = scrape_metrics(self.frontend.url)
-            snap["redis"] = redis_info(self.stack.redis)
+            snap["redis"] = {}
+            for node in self.redis_nodes:
+                for k, v in redis_info(node).items():
+                    snap["redis"][k] = snap["redis"].get(k, 0.0) + v
             snap["fake"] = self.stack.fake.stats()
             snap["collections"] = chroma_collections(self.stack.chroma_url)
         return snap
@@ -956,13 +968,16 @@ def phase_chat_memory(stack: Stack, probe: Probe, ceiling_rps: float) -> "dict[s
     return figures
 
 
-def phase_gateway(stack: Stack, ceiling_rps: float) -> "dict[str, Any]":
-    """The chat path without long-term memory, on a pool of the same size."""
-    say(f"bench: gateway only (no recall, Chroma unreachable), {GATEWAY_CONNECTIONS} connections, {GATEWAY_RUN_S} s")
-    frontend, _ = start_frontend(stack, "gateway", dict(gateway_env(), **BASE_POOL_ENV), POOL_WORKERS,
-                                 POOL_THREADS, trivial=False)
+def phase_gateway(stack: Stack, ceiling_rps: float, name: str = "gateway",
+                  redis_env: Optional["dict[str, Optional[str]]"] = None,
+                  redis_nodes: Optional["list[Redis]"] = None) -> "dict[str, Any]":
+    """The chat path without long-term memory, on a pool of the same size;
+    redis_env/redis_nodes point it at another Redis (gateway_cluster)."""
+    say(f"bench: {name} (no recall, Chroma unreachable), {GATEWAY_CONNECTIONS} connections, {GATEWAY_RUN_S} s")
+    frontend, _ = start_frontend(stack, name, dict(gateway_env(), **BASE_POOL_ENV, **(redis_env or {})),
+                                 POOL_WORKERS, POOL_THREADS, trivial=False)
     try:
-        probe = Probe(stack, frontend)
+        probe = Probe(stack, frontend, redis_nodes=redis_nodes)
         run_wrk(frontend.url, "/api/chat", WARMUP_CONNECTIONS, WARMUP_RUN_S, CHAT_USERS, CHAT_PREFIX)
         run = measured_run(probe, "/api/chat", GATEWAY_CONNECTIONS, GATEWAY_RUN_S, CHAT_USERS, CHAT_PREFIX)
         figures = chat_figures(run, ceiling_rps)
@@ -970,6 +985,22 @@ def phase_gateway(stack: Stack, ceiling_rps: float) -> "dict[str, Any]":
         return figures
     finally:
         stop_frontend(stack, frontend)
+
+
+def phase_gateway_cluster(stack: Stack, ceiling_rps: float) -> "dict[str, Any]":
+    """The gateway phase on a Redis Cluster of 3 primaries and 3 replicas
+    (tests/harness/cluster.py) on this same machine, to set beside the
+    single Redis: the client's routing costs, not the cluster's capacity
+    (six redis-server share the two cores with everything else)."""
+    cluster = RedisCluster(stack.tmpdir).start()
+    try:
+        figures = phase_gateway(stack, ceiling_rps, "gateway_cluster",
+                                {"CHATD_REDIS_CLUSTER": cluster.seeds, "CHATD_REDIS_HOST": None,
+                                 "CHATD_REDIS_PORT": None}, cluster.primaries())
+        figures["redis_primaries"] = len(cluster.primaries())
+        return figures
+    finally:
+        cluster.stop()
 
 
 def gateway_env() -> "dict[str, str]":
@@ -1513,6 +1544,13 @@ def build_table(r: "dict[str, Any]") -> "list[tuple[str, str, str, str]]":
                      verdict(dr["metrics_s"] is not None and dr["metrics_s"] < TARGET_INDEX_DRAIN_S)))
         rows.append((f"{lead}: CPU per chat by process", cpu_line(cm), "", "-"))
     g = r.get("gateway")
+    gc = r.get("gateway_cluster")
+    if g and gc:
+        rows.append((f"Gateway, c={gc['connections']}: Redis Cluster ({gc['redis_primaries']} primaries) vs one Redis",
+                     f"{gc['rps']:,.0f} vs {g['rps']:,.0f} req/s; pool CPU {gc['pool_cpu_us_per_request']:.0f} vs "
+                     f"{g['pool_cpu_us_per_request']:.0f} us/req; Redis {gc['redis_round_trips_per_chat']:.2f} vs "
+                     f"{g['redis_round_trips_per_chat']:.2f} round trips/chat; pool answers {gc['pool_statuses']}",
+                     "", "-"))
     if g:
         rows.append((f"Gateway only (no recall), c={g['connections']}: throughput",
                      f"{g['rps']:,.0f} req/s = {g['share_of_fastcgi_ceiling']:.0%} of FastCGI ceiling",
@@ -1658,7 +1696,7 @@ def markdown_table(rows: "list[tuple[str, str, str, str]]") -> str:
 # ---------------------------------------------------------------------------
 
 
-PHASES = ("ceilings", "rejected", "chat", "chat_memory", "gateway", "cap", "capacity", "capacity_gateway",
+PHASES = ("ceilings", "rejected", "chat", "chat_memory", "gateway", "gateway_cluster", "cap", "capacity", "capacity_gateway",
           "stream_ttfb", "stream_capacity", "chroma")
 
 
@@ -1727,6 +1765,8 @@ def main() -> int:
             stop_frontend(stack, frontend)
             if "gateway" in phases:
                 results["gateway"] = phase_gateway(stack, ceiling)
+            if "gateway_cluster" in phases:
+                results["gateway_cluster"] = phase_gateway_cluster(stack, ceiling)
             if "cap" in phases:
                 results["cap"] = phase_cap(stack)
             if "capacity" in phases:

@@ -417,21 +417,20 @@ Result<std::vector<RedisValue>> RedisCluster::Pipeline(const std::vector<std::ve
       return std::move(r->back());
     };
     // Start from the redirect itself: MOVED updates the map, ASK asks there.
+    Result<RedisValue> r = RedisValue{};
     if (redirect->kind == RedisRedirect::Kind::kMoved) {
       Redirected(*redirect);
-      auto r = Dispatch(slots[i], one, may_have_run);
-      if (!r.ok()) return r.status();
-      values[i] = std::move(*r);
+      r = Dispatch(slots[i], one, nullptr);
     } else {
-      RedisClient& target = NodeAt(redirect->node);
       bool sent = false;
-      auto r = one(target, true, sent);
-      if (!r.ok()) {
-        if (may_have_run != nullptr) *may_have_run = true;
-        return r.status();
-      }
-      values[i] = std::move(*r);
+      r = one(NodeAt(redirect->node), true, sent);
     }
+    if (!r.ok()) {
+      // The commands that were not redirected have run.
+      if (may_have_run != nullptr) *may_have_run = true;
+      return r.status();
+    }
+    values[i] = std::move(*r);
   }
   return values;
 }
