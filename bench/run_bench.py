@@ -699,6 +699,9 @@ def chat_figures(run: "dict[str, Any]", ceiling_rps: float) -> "dict[str, Any]":
         "pool_other_threads_cpu_us_per_request":
             threads.get("other_threads", 0.0) / answered * 1e6 if answered and threads else None,
         "redis_round_trips_per_chat": per(redis["request_path"]),
+        # The same per answered request, for runs where not every request
+        # is a chat (gateway_cluster while records are refused).
+        "redis_round_trips_per_request": redis["request_path"] / answered if answered else 0.0,
         "redis_limiter_scripts_per_chat": per(redis["limiter_scripts"]),
         "redis_record_scripts_per_chat": per(redis["record_scripts"]),
         "redis_lrange_per_chat": per(redis["lrange"]),
@@ -1548,8 +1551,9 @@ def build_table(r: "dict[str, Any]") -> "list[tuple[str, str, str, str]]":
     if g and gc:
         rows.append((f"Gateway, c={gc['connections']}: Redis Cluster ({gc['redis_primaries']} primaries) vs one Redis",
                      f"{gc['rps']:,.0f} vs {g['rps']:,.0f} req/s; pool CPU {gc['pool_cpu_us_per_request']:.0f} vs "
-                     f"{g['pool_cpu_us_per_request']:.0f} us/req; Redis {gc['redis_round_trips_per_chat']:.2f} vs "
-                     f"{g['redis_round_trips_per_chat']:.2f} round trips/chat; pool answers {gc['pool_statuses']}",
+                     f"{g['pool_cpu_us_per_request']:.0f} us/req; Redis {gc['redis_round_trips_per_request']:.2f} vs "
+                     f"{g['redis_round_trips_per_request']:.2f} round trips/request; pool answers "
+                     f"{gc['pool_statuses']}",
                      "", "-"))
     if g:
         rows.append((f"Gateway only (no recall), c={g['connections']}: throughput",
