@@ -10,7 +10,9 @@ import json
 import os
 import secrets
 import subprocess
+import threading
 import urllib.parse
+from collections import Counter
 
 import pytest
 
@@ -152,3 +154,59 @@ def test_cleanup_archives_an_inactive_user_and_restore_brings_them_back(cluster_
 
     cleanup("restore", user)
     assert said in history(cluster_stack.url, user)
+
+
+def test_a_primary_killed_under_load_fails_chats_cleanly_and_reports_lost_turns(cluster_stack, unique):
+    """kill -9 of the primary of one user's slot while several users chat.
+    Replication is asynchronous, so turns answered just before the kill may be
+    lost (docs/deployment.md, "What a WAIT after the record would cost and
+    buy"): they are counted and printed, not forbidden. What must hold: every
+    failed chat is a clear 503, the chats recover once a replica took over,
+    and no turn answered after the recovery is lost."""
+    cluster = cluster_stack.redis_cluster
+    users = [unique("load") for _ in range(6)]
+    victim = cluster.owner_of(f"{{{users[0]}}}")  # every key of the user carries this hash tag
+    answered = {u: [] for u in users}
+    failed = []
+    stop = threading.Event()
+    recovered_at = {}
+
+    def chatter(user):
+        i = 0
+        while not stop.is_set():
+            message = f"{user} turn {i}"
+            i += 1
+            status, _, body = post_chat(cluster_stack.url, user, message)
+            if status == 200:
+                answered[user].append(message)
+                if killed.is_set() and user == users[0]:
+                    recovered_at.setdefault(user, len(answered[user]) - 1)
+            else:
+                failed.append((status, body.get("code") if isinstance(body, dict) else body))
+
+    killed = threading.Event()
+    threads = [threading.Thread(target=chatter, args=(u,)) for u in users]
+    for t in threads:
+        t.start()
+    try:
+        assert poll_until(lambda: all(len(a) >= 3 for a in answered.values()), RECALL_TIMEOUT_S)
+        victim.kill()
+        killed.set()
+        assert poll_until(lambda: users[0] in recovered_at, RECALL_TIMEOUT_S), Counter(failed)
+        after = len(answered[users[0]])
+        assert poll_until(lambda: len(answered[users[0]]) >= after + 3, RECALL_TIMEOUT_S)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        if not victim.running():
+            victim.start()  # it rejoins as a replica of its successor
+        cluster.wait_healthy()
+
+    assert failed, "the kill made no chat fail: it did not hit the path"
+    assert {status for status, _ in failed} == {503}, Counter(failed)
+    lost = {u: [m for m in answered[u] if m not in history(cluster_stack.url, u)] for u in users}
+    print(f"kill -9 of a primary under load: {len(failed)} chats failed {dict(Counter(failed))}, "
+          f"{sum(len(v) for v in lost.values())} of {sum(len(v) for v in answered.values())} answered turns lost")
+    kept_after = answered[users[0]][recovered_at[users[0]]:]
+    assert not set(kept_after) & set(lost[users[0]]), lost[users[0]]
