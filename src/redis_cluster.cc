@@ -356,6 +356,7 @@ Result<RedisValue> RedisCluster::Dispatch(int slot, const Attempt& attempt, bool
 Result<std::vector<RedisValue>> RedisCluster::Pipeline(const std::vector<std::vector<std::string_view>>& commands,
                                                        bool* may_have_run) {
   if (may_have_run != nullptr) *may_have_run = false;
+  if (commands.size() == 1 && commands[0].size() == 1 && EqualsUpper(commands[0][0], "PING")) return PingAll();
   // Commands without a key go with the pipeline's first keyed command (the
   // callers' pipelines are one user's reads); alone they go to any primary.
   int default_slot = -1;
@@ -481,17 +482,36 @@ Result<std::vector<RedisValue>> RedisCluster::EvalMany(const RedisScript& script
   return values;
 }
 
+std::vector<RedisClient*> RedisCluster::Primaries() {
+  std::vector<RedisClient*> primaries;
+  std::shared_lock lock(mu_);
+  for (int16_t i : slot_node_) {
+    RedisClient* c = i >= 0 ? nodes_[static_cast<size_t>(i)]->client.get() : nullptr;
+    if (c != nullptr && std::find(primaries.begin(), primaries.end(), c) == primaries.end()) primaries.push_back(c);
+  }
+  return primaries;
+}
+
+Result<std::vector<RedisValue>> RedisCluster::PingAll() {
+  // A PING is a health check: the cluster serves every user only when every
+  // primary answers, so one that does not is the answer.
+  if (auto any = NodeFor(-1); !any.ok()) return any.status();
+  Result<std::vector<RedisValue>> answer = std::vector<RedisValue>{};
+  for (RedisClient* c : Primaries()) {
+    auto r = c->Pipeline({{"PING"}});
+    if (!r.ok()) {
+      (void)Refresh();  // a failover may be under way: the next check sees its outcome
+      return r;
+    }
+    if (r->front().is_error()) return r;
+    if (answer->empty()) answer = std::move(r);
+  }
+  return answer;
+}
+
 Status RedisCluster::CheckAccess() {
   if (Status s = Refresh(); !s.ok()) return s;
-  std::vector<RedisClient*> primaries;
-  {
-    std::shared_lock lock(mu_);
-    for (int16_t i : slot_node_) {
-      RedisClient* c = i >= 0 ? nodes_[static_cast<size_t>(i)]->client.get() : nullptr;
-      if (c != nullptr && std::find(primaries.begin(), primaries.end(), c) == primaries.end()) primaries.push_back(c);
-    }
-  }
-  for (RedisClient* c : primaries) {
+  for (RedisClient* c : Primaries()) {
     if (Status s = c->CheckAccess(); !s.ok()) return s;
   }
   return Status::Ok();

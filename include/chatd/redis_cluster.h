@@ -77,7 +77,8 @@ class RedisCluster {
                           const std::vector<std::string_view>& args, bool* may_have_run);
   Result<std::vector<RedisValue>> EvalMany(const RedisScript& script,
                                            const std::vector<RedisClient::ScriptCall>& calls);
-  // Loads the slot map and checks access on every primary.
+  // Loads the slot map and checks access on every primary. A lone PING
+  // (the health check) is sent to every primary too.
   Status CheckAccess();
 
  private:
@@ -99,6 +100,10 @@ class RedisCluster {
   // The node serving `slot` (-1: any primary); loads the map first if needed.
   Result<RedisClient*> NodeFor(int slot);
   RedisClient& NodeAt(const RedisAddress& address);
+  // The nodes that serve slots in the current map.
+  std::vector<RedisClient*> Primaries();
+  // PING on every primary: the first failure or error reply, else PONG.
+  Result<std::vector<RedisValue>> PingAll();
   // Reloads the slot map from the first node that answers CLUSTER SLOTS.
   Status Refresh();
   // Records the new owner of a slot after MOVED.

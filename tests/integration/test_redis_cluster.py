@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from harness.stack import UNCAPPED, Stack, concurrently, poll_until, post_chat
+from harness.stack import UNCAPPED, Stack, concurrently, http_request, poll_until, post_chat
 
 WORKERS = 2
 THREADS = 4
@@ -69,6 +69,11 @@ def stored_count(cluster, user, algorithm="fixed"):
     key = rl_key(user, algorithm)
     node = cluster.owner_of(key)
     return int(node.command("HGET", key, "n") or 0) if algorithm == "fixed" else node.command("ZCARD", key)
+
+
+def redis_health(url):
+    _, _, body = http_request(url, "GET", "/api/health")
+    return body["dependencies"]["redis"]
 
 
 def errorstat(node, error):
@@ -178,6 +183,8 @@ def test_a_killed_primary_is_replaced_and_the_client_recovers(cluster_stack, clu
     # replica, so that what is tested is the client, not Redis's durability.
     assert primary.command("WAIT", 1, 5000) == 1
     primary.kill()
+    # The health check pings every primary: one gone is Redis down.
+    assert poll_until(lambda: redis_health(url) == "down", SETTLE_TIMEOUT_S)
 
     outcomes = []
 
@@ -189,6 +196,7 @@ def test_a_killed_primary_is_replaced_and_the_client_recovers(cluster_stack, clu
     # Until the replica took over, the limiter failed closed, clearly.
     assert set(outcomes[:-1]) <= {(503, "rate_limiter_unavailable")}, Counter(outcomes)
     assert replica.role() == "master"
+    assert poll_until(lambda: redis_health(url) == "ok", SETTLE_TIMEOUT_S)
     results = [chat(url, user) for _ in range(3)]
     assert set(results) <= ADMITTED, results
     assert stored_count(cluster, user) == 5

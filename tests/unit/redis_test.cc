@@ -840,6 +840,23 @@ BOOST_AUTO_TEST_CASE(cluster_reloads_the_map_when_a_primary_dies, *boost::unit_t
   BOOST_TEST(after->str == "b:k");
 }
 
+BOOST_AUTO_TEST_CASE(cluster_ping_is_answered_by_every_primary, *boost::unit_test::timeout(30)) {
+  auto a = std::make_shared<FakeNodeState>(), b = std::make_shared<FakeNodeState>();
+  FakeRedis node_a(FakeNode(a)), node_b(FakeNode(b));
+  a->ranges = {{0, 8191, node_a.port()}, {8192, kClusterSlots - 1, node_b.port()}};
+  RedisClient client(ClusterOptions({node_a.port()}));
+  auto healthy = client.Command({"PING"});
+  BOOST_REQUIRE(healthy.ok());
+  BOOST_TEST(healthy->str == "PONG");
+  {
+    std::lock_guard<std::mutex> lb(b->mu);
+    b->dead = true;
+  }
+  node_b.HangUpAll();
+  // Half the users are unserved: the health check must say so.
+  BOOST_TEST(!client.Command({"PING"}).ok());
+}
+
 BOOST_AUTO_TEST_CASE(cluster_with_no_reachable_seed_is_unavailable, *boost::unit_test::timeout(30)) {
   int port = 0;
   Fd held = BoundLoopbackSocket(false, &port);
