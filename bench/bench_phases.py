@@ -32,6 +32,7 @@ from bench_settings import (
     STREAM_TTFB_CONNECTIONS, STREAM_TTFB_RUN_S, STREAM_TTFB_THREADS, STREAM_TTFB_WORKERS, STREAM_WORDS, Stack,
     StackError, TARGET_CAPACITY_RSS_BYTES, WARMUP_CONNECTIONS, WARMUP_RUN_S, WRK_SCRIPT, WRK_THREADS,
     WRK_TIMEOUT_S, concurrently, free_port, nginx_limits_for, post_chat, raise_nofile_limit, say)
+from harness.cluster import RedisCluster
 from bench_procfs import (
     Probe, chroma_collections, delta, descendants, loadavg, metric, open_files, pool_requests, proc_ticks,
     pss_kib, redis_breakdown, scrape_metrics, status_kib)
@@ -247,6 +248,9 @@ def chat_figures(run: "dict[str, Any]", ceiling_rps: float) -> "dict[str, Any]":
         "pool_other_threads_cpu_us_per_request":
             threads.get("other_threads", 0.0) / answered * 1e6 if answered and threads else None,
         "redis_round_trips_per_chat": per(redis["request_path"]),
+        # The same per answered request, for runs where not every request
+        # is a chat (gateway_cluster while records are refused).
+        "redis_round_trips_per_request": redis["request_path"] / answered if answered else 0.0,
         "redis_limiter_scripts_per_chat": per(redis["limiter_scripts"]),
         "redis_record_scripts_per_chat": per(redis["record_scripts"]),
         "redis_lrange_per_chat": per(redis["lrange"]),
@@ -516,13 +520,16 @@ def phase_chat_memory(stack: Stack, probe: Probe, ceiling_rps: float) -> "dict[s
     return figures
 
 
-def phase_gateway(stack: Stack, ceiling_rps: float) -> "dict[str, Any]":
-    """The chat path without long-term memory, on a pool of the same size."""
-    say(f"bench: gateway only (no recall, Chroma unreachable), {GATEWAY_CONNECTIONS} connections, {GATEWAY_RUN_S} s")
-    frontend, _ = start_frontend(stack, "gateway", dict(gateway_env(), **BASE_POOL_ENV), POOL_WORKERS,
-                                 POOL_THREADS, trivial=False)
+def phase_gateway(stack: Stack, ceiling_rps: float, name: str = "gateway",
+                  redis_env: Optional["dict[str, Optional[str]]"] = None,
+                  redis_nodes: Optional["list[Redis]"] = None) -> "dict[str, Any]":
+    """The chat path without long-term memory, on a pool of the same size;
+    redis_env/redis_nodes point it at another Redis (gateway_cluster)."""
+    say(f"bench: {name} (no recall, Chroma unreachable), {GATEWAY_CONNECTIONS} connections, {GATEWAY_RUN_S} s")
+    frontend, _ = start_frontend(stack, name, dict(gateway_env(), **BASE_POOL_ENV, **(redis_env or {})),
+                                 POOL_WORKERS, POOL_THREADS, trivial=False)
     try:
-        probe = Probe(stack, frontend)
+        probe = Probe(stack, frontend, redis_nodes=redis_nodes)
         run_wrk(frontend.url, "/api/chat", WARMUP_CONNECTIONS, WARMUP_RUN_S, CHAT_USERS, CHAT_PREFIX)
         run = measured_run(probe, "/api/chat", GATEWAY_CONNECTIONS, GATEWAY_RUN_S, CHAT_USERS, CHAT_PREFIX)
         figures = chat_figures(run, ceiling_rps)
@@ -530,6 +537,22 @@ def phase_gateway(stack: Stack, ceiling_rps: float) -> "dict[str, Any]":
         return figures
     finally:
         stop_frontend(stack, frontend)
+
+
+def phase_gateway_cluster(stack: Stack, ceiling_rps: float) -> "dict[str, Any]":
+    """The gateway phase on a Redis Cluster of 3 primaries and 3 replicas
+    (tests/harness/cluster.py) on this same machine, to set beside the
+    single Redis: the client's routing costs, not the cluster's capacity
+    (six redis-server share the two cores with everything else)."""
+    cluster = RedisCluster(stack.tmpdir).start()
+    try:
+        figures = phase_gateway(stack, ceiling_rps, "gateway_cluster",
+                                {"CHATD_REDIS_CLUSTER": cluster.seeds, "CHATD_REDIS_HOST": None,
+                                 "CHATD_REDIS_PORT": None}, cluster.primaries())
+        figures["redis_primaries"] = len(cluster.primaries())
+        return figures
+    finally:
+        cluster.stop()
 
 
 def gateway_env() -> "dict[str, str]":

@@ -137,17 +137,22 @@ class Probe:
     """Counters of every process and service taking part, before and after a
     run; `delta` turns two snapshots into per-run figures."""
 
-    def __init__(self, stack: Stack, frontend: Frontend, trivial: Optional[Pool] = None) -> None:
+    def __init__(self, stack: Stack, frontend: Frontend, trivial: Optional[Pool] = None,
+                 redis_nodes: Optional["list[Redis]"] = None) -> None:
         self.stack = stack
         self.frontend = frontend
         self.trivial = trivial
+        # Whose command counters add up to the pool's Redis calls: the stack's
+        # Redis, or a cluster's primaries (a replica counts the replicated
+        # writes again).
+        self.redis_nodes = redis_nodes if redis_nodes is not None else [stack.redis]
 
     def groups(self) -> "dict[str, list[int]]":
         s, f = self.stack, self.frontend
         groups = {
             "pool": f.pool.worker_pids(),
             "nginx": descendants(f.nginx.pid) if f.nginx.pid else [],
-            "redis": [s.redis.pid] if s.redis and s.redis.pid else [],
+            "redis": [n.pid for n in self.redis_nodes if n is not None and n.pid],
             "chroma": descendants(s.chroma.pid) if s.chroma and s.chroma.pid else [],
             "fake_model": [s.fake.pid] if s.fake and s.fake.pid else [],
         }
@@ -178,7 +183,10 @@ class Probe:
         snap["pool_threads"] = self.pool_thread_ticks()
         if with_chat:
             snap["metrics"] = scrape_metrics(self.frontend.url)
-            snap["redis"] = redis_info(self.stack.redis)
+            snap["redis"] = {}
+            for node in self.redis_nodes:
+                for k, v in redis_info(node).items():
+                    snap["redis"][k] = snap["redis"].get(k, 0.0) + v
             snap["fake"] = self.stack.fake.stats()
             snap["collections"] = chroma_collections(self.stack.chroma_url)
         return snap

@@ -163,6 +163,14 @@ def build_table(r: "dict[str, Any]") -> "list[tuple[str, str, str, str]]":
                      verdict(dr["metrics_s"] is not None and dr["metrics_s"] < TARGET_INDEX_DRAIN_S)))
         rows.append((f"{lead}: CPU per chat by process", cpu_line(cm), "", "-"))
     g = r.get("gateway")
+    gc = r.get("gateway_cluster")
+    if g and gc:
+        rows.append((f"Gateway, c={gc['connections']}: Redis Cluster ({gc['redis_primaries']} primaries) vs one Redis",
+                     f"{gc['rps']:,.0f} vs {g['rps']:,.0f} req/s; pool CPU {gc['pool_cpu_us_per_request']:.0f} vs "
+                     f"{g['pool_cpu_us_per_request']:.0f} us/req; Redis {gc['redis_round_trips_per_request']:.2f} vs "
+                     f"{g['redis_round_trips_per_request']:.2f} round trips/request; pool answers "
+                     f"{gc['pool_statuses']}",
+                     "", "-"))
     if g:
         rows.append((f"Gateway only (no recall), c={g['connections']}: throughput",
                      f"{g['rps']:,.0f} req/s = {g['share_of_fastcgi_ceiling']:.0%} of FastCGI ceiling",

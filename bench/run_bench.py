@@ -35,7 +35,10 @@ wrk (bench/chat.lua) and measures, in one run:
      connections for 60 s: throughput, pool CPU, Redis round trips and Chroma
      calls per chat, the oldest turn waiting for the indexer (sampled every
      0.5 s) and the time the backlog takes to empty afterwards. The capacity
-     runs use the same users, so they too run with hot sets (the full path).
+     runs use the same users, so they too run with hot sets (the full path);
+  8. the gateway path on a Redis Cluster ("gateway_cluster": 3 primaries and
+     3 replicas on this machine) next to the single Redis of "gateway":
+     throughput, Redis round trips and pool CPU per chat.
 
 Prints one table and writes the raw figures to bench/results/latest.json.
 Targets are reported, never asserted: the exit status is 0 when every phase
@@ -87,7 +90,7 @@ from bench_phases import (  # noqa: F401 (re-exported)
     _fake_stream_request, _sse_request, _ttfb_figures, backlog_empty, backlog_now, build_bench_binaries,
     chat_figures, chat_line, chroma_process, gateway_env, index_backlog, layout_study, measured_run, percentile,
     phase_cap, phase_capacity, phase_ceilings, phase_chat, phase_chat_memory, phase_chroma, phase_gateway,
-    phase_rejected, phase_stream_capacity, phase_stream_ttfb, run_chroma_bench, run_wrk, seed_memory,
+    phase_gateway_cluster, phase_rejected, phase_stream_capacity, phase_stream_ttfb, run_chroma_bench, run_wrk, seed_memory,
     start_frontend, start_stack, stop_frontend, wait_backlog_empty)
 from bench_report import (  # noqa: F401 (re-exported)
     build_table, cpu_line, format_table, machine_info, markdown_table, redis_row, verdict)
@@ -96,7 +99,7 @@ from bench_report import (  # noqa: F401 (re-exported)
 # ---------------------------------------------------------------------------
 
 
-PHASES = ("ceilings", "rejected", "chat", "chat_memory", "gateway", "cap", "capacity", "capacity_gateway",
+PHASES = ("ceilings", "rejected", "chat", "chat_memory", "gateway", "gateway_cluster", "cap", "capacity", "capacity_gateway",
           "stream_ttfb", "stream_capacity", "chroma")
 
 
@@ -165,6 +168,8 @@ def main() -> int:
             stop_frontend(stack, frontend)
             if "gateway" in phases:
                 results["gateway"] = phase_gateway(stack, ceiling)
+            if "gateway_cluster" in phases:
+                results["gateway_cluster"] = phase_gateway_cluster(stack, ceiling)
             if "cap" in phases:
                 results["cap"] = phase_cap(stack)
             if "capacity" in phases:

@@ -107,6 +107,33 @@ class Reader {
     out = std::move(secret);
   }
 
+  // host:port,host:port,... (a host may be an IPv6 address: the port follows
+  // the last colon).
+  void AddressList(const char* name, std::vector<RedisAddress>& out) {
+    auto v = env_(name);
+    if (!v || !status_.ok()) return;
+    std::vector<RedisAddress> list;
+    std::string_view rest = *v;
+    while (true) {
+      const size_t comma = rest.find(',');
+      std::string_view item = rest.substr(0, comma);
+      const size_t colon = item.rfind(':');
+      errno = 0;
+      char* end = nullptr;
+      const std::string port_text(colon == std::string_view::npos ? "" : item.substr(colon + 1));
+      const long port = std::strtol(port_text.c_str(), &end, 10);
+      if (colon == std::string_view::npos || colon == 0 || port_text.empty() || errno != 0 || *end != '\0' || port < 1 ||
+          port > kMaxPortNumber) {
+        Fail(name, "must be host:port[,host:port...], got \"" + *v + "\"");
+        return;
+      }
+      list.push_back(RedisAddress{std::string(item.substr(0, colon)), static_cast<int>(port)});
+      if (comma == std::string_view::npos) break;
+      rest.remove_prefix(comma + 1);
+    }
+    out = std::move(list);
+  }
+
   // A name that becomes one segment of a URL path.
   void PathSegment(const char* name, std::string& out) {
     auto v = env_(name);
@@ -132,6 +159,7 @@ class Reader {
 
  private:
   static constexpr size_t kMaxPathSegment = 128;
+  static constexpr long kMaxPortNumber = 65535;
 
   const EnvLookup& env_;
   Status status_;
@@ -216,12 +244,14 @@ Result<Config> LoadConfig(const EnvLookup& env) {
   r.Int("CHATD_REDIS_TIMEOUT_MS", c.redis_timeout_ms, 1, kMaxTimeoutMs);
   r.String("CHATD_REDIS_USERNAME", c.redis_username, false);
   r.SecretFile("CHATD_REDIS_PASSWORD_FILE", c.redis_password);
+  r.AddressList("CHATD_REDIS_CLUSTER", c.redis_cluster);
 
   r.String("CHATD_RATE_REDIS_HOST", c.rate_redis_host, false);
   r.Int("CHATD_RATE_REDIS_PORT", c.rate_redis_port, 1, kMaxPort);
   std::string rate_username, rate_password;
   r.String("CHATD_RATE_REDIS_USERNAME", rate_username, false);
   r.SecretFile("CHATD_RATE_REDIS_PASSWORD_FILE", rate_password);
+  r.AddressList("CHATD_RATE_REDIS_CLUSTER", c.rate_redis_cluster);
   if (!rate_username.empty()) c.rate_redis_username = std::move(rate_username);
   if (!rate_password.empty()) c.rate_redis_password = std::move(rate_password);
   r.Int("CHATD_RATE_LIMIT", c.rate_limit, 1, kMaxRateLimit);
@@ -278,6 +308,13 @@ Result<Config> LoadConfig(const EnvLookup& env) {
   r.String("CHATD_METRICS_FILE", c.metrics_path, /*allow_empty=*/true);
 
   if (!r.status().ok()) return r.status();
+  // Counters follow the memory store unless given a store of their own.
+  const bool own_rate_redis = !c.rate_redis_host.empty() || c.rate_redis_port != 0;
+  if (c.rate_redis_cluster.empty() && !own_rate_redis) c.rate_redis_cluster = c.redis_cluster;
+  if (!c.rate_redis_cluster.empty() && own_rate_redis) {
+    return InvalidArgument("bad_config", "CHATD_RATE_REDIS_CLUSTER and CHATD_RATE_REDIS_HOST/PORT name two "
+                                         "counter stores: set one");
+  }
   if (c.rate_redis_host.empty()) c.rate_redis_host = c.redis_host;
   if (c.rate_redis_port == 0) c.rate_redis_port = c.redis_port;
   if (!c.rate_redis_username) c.rate_redis_username = c.redis_username;

@@ -109,10 +109,12 @@ int main() {
 
   std::unique_ptr<RedisClient> rate_redis_own;
   if (config.rate_redis_host != config.redis_host || config.rate_redis_port != config.redis_port ||
-      *config.rate_redis_username != config.redis_username || *config.rate_redis_password != config.redis_password) {
+      *config.rate_redis_username != config.redis_username || *config.rate_redis_password != config.redis_password ||
+      config.rate_redis_cluster != config.redis_cluster) {
     RedisOptions o = redis_options;
     o.host = config.rate_redis_host;
     o.port = config.rate_redis_port;
+    o.cluster_seeds = config.rate_redis_cluster;
     o.username = *config.rate_redis_username;
     o.password = *config.rate_redis_password;
     rate_redis_own = std::make_unique<RedisClient>(o);

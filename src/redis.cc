@@ -12,6 +12,8 @@
 #include <thread>
 #include <utility>
 
+#include "chatd/redis_cluster.h"
+
 namespace chatd {
 
 namespace {
@@ -132,7 +134,9 @@ RedisScript::RedisScript(std::string source) : source_(std::move(source)) {
 
 void RedisClient::ContextDeleter::operator()(redisContext* c) const { redisFree(c); }
 
-RedisClient::RedisClient(RedisOptions options) : options_(std::move(options)) {}
+RedisClient::RedisClient(RedisOptions options) : options_(std::move(options)) {
+  if (!options_.cluster_seeds.empty()) cluster_ = std::make_unique<RedisCluster>(options_);
+}
 
 RedisClient::~RedisClient() = default;
 
@@ -167,6 +171,7 @@ Status RedisClient::AuthError(std::string_view redis_error) const {
 }
 
 Status RedisClient::CheckAccess() {
+  if (cluster_) return cluster_->CheckAccess();
   // Credentials are checked on a connection of its own, not one of the pool.
   Context checked;
   auto values = Retrying([&](bool& sent) -> Result<std::vector<RedisValue>> {
@@ -294,13 +299,22 @@ Result<std::vector<RedisValue>> RedisClient::PipelineOnce(const std::vector<std:
   return values;
 }
 
-Result<std::vector<RedisValue>> RedisClient::Pipeline(
-    const std::vector<std::vector<std::string_view>>& commands) {
+Result<std::vector<RedisValue>> RedisClient::Pipeline(const std::vector<std::vector<std::string_view>>& commands,
+                                                      bool* may_have_run) {
+  if (may_have_run != nullptr) *may_have_run = false;
   for (const auto& argv : commands) {
     if (argv.empty()) return Internal("redis_empty_command", "internal error: empty redis command");
   }
   if (commands.empty()) return std::vector<RedisValue>{};
-  return Retrying([&](bool& sent) { return PipelineOnce(commands, sent); });
+  if (cluster_) return cluster_->Pipeline(commands, may_have_run);
+  bool any_sent = false;
+  auto values = Retrying([&](bool& sent) {
+    auto r = PipelineOnce(commands, sent);
+    any_sent = any_sent || sent;
+    return r;
+  });
+  if (!values.ok() && may_have_run != nullptr) *may_have_run = any_sent;
+  return values;
 }
 
 Result<RedisValue> RedisClient::Command(const std::vector<std::string_view>& argv) {
@@ -332,6 +346,7 @@ Result<RedisValue> RedisClient::EvalOnce(const RedisScript& script, std::vector<
 Result<RedisValue> RedisClient::Eval(const RedisScript& script, const std::vector<std::string_view>& keys,
                                      const std::vector<std::string_view>& args, bool* may_have_run) {
   if (may_have_run != nullptr) *may_have_run = false;
+  if (cluster_) return cluster_->Eval(script, keys, args, may_have_run);
   const std::string num_keys = std::to_string(keys.size());
   std::vector<std::string_view> argv;
   argv.reserve(3 + keys.size() + args.size());
@@ -386,6 +401,7 @@ Result<std::vector<RedisValue>> RedisClient::EvalManyOnce(const RedisScript& scr
 Result<std::vector<RedisValue>> RedisClient::EvalMany(const RedisScript& script,
                                                      const std::vector<ScriptCall>& calls) {
   if (calls.empty()) return std::vector<RedisValue>{};
+  if (cluster_) return cluster_->EvalMany(script, calls);
   std::vector<std::string> num_keys;
   num_keys.reserve(calls.size());
   std::vector<std::vector<std::string_view>> commands;

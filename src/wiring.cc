@@ -26,6 +26,7 @@ RedisOptions MakeRedisOptions(const Config& c, Binary binary) {
   o.timeout_ms = c.redis_timeout_ms;
   o.username = c.redis_username;
   o.password = c.redis_password;
+  o.cluster_seeds = c.redis_cluster;
   if (binary == Binary::kChatd) {
     // Every request thread may hold a connection at once; keeping that many
     // idle spares a burst of synchronised requests a storm of new connections

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "chatd/rate_limiter.h"
+#include "chatd/redis.h"
 #include "chatd/status.h"
 
 namespace chatd {
@@ -65,12 +66,18 @@ struct Config {
   // Credentials (AUTH on every new connection). Empty password: no AUTH.
   std::string redis_username;  // CHATD_REDIS_USERNAME: an ACL user; empty = the default user
   std::string redis_password;  // from CHATD_REDIS_PASSWORD_FILE (a secret: never logged)
+  // CHATD_REDIS_CLUSTER: seed nodes of a Redis Cluster (host:port,...), used
+  // instead of CHATD_REDIS_HOST/PORT; empty = one Redis.
+  std::vector<RedisAddress> redis_cluster;
 
   // Rate limit. Counters may live in a Redis of their own (default: the
   // memory Redis); only then does fail-open keep chats going during an outage
   // of the counter store.
   std::string rate_redis_host;  // CHATD_RATE_REDIS_HOST, default CHATD_REDIS_HOST
   int rate_redis_port = 0;      // CHATD_RATE_REDIS_PORT, default CHATD_REDIS_PORT
+  // CHATD_RATE_REDIS_CLUSTER; default CHATD_REDIS_CLUSTER unless
+  // CHATD_RATE_REDIS_HOST/PORT name a Redis of its own.
+  std::vector<RedisAddress> rate_redis_cluster;
   // Default to the memory Redis's credentials, like the address.
   std::optional<std::string> rate_redis_username;  // CHATD_RATE_REDIS_USERNAME
   std::optional<std::string> rate_redis_password;  // from CHATD_RATE_REDIS_PASSWORD_FILE

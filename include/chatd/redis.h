@@ -61,6 +61,13 @@ class RedisScript {
   std::string sha1_;
 };
 
+// A node's TCP address.
+struct RedisAddress {
+  std::string host;
+  int port = 0;
+  bool operator==(const RedisAddress&) const = default;
+};
+
 struct RedisOptions {
   std::string host = "127.0.0.1";  // a name, an address, or a Unix socket path (starts with '/')
   int port = 6379;                 // ignored for a Unix socket
@@ -77,7 +84,12 @@ struct RedisOptions {
   // answers at once; batch tools (chatd-cleanup) wait through a restart.
   // A command that may have run (a timeout, a dropped reply) is never resent.
   int64_t transient_wait_ms = 0;
+  // Seed nodes of a Redis Cluster; when set, host and port are ignored and
+  // every call is routed by its first key (redis_cluster.h).
+  std::vector<RedisAddress> cluster_seeds;
 };
+
+class RedisCluster;
 
 class RedisClient {
  public:
@@ -109,8 +121,11 @@ class RedisClient {
   };
   Result<std::vector<RedisValue>> EvalMany(const RedisScript& script, const std::vector<ScriptCall>& calls);
 
-  // Several commands in one round trip; replies in order.
-  Result<std::vector<RedisValue>> Pipeline(const std::vector<std::vector<std::string_view>>& commands);
+  // Several commands in one round trip; replies in order. `may_have_run` as
+  // for Eval. On a cluster, one round trip per node the keys live on: keep one
+  // pipeline to one user's keys (one slot).
+  Result<std::vector<RedisValue>> Pipeline(const std::vector<std::vector<std::string_view>>& commands,
+                                           bool* may_have_run = nullptr);
 
   const RedisOptions& options() const { return options_; }
 
@@ -149,6 +164,7 @@ class RedisClient {
   std::string Endpoint() const;
 
   RedisOptions options_;
+  std::unique_ptr<RedisCluster> cluster_;  // set in cluster mode: every call goes through it
   std::mutex mu_;
   std::vector<Context> idle_;  // guarded by mu_
 };

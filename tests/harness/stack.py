@@ -94,6 +94,7 @@ class Stack:
             with _live_lock:
                 _live_tmpdirs.add(self.tmpdir)
         self.redis: Optional[Redis] = None
+        self.redis_cluster: Any = None  # a harness.cluster.RedisCluster instead of `redis`
         self.chroma: Optional[Chroma] = None
         self.fake: Optional[FakeModel] = None
         self.pool: Optional[Pool] = None
@@ -106,11 +107,16 @@ class Stack:
     @classmethod
     def start(cls, build_dir: Path | str, pool_env_overrides: Optional[Mapping[str, Optional[str]]] = None,
               workers: int = 2, threads: int = 4, with_chroma: bool = True, fake_delay_ms: int = 0,
-              tmpdir: Optional[Path | str] = None) -> "Stack":
-        """Starts everything, or stops what started and raises."""
+              tmpdir: Optional[Path | str] = None, redis_cluster: bool = False) -> "Stack":
+        """Starts everything, or stops what started and raises. redis_cluster:
+        a Redis Cluster (harness/cluster.py) instead of one Redis."""
         stack = cls(build_dir, tmpdir)
         try:
-            stack.redis = Redis(stack.tmpdir).start()
+            if redis_cluster:
+                from .cluster import RedisCluster  # it builds on this module
+                stack.redis_cluster = RedisCluster(stack.tmpdir).start()
+            else:
+                stack.redis = Redis(stack.tmpdir).start()
             if with_chroma:
                 stack.chroma = Chroma(stack.tmpdir).start()
                 stack._chroma_url = stack.chroma.url
@@ -137,10 +143,11 @@ class Stack:
     def pool_env(self, threads: int, overrides: Optional[Mapping[str, Optional[str]]] = None
                  ) -> "dict[str, Optional[str]]":
         """The environment of a pool; an override of None removes the variable."""
-        assert self.redis is not None and self.fake is not None
+        assert (self.redis or self.redis_cluster) is not None and self.fake is not None
+        redis_env = {"CHATD_REDIS_CLUSTER": self.redis_cluster.seeds} if self.redis_cluster else {
+            "CHATD_REDIS_HOST": self.redis.host, "CHATD_REDIS_PORT": str(self.redis.port)}
         env: "dict[str, Optional[str]]" = {
-            "CHATD_REDIS_HOST": self.redis.host,
-            "CHATD_REDIS_PORT": str(self.redis.port),
+            **redis_env,
             "CHATD_CHROMA_URL": self._chroma_url,
             "OPENAI_BASE_URL": self.fake.url,
             "OPENAI_API_KEY": "test-key",
@@ -176,7 +183,7 @@ class Stack:
                     service.stop()
                 except Exception as exc:  # keep stopping the rest
                     errors.append(exc)
-        for service in (self.fake, self.chroma, self.redis):
+        for service in (self.fake, self.chroma, self.redis, self.redis_cluster):
             if service is not None:
                 try:
                     service.stop()

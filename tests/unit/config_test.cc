@@ -65,6 +65,38 @@ BOOST_AUTO_TEST_CASE(reads_values_and_strips_trailing_slash_from_urls) {
   BOOST_TEST((c->rate_failure_mode == FailureMode::kOpen));
 }
 
+BOOST_AUTO_TEST_CASE(redis_cluster_seeds_are_parsed_and_the_counters_follow_them) {
+  auto c = LoadConfig(Env({{"CHATD_REDIS_CLUSTER", "10.0.0.1:7000,redis-b:7001,::1:7002"}}));
+  BOOST_REQUIRE(c.ok());
+  BOOST_REQUIRE_EQUAL(c->redis_cluster.size(), 3u);
+  BOOST_TEST(c->redis_cluster[0].host == "10.0.0.1");
+  BOOST_TEST(c->redis_cluster[0].port == 7000);
+  BOOST_TEST(c->redis_cluster[1].host == "redis-b");
+  BOOST_TEST(c->redis_cluster[2].host == "::1");
+  BOOST_TEST(c->redis_cluster[2].port == 7002);
+  BOOST_TEST((c->rate_redis_cluster == c->redis_cluster));
+
+  // A counters' Redis of its own keeps the counters off the cluster.
+  auto own = LoadConfig(Env({{"CHATD_REDIS_CLUSTER", "10.0.0.1:7000"}, {"CHATD_RATE_REDIS_HOST", "10.0.0.9"}}));
+  BOOST_REQUIRE(own.ok());
+  BOOST_TEST(own->rate_redis_cluster.empty());
+  auto rate = LoadConfig(Env({{"CHATD_RATE_REDIS_CLUSTER", "10.0.0.5:7000"}}));
+  BOOST_REQUIRE(rate.ok());
+  BOOST_TEST(rate->redis_cluster.empty());
+  BOOST_REQUIRE_EQUAL(rate->rate_redis_cluster.size(), 1u);
+  auto both = LoadConfig(Env({{"CHATD_RATE_REDIS_CLUSTER", "10.0.0.5:7000"}, {"CHATD_RATE_REDIS_PORT", "6380"}}));
+  BOOST_REQUIRE(!both.ok());
+  BOOST_TEST(both.status().message().find("CHATD_RATE_REDIS_CLUSTER") != std::string::npos);
+}
+
+BOOST_AUTO_TEST_CASE(bad_redis_cluster_seeds_name_the_variable) {
+  for (const char* bad : {"", "host", "host:", ":7000", "host:0", "host:70000", "host:7000,", "host:7x"}) {
+    auto c = LoadConfig(Env({{"CHATD_REDIS_CLUSTER", bad}}));
+    BOOST_REQUIRE(!c.ok());
+    BOOST_TEST(c.status().message().find("CHATD_REDIS_CLUSTER") != std::string::npos);
+  }
+}
+
 BOOST_AUTO_TEST_CASE(bad_number_names_the_variable) {
   for (const char* bad : {"", "abc", "12x", "0", "-4", "99999999999999999999"}) {
     auto c = LoadConfig(Env({{"CHATD_THREADS", bad}}));

@@ -18,9 +18,11 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "chatd/redis.h"
+#include "chatd/redis_cluster.h"
 #include "chatd/redis_memory.h"
 
 namespace chatd {
@@ -705,6 +707,164 @@ BOOST_AUTO_TEST_CASE(a_refused_connection_is_waited_for_within_the_bound, *boost
   BOOST_REQUIRE(!r.ok());
   BOOST_TEST(r.status().reason() == "redis_unavailable");
   BOOST_TEST(r.status().message().find("connect") != std::string::npos);
+}
+
+// A fake cluster node: CLUSTER SLOTS gives `ranges` (first, last, port) on
+// 127.0.0.1, GET answers `value` unless `redirect` has an error for it.
+struct FakeNodeState {
+  std::mutex mu;
+  std::vector<std::tuple<int, int, int>> ranges;
+  std::string value;
+  std::string redirect;  // an error reply for GET ("MOVED ..."), empty for none
+  bool want_asking = false;  // GET without ASKING just before it is refused
+  bool dead = false;         // hang up on everything, as a killed primary
+  bool asked = false;
+  int gets = 0;
+};
+
+FakeRedis::Handler FakeNode(std::shared_ptr<FakeNodeState> st) {
+  return [st](const std::vector<std::string>& argv) {
+    std::lock_guard<std::mutex> lock(st->mu);
+    if (st->dead) return FakeReply::HangUp();
+    const bool asked = st->asked;
+    st->asked = false;
+    if (argv[0] == "CLUSTER") {
+      std::string out = "*" + std::to_string(st->ranges.size()) + "\r\n";
+      for (const auto& [first, last, port] : st->ranges) {
+        out += "*3\r\n:" + std::to_string(first) + "\r\n:" + std::to_string(last) + "\r\n*2\r\n" + Bulk("127.0.0.1") +
+               ":" + std::to_string(port) + "\r\n";
+      }
+      return FakeReply::Send(out);
+    }
+    if (argv[0] == "ASKING") {
+      st->asked = true;
+      return FakeReply::Send("+OK\r\n");
+    }
+    if (argv[0] == "GET") {
+      ++st->gets;
+      if (st->want_asking && !asked) return FakeReply::Send("-MOVED 0 127.0.0.1:1\r\n");
+      if (!st->redirect.empty()) return FakeReply::Send("-" + st->redirect + "\r\n");
+      return FakeReply::Send(Bulk(st->value + ":" + argv[1]));
+    }
+    if (argv[0] == "PING") return FakeReply::Send("+PONG\r\n");
+    return FakeReply::Send("-ERR unknown command\r\n");
+  };
+}
+
+RedisOptions ClusterOptions(std::vector<int> seed_ports) {
+  RedisOptions o = OptionsFor(0);
+  for (int port : seed_ports) o.cluster_seeds.push_back({"127.0.0.1", port});
+  return o;
+}
+
+BOOST_AUTO_TEST_CASE(cluster_follows_moved_and_remembers_the_new_owner, *boost::unit_test::timeout(30)) {
+  auto a = std::make_shared<FakeNodeState>(), b = std::make_shared<FakeNodeState>();
+  FakeRedis node_a(FakeNode(a)), node_b(FakeNode(b));
+  a->ranges = {{0, kClusterSlots - 1, node_a.port()}};
+  a->redirect = "MOVED " + std::to_string(RedisKeySlot("k")) + " 127.0.0.1:" + std::to_string(node_b.port());
+  b->value = "b";
+  RedisClient client(ClusterOptions({node_a.port()}));
+  for (int i = 0; i < 3; ++i) {
+    auto r = client.Command({"GET", "k"});
+    BOOST_REQUIRE(r.ok());
+    BOOST_TEST(r->str == "b:k");
+  }
+  std::lock_guard<std::mutex> la(a->mu), lb(b->mu);
+  BOOST_TEST(a->gets == 1);  // asked once, then the slot was known to be on b
+  BOOST_TEST(b->gets == 3);
+}
+
+BOOST_AUTO_TEST_CASE(cluster_sends_asking_before_the_one_command_an_ask_moves, *boost::unit_test::timeout(30)) {
+  auto a = std::make_shared<FakeNodeState>(), b = std::make_shared<FakeNodeState>();
+  FakeRedis node_a(FakeNode(a)), node_b(FakeNode(b));
+  a->ranges = {{0, kClusterSlots - 1, node_a.port()}};
+  a->redirect = "ASK " + std::to_string(RedisKeySlot("k")) + " 127.0.0.1:" + std::to_string(node_b.port());
+  b->value = "b";
+  b->want_asking = true;
+  RedisClient client(ClusterOptions({node_a.port()}));
+  for (int i = 0; i < 2; ++i) {
+    auto r = client.Command({"GET", "k"});
+    BOOST_REQUIRE(r.ok());
+    BOOST_TEST(r->str == "b:k");
+    // A pipeline is redirected per command too.
+    auto p = client.Pipeline({{"GET", "k"}});
+    BOOST_REQUIRE(p.ok());
+    BOOST_TEST(p->front().str == "b:k");
+  }
+  std::lock_guard<std::mutex> la(a->mu);
+  BOOST_TEST(a->gets == 4);  // ASK does not change the map: every call starts at a
+}
+
+BOOST_AUTO_TEST_CASE(cluster_pipeline_goes_to_each_key_owner_in_order, *boost::unit_test::timeout(30)) {
+  auto a = std::make_shared<FakeNodeState>(), b = std::make_shared<FakeNodeState>();
+  FakeRedis node_a(FakeNode(a)), node_b(FakeNode(b));
+  a->ranges = {{0, 8191, node_a.port()}, {8192, kClusterSlots - 1, node_b.port()}};
+  a->value = "a";
+  b->value = "b";
+  RedisClient client(ClusterOptions({node_a.port()}));
+  // foo is in slot 12182 (b), bar in 5061 (a).
+  auto r = client.Pipeline({{"GET", "foo"}, {"GET", "bar"}, {"GET", "foo"}, {"PING"}});
+  BOOST_REQUIRE(r.ok());
+  BOOST_REQUIRE_EQUAL(r->size(), 4u);
+  BOOST_TEST((*r)[0].str == "b:foo");
+  BOOST_TEST((*r)[1].str == "a:bar");
+  BOOST_TEST((*r)[2].str == "b:foo");
+  BOOST_TEST((*r)[3].str == "PONG");
+}
+
+BOOST_AUTO_TEST_CASE(cluster_reloads_the_map_when_a_primary_dies, *boost::unit_test::timeout(30)) {
+  auto a = std::make_shared<FakeNodeState>(), b = std::make_shared<FakeNodeState>();
+  FakeRedis node_a(FakeNode(a)), node_b(FakeNode(b));
+  a->ranges = {{0, kClusterSlots - 1, node_a.port()}};
+  a->value = "a";
+  b->ranges = {{0, kClusterSlots - 1, node_b.port()}};  // b's view: it took over
+  b->value = "b";
+  RedisClient client(ClusterOptions({node_a.port(), node_b.port()}));
+  auto before = client.Command({"GET", "k"});
+  BOOST_REQUIRE(before.ok());
+  BOOST_TEST(before->str == "a:k");
+  {
+    std::lock_guard<std::mutex> la(a->mu);
+    a->dead = true;
+  }
+  node_a.HangUpAll();
+  // The pooled connection to a is closed: a fresh one is refused... by a
+  // hang-up after the command was sent, so this call may have run and fails.
+  bool may_have_run = false;
+  auto during = client.Pipeline({{"GET", "k"}}, &may_have_run);
+  BOOST_REQUIRE(!during.ok());
+  BOOST_TEST(may_have_run);
+  // That failure reloaded the map (from b): the next call finds b.
+  auto after = client.Command({"GET", "k"});
+  BOOST_REQUIRE(after.ok());
+  BOOST_TEST(after->str == "b:k");
+}
+
+BOOST_AUTO_TEST_CASE(cluster_ping_is_answered_by_every_primary, *boost::unit_test::timeout(30)) {
+  auto a = std::make_shared<FakeNodeState>(), b = std::make_shared<FakeNodeState>();
+  FakeRedis node_a(FakeNode(a)), node_b(FakeNode(b));
+  a->ranges = {{0, 8191, node_a.port()}, {8192, kClusterSlots - 1, node_b.port()}};
+  RedisClient client(ClusterOptions({node_a.port()}));
+  auto healthy = client.Command({"PING"});
+  BOOST_REQUIRE(healthy.ok());
+  BOOST_TEST(healthy->str == "PONG");
+  {
+    std::lock_guard<std::mutex> lb(b->mu);
+    b->dead = true;
+  }
+  node_b.HangUpAll();
+  // Half the users are unserved: the health check must say so.
+  BOOST_TEST(!client.Command({"PING"}).ok());
+}
+
+BOOST_AUTO_TEST_CASE(cluster_with_no_reachable_seed_is_unavailable, *boost::unit_test::timeout(30)) {
+  int port = 0;
+  Fd held = BoundLoopbackSocket(false, &port);
+  RedisClient client(ClusterOptions({port}));
+  auto r = client.Command({"GET", "k"});
+  BOOST_REQUIRE(!r.ok());
+  BOOST_TEST(r.status().reason() == "redis_unavailable");
+  BOOST_TEST(!client.CheckAccess().ok());
 }
 
 BOOST_AUTO_TEST_SUITE_END()
