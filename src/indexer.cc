@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <deque>
 #include <set>
 
 #include "chatd/clock.h"
@@ -29,90 +28,6 @@ bool IsPermanent(const Status& s) {
 // at all (unreachable, timed out) or the embedder failing. Only such a failure
 // can be the entry's fault, and only while Chroma accepts other writes.
 bool StoreAnswered(const Status& s) { return s.reason() == "chroma_unavailable"; }
-
-// KEYS: the user's cleanup lock, the user's indexing marker, the index
-// stream, the user's erase tombstone.
-// ARGV: marker TTL, group, consumer, then (entry id, deliveries) pairs.
-// Returns 0 when a cleanup holds the user: do not write; the entries stay
-// pending, idle again, and this delivery does not count (RETRYCOUNT undoes it).
-// Returns 1 otherwise, with the marker raised.
-// With a tombstone, returns {go (1/0), dropped entry ids...} instead: entries
-// older than the user's latest erase were recorded by chats the erase fenced
-// (or before it) and must never reach Chroma: they are acknowledged and
-// deleted here; go is 0 (no marker) when nothing else is left.
-const RedisScript kBeginIndexing(R"lua(
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  for i = 4, #ARGV, 2 do
-    redis.call('XCLAIM', KEYS[3], ARGV[2], ARGV[3], 0, ARGV[i],
-               'RETRYCOUNT', math.max(tonumber(ARGV[i + 1]) - 1, 0), 'JUSTID')
-  end
-  return 0
-end
-local tombstone = redis.call('GET', KEYS[4])
-if tombstone then
-  local tm, tq = string.match(tombstone, '^(%d+)-(%d+)$')
-  tm, tq = tonumber(tm), tonumber(tq)
-  local out, left = {0}, 0
-  for i = 4, #ARGV, 2 do
-    local m, q = string.match(ARGV[i], '^(%d+)-(%d+)$')
-    m, q = tonumber(m), tonumber(q)
-    if tm and (m < tm or (m == tm and q < tq)) then
-      redis.call('XACK', KEYS[3], ARGV[2], ARGV[i])
-      redis.call('XDEL', KEYS[3], ARGV[i])
-      out[#out + 1] = ARGV[i]
-    else
-      left = left + 1
-    end
-  end
-  if left == 0 then return out end
-  out[1] = 1
-  redis.call('INCR', KEYS[2])
-  redis.call('PEXPIRE', KEYS[2], ARGV[1])
-  return out
-end
-redis.call('INCR', KEYS[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[1])
-return 1
-)lua");
-
-// KEYS: lock, marker, index stream, hot set, hot index, queued turns.
-// ARGV: group, hot-set bound, keep marker (1/0), n, then n entry ids to
-// acknowledge, then their n turn ids (no longer queued), then (message id,
-// ts, packed record) triples for the hot set.
-// Lowers the marker, unless a write of ours may still land (it timed out
-// without an answer: Chroma may yet apply it), in which case the marker stays
-// until its TTL, and a cleanup keeps waiting for it. Acknowledges and fills
-// the hot set only while no cleanup holds the user (else everything stays
-// pending for after the cleanup). Returns the number acknowledged.
-const RedisScript kFinishIndexing(std::string(R"lua(
-if ARGV[3] == '0' and redis.call('DECR', KEYS[2]) <= 0 then redis.call('DEL', KEYS[2]) end
-local n = tonumber(ARGV[4])
-if n == 0 or redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local ids = {}
-for i = 5, 4 + n do ids[#ids + 1] = ARGV[i] end
-local turns = {}
-for i = 5 + n, 4 + 2 * n do turns[#turns + 1] = ARGV[i] end
-redis.call('XACK', KEYS[3], ARGV[1], unpack(ids))
-redis.call('XDEL', KEYS[3], unpack(ids))
-redis.call('HDEL', KEYS[6], unpack(turns))
-local hot_key, hot_index_key, bound, first = KEYS[4], KEYS[5], tonumber(ARGV[2]), 5 + 2 * n
-)lua") + kHotSetAddLua + "return n\n");
-
-// KEYS: index stream. ARGV: group, this consumer, idle bound (ms).
-// One script, so that no consumer can be handed an entry between the check
-// that nothing is pending at it and its removal (DELCONSUMER drops what is).
-const RedisScript kRemoveGoneConsumers(R"lua(
-local removed = 0
-for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
-  local f = {}
-  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
-  if f['name'] ~= ARGV[2] and tonumber(f['pending']) == 0 and tonumber(f['idle']) > tonumber(ARGV[3]) then
-    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
-    removed = removed + 1
-  end
-end
-return removed
-)lua");
 
 // The value of `field` in INFO's "field:value" lines, 0 if absent.
 int64_t InfoField(std::string_view info, std::string_view field) {
@@ -248,8 +163,7 @@ void Indexer::RemoveGoneConsumers() {
   const int64_t now = WallMs();
   if (now - last_consumer_sweep_ms_ < std::max(options_.consumer_gone_ms / 2, options_.backlog_every_ms)) return;
   last_consumer_sweep_ms_ = now;
-  const std::string idle = std::to_string(options_.consumer_gone_ms);
-  auto r = redis_.Eval(kRemoveGoneConsumers, {kIndexStreamKey}, {kIndexGroup, options_.consumer, idle});
+  auto r = RemoveGoneIndexConsumers(redis_, options_.consumer, options_.consumer_gone_ms);
   // A failed sweep costs nothing but a later one: the next pass tries again.
   if (!r.ok() || r->is_error() || r->integer <= 0) return;
   Count(&SharedMetrics::index_consumers_removed, static_cast<size_t>(r->integer));
@@ -484,30 +398,13 @@ Result<int> Indexer::Index(std::vector<IndexEntry>& entries) {
   for (const IndexEntry& e : entries) by_user[e.user].push_back(&e);
 
   // 1. Lock check and marker, for every user of the batch in one round trip.
-  struct UserKeys {
-    std::string lock, marker, hot, hot_index, tombstone, queued;
-  };
-  std::map<std::string, UserKeys> keys;  // node-based: the views below stay valid
+  std::vector<BeginIndexingRequest> begins;
   for (const auto& [user, list] : by_user) {
-    keys[user] = {CleanupLockKey(user), IndexingKey(user), HotKey(user),
-                  HotIndexKey(user),    TombstoneKey(user), QueuedTurnsKey(user)};
+    BeginIndexingRequest& b = begins.emplace_back();
+    b.user = user;
+    for (const IndexEntry* e : list) b.entries.emplace_back(e->stream_id, e->deliveries);
   }
-  const std::string marker_ttl = std::to_string(options_.marker_ttl_ms);
-  std::vector<std::string> counts;
-  counts.reserve(entries.size());
-  std::vector<RedisClient::ScriptCall> begins;
-  for (const auto& [user, list] : by_user) {
-    const UserKeys& k = keys[user];
-    RedisClient::ScriptCall call{{k.lock, k.marker, kIndexStreamKey, k.tombstone},
-                                 {marker_ttl, kIndexGroup, options_.consumer}};
-    for (const IndexEntry* e : list) {
-      counts.push_back(std::to_string(e->deliveries));
-      call.args.push_back(e->stream_id);
-      call.args.push_back(counts.back());
-    }
-    begins.push_back(std::move(call));
-  }
-  auto began = redis_.EvalMany(kBeginIndexing, begins);
+  auto began = BeginIndexing(redis_, options_.consumer, options_.marker_ttl_ms, begins);
   if (!began.ok()) return began.status();
   std::vector<const IndexEntry*> writable;
   std::vector<std::string> users;  // those whose marker we raised
@@ -566,26 +463,21 @@ Result<int> Indexer::Index(std::vector<IndexEntry>& entries) {
   }
   if (Status d = DeadLetter(dead); !d.ok()) return d;
 
-  const std::string hot_bound = std::to_string(options_.hot_messages);
-  std::deque<std::string> backing;  // owns what the script arguments view
-  std::vector<RedisClient::ScriptCall> finishes;
+  std::vector<FinishIndexingRequest> finishes;
   size_t acked_total = 0, written_total = 0;
   for (const std::string& user : users) {
-    const UserKeys& k = keys[user];
-    const std::vector<size_t>& idx = settled_by_user[user];
-    RedisClient::ScriptCall call{{k.lock, k.marker, kIndexStreamKey, k.hot, k.hot_index, k.queued},
-                                 {kIndexGroup, hot_bound, in_doubt.count(user) != 0 ? "1" : "0",
-                                  backing.emplace_back(std::to_string(idx.size()))}};
-    for (size_t i : idx) call.args.push_back(writable[i]->stream_id);
-    for (size_t i : idx) call.args.push_back(writable[i]->turn);
-    for (size_t i : idx) {
+    FinishIndexingRequest& f = finishes.emplace_back();
+    f.user = user;
+    f.keep_marker = in_doubt.count(user) != 0;
+    for (size_t i : settled_by_user[user]) {
+      f.stream_ids.push_back(writable[i]->stream_id);
+      f.turns.push_back(writable[i]->turn);
       if (!results[i].ok()) continue;
       ++written_total;
-      for (const StoredMessage& m : messages[i]) AppendHotSetArgs(m, backing, call.args);
+      for (const StoredMessage& m : messages[i]) f.hot.push_back(&m);
     }
-    finishes.push_back(std::move(call));
   }
-  auto finished = redis_.EvalMany(kFinishIndexing, finishes);
+  auto finished = FinishIndexing(redis_, options_.hot_messages, finishes);
   // Written but not acknowledged is harmless: ids are deterministic.
   if (!finished.ok()) return finished.status();
   for (const RedisValue& r : *finished) {

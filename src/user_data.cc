@@ -14,6 +14,7 @@
 #include "chatd/decimal.h"
 #include "chatd/json.h"
 #include "chatd/log.h"
+#include "chatd/hot_record.h"
 #include "chatd/redis_memory.h"
 
 namespace chatd {
@@ -234,9 +235,8 @@ Result<HistoryPage> UserData::History(std::string_view user_id, int limit, const
 Status UserData::Export(std::string_view user_id, int64_t restored,
                         const std::function<bool(std::string_view)>& write) {
   const std::string user(user_id);
-  auto activity = redis_.Command({"ZSCORE", kActivityKey, user});
+  auto activity = LastActivity(redis_, user);
   if (!activity.ok()) return Unavailable("memory_unavailable", "Conversation memory is unavailable; try again shortly");
-  if (Status s = RedisError(*activity, "reading the activity"); !s.ok()) return s;
   auto archives = ListArchives(archive_dir_, user);
   if (!archives.ok()) return Unavailable("archive_unavailable", "the archive directory cannot be read");
 

@@ -45,7 +45,7 @@
 #include "chatd/chroma.h"
 #include "chatd/embeddings.h"
 #include "chatd/redis.h"
-#include "chatd/redis_memory.h"
+#include "chatd/redis_schema.h"
 #include "chatd/status.h"
 
 namespace chatd {

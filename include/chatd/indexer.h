@@ -51,7 +51,7 @@
 #include "chatd/memory.h"
 #include "chatd/metrics.h"
 #include "chatd/redis.h"
-#include "chatd/redis_memory.h"
+#include "chatd/redis_schema.h"
 
 namespace chatd {
 
