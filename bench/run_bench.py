@@ -69,6 +69,7 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+from harness import keys as rkeys  # noqa: E402
 from harness.stack import (  # noqa: E402
     LOOPBACK, UNCAPPED, Chroma, FakeModel, Frontend, Nginx, Pool, Redis, Stack, StackError, _proc_children, concurrently,
     free_port, http_json, http_request, nginx_limits_for, post_chat)
@@ -171,7 +172,6 @@ BACKLOG_SAMPLE_S = 0.5
 BACKLOG_POLL_S = 0.1
 BACKLOG_DRAIN_LIMIT_S = 300
 
-INDEX_STREAM = "chatd:index"
 CHROMA_API = "/api/v2/tenants/default_tenant/databases/default_database"
 
 # Targets of issue 8 (reported, never asserted).
@@ -635,7 +635,7 @@ def measured_run(probe: Probe, path: str, connections: int, duration_s: int, use
 
 def index_backlog(stack: Stack) -> int:
     """Recorded turns the indexers have not yet moved into Chroma."""
-    return int(stack.redis.command("XLEN", INDEX_STREAM) or 0)
+    return rkeys.total_len(stack.redis, rkeys.all_index_streams())
 
 
 # ---------------------------------------------------------------------------
@@ -826,12 +826,13 @@ def backlog_now(stack: Stack, url: str) -> "dict[str, Any]":
     for key in ("chatd_index_waiting", "chatd_index_pending", "chatd_index_oldest_age_seconds"):
         out[key] = m.get(key)
     r = stack.redis
-    out["stream_len"] = int(r.command("XLEN", INDEX_STREAM) or 0)
-    first = r.command("XRANGE", INDEX_STREAM, "-", "+", "COUNT", "1")
+    out["stream_len"] = rkeys.total_len(r, rkeys.all_index_streams())
+    firsts = [f for k in rkeys.all_index_streams() for f in (r.command("XRANGE", k, "-", "+", "COUNT", "1") or [])]
     now = r.command("TIME")
     now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
-    # Entry ids are "<ms>-<seq>": the oldest entry's age, as chatd computes it.
-    out["stream_oldest_age_s"] = (now_ms - int(first[0][0].split(b"-")[0])) / 1000 if first else 0.0
+    # Entry ids are "<ms>-<seq>": the oldest entry's age over the shards, as chatd computes it.
+    oldest = min((int(f[0].split(b"-")[0]) for f in firsts), default=None)
+    out["stream_oldest_age_s"] = (now_ms - oldest) / 1000 if oldest is not None else 0.0
     return out
 
 
@@ -908,7 +909,7 @@ def seed_memory(stack: Stack, url: str) -> "dict[str, Any]":
     seconds = time.monotonic() - started
     failed = sum(1 for st in statuses if st != 200)
     drain = wait_backlog_empty(stack, url, BACKLOG_DRAIN_LIMIT_S)
-    hot = sum(int(stack.redis.command("HLEN", f"chat:{{{CHAT_PREFIX}{u}}}:hot") or 0)
+    hot = sum(int(stack.redis.command("HLEN", rkeys.user_key(f"{CHAT_PREFIX}{u}", "hot")) or 0)
               for u in (1, CHAT_USERS // 2, CHAT_USERS))
     seeded = {"users": CHAT_USERS, "turns_per_user": MEMORY_TURNS, "chats": chats, "failed": failed,
               "seconds": seconds, "backlog_drain": drain, "hot_messages_of_3_sampled_users": hot}

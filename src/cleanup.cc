@@ -273,14 +273,25 @@ Result<CleanupSummary> Cleanup::Run() {
     if (Status s = SettleInProgress(cutoff_ms); !s.ok()) return s;
   }
 
+  // One shard's activity index after the other.
+  int batch_no = 0;
+  for (int shard = 0; shard < kRedisShards; ++shard) {
+    if (Status s = RunShard(shard, cutoff_ms, batch_no, sum); !s.ok()) return s;
+  }
+  sum.seconds = std::chrono::duration<double>(SteadyClock::now() - started).count();
+  return sum;
+}
+
+Status Cleanup::RunShard(int shard, int64_t cutoff_ms, int& batch_no, CleanupSummary& sum) {
   // Users that stay in the index below the cut-off (failed, or left alone in
   // a dry run) are skipped by offset; archived ones leave it, and those who
   // come back move above the cut-off.
   int64_t offset = 0;
-  for (int batch_no = 1;; ++batch_no) {
-    Result<RedisValue> page = InactiveUsersPage(redis_, cutoff_ms, offset, options_.batch);
+  for (;;) {
+    Result<RedisValue> page = InactiveUsersPage(redis_, shard, cutoff_ms, offset, options_.batch);
     if (!page.ok()) return page.status();
     if (page->elements.empty()) break;
+    ++batch_no;
 
     std::vector<std::pair<std::string, int64_t>> users;
     for (size_t i = 0; i + 1 < page->elements.size(); i += 2) {
@@ -347,8 +358,7 @@ Result<CleanupSummary> Cleanup::Run() {
         .Int("failed", batch_failed)
         .Emit();
   }
-  sum.seconds = std::chrono::duration<double>(SteadyClock::now() - started).count();
-  return sum;
+  return Status::Ok();
 }
 
 Result<int64_t> Cleanup::Restore(std::string_view user_id) {
@@ -548,14 +558,29 @@ Result<MigrateSummary> Cleanup::Migrate() {
   return sum;
 }
 
+Result<KeyMigrationSummary> Cleanup::MigrateKeys() {
+  if (!options_.dry_run) {
+    if (Status s = TakeLease("migrate-keys"); !s.ok()) return s;
+  }
+  OnExit lease_end{[this] { ReleaseLease(); }};
+  return MigrateKeysToShards(redis_, options_.dry_run);
+}
+
 Status Cleanup::IndexTurns(MigrateSummary& sum) {
   // Turns recorded before the turn index existed are not in it, and the
   // history would not see them. Every tracked user's indexed records (ids and
   // metadata only) are added again, a page of the activity index at a time:
   // adding is idempotent, and a user who chatted since the upgrade has an
   // index that holds only the new turns, so "has an index" proves nothing.
+  for (int shard = 0; shard < kRedisShards; ++shard) {
+    if (Status s = IndexTurnsOfShard(shard, sum); !s.ok()) return s;
+  }
+  return Status::Ok();
+}
+
+Status Cleanup::IndexTurnsOfShard(int shard, MigrateSummary& sum) {
   for (int64_t offset = 0;; offset += options_.batch) {
-    Result<RedisValue> page = TrackedUsersPage(redis_, offset, options_.batch);
+    Result<RedisValue> page = TrackedUsersPage(redis_, shard, offset, options_.batch);
     if (!page.ok()) return page.status();
     if (page->elements.empty()) return Status::Ok();
     for (const RedisValue& u : page->elements) {

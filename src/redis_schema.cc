@@ -20,41 +20,70 @@ constexpr size_t kTurnIndexChunk = 500;
 
 constexpr std::string_view kIdempotencyKeySuffix = "idem:";
 
+constexpr uint32_t kFnvOffset = 2166136261u;
+constexpr uint32_t kFnvPrime = 16777619u;
+
+// "chatd:{s<n>}": the hash tag of the shard, shared by the shard's stream,
+// activity index and every key of its users.
+std::string ShardPrefix(int shard) { return "chatd:{s" + std::to_string(shard) + "}"; }
+
+// "chatd:{s<n>}:u:<id>:<name>". Ids hold no ':' (IsValidUserId), so the name
+// identifies its user, and no '{' or '}', so the shard's tag is the key's.
+std::string ShardedUserKey(std::string_view user_id, std::string_view name) {
+  std::string key = ShardPrefix(ShardOf(user_id));
+  key.append(":u:").append(user_id).append(":").append(name);
+  return key;
+}
+
 }  // namespace
 
-std::string RecentKey(std::string_view user_id) { return UserKey(user_id, "recent"); }
-std::string CleanupLockKey(std::string_view user_id) { return UserKey(user_id, "lock"); }
-std::string IndexingKey(std::string_view user_id) { return UserKey(user_id, "indexing"); }
-std::string HotKey(std::string_view user_id) { return UserKey(user_id, "hot"); }
-std::string HotIndexKey(std::string_view user_id) { return UserKey(user_id, "hotidx"); }
-std::string RecordedTurnsKey(std::string_view user_id) { return UserKey(user_id, "recorded"); }
-std::string TurnIndexKey(std::string_view user_id) { return UserKey(user_id, "turns"); }
-std::string QueuedTurnsKey(std::string_view user_id) { return UserKey(user_id, "queued"); }
-std::string TombstoneKey(std::string_view user_id) { return UserKey(user_id, "erased"); }
-std::string InflightKey(std::string_view user_id) { return UserKey(user_id, "inflight"); }
-std::string IdempotencyKeysKey(std::string_view user_id) { return UserKey(user_id, "idemkeys"); }
+int ShardOf(std::string_view user_id) {
+  uint32_t h = kFnvOffset;
+  for (unsigned char c : user_id) {
+    h ^= c;
+    h *= kFnvPrime;
+  }
+  return static_cast<int>(h % static_cast<uint32_t>(kRedisShards));
+}
+
+std::string IndexStreamKey(int shard) { return ShardPrefix(shard) + ":index"; }
+std::string DeadLetterKey(int shard) { return ShardPrefix(shard) + ":index:dead"; }
+std::string ActivityKey(int shard) { return ShardPrefix(shard) + ":activity"; }
+std::string CleanupInProgressKey(int shard) { return ShardPrefix(shard) + ":cleanup:inprogress"; }
+
+std::string RecentKey(std::string_view user_id) { return ShardedUserKey(user_id, "recent"); }
+std::string CleanupLockKey(std::string_view user_id) { return ShardedUserKey(user_id, "lock"); }
+std::string IndexingKey(std::string_view user_id) { return ShardedUserKey(user_id, "indexing"); }
+std::string HotKey(std::string_view user_id) { return ShardedUserKey(user_id, "hot"); }
+std::string HotIndexKey(std::string_view user_id) { return ShardedUserKey(user_id, "hotidx"); }
+std::string RecordedTurnsKey(std::string_view user_id) { return ShardedUserKey(user_id, "recorded"); }
+std::string TurnIndexKey(std::string_view user_id) { return ShardedUserKey(user_id, "turns"); }
+std::string QueuedTurnsKey(std::string_view user_id) { return ShardedUserKey(user_id, "queued"); }
+std::string TombstoneKey(std::string_view user_id) { return ShardedUserKey(user_id, "erased"); }
+std::string InflightKey(std::string_view user_id) { return ShardedUserKey(user_id, "inflight"); }
+std::string IdempotencyKeysKey(std::string_view user_id) { return ShardedUserKey(user_id, "idemkeys"); }
 
 std::string RateKey(std::string_view user_id, RateCounter counter) {
   switch (counter) {
     case RateCounter::kChatFixed:
-      return UserKey(user_id, "rl:fixed");
+      return ShardedUserKey(user_id, "rl:fixed");
     case RateCounter::kChatSliding:
-      return UserKey(user_id, "rl:sliding");
+      return ShardedUserKey(user_id, "rl:sliding");
     case RateCounter::kData:
-      return UserKey(user_id, "rl:data");
+      return ShardedUserKey(user_id, "rl:data");
   }
-  return UserKey(user_id, "rl:fixed");
+  return ShardedUserKey(user_id, "rl:fixed");
 }
 
 Result<std::string> IdempotencyRedisKey(std::string_view user_id, std::string_view key) {
   if (!IsValidUserId(user_id)) return InvalidArgument("invalid_user_id", "invalid user id");
   Result<std::string> digest = Sha256Hex(key);
   if (!digest.ok()) return digest.status();
-  return UserKey(user_id, std::string(kIdempotencyKeySuffix) + *digest);
+  return ShardedUserKey(user_id, std::string(kIdempotencyKeySuffix) + *digest);
 }
 
 bool IsIdempotencyKeyOf(std::string_view user_id, std::string_view key) {
-  const std::string prefix = UserKey(user_id, kIdempotencyKeySuffix);
+  const std::string prefix = ShardedUserKey(user_id, kIdempotencyKeySuffix);
   return key.size() > prefix.size() && key.substr(0, prefix.size()) == prefix;
 }
 
@@ -254,8 +283,9 @@ redis.call('DEL', KEYS[5])
 return 0
 )lua");
 
-// KEYS: lock, in-progress set, lease. ARGV: user, our lock value, lock TTL,
-// our lease value ("" when we hold none).
+// KEYS: lock, in-progress set. ARGV: user, our lock value, lock TTL, our lease
+// value ("" when we hold none), the lease's value as read just before ("":
+// free).
 // Takes the user's lock, when it is free (SET NX, in effect) or left by a
 // run or migration that is gone (the lease is free, or ours), and remembers
 // the user as in progress, together. Returns 1, or the holder's value.
@@ -263,8 +293,8 @@ const RedisScript kTakeLock(R"lua(
 local held = redis.call('GET', KEYS[1])
 if held and held ~= ARGV[2] then
   local purpose = string.match(held, '^[^:]*')
-  local lease = redis.call('GET', KEYS[3])
-  if (purpose ~= 'cleanup' and purpose ~= 'migrate') or (lease and lease ~= ARGV[4]) then return held end
+  local lease = ARGV[5]
+  if (purpose ~= 'cleanup' and purpose ~= 'migrate') or (lease ~= '' and lease ~= ARGV[4]) then return held end
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[1])
@@ -406,9 +436,10 @@ Result<RedisValue> EvalOk(RedisClient& redis, const RedisScript& script, const s
 // The KEYS both removal scripts (archive, forget) start with: activity,
 // recent, rl fixed, rl sliding, lock, hot set, hot index, index stream.
 std::vector<std::string> RemovalKeys(std::string_view user_id) {
-  return {std::string(kActivityKey), RecentKey(user_id), RateKey(user_id, RateCounter::kChatFixed),
+  const int shard = ShardOf(user_id);
+  return {ActivityKey(shard), RecentKey(user_id), RateKey(user_id, RateCounter::kChatFixed),
           RateKey(user_id, RateCounter::kChatSliding), CleanupLockKey(user_id), HotKey(user_id),
-          HotIndexKey(user_id), std::string(kIndexStreamKey)};
+          HotIndexKey(user_id), IndexStreamKey(shard)};
 }
 
 }  // namespace
@@ -451,25 +482,30 @@ std::vector<IndexEntry> ParseIndexEntries(const RedisValue& list, std::vector<st
 
 Result<std::map<std::string, std::vector<IndexEntry>>> ReadQueuedTurns(RedisClient& redis,
                                                                         const std::vector<std::string>& users) {
-  std::set<std::string> wanted(users.begin(), users.end());
+  std::map<int, std::set<std::string>> wanted;  // by shard: only their streams are read
+  for (const std::string& u : users) wanted[ShardOf(u)].insert(u);
   std::map<std::string, std::vector<IndexEntry>> out;
-  std::string start = "-";
   const std::string page = std::to_string(kStreamPage);
-  for (;;) {
-    Result<RedisValue> r = CommandOk(redis, {"XRANGE", kIndexStreamKey, start, "+", "COUNT", page}, "XRANGE");
-    if (!r.ok()) return r.status();
-    for (IndexEntry& e : ParseIndexEntries(*r)) {
-      if (wanted.count(e.user)) out[e.user].push_back(std::move(e));
+  for (const auto& [shard, names] : wanted) {
+    const std::string stream = IndexStreamKey(shard);
+    std::string start = "-";
+    for (;;) {
+      Result<RedisValue> r = CommandOk(redis, {"XRANGE", stream, start, "+", "COUNT", page}, "XRANGE");
+      if (!r.ok()) return r.status();
+      for (IndexEntry& e : ParseIndexEntries(*r)) {
+        if (names.count(e.user)) out[e.user].push_back(std::move(e));
+      }
+      if (r->elements.size() < static_cast<size_t>(kStreamPage)) break;
+      start = "(" + r->elements.back().elements[0].str;  // exclusive: after the last id seen
     }
-    if (r->elements.size() < static_cast<size_t>(kStreamPage)) break;
-    start = "(" + r->elements.back().elements[0].str;  // exclusive: after the last id seen
   }
   return out;
 }
 
 Result<std::vector<IndexEntry>> ReadDeadLetters(RedisClient& redis, std::string_view user_id) {
   // Rare: the dead-letter stream is normally empty, and bounded.
-  Result<RedisValue> dead = CommandOk(redis, {"XRANGE", kDeadLetterKey, "-", "+"}, "XRANGE");
+  const std::string key = DeadLetterKey(ShardOf(user_id));
+  Result<RedisValue> dead = CommandOk(redis, {"XRANGE", key, "-", "+"}, "XRANGE");
   if (!dead.ok()) return dead.status();
   std::vector<IndexEntry> out;
   for (IndexEntry& e : ParseIndexEntries(*dead)) {
@@ -484,7 +520,7 @@ Result<RecordTurnCall> RecordTurnCall::Make(const Turn& turn, int recent_message
                                             std::string_view recorded_window_ms) {
   RecordTurnCall call;
   const std::string_view user = turn.user_id;
-  call.keys_ = {RecentKey(user),   std::string(kIndexStreamKey), std::string(kActivityKey),
+  call.keys_ = {RecentKey(user),   IndexStreamKey(ShardOf(user)), ActivityKey(ShardOf(user)),
                 RecordedTurnsKey(user), InflightKey(user),        TombstoneKey(user),
                 TurnIndexKey(user), QueuedTurnsKey(user)};
   call.args_ = {turn.user_id,
@@ -583,7 +619,8 @@ Result<std::vector<RedisValue>> BeginIndexing(RedisClient& redis, std::string_vi
   std::vector<RedisClient::ScriptCall> calls;
   for (const BeginIndexingRequest& u : users) {
     RedisClient::ScriptCall call{{backing.emplace_back(CleanupLockKey(u.user)), backing.emplace_back(IndexingKey(u.user)),
-                                  kIndexStreamKey, backing.emplace_back(TombstoneKey(u.user))},
+                                  backing.emplace_back(IndexStreamKey(ShardOf(u.user))),
+                                  backing.emplace_back(TombstoneKey(u.user))},
                                  {ttl, kIndexGroup, consumer}};
     for (const auto& [id, deliveries] : u.entries) {
       call.args.push_back(id);
@@ -601,7 +638,7 @@ Result<std::vector<RedisValue>> FinishIndexing(RedisClient& redis, int hot_bound
   std::vector<RedisClient::ScriptCall> calls;
   for (const FinishIndexingRequest& u : users) {
     RedisClient::ScriptCall call{{backing.emplace_back(CleanupLockKey(u.user)), backing.emplace_back(IndexingKey(u.user)),
-                                  kIndexStreamKey, backing.emplace_back(HotKey(u.user)),
+                                  backing.emplace_back(IndexStreamKey(ShardOf(u.user))), backing.emplace_back(HotKey(u.user)),
                                   backing.emplace_back(HotIndexKey(u.user)), backing.emplace_back(QueuedTurnsKey(u.user))},
                                  {kIndexGroup, bound, u.keep_marker ? "1" : "0",
                                   backing.emplace_back(std::to_string(u.stream_ids.size()))}};
@@ -613,17 +650,21 @@ Result<std::vector<RedisValue>> FinishIndexing(RedisClient& redis, int hot_bound
   return redis.EvalMany(kFinishIndexing, calls);
 }
 
-Result<RedisValue> RemoveGoneIndexConsumers(RedisClient& redis, std::string_view consumer, int64_t idle_ms) {
-  const std::string idle = std::to_string(idle_ms);
-  return redis.Eval(kRemoveGoneConsumers, {kIndexStreamKey}, {kIndexGroup, consumer, idle});
+Result<RedisValue> RemoveGoneIndexConsumers(RedisClient& redis, int shard, std::string_view consumer,
+                                            int64_t idle_ms) {
+  const std::string idle = std::to_string(idle_ms), stream = IndexStreamKey(shard);
+  return redis.Eval(kRemoveGoneConsumers, {stream}, {kIndexGroup, consumer, idle});
 }
 
 // ---- The cleanup's locks ----------------------------------------------------
 
 Result<RedisValue> TakeCleanupLock(RedisClient& redis, std::string_view user_id, std::string_view value,
                                    int64_t ttl_ms, std::string_view lease) {
-  const std::string lock = CleanupLockKey(user_id), ttl = std::to_string(ttl_ms);
-  return EvalOk(redis, kTakeLock, {lock, kCleanupInProgressKey, kCleanupLeaseKey}, {user_id, value, ttl, lease}, "lock");
+  Result<RedisValue> seen = CommandOk(redis, {"GET", kCleanupLeaseKey}, "lease");
+  if (!seen.ok()) return seen.status();
+  const std::string lock = CleanupLockKey(user_id), ttl = std::to_string(ttl_ms),
+                    in_progress = CleanupInProgressKey(ShardOf(user_id));
+  return EvalOk(redis, kTakeLock, {lock, in_progress}, {user_id, value, ttl, lease, seen->str}, "lock");
 }
 
 Result<RedisValue> RenewCleanupLock(RedisClient& redis, std::string_view user_id, std::string_view value,
@@ -633,13 +674,13 @@ Result<RedisValue> RenewCleanupLock(RedisClient& redis, std::string_view user_id
 }
 
 Result<RedisValue> ReleaseCleanupLock(RedisClient& redis, std::string_view user_id, std::string_view value) {
-  const std::string lock = CleanupLockKey(user_id);
-  return EvalOk(redis, kReleaseLock, {lock, kCleanupInProgressKey}, {user_id, value}, "release");
+  const std::string lock = CleanupLockKey(user_id), in_progress = CleanupInProgressKey(ShardOf(user_id));
+  return EvalOk(redis, kReleaseLock, {lock, in_progress}, {user_id, value}, "release");
 }
 
 Result<RedisValue> ReleaseAbandonedLock(RedisClient& redis, std::string_view user_id, std::string_view purpose) {
-  const std::string lock = CleanupLockKey(user_id);
-  return EvalOk(redis, kReleaseAbandoned, {lock, kCleanupInProgressKey}, {user_id, purpose}, "release");
+  const std::string lock = CleanupLockKey(user_id), in_progress = CleanupInProgressKey(ShardOf(user_id));
+  return EvalOk(redis, kReleaseAbandoned, {lock, in_progress}, {user_id, purpose}, "release");
 }
 
 Result<bool> IndexingInProgress(RedisClient& redis, std::string_view user_id) {
@@ -650,16 +691,25 @@ Result<bool> IndexingInProgress(RedisClient& redis, std::string_view user_id) {
 }
 
 Result<std::vector<std::string>> CleanupInProgressUsers(RedisClient& redis) {
-  Result<RedisValue> r = CommandOk(redis, {"SMEMBERS", kCleanupInProgressKey}, "SMEMBERS");
-  if (!r.ok()) return r.status();
+  std::vector<std::string> keys;
+  std::vector<std::vector<std::string_view>> cmds;
+  for (int shard = 0; shard < kRedisShards; ++shard) keys.push_back(CleanupInProgressKey(shard));
+  for (const std::string& k : keys) cmds.push_back({"SMEMBERS", k});
+  auto replies = redis.Pipeline(cmds);
+  if (!replies.ok()) return replies.status();
   std::vector<std::string> users;
-  for (RedisValue& u : r->elements) users.push_back(std::move(u.str));
+  for (RedisValue& r : *replies) {
+    if (r.is_error()) return RedisReplyError(r.str, "SMEMBERS");
+    for (RedisValue& u : r.elements) users.push_back(std::move(u.str));
+  }
   return users;
 }
 
 Result<RedisValue> SettleInProgress(RedisClient& redis, std::string_view user_id, int64_t cutoff_ms) {
-  const std::string lock = CleanupLockKey(user_id), cutoff = std::to_string(cutoff_ms);
-  return EvalOk(redis, kSettleInProgress, {kActivityKey, lock, kCleanupInProgressKey}, {user_id, cutoff}, "settling");
+  const int shard = ShardOf(user_id);
+  const std::string activity = ActivityKey(shard), lock = CleanupLockKey(user_id),
+                    in_progress = CleanupInProgressKey(shard), cutoff = std::to_string(cutoff_ms);
+  return EvalOk(redis, kSettleInProgress, {activity, lock, in_progress}, {user_id, cutoff}, "settling");
 }
 
 Result<RedisValue> TakeCleanupLease(RedisClient& redis, std::string_view value, int64_t ttl_ms, std::string_view gone) {
@@ -678,25 +728,27 @@ Result<RedisValue> ReleaseCleanupLease(RedisClient& redis, std::string_view valu
 
 // ---- Activity ---------------------------------------------------------------
 
-Result<RedisValue> InactiveUsersPage(RedisClient& redis, int64_t before_ms, int64_t offset, int64_t count) {
+Result<RedisValue> InactiveUsersPage(RedisClient& redis, int shard, int64_t before_ms, int64_t offset, int64_t count) {
+  const std::string key = ActivityKey(shard);
   const std::string cutoff = "(" + std::to_string(before_ms);  // strictly older than the threshold
   const std::string off = std::to_string(offset), n = std::to_string(count);
-  return CommandOk(redis, {"ZRANGE", kActivityKey, "-inf", cutoff, "BYSCORE", "LIMIT", off, n, "WITHSCORES"},
+  return CommandOk(redis, {"ZRANGE", key, "-inf", cutoff, "BYSCORE", "LIMIT", off, n, "WITHSCORES"},
                    "ZRANGE");
 }
 
-Result<RedisValue> TrackedUsersPage(RedisClient& redis, int64_t offset, int64_t count) {
-  const std::string off = std::to_string(offset), n = std::to_string(count);
-  return CommandOk(redis, {"ZRANGE", kActivityKey, "-inf", "+inf", "BYSCORE", "LIMIT", off, n}, "ZRANGE");
+Result<RedisValue> TrackedUsersPage(RedisClient& redis, int shard, int64_t offset, int64_t count) {
+  const std::string key = ActivityKey(shard), off = std::to_string(offset), n = std::to_string(count);
+  return CommandOk(redis, {"ZRANGE", key, "-inf", "+inf", "BYSCORE", "LIMIT", off, n}, "ZRANGE");
 }
 
 Result<RedisValue> LastActivity(RedisClient& redis, std::string_view user_id) {
-  return CommandOk(redis, {"ZSCORE", kActivityKey, user_id}, "reading the activity");
+  const std::string key = ActivityKey(ShardOf(user_id));
+  return CommandOk(redis, {"ZSCORE", key, user_id}, "reading the activity");
 }
 
 Result<RedisValue> TrackActivityIfAbsent(RedisClient& redis, std::string_view user_id, int64_t now_ms) {
-  const std::string score = std::to_string(now_ms);
-  return CommandOk(redis, {"ZADD", kActivityKey, "NX", score, user_id}, "ZADD");
+  const std::string key = ActivityKey(ShardOf(user_id)), score = std::to_string(now_ms);
+  return CommandOk(redis, {"ZADD", key, "NX", score, user_id}, "ZADD");
 }
 
 // ---- Archive and erase ------------------------------------------------------
@@ -704,7 +756,7 @@ Result<RedisValue> TrackActivityIfAbsent(RedisClient& redis, std::string_view us
 Result<RedisValue> FinishArchive(RedisClient& redis, std::string_view user_id, int64_t last_activity_ms,
                                  std::string_view lock_value, const std::vector<std::string>& stream_ids) {
   std::vector<std::string> keys = RemovalKeys(user_id);
-  keys.insert(keys.end(), {std::string(kCleanupInProgressKey), RecordedTurnsKey(user_id), TurnIndexKey(user_id),
+  keys.insert(keys.end(), {CleanupInProgressKey(ShardOf(user_id)), RecordedTurnsKey(user_id), TurnIndexKey(user_id),
                            QueuedTurnsKey(user_id)});
   const std::string score = std::to_string(last_activity_ms);
   std::vector<std::string_view> args = {user_id, score, kIndexGroup, lock_value};
@@ -735,7 +787,7 @@ Result<RedisValue> ForgetUser(RedisClient& redis, std::string_view user_id, std:
                               const std::vector<std::string>& stream_ids, const std::vector<std::string>& dead_ids,
                               const std::vector<std::string>& idempotency_keys) {
   std::vector<std::string> keys = RemovalKeys(user_id);
-  keys.insert(keys.end(), {std::string(kDeadLetterKey), std::string(kCleanupInProgressKey), TurnIndexKey(user_id),
+  keys.insert(keys.end(), {DeadLetterKey(ShardOf(user_id)), CleanupInProgressKey(ShardOf(user_id)), TurnIndexKey(user_id),
                            QueuedTurnsKey(user_id), TombstoneKey(user_id), RecordedTurnsKey(user_id),
                            IdempotencyKeysKey(user_id)});
   keys.insert(keys.end(), idempotency_keys.begin(), idempotency_keys.end());
@@ -747,11 +799,221 @@ Result<RedisValue> ForgetUser(RedisClient& redis, std::string_view user_id, std:
   return EvalOk(redis, kForget, Views(keys), args, "forget");
 }
 
-Result<RedisValue> DropBeforeTombstone(RedisClient& redis, std::string_view /*user_id*/, std::string_view tombstone,
+Result<RedisValue> DropBeforeTombstone(RedisClient& redis, std::string_view user_id, std::string_view tombstone,
                                        const std::vector<std::string>& stream_ids) {
   std::vector<std::string_view> args = {kIndexGroup, tombstone};
   for (const std::string& id : stream_ids) args.push_back(id);
-  return EvalOk(redis, kDropBeforeTombstone, {kIndexStreamKey}, args, "dropping fenced turns");
+  const std::string stream = IndexStreamKey(ShardOf(user_id));
+  return EvalOk(redis, kDropBeforeTombstone, {stream}, args, "dropping fenced turns");
+}
+
+// ---- Moving a deployment from the layout before the shards -----------------
+
+namespace {
+
+constexpr std::string_view kOldIndexStreamKey = "chatd:index";
+constexpr std::string_view kOldDeadLetterKey = "chatd:index:dead";
+constexpr std::string_view kOldActivityKey = "chatd:activity";
+constexpr std::string_view kOldInProgressKey = "chatd:cleanup:inprogress";
+constexpr std::string_view kOldUserKeyPattern = "chat:{*}:*";
+constexpr std::string_view kOldUserKeyStart = "chat:{";
+constexpr std::string_view kOldUserKeyTagEnd = "}:";
+constexpr int kMigrateScanCount = 1000;
+
+// KEYS: the old key, its new name. ARGV: the user's old key prefix, the new.
+// Moves one key. When the new key exists already (written by the new version
+// since the upgrade), lists and hashes are merged into it (the old messages
+// before the new ones; fields the new key holds win), sorted sets merged, and
+// the old string or set, older, goes. Members naming the user's old keys (the
+// list of Idempotency-Key hashes) are renamed with them. Returns 0 when the
+// old key is gone already.
+const RedisScript kMigrateUserKey(R"lua(
+local t = redis.call('TYPE', KEYS[1])['ok']
+if t == 'none' then return 0 end
+local fresh = redis.call('EXISTS', KEYS[2]) == 0
+if fresh and t ~= 'zset' then
+  redis.call('RENAME', KEYS[1], KEYS[2])
+  return 1
+end
+if t == 'zset' then
+  local items = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+  for i = 1, #items, 2 do
+    local m = items[i]
+    if string.sub(m, 1, #ARGV[1]) == ARGV[1] then m = ARGV[2] .. string.sub(m, #ARGV[1] + 1) end
+    redis.call('ZADD', KEYS[2], 'NX', items[i + 1], m)
+  end
+  if fresh then
+    local ttl = redis.call('PTTL', KEYS[1])
+    if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+  end
+elseif t == 'hash' then
+  local items = redis.call('HGETALL', KEYS[1])
+  for i = 1, #items, 2 do redis.call('HSETNX', KEYS[2], items[i], items[i + 1]) end
+elseif t == 'list' then
+  local items = redis.call('LRANGE', KEYS[1], 0, -1)
+  for i = #items, 1, -1 do redis.call('LPUSH', KEYS[2], items[i]) end
+end
+redis.call('DEL', KEYS[1])
+return 1
+)lua");
+
+// KEYS: the old stream, the new, the user's queued turns. ARGV: entry id, turn
+// id ('' for a dead letter). Moves one entry, under its own id when the new
+// stream allows it (its last id is lower), else under a new one, which the
+// queued-turn hash then names. Returns 0 when the entry is gone already.
+const RedisScript kMigrateEntry(R"lua(
+local e = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+if #e == 0 then return 0 end
+local ok, id = pcall(redis.call, 'XADD', KEYS[2], ARGV[1], unpack(e[1][2]))
+if not ok then id = redis.call('XADD', KEYS[2], '*', unpack(e[1][2])) end
+if id ~= ARGV[1] and ARGV[2] ~= '' and redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then
+  redis.call('HSET', KEYS[3], ARGV[2], id)
+end
+redis.call('XDEL', KEYS[1], ARGV[1])
+return 1
+)lua");
+
+// KEYS: the old activity index, the shard's. ARGV: user. The later activity
+// wins. Returns 0 when the user is gone already.
+const RedisScript kMigrateActivity(R"lua(
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score then return 0 end
+redis.call('ZADD', KEYS[2], 'GT', score, ARGV[1])
+redis.call('ZREM', KEYS[1], ARGV[1])
+return 1
+)lua");
+
+// KEYS: the old in-progress set, the shard's. ARGV: user.
+const RedisScript kMigrateInProgress(R"lua(
+if redis.call('SREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+)lua");
+
+Result<int64_t> EvalCount(RedisClient& redis, const RedisScript& script, const std::vector<std::string_view>& keys,
+                          const std::vector<std::string_view>& args, bool dry_run) {
+  if (dry_run) return 1;
+  Result<RedisValue> r = EvalOk(redis, script, keys, args, "moving a key");
+  if (!r.ok()) return r.status();
+  return r->integer;
+}
+
+// The per-user keys of the old layout.
+Status MigrateUserKeys(RedisClient& redis, bool dry_run, KeyMigrationSummary& sum) {
+  const std::string count = std::to_string(kMigrateScanCount);
+  std::string cursor = "0";
+  do {
+    Result<RedisValue> page =
+        CommandOk(redis, {"SCAN", cursor, "MATCH", kOldUserKeyPattern, "COUNT", count}, "SCAN");
+    if (!page.ok()) return page.status();
+    if (page->elements.size() != 2) return Unavailable("redis_error", "SCAN answered oddly");
+    cursor = page->elements[0].str;
+    for (const RedisValue& k : page->elements[1].elements) {
+      const std::string& old_key = k.str;
+      const size_t tag_end = old_key.find(kOldUserKeyTagEnd);
+      if (old_key.rfind(kOldUserKeyStart, 0) != 0 || tag_end == std::string::npos) continue;
+      const std::string user = old_key.substr(kOldUserKeyStart.size(), tag_end - kOldUserKeyStart.size());
+      if (!IsValidUserId(user)) continue;  // not ours: chatd never wrote it
+      const std::string name = old_key.substr(tag_end + kOldUserKeyTagEnd.size());
+      const std::string new_key = ShardedUserKey(user, name);
+      const std::string old_prefix = UserKey(user, ""), new_prefix = ShardedUserKey(user, "");
+      Result<int64_t> moved = EvalCount(redis, kMigrateUserKey, {old_key, new_key}, {old_prefix, new_prefix}, dry_run);
+      if (!moved.ok()) return moved.status();
+      sum.user_keys += *moved;
+    }
+  } while (cursor != "0");
+  return Status::Ok();
+}
+
+// The entries of an old stream (queued turns or dead letters) to their
+// shards' streams. Adds the shards that received any to `touched`.
+Status MigrateStream(RedisClient& redis, std::string_view old_stream, bool dead, bool dry_run, int64_t& moved,
+                     std::set<int>& touched) {
+  const std::string page = std::to_string(kStreamPage);
+  std::string start = "-";
+  for (;;) {
+    Result<RedisValue> r = CommandOk(redis, {"XRANGE", old_stream, start, "+", "COUNT", page}, "XRANGE");
+    if (!r.ok()) return r.status();
+    for (const IndexEntry& e : ParseIndexEntries(*r)) {
+      if (!IsValidUserId(e.user)) continue;  // not a turn (an erase mark is deleted as it is made)
+      const int shard = ShardOf(e.user);
+      const std::string to = dead ? DeadLetterKey(shard) : IndexStreamKey(shard), queued = QueuedTurnsKey(e.user);
+      Result<int64_t> n = EvalCount(redis, kMigrateEntry, {old_stream, to, queued},
+                                    {e.stream_id, dead ? std::string_view() : std::string_view(e.turn)}, dry_run);
+      if (!n.ok()) return n.status();
+      moved += *n;
+      if (*n > 0) touched.insert(shard);
+    }
+    if (r->elements.size() < static_cast<size_t>(kStreamPage)) return Status::Ok();
+    start = "(" + r->elements.back().elements[0].str;
+  }
+}
+
+// Every member of an old global set (activity or in progress) to its shard's.
+Status MigrateMembers(RedisClient& redis, std::string_view old_key, bool activity, bool dry_run, int64_t& moved) {
+  const std::string count = std::to_string(kMigrateScanCount);
+  std::string cursor = "0";
+  do {
+    Result<RedisValue> page = CommandOk(
+        redis, {activity ? "ZSCAN" : "SSCAN", old_key, cursor, "COUNT", count}, activity ? "ZSCAN" : "SSCAN");
+    if (!page.ok()) return page.status();
+    if (page->elements.size() != 2) return Unavailable("redis_error", "SCAN answered oddly");
+    cursor = page->elements[0].str;
+    const auto& items = page->elements[1].elements;
+    for (size_t i = 0; i < items.size(); i += activity ? 2 : 1) {
+      const std::string& user = items[i].str;
+      const int shard = ShardOf(user);
+      const std::string to = activity ? ActivityKey(shard) : CleanupInProgressKey(shard);
+      Result<int64_t> n =
+          EvalCount(redis, activity ? kMigrateActivity : kMigrateInProgress, {old_key, to}, {user}, dry_run);
+      if (!n.ok()) return n.status();
+      moved += *n;
+    }
+  } while (cursor != "0");
+  return Status::Ok();
+}
+
+}  // namespace
+
+Result<KeyMigrationSummary> MigrateKeysToShards(RedisClient& redis, bool dry_run) {
+  KeyMigrationSummary sum;
+  // The user's keys first: a moved turn's queued-turn hash is then in place
+  // for the entry's move to update.
+  if (Status s = MigrateUserKeys(redis, dry_run, sum); !s.ok()) return s;
+  std::set<int> touched;
+  if (Status s = MigrateStream(redis, kOldIndexStreamKey, false, dry_run, sum.stream_entries, touched); !s.ok()) {
+    return s;
+  }
+  std::set<int> dead_touched;
+  if (Status s = MigrateStream(redis, kOldDeadLetterKey, true, dry_run, sum.dead_letters, dead_touched); !s.ok()) {
+    return s;
+  }
+  if (Status s = MigrateMembers(redis, kOldActivityKey, true, dry_run, sum.activity); !s.ok()) return s;
+  if (Status s = MigrateMembers(redis, kOldInProgressKey, false, dry_run, sum.in_progress); !s.ok()) return s;
+  if (dry_run) return sum;
+  // Moved turns may sit below what a shard's group delivered already: from 0,
+  // the group hands out every turn still in the stream (acknowledged ones are
+  // deleted), so none is skipped.
+  for (int shard : touched) {
+    const std::string stream = IndexStreamKey(shard);
+    Result<RedisValue> made = redis.Command({"XGROUP", "CREATE", stream, kIndexGroup, "0", "MKSTREAM"});
+    if (!made.ok()) return made.status();
+    if (made->is_error()) {
+      if (made->str.rfind("BUSYGROUP", 0) != 0) return RedisReplyError(made->str, "XGROUP CREATE");
+      if (auto set = CommandOk(redis, {"XGROUP", "SETID", stream, kIndexGroup, "0"}, "XGROUP SETID"); !set.ok()) {
+        return set.status();
+      }
+    }
+  }
+  // The emptied old streams go, with their group.
+  for (std::string_view old : {kOldIndexStreamKey, kOldDeadLetterKey}) {
+    Result<RedisValue> len = CommandOk(redis, {"XLEN", old}, "XLEN");
+    if (!len.ok()) return len.status();
+    if (len->integer == 0) {
+      if (auto del = CommandOk(redis, {"DEL", old}, "DEL"); !del.ok()) return del.status();
+    }
+  }
+  return sum;
 }
 
 }  // namespace chatd

@@ -156,11 +156,12 @@ Result<std::vector<HistoryMessage>> UserData::Fetch(std::string_view user_id,
   }
   // Turns still waiting for the indexer: their stream entries, by id.
   const RedisValue& queued = (*replies)[2];
+  const std::string stream = IndexStreamKey(ShardOf(user_id));
   std::vector<std::vector<std::string_view>> xranges;
   for (size_t i = 0; i < queued.elements.size() && i < turns.size(); ++i) {
     if (queued.elements[i].type != RedisValue::Type::kString) continue;
     const std::string& entry = queued.elements[i].str;
-    xranges.push_back({"XRANGE", kIndexStreamKey, entry, entry});
+    xranges.push_back({"XRANGE", stream, entry, entry});
   }
   if (!xranges.empty()) {
     auto entries = redis_.Pipeline(xranges);

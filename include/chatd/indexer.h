@@ -117,6 +117,8 @@ class Indexer {
   Result<std::vector<IndexEntry>> ClaimStale();
   // Up to `count` new entries, waiting up to block_ms for the first (0: not at all).
   Result<std::vector<IndexEntry>> ReadNew(int count, int64_t block_ms);
+  // Appends the entries of one XREADGROUP reply.
+  Status TakeRead(const RedisValue& reply, std::vector<IndexEntry>& out);
   Result<int> Index(std::vector<IndexEntry>& entries);
   // Writes the turns of `entries` (all users) and says for each whether it
   // was written (ok), failed for good, or failed for now.
@@ -135,6 +137,8 @@ class Indexer {
   Embedder& embedder_;
   IndexerOptions options_;
   Metrics* metrics_;
+  std::vector<std::string> streams_;  // every shard's stream, IndexStreamKey(shard)
+  int next_block_shard_ = 0;          // the shard the next blocking read waits on
   bool group_ready_ = false;  // only touched by the indexer thread
   int64_t last_claim_ms_ = 0;
   int64_t last_backlog_ms_ = 0;

@@ -5,34 +5,37 @@
 // proof that each script stays within one Redis Cluster slot, live in one
 // file (docs/memory.md describes the layout and its reasons).
 //
-// Layout:
-//   chat:{<user>}:recent  list of the last N messages, JSON {role,content,ts,id}
-//   chatd:index           stream of recorded turns waiting for the long-term
-//                         indexer (consumer group "indexers")
-//   chatd:index:dead      turns the indexer gave up on, kept for an operator
-//   chatd:activity        sorted set: user -> last activity (ms, Redis time)
-//   chat:{<user>}:lock    set by chatd-cleanup while it archives or forgets
-//                         the user; the indexer leaves the user's turns
-//                         pending meanwhile
-//   chat:{<user>}:indexing  indexers writing the user's turns right now
-//   chatd:cleanup:inprogress  users a cleanup has locked and not finished
-//   chatd:cleanup:lease   the chatd-cleanup run or migration at work
-//   chat:{<user>}:hot     hash: message id -> packed record (hot_record.h),
-//                         the user's latest indexed messages with embeddings
-//   chat:{<user>}:hotidx  sorted set: message id by timestamp, to trim the
-//                         hot set to its oldest-first bound
-//   chat:{<user>}:turns   sorted set, every turn of the user in time order
-//                         (TurnIndexMember), the history's index
-//   chat:{<user>}:queued  hash: turn id -> its index-stream entry id, while
-//                         the turn waits for the indexer
-//   chat:{<user>}:erased  the tombstone of the user's latest erase
-//   chat:{<user>}:recorded  sorted set: the user's recently recorded turn ids
-//                         by time, kept for as long as a chat may still retry
-//                         its record (the record script is idempotent by turn id)
-//   chat:{<user>}:rl:fixed, rl:sliding, rl:data  rate-limit counters
-//   chat:{<user>}:inflight  the user's chats in flight (concurrency leases)
-//   chat:{<user>}:idem:<sha-256 of key>  an Idempotency-Key's claim or answer
-//   chat:{<user>}:idemkeys  the names of those, for the erase
+// Layout (docs/memory.md, "Key layout"). Every key that a script touches
+// together with others carries the hash tag of one shard, {s<n>}, so every
+// script stays within one Redis Cluster slot:
+//   chatd:{s<n>}:index    stream of recorded turns of the shard's users,
+//                         waiting for the long-term indexer (group "indexers")
+//   chatd:{s<n>}:index:dead  turns the indexer gave up on
+//   chatd:{s<n>}:activity  sorted set: user -> last activity (ms, Redis time)
+//   chatd:{s<n>}:cleanup:inprogress  users a cleanup has locked and not finished
+//   chatd:{s<n>}:u:<user>:<name>  the user's keys, n = ShardOf(user):
+//     recent     list of the last N messages, JSON {role,content,ts,id}
+//     lock       set by chatd-cleanup while it archives or forgets the user;
+//                the indexer leaves the user's turns pending meanwhile
+//     indexing   indexers writing the user's turns right now
+//     hot        hash: message id -> packed record (hot_record.h), the user's
+//                latest indexed messages with embeddings
+//     hotidx     sorted set: message id by timestamp, to trim the hot set
+//     turns      sorted set, every turn of the user in time order
+//                (TurnIndexMember), the history's index
+//     queued     hash: turn id -> its index-stream entry id, while the turn
+//                waits for the indexer
+//     erased     the tombstone of the user's latest erase
+//     recorded   sorted set: recently recorded turn ids by time, kept for as
+//                long as a chat may still retry its record
+//     rl:fixed, rl:sliding, rl:data  rate-limit counters
+//     inflight   the user's chats in flight (concurrency leases)
+//     idem:<sha-256 of key>, idemkeys  Idempotency-Key claims and answers
+//   chatd:cleanup:lease   the chatd-cleanup run or migration at work (only
+//                         ever touched alone)
+// Before the shards, per-user keys were chat:{<user>}:<name> and the stream,
+// dead letters, activity and in-progress set were global (chatd:index, ...):
+// MigrateKeys* below move such a deployment.
 #pragma once
 
 #include <cstdint>
@@ -50,13 +53,22 @@ namespace chatd {
 
 // ---- Keys -------------------------------------------------------------------
 
-inline constexpr std::string_view kIndexStreamKey = "chatd:index";
+// The number of shards of the stream, dead letters, activity and in-progress
+// set. A constant, not a setting: every host and the cleanup must agree on it,
+// and changing it moves every user's keys. 16 spreads the shards over the
+// primaries of a cluster of up to 16; each shard is one slot.
+inline constexpr int kRedisShards = 16;
+// The user's shard: FNV-1a (32 bits) of the id's bytes, modulo kRedisShards.
+// Stable across hosts, builds and restarts.
+int ShardOf(std::string_view user_id);
+
 inline constexpr std::string_view kIndexGroup = "indexers";
-inline constexpr std::string_view kActivityKey = "chatd:activity";
-inline constexpr std::string_view kDeadLetterKey = "chatd:index:dead";
+std::string IndexStreamKey(int shard);
+std::string DeadLetterKey(int shard);
+std::string ActivityKey(int shard);
 // Users whose cleanup started and has not finished (a run killed midway):
 // every run settles them first.
-inline constexpr std::string_view kCleanupInProgressKey = "chatd:cleanup:inprogress";
+std::string CleanupInProgressKey(int shard);
 // One chatd-cleanup run or migration at a time.
 inline constexpr std::string_view kCleanupLeaseKey = "chatd:cleanup:lease";
 
@@ -131,8 +143,8 @@ struct IndexEntry {
 // skipped; their ids go to `deleted` when given.
 std::vector<IndexEntry> ParseIndexEntries(const RedisValue& list, std::vector<std::string>* deleted = nullptr);
 
-// Turns of these users still in the index stream, by user (one pass over the
-// stream, a page at a time).
+// Turns of these users still in the index stream, by user (one pass over each
+// of their shards' streams, a page at a time).
 Result<std::map<std::string, std::vector<IndexEntry>>> ReadQueuedTurns(RedisClient& redis,
                                                                         const std::vector<std::string>& users);
 // The dead letters of one user.
@@ -209,15 +221,18 @@ struct FinishIndexingRequest {
 Result<std::vector<RedisValue>> FinishIndexing(RedisClient& redis, int hot_bound,
                                                const std::vector<FinishIndexingRequest>& users);
 
-// Removes the group's consumers other than `consumer` idle longer than
+// Removes the shard group's consumers other than `consumer` idle longer than
 // `idle_ms` with nothing pending. Returns how many went.
-Result<RedisValue> RemoveGoneIndexConsumers(RedisClient& redis, std::string_view consumer, int64_t idle_ms);
+Result<RedisValue> RemoveGoneIndexConsumers(RedisClient& redis, int shard, std::string_view consumer,
+                                            int64_t idle_ms);
 
 // ---- The cleanup's locks ----------------------------------------------------
 
 // Takes the user's lock with `value` ("<purpose>:<token>") when it is free or
 // left by a run or migration that is gone (the lease is free, or `lease`, ours),
-// and lists the user as in progress. Replies 1, or the holder's value.
+// and lists the user as in progress. Replies 1, or the holder's value. The
+// lease is read first, apart: it is global, and the script may touch only the
+// user's slot (docs/memory.md says why a lease taken in between is harmless).
 Result<RedisValue> TakeCleanupLock(RedisClient& redis, std::string_view user_id, std::string_view value,
                                    int64_t ttl_ms, std::string_view lease);
 // Renews the lock if it is still `value`: 1; else 0.
@@ -243,11 +258,11 @@ Result<RedisValue> ReleaseCleanupLease(RedisClient& redis, std::string_view valu
 
 // ---- Activity ---------------------------------------------------------------
 
-// A page of users, with their last activity, inactive before `before_ms`
-// (exclusive): [user, score, ...] as ZRANGE WITHSCORES answers.
-Result<RedisValue> InactiveUsersPage(RedisClient& redis, int64_t before_ms, int64_t offset, int64_t count);
-// A page of every tracked user.
-Result<RedisValue> TrackedUsersPage(RedisClient& redis, int64_t offset, int64_t count);
+// A page of the shard's users, with their last activity, inactive before
+// `before_ms` (exclusive): [user, score, ...] as ZRANGE WITHSCORES answers.
+Result<RedisValue> InactiveUsersPage(RedisClient& redis, int shard, int64_t before_ms, int64_t offset, int64_t count);
+// A page of every tracked user of the shard.
+Result<RedisValue> TrackedUsersPage(RedisClient& redis, int shard, int64_t offset, int64_t count);
 // The user's last activity (nil when untracked).
 Result<RedisValue> LastActivity(RedisClient& redis, std::string_view user_id);
 // Tracks the user from `now_ms`, unless they are tracked already.
@@ -284,5 +299,26 @@ Result<RedisValue> ForgetUser(RedisClient& redis, std::string_view user_id, std:
 // fenced by the erase recorded meanwhile. Replies their ids.
 Result<RedisValue> DropBeforeTombstone(RedisClient& redis, std::string_view user_id, std::string_view tombstone,
                                        const std::vector<std::string>& stream_ids);
+
+// ---- Moving a deployment from the layout before the shards -----------------
+
+struct KeyMigrationSummary {
+  int64_t user_keys = 0;       // per-user keys moved under their shard's tag
+  int64_t stream_entries = 0;  // queued turns moved to their shard's stream
+  int64_t dead_letters = 0;
+  int64_t activity = 0;        // users moved to their shard's activity index
+  int64_t in_progress = 0;
+};
+// Moves every key of the old layout (chat:{<user>}:<name>, chatd:index,
+// chatd:index:dead, chatd:activity, chatd:cleanup:inprogress) to the sharded
+// one. Each step moves one key or one entry and deletes its old copy in one
+// script, so a run killed anywhere is resumed by the next, and a second run
+// finds nothing to move. Queued turns keep their stream ids when their shard's
+// stream allows it (so the queued-turn hashes and erase tombstones stay true);
+// the shards' groups are then rewound to 0 so that no moved turn is skipped
+// (indexing twice is harmless: ids are deterministic). The steps touch old and
+// new names together, across slots: run it on the single Redis, before a move
+// to a cluster. `dry_run` counts and moves nothing.
+Result<KeyMigrationSummary> MigrateKeysToShards(RedisClient& redis, bool dry_run);
 
 }  // namespace chatd
