@@ -1,9 +1,9 @@
 // chatd-cleanup: archives and removes the memory of users inactive for longer
 // than a threshold, restores an archived user, or forgets one completely.
 //
-// Cost: the activity index (chatd:activity, a sorted set maintained by the
-// record-turn script) is asked for users below the cut-off, in batches; users
-// who are active are never touched. Per archived user the steps are:
+// Cost: the activity index (one sorted set per shard, maintained by the
+// record-turn script) is asked for users below the cut-off, a shard after the
+// other, in batches; users who are active are never touched. Per archived user the steps are:
 //   1. take the user's cleanup lock (the indexer leaves them alone meanwhile)
 //      and wait until no indexer is still writing their turns;
 //   2. index their turns still waiting in the stream, so the archive is whole;
