@@ -25,13 +25,14 @@ from bench_settings import (
     CHAT_CONCURRENCY, CHAT_PREFIX, CHAT_RUN_S, CHAT_USERS, CHROMA_ADDS, CHROMA_BATCH_USERS, CHROMA_COLD_SAMPLE,
     CHROMA_FIRST_QUERIES, CHROMA_LOAD_THREADS, CHROMA_MESSAGES, CHROMA_QUERIES, CHROMA_SHARDS,
     CHROMA_STAGE_TIMEOUT_S, CHROMA_TIMEOUT_MS, CLK_TCK, Chroma, FakeModel, Frontend, GATEWAY_CONNECTIONS,
-    GATEWAY_ONLY_ENV, GATEWAY_RUN_S, INDEX_STREAM, LAYOUT_STUDY, LIMITED_USER_PREFIX, LOOPBACK,
+    GATEWAY_ONLY_ENV, GATEWAY_RUN_S, LAYOUT_STUDY, LIMITED_USER_PREFIX, LOOPBACK,
     MEMORY_CONNECTIONS, MEMORY_RUN_S, MEMORY_SEED_WORKERS, MEMORY_TURNS, NGINX_RLIMIT_NOFILE,
     NGINX_WORKER_CONNECTIONS, Nginx, POOL_THREADS, POOL_WORKERS, Pool, RATE_LIMIT, RATE_WINDOW_S, REJECTED_RUN_S,
     REPO, Redis, STREAM_SECONDS, STREAM_STEPS, STREAM_TIMEOUT_S, STREAM_TTFB_CHUNK_DELAY_MS,
     STREAM_TTFB_CONNECTIONS, STREAM_TTFB_RUN_S, STREAM_TTFB_THREADS, STREAM_TTFB_WORKERS, STREAM_WORDS, Stack,
     StackError, TARGET_CAPACITY_RSS_BYTES, WARMUP_CONNECTIONS, WARMUP_RUN_S, WRK_SCRIPT, WRK_THREADS,
     WRK_TIMEOUT_S, concurrently, free_port, nginx_limits_for, post_chat, raise_nofile_limit, say)
+from harness import keys as rkeys
 from harness.cluster import RedisCluster
 from bench_procfs import (
     Probe, chroma_collections, delta, descendants, loadavg, metric, open_files, pool_requests, proc_ticks,
@@ -196,7 +197,7 @@ def measured_run(probe: Probe, path: str, connections: int, duration_s: int, use
 
 def index_backlog(stack: Stack) -> int:
     """Recorded turns the indexers have not yet moved into Chroma."""
-    return int(stack.redis.command("XLEN", INDEX_STREAM) or 0)
+    return rkeys.total_len(stack.redis, rkeys.all_index_streams())
 
 
 # ---------------------------------------------------------------------------
@@ -390,12 +391,13 @@ def backlog_now(stack: Stack, url: str) -> "dict[str, Any]":
     for key in ("chatd_index_waiting", "chatd_index_pending", "chatd_index_oldest_age_seconds"):
         out[key] = m.get(key)
     r = stack.redis
-    out["stream_len"] = int(r.command("XLEN", INDEX_STREAM) or 0)
-    first = r.command("XRANGE", INDEX_STREAM, "-", "+", "COUNT", "1")
+    out["stream_len"] = rkeys.total_len(r, rkeys.all_index_streams())
+    firsts = [f for k in rkeys.all_index_streams() for f in (r.command("XRANGE", k, "-", "+", "COUNT", "1") or [])]
     now = r.command("TIME")
     now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
-    # Entry ids are "<ms>-<seq>": the oldest entry's age, as chatd computes it.
-    out["stream_oldest_age_s"] = (now_ms - int(first[0][0].split(b"-")[0])) / 1000 if first else 0.0
+    # Entry ids are "<ms>-<seq>": the oldest entry's age over the shards, as chatd computes it.
+    oldest = min((int(f[0].split(b"-")[0]) for f in firsts), default=None)
+    out["stream_oldest_age_s"] = (now_ms - oldest) / 1000 if oldest is not None else 0.0
     return out
 
 
@@ -472,7 +474,7 @@ def seed_memory(stack: Stack, url: str) -> "dict[str, Any]":
     seconds = time.monotonic() - started
     failed = sum(1 for st in statuses if st != 200)
     drain = wait_backlog_empty(stack, url, BACKLOG_DRAIN_LIMIT_S)
-    hot = sum(int(stack.redis.command("HLEN", f"chat:{{{CHAT_PREFIX}{u}}}:hot") or 0)
+    hot = sum(int(stack.redis.command("HLEN", rkeys.user_key(f"{CHAT_PREFIX}{u}", "hot")) or 0)
               for u in (1, CHAT_USERS // 2, CHAT_USERS))
     seeded = {"users": CHAT_USERS, "turns_per_user": MEMORY_TURNS, "chats": chats, "failed": failed,
               "seconds": seconds, "backlog_drain": drain, "hot_messages_of_3_sampled_users": hot}

@@ -115,7 +115,6 @@ BACKLOG_SAMPLE_S = 0.5
 BACKLOG_POLL_S = 0.1
 BACKLOG_DRAIN_LIMIT_S = 300
 
-INDEX_STREAM = "chatd:index"
 CHROMA_API = "/api/v2/tenants/default_tenant/databases/default_database"
 
 # Targets of issue 8 (reported, never asserted).

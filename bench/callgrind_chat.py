@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from harness import keys as rkeys  # noqa: E402
 from harness.stack import Chroma, FakeModel, Nginx, Pool, Redis, poll_until  # noqa: E402
 
 FUNCTIONS = ["FcgiServer::ThreadMain()", "ChatService::Chat(", "RedisShortTermStore::Read(", "RankHot(",
@@ -99,13 +100,19 @@ def main() -> int:
             for u in range(1, args.users + 1):
                 post(nginx.url, f"cg-u{u}", f"note {turn} of user {u}: {rng.choice(['tides', 'cello', 'bread'])}")
 
+        def groups() -> "list[dict]":
+            out = []
+            for stream in rkeys.all_index_streams():
+                for g in redis.redis_command("XINFO", "GROUPS", stream) or []:
+                    out.append(dict(zip(g[::2], g[1::2])))
+            return out
+
         def drained() -> bool:
-            groups = redis.redis_command("XINFO", "GROUPS", "chatd:index")
-            info = dict(zip(groups[0][::2], groups[0][1::2])) if groups else {}
-            return info.get(b"lag") == 0 and info.get(b"pending") == 0
+            found = groups()
+            return len(found) == rkeys.REDIS_SHARDS and all(
+                g.get(b"lag") == 0 and g.get(b"pending") == 0 for g in found)
         if not poll_until(drained, DRAIN_TIMEOUT_S, interval=1):
-            raise SystemExit("the indexer did not drain the seeded turns: "
-                             f"{redis.redis_command('XINFO', 'GROUPS', 'chatd:index')}")
+            raise SystemExit(f"the indexer did not drain the seeded turns: {groups()}")
         worker = str(pool.worker_pids()[0])
         subprocess.run(["callgrind_control", "--zero", worker], check=True, capture_output=True)
         for i in range(args.chats):

@@ -17,17 +17,13 @@
 #include "chatd/indexer.h"
 #include "chatd/log.h"
 #include "random_id.h"
-#include "chatd/redis_idempotency.h"
 #include "chatd/redis_memory.h"
-#include "chatd/redis_rate_limiter.h"
-#include "chatd/user_id.h"
+#include "chatd/redis_schema.h"
 
 namespace chatd {
 
 namespace {
 
-// Page size when reading the index stream for queued turns.
-constexpr int kStreamPage = 1000;
 constexpr int kCrashStatus = 137;  // what a shell reports after kill -9
 // Seconds since the epoch beyond which milliseconds would overflow int64.
 constexpr int64_t kMaxTimeSeconds = INT64_MAX / 1000 - 1;
@@ -40,164 +36,8 @@ constexpr char kMigratePurpose[] = "migrate";
 // holds the lease, so only their locks can be proved abandoned: by a lease
 // that is free, or ours.
 constexpr char kRunPurpose[] = "cleanup";
-constexpr char kLeaseKey[] = "chatd:cleanup:lease";
 // How often a forget or a restore looks whether a run let go of the user.
 constexpr std::chrono::milliseconds kLockPoll{100};
-
-// KEYS: activity, recent, rl fixed, rl sliding, lock, hot set, hot index,
-// index stream, in-progress set, recorded turns, turn index, queued turns.
-// ARGV: user, last activity we archived, index group, our lock value, stream
-// ids to acknowledge.
-// The turn index goes with the rest: restore rebuilds it from the archive.
-// Returns 1 when the user was removed, 0 when they came back meanwhile, -1
-// (and touches nothing) when the lock is no longer ours.
-const RedisScript kFinishArchive(R"lua(
-if redis.call('GET', KEYS[5]) ~= ARGV[4] then return -1 end
-if #ARGV > 4 then
-  local ids = {}
-  for i = 5, #ARGV do ids[#ids + 1] = ARGV[i] end
-  redis.call('XACK', KEYS[8], ARGV[3], unpack(ids))
-  redis.call('XDEL', KEYS[8], unpack(ids))
-end
-redis.call('SREM', KEYS[9], ARGV[1])
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if score and tonumber(score) == tonumber(ARGV[2]) then
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[10], KEYS[11], KEYS[12])
-  redis.call('ZREM', KEYS[1], ARGV[1])
-  return 1
-end
-redis.call('DEL', KEYS[5])
-return 0
-)lua");
-
-// KEYS: lock, in-progress set, lease. ARGV: user, our lock value, lock TTL,
-// our lease value ("" when we hold none).
-// Takes the user's lock, when it is free (SET NX, in effect) or left by a
-// run or migration that is gone (the lease is free, or ours), and remembers
-// the user as in progress, together. Returns 1, or the holder's value.
-const RedisScript kTakeLock(R"lua(
-local held = redis.call('GET', KEYS[1])
-if held and held ~= ARGV[2] then
-  local purpose = string.match(held, '^[^:]*')
-  local lease = redis.call('GET', KEYS[3])
-  if (purpose ~= 'cleanup' and purpose ~= 'migrate') or (lease and lease ~= ARGV[4]) then return held end
-end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-redis.call('SADD', KEYS[2], ARGV[1])
-return 1
-)lua");
-
-// KEYS: a lock or the lease. ARGV: our value, TTL. Renews it if it is still
-// ours: 1; else 0 (expired, or someone else's now).
-const RedisScript kRenew(R"lua(
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-)lua");
-
-// KEYS: lease. ARGV: our value, TTL, the value of a holder proved gone ("":
-// none). Returns 1, or the live holder's value.
-const RedisScript kTakeLease(R"lua(
-local held = redis.call('GET', KEYS[1])
-if held and held ~= ARGV[3] and held ~= ARGV[1] then return held end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
-)lua");
-
-// KEYS: lease. ARGV: our value. Compare-and-delete.
-const RedisScript kReleaseLease(R"lua(
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-return 1
-)lua");
-
-// KEYS: activity, lock, in-progress set. ARGV: user, cut-off.
-// A user left in progress by a killed run who is active again (or gone)
-// gets their lock back; one still inactive is left for this run to finish.
-// The lock of a forget or a restore is its owner's: left alone.
-const RedisScript kSettleInProgress(R"lua(
-local held = redis.call('GET', KEYS[2])
-if held then
-  local purpose = string.match(held, '^[^:]*')
-  if purpose ~= 'cleanup' and purpose ~= 'migrate' then return 0 end
-end
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if score and tonumber(score) < tonumber(ARGV[2]) then return 0 end
-redis.call('DEL', KEYS[2])
-redis.call('SREM', KEYS[3], ARGV[1])
-return 1
-)lua");
-
-// KEYS: activity, recent, rl fixed, rl sliding, lock, hot set, hot index,
-// index stream, dead letters, in-progress set, turn index, queued turns,
-// tombstone, recorded turns, the list of Idempotency-Key hashes, then those
-// hashes.
-// ARGV: user, index group, our lock value, tombstone TTL (ms), keep rate
-// limits (1/0), then stream ids (index stream) ... "|" ... dead-letter ids.
-// -1 (nothing touched) when the lock is not ours. Else leaves the tombstone:
-// the id of an entry added to the index stream and deleted at once, so every
-// turn recorded before this moment has a smaller id and every later one a
-// larger. Returns it.
-const RedisScript kForget(R"lua(
-if redis.call('GET', KEYS[5]) ~= ARGV[3] then return -1 end
-redis.call('SREM', KEYS[10], ARGV[1])
-local ids, dead, into = {}, {}, nil
-into = ids
-for i = 6, #ARGV do
-  if ARGV[i] == '|' then into = dead else into[#into + 1] = ARGV[i] end
-end
-if #ids > 0 then
-  redis.call('XACK', KEYS[8], ARGV[2], unpack(ids))
-  redis.call('XDEL', KEYS[8], unpack(ids))
-end
-if #dead > 0 then redis.call('XDEL', KEYS[9], unpack(dead)) end
-redis.call('DEL', KEYS[2], KEYS[5], KEYS[6], KEYS[7], KEYS[11], KEYS[12], KEYS[14], KEYS[15])
-for i = 16, #KEYS do redis.call('DEL', KEYS[i]) end
-if ARGV[5] ~= '1' then redis.call('DEL', KEYS[3], KEYS[4]) end
-redis.call('ZREM', KEYS[1], ARGV[1])
-local mark = redis.call('XADD', KEYS[8], '*', 'erase', ARGV[1])
-redis.call('XDEL', KEYS[8], mark)
-redis.call('SET', KEYS[13], mark, 'PX', ARGV[4])
-return mark
-)lua");
-
-// KEYS: index stream. ARGV: group, tombstone, then stream ids of the user.
-// Drops the entries older than the tombstone: turns that chats fenced by the
-// erase recorded after its first look at the stream. Returns their ids.
-const RedisScript kDropBeforeTombstone(R"lua(
-local tm, tq = string.match(ARGV[2], '^(%d+)-(%d+)$')
-tm, tq = tonumber(tm), tonumber(tq)
-local dropped = {}
-for i = 3, #ARGV do
-  local m, q = string.match(ARGV[i], '^(%d+)-(%d+)$')
-  m, q = tonumber(m), tonumber(q)
-  if m < tm or (m == tm and q < tq) then
-    redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
-    redis.call('XDEL', KEYS[1], ARGV[i])
-    dropped[#dropped + 1] = ARGV[i]
-  end
-end
-return dropped
-)lua");
-
-// KEYS: lock, in-progress set. ARGV: user, value. Compare-and-delete of the
-// user's lock, and the user is no longer in progress.
-const RedisScript kReleaseLock(R"lua(
-if redis.call('GET', KEYS[1]) ~= ARGV[2] then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('SREM', KEYS[2], ARGV[1])
-return 1
-)lua");
-
-// KEYS: lock, in-progress set. ARGV: user, purpose. Releases a lock a killed
-// migration left (the caller holds the lease, so its owner is gone).
-const RedisScript kReleaseAbandoned(R"lua(
-local held = redis.call('GET', KEYS[1])
-if not held or string.match(held, '^[^:]*') ~= ARGV[2] then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('SREM', KEYS[2], ARGV[1])
-return 1
-)lua");
 
 // Runs `f` when the scope ends, whichever way: for what must follow every
 // return (stop renewing a lock, release the lease).
@@ -234,13 +74,6 @@ std::string ProcessStart(const std::string& pid) {
   return "";
 }
 
-// Every per-user key a cleanup removes: recent, rl fixed, rl sliding, lock,
-// hot set, hot index (the scripts' KEYS[2..7]), recorded turns (their last).
-std::vector<std::string> UserKeys(std::string_view user) {
-  return {RecentKey(user), UserKey(user, kFixedWindowKeySuffix), UserKey(user, kSlidingLogKeySuffix),
-          CleanupLockKey(user), HotKey(user), HotIndexKey(user), RecordedTurnsKey(user)};
-}
-
 Status RedisErrorIf(const Result<RedisValue>& r, std::string_view what) {
   if (!r.ok()) return r.status();
   if (r->is_error()) return RedisReplyError(r->str, what);
@@ -274,7 +107,6 @@ void Cleanup::StartKeeper() {
 }
 
 void Cleanup::Keep() {
-  const std::string ttl = std::to_string(options_.lock_ttl_ms);
   const auto every = std::chrono::milliseconds(std::max<int64_t>(options_.lock_ttl_ms / 3, 1));
   std::unique_lock<std::mutex> lock(keep_mu_);
   while (!keep_cv_.wait_for(lock, every, [this] { return keep_stop_; })) {
@@ -284,15 +116,14 @@ void Cleanup::Keep() {
     // A failed renewal (Redis away) is tried again next time; only an answer
     // that the key is someone else's now counts as lost.
     if (lease) {
-      auto r = redis_.Eval(kRenew, {kLeaseKey}, {*lease, ttl});
+      auto r = RenewCleanupLease(redis_, *lease, options_.lock_ttl_ms);
       if (r.ok() && !r->is_error() && r->integer == 0) {
         lease_lost_ = true;
         LogError("cleanup_lease_lost").Str("detail", "another chatd-cleanup holds the lease now").Emit();
       }
     }
     if (!user.empty()) {
-      std::string key = CleanupLockKey(user);
-      auto r = redis_.Eval(kRenew, {key}, {value, ttl});
+      auto r = RenewCleanupLock(redis_, user, value, options_.lock_ttl_ms);
       lock.lock();
       const bool still_ours = locked_user_ == user;
       lock.unlock();
@@ -307,11 +138,10 @@ void Cleanup::Keep() {
 Status Cleanup::TakeLease(std::string_view command) {
   const std::string host = HostName(), pid = std::to_string(getpid());
   const std::string value = token_ + " " + host + " " + pid + " " + ProcessStart(pid) + " " + std::string(command);
-  const std::string ttl = std::to_string(options_.lock_ttl_ms);
   std::string gone;  // a holder proved dead, whose lease we may take over
   for (int attempt = 0; attempt < 2; ++attempt) {
-    Result<RedisValue> r = redis_.Eval(kTakeLease, {kLeaseKey}, {value, ttl, gone});
-    if (Status s = RedisErrorIf(r, "lease"); !s.ok()) return s;
+    Result<RedisValue> r = TakeCleanupLease(redis_, value, options_.lock_ttl_ms, gone);
+    if (!r.ok()) return r.status();
     if (r->type == RedisValue::Type::kInteger && r->integer == 1) {
       if (!gone.empty()) LogWarn("cleanup_lease_taken_over").Str("from", gone).Emit();
       {
@@ -331,7 +161,7 @@ Status Cleanup::TakeLease(std::string_view command) {
     if (!dead_here || attempt > 0) {
       return Unavailable(std::string(kCleanupRunningReason),
                          "another chatd-cleanup " + their_command + " (pid " + their_pid + " on " + their_host +
-                             ") is running; this one stops. Its lease " + kLeaseKey +
+                             ") is running; this one stops. Its lease " + std::string(kCleanupLeaseKey) +
                              " ends with it, or CHATD_CLEANUP_LOCK_TTL_MS after it stopped renewing it");
     }
     gone = r->str;
@@ -347,8 +177,7 @@ void Cleanup::ReleaseLease() {
   }
   if (!lease) return;
   // A failed release costs the next run the lease's TTL at most.
-  auto r = redis_.Eval(kReleaseLease, {kLeaseKey}, {*lease});
-  if (!r.ok() || r->is_error()) LogWarn("cleanup_lease_not_released").Emit();
+  if (!ReleaseCleanupLease(redis_, *lease).ok()) LogWarn("cleanup_lease_not_released").Emit();
 }
 
 void Cleanup::CrashIf(std::string_view point) const {
@@ -367,27 +196,11 @@ Result<int64_t> Cleanup::NowMs() {
 }
 
 Result<std::map<std::string, std::vector<IndexEntry>>> Cleanup::QueuedTurns(const std::vector<std::string>& users) {
-  std::set<std::string> wanted(users.begin(), users.end());
-  std::map<std::string, std::vector<IndexEntry>> out;
-  std::string start = "-";
-  std::string page = std::to_string(kStreamPage);
-  for (;;) {
-    Result<RedisValue> r = redis_.Command({"XRANGE", kIndexStreamKey, start, "+", "COUNT", page});
-    if (Status s = RedisErrorIf(r, "XRANGE"); !s.ok()) return s;
-    std::vector<IndexEntry> entries = ParseIndexEntries(*r);
-    for (auto& e : entries) {
-      if (wanted.count(e.user)) out[e.user].push_back(e);
-    }
-    if (r->elements.size() < static_cast<size_t>(kStreamPage)) break;
-    start = "(" + r->elements.back().elements[0].str;  // exclusive: after the last id seen
-  }
-  return out;
+  return ReadQueuedTurns(redis_, users);
 }
 
 Result<Cleanup::Outcome> Cleanup::ArchiveUser(const std::string& user, int64_t last_activity,
                                               const std::vector<IndexEntry>& queued, int64_t& records) {
-  std::vector<std::string> keys = UserKeys(user);
-
   // 1. The lock pauses the indexer for this user. A lock left by a run that was
   // killed is simply taken over: every step below is idempotent.
   if (Status s = TakeLock(user, kRunPurpose); !s.ok()) return s;
@@ -436,15 +249,10 @@ Result<Cleanup::Outcome> Cleanup::ArchiveUser(const std::string& user, int64_t l
   CrashIf("after_delete_collection");
 
   // 5. Redis keys, unless the user came back meanwhile.
-  std::string score = std::to_string(last_activity);
-  const std::string value = LockValue(kRunPurpose);
-  std::vector<std::string_view> args = {user, score, kIndexGroup, value};
-  for (const IndexEntry& e : queued) args.push_back(e.stream_id);
-  const std::string turns = TurnIndexKey(user), queued_turns = QueuedTurnsKey(user);
-  std::vector<std::string_view> script_keys = {kActivityKey, keys[0], keys[1], keys[2], keys[3], keys[4], keys[5],
-                                               kIndexStreamKey, kCleanupInProgressKey, keys[6], turns, queued_turns};
-  Result<RedisValue> done = redis_.Eval(kFinishArchive, script_keys, args);
-  if (Status s = RedisErrorIf(done, "finishing the archive"); !s.ok()) return s;
+  std::vector<std::string> stream_ids;
+  for (const IndexEntry& e : queued) stream_ids.push_back(e.stream_id);
+  Result<RedisValue> done = FinishArchive(redis_, user, last_activity, LockValue(kRunPurpose), stream_ids);
+  if (!done.ok()) return done.status();
   if (done->integer < 0) return LockLost();
   return done->integer == 1 ? Outcome::kArchived : Outcome::kReturned;
 }
@@ -464,19 +272,26 @@ Result<CleanupSummary> Cleanup::Run() {
   if (!options_.dry_run) {
     if (Status s = SettleInProgress(cutoff_ms); !s.ok()) return s;
   }
-  std::string cutoff = "(" + std::to_string(cutoff_ms);  // strictly older than the threshold
-  std::string batch = std::to_string(options_.batch);
 
+  // One shard's activity index after the other.
+  int batch_no = 0;
+  for (int shard = 0; shard < kRedisShards; ++shard) {
+    if (Status s = RunShard(shard, cutoff_ms, batch_no, sum); !s.ok()) return s;
+  }
+  sum.seconds = std::chrono::duration<double>(SteadyClock::now() - started).count();
+  return sum;
+}
+
+Status Cleanup::RunShard(int shard, int64_t cutoff_ms, int& batch_no, CleanupSummary& sum) {
   // Users that stay in the index below the cut-off (failed, or left alone in
   // a dry run) are skipped by offset; archived ones leave it, and those who
   // come back move above the cut-off.
   int64_t offset = 0;
-  for (int batch_no = 1;; ++batch_no) {
-    std::string off = std::to_string(offset);
-    Result<RedisValue> page = redis_.Command(
-        {"ZRANGE", kActivityKey, "-inf", cutoff, "BYSCORE", "LIMIT", off, batch, "WITHSCORES"});
-    if (Status s = RedisErrorIf(page, "ZRANGE"); !s.ok()) return s;
+  for (;;) {
+    Result<RedisValue> page = InactiveUsersPage(redis_, shard, cutoff_ms, offset, options_.batch);
+    if (!page.ok()) return page.status();
     if (page->elements.empty()) break;
+    ++batch_no;
 
     std::vector<std::pair<std::string, int64_t>> users;
     for (size_t i = 0; i + 1 < page->elements.size(); i += 2) {
@@ -543,8 +358,7 @@ Result<CleanupSummary> Cleanup::Run() {
         .Int("failed", batch_failed)
         .Emit();
   }
-  sum.seconds = std::chrono::duration<double>(SteadyClock::now() - started).count();
-  return sum;
+  return Status::Ok();
 }
 
 Result<int64_t> Cleanup::Restore(std::string_view user_id) {
@@ -583,8 +397,7 @@ Result<int64_t> Cleanup::Restore(std::string_view user_id) {
   // Tracked again, so the restored memory is archived again when unused.
   Result<int64_t> now = NowMs();
   if (!now.ok()) return now.status();
-  std::string score = std::to_string(*now);
-  if (Status s = RedisErrorIf(redis_.Command({"ZADD", kActivityKey, "NX", score, user}), "ZADD"); !s.ok()) return s;
+  if (auto tracked = TrackActivityIfAbsent(redis_, user, *now); !tracked.ok()) return tracked.status();
   // Only now that Chroma holds every record may the archives go.
   if (Status s = Fence(user); !s.ok()) return s;
   if (Status s = RemoveArchives(options_.archive_dir, user, *paths); !s.ok()) return s;
@@ -641,42 +454,25 @@ Result<int64_t> Cleanup::EraseLocked(const std::string& user, bool keep_rate_lim
 
   // Dead letters of this user (rare; the stream is normally empty).
   std::vector<std::string> dead_ids;
-  Result<RedisValue> dead = redis_.Command({"XRANGE", kDeadLetterKey, "-", "+"});
-  if (Status s = RedisErrorIf(dead, "XRANGE"); !s.ok()) return s;
-  for (const IndexEntry& e : ParseIndexEntries(*dead)) {
-    if (e.user != user) continue;
+  auto dead = ReadDeadLetters(redis_, user);
+  if (!dead.ok()) return dead.status();
+  for (const IndexEntry& e : *dead) {
     dead_ids.push_back(e.stream_id);
     add_turn(e.turn);
   }
 
   // What Redis holds of the user's messages: the recent list, the turn index
-  // and the hot set.
-  std::vector<std::string> keys = UserKeys(user);
-  const std::string turns = TurnIndexKey(user), queued_turns = QueuedTurnsKey(user), tombstone = TombstoneKey(user);
-  const std::string idem_list = IdempotencyKeysKey(user);
-  auto held = redis_.Pipeline({{"LRANGE", keys[0], "0", "-1"},
-                               {"ZRANGE", turns, "0", "-1"},
-                               {"HKEYS", keys[4]},
-                               {"ZRANGE", idem_list, "0", "-1"}});
+  // and the hot set; and their Idempotency-Key answers, which hold reply texts.
+  auto held = ReadUserFootprint(redis_, user);
   if (!held.ok()) return held.status();
-  for (const RedisValue& r : *held) {
-    if (r.is_error()) return Unavailable("redis_error", "reading the user's keys failed: " + r.str);
-  }
-  for (const RedisValue& e : (*held)[0].elements) {
+  for (const RedisValue& e : held->recent.elements) {
     auto m = ParseRecentEntry(e.str);
     if (m.ok()) erased.insert(m->id);
   }
-  for (const RedisValue& e : (*held)[1].elements) {
+  for (const RedisValue& e : held->turns.elements) {
     if (std::string_view turn = TurnOfIndexMember(e.str); !turn.empty()) add_turn(std::string(turn));
   }
-  for (const RedisValue& e : (*held)[2].elements) erased.insert(e.str);
-  // The user's Idempotency-Key answers hold reply texts: they go too. Only
-  // names under the user's own prefix, whatever the list says.
-  const std::string idem_prefix = UserKey(user, "idem:");
-  std::vector<std::string> idem_keys;
-  for (const RedisValue& e : (*held)[3].elements) {
-    if (e.str.rfind(idem_prefix, 0) == 0) idem_keys.push_back(e.str);
-  }
+  for (const RedisValue& e : held->hot_ids.elements) erased.insert(e.str);
 
   if (Status s = Fence(user); !s.ok()) return s;
   std::vector<std::string> chroma_ids;
@@ -688,20 +484,11 @@ Result<int64_t> Cleanup::EraseLocked(const std::string& user, bool keep_rate_lim
   if (Status s = Fence(user); !s.ok()) return s;
   if (Status s = RemoveArchives(options_.archive_dir, user, *paths); !s.ok()) return s;
 
-  const std::string value = LockValue("forget");
-  const std::string ttl = std::to_string(options_.tombstone_ttl_ms);
-  std::vector<std::string_view> args = {user, kIndexGroup, value, ttl, keep_rate_limits ? "1" : "0"};
-  for (const IndexEntry& e : (*queued)[user]) args.push_back(e.stream_id);
-  args.push_back("|");
-  for (const std::string& id : dead_ids) args.push_back(id);
-  std::vector<std::string_view> script_keys = {kActivityKey,    keys[0],        keys[1],
-                                               keys[2],         keys[3],        keys[4],
-                                               keys[5],         kIndexStreamKey, kDeadLetterKey,
-                                               kCleanupInProgressKey, turns,    queued_turns,
-                                               tombstone,       keys[6],        idem_list};
-  for (const std::string& k : idem_keys) script_keys.push_back(k);
-  Result<RedisValue> mark = redis_.Eval(kForget, script_keys, args);
-  if (Status s = RedisErrorIf(mark, "forget"); !s.ok()) return s;
+  std::vector<std::string> stream_ids;
+  for (const IndexEntry& e : (*queued)[user]) stream_ids.push_back(e.stream_id);
+  Result<RedisValue> mark = ForgetUser(redis_, user, LockValue("forget"), options_.tombstone_ttl_ms, keep_rate_limits,
+                                       stream_ids, dead_ids, held->idempotency_keys);
+  if (!mark.ok()) return mark.status();
   if (mark->type == RedisValue::Type::kInteger && mark->integer < 0) return LockLost();
 
   // Chats fenced by the erase may have recorded a turn between the first look
@@ -710,10 +497,10 @@ Result<int64_t> Cleanup::EraseLocked(const std::string& user, bool keep_rate_lim
   auto late = QueuedTurns({user});
   if (!late.ok()) return late.status();
   if (!(*late)[user].empty()) {
-    std::vector<std::string_view> drop = {kIndexGroup, mark->str};
-    for (const IndexEntry& e : (*late)[user]) drop.push_back(e.stream_id);
-    Result<RedisValue> dropped = redis_.Eval(kDropBeforeTombstone, {kIndexStreamKey}, drop);
-    if (Status s = RedisErrorIf(dropped, "dropping fenced turns"); !s.ok()) return s;
+    std::vector<std::string> late_ids;
+    for (const IndexEntry& e : (*late)[user]) late_ids.push_back(e.stream_id);
+    Result<RedisValue> dropped = DropBeforeTombstone(redis_, user, mark->str, late_ids);
+    if (!dropped.ok()) return dropped.status();
     std::set<std::string> gone;
     for (const RedisValue& id : dropped->elements) gone.insert(id.str);
     for (const IndexEntry& e : (*late)[user]) {
@@ -734,12 +521,10 @@ Result<MigrateSummary> Cleanup::Migrate() {
   // lock: the user is done (or, with the collection still there, is listed
   // and migrated again below). We hold the lease: its owner is gone.
   if (!options_.dry_run) {
-    Result<RedisValue> left = redis_.Command({"SMEMBERS", kCleanupInProgressKey});
-    if (Status s = RedisErrorIf(left, "SMEMBERS"); !s.ok()) return s;
-    for (const RedisValue& u : left->elements) {
-      std::string lock = CleanupLockKey(u.str);
-      auto released = redis_.Eval(kReleaseAbandoned, {lock, kCleanupInProgressKey}, {u.str, kMigratePurpose});
-      if (Status s = RedisErrorIf(released, "release"); !s.ok()) return s;
+    auto left = CleanupInProgressUsers(redis_);
+    if (!left.ok()) return left.status();
+    for (const std::string& u : *left) {
+      if (auto released = ReleaseAbandonedLock(redis_, u, kMigratePurpose); !released.ok()) return released.status();
     }
   }
   std::set<std::string> failed;
@@ -773,17 +558,30 @@ Result<MigrateSummary> Cleanup::Migrate() {
   return sum;
 }
 
+Result<KeyMigrationSummary> Cleanup::MigrateKeys() {
+  if (!options_.dry_run) {
+    if (Status s = TakeLease("migrate-keys"); !s.ok()) return s;
+  }
+  OnExit lease_end{[this] { ReleaseLease(); }};
+  return MigrateKeysToShards(redis_, options_.dry_run);
+}
+
 Status Cleanup::IndexTurns(MigrateSummary& sum) {
   // Turns recorded before the turn index existed are not in it, and the
   // history would not see them. Every tracked user's indexed records (ids and
   // metadata only) are added again, a page of the activity index at a time:
   // adding is idempotent, and a user who chatted since the upgrade has an
   // index that holds only the new turns, so "has an index" proves nothing.
-  const std::string batch = std::to_string(options_.batch);
+  for (int shard = 0; shard < kRedisShards; ++shard) {
+    if (Status s = IndexTurnsOfShard(shard, sum); !s.ok()) return s;
+  }
+  return Status::Ok();
+}
+
+Status Cleanup::IndexTurnsOfShard(int shard, MigrateSummary& sum) {
   for (int64_t offset = 0;; offset += options_.batch) {
-    const std::string off = std::to_string(offset);
-    Result<RedisValue> page = redis_.Command({"ZRANGE", kActivityKey, "-inf", "+inf", "BYSCORE", "LIMIT", off, batch});
-    if (Status s = RedisErrorIf(page, "ZRANGE"); !s.ok()) return s;
+    Result<RedisValue> page = TrackedUsersPage(redis_, shard, offset, options_.batch);
+    if (!page.ok()) return page.status();
     if (page->elements.empty()) return Status::Ok();
     for (const RedisValue& u : page->elements) {
       auto records = chroma_.ListMessages(u.str);
@@ -845,8 +643,6 @@ Result<int64_t> Cleanup::MoveLegacyUser(const std::string& user) {
 }
 
 Status Cleanup::TakeLock(const std::string& user, std::string_view purpose, bool wait) {
-  std::string lock = CleanupLockKey(user);
-  std::string ttl = std::to_string(options_.lock_ttl_ms);
   const std::string value = LockValue(purpose);
   std::string lease;
   {
@@ -857,8 +653,8 @@ Status Cleanup::TakeLock(const std::string& user, std::string_view purpose, bool
   // waiting up to the TTL sees it go.
   const auto wait_until = SteadyClock::now() + std::chrono::milliseconds(options_.lock_ttl_ms);
   for (bool told = false;; told = true) {
-    Result<RedisValue> r = redis_.Eval(kTakeLock, {lock, kCleanupInProgressKey, kLeaseKey}, {user, value, ttl, lease});
-    if (Status s = RedisErrorIf(r, "lock"); !s.ok()) return s;
+    Result<RedisValue> r = TakeCleanupLock(redis_, user, value, options_.lock_ttl_ms, lease);
+    if (!r.ok()) return r.status();
     if (r->type == RedisValue::Type::kInteger && r->integer == 1) break;
     const std::string holder = r->str.substr(0, r->str.find(':'));
     if (!wait || SteadyClock::now() >= wait_until) {
@@ -876,12 +672,11 @@ Status Cleanup::TakeLock(const std::string& user, std::string_view purpose, bool
   // Indexers that checked the lock just before we took it may still be
   // writing this user's turns: wait until they are done (their marker has a
   // TTL, so this ends even if one died mid-write).
-  std::string marker = IndexingKey(user);
   auto waited_until = SteadyClock::now() + std::chrono::milliseconds(options_.lock_ttl_ms / 2);
   for (;;) {
-    Result<RedisValue> r = redis_.Command({"EXISTS", marker});
-    if (Status e = RedisErrorIf(r, "EXISTS"); !e.ok()) return e;
-    if (r->integer == 0) return Status::Ok();
+    Result<bool> busy = IndexingInProgress(redis_, user);
+    if (!busy.ok()) return busy.status();
+    if (!*busy) return Status::Ok();
     if (SteadyClock::now() >= waited_until) {
       return Unavailable("indexer_busy", "an indexer kept writing this user's turns; retry later");
     }
@@ -897,10 +692,8 @@ Status Cleanup::Fence(const std::string& user) {
     if (locked_user_ == user) value = locked_value_;
   }
   if (value.empty()) return LockLost();
-  std::string lock = CleanupLockKey(user);
-  std::string ttl = std::to_string(options_.lock_ttl_ms);
-  Result<RedisValue> r = redis_.Eval(kRenew, {lock}, {value, ttl});
-  if (Status s = RedisErrorIf(r, "lock check"); !s.ok()) return s;
+  Result<RedisValue> r = RenewCleanupLock(redis_, user, value, options_.lock_ttl_ms);
+  if (!r.ok()) return r.status();
   if (r->integer != 1) {
     LogError("cleanup_lock_lost").Str("user", user).Emit();
     return LockLost();
@@ -916,8 +709,8 @@ Status Cleanup::ReleaseLock(const std::string& user) {
   }
   ForgetLock();
   if (value.empty()) return Status::Ok();
-  std::string lock = CleanupLockKey(user);
-  return RedisErrorIf(redis_.Eval(kReleaseLock, {lock, kCleanupInProgressKey}, {user, value}), "release");
+  Result<RedisValue> released = ReleaseCleanupLock(redis_, user, value);
+  return released.ok() ? Status::Ok() : released.status();
 }
 
 void Cleanup::ReleaseLockOrWarn(const std::string& user) {
@@ -934,14 +727,12 @@ void Cleanup::ForgetLock() {
 }
 
 Status Cleanup::SettleInProgress(int64_t cutoff_ms) {
-  Result<RedisValue> users = redis_.Command({"SMEMBERS", kCleanupInProgressKey});
-  if (Status s = RedisErrorIf(users, "SMEMBERS"); !s.ok()) return s;
-  std::string cutoff = std::to_string(cutoff_ms);
-  for (const RedisValue& u : users->elements) {
-    std::string lock = CleanupLockKey(u.str);
-    Result<RedisValue> r = redis_.Eval(kSettleInProgress, {kActivityKey, lock, kCleanupInProgressKey}, {u.str, cutoff});
-    if (Status s = RedisErrorIf(r, "settling"); !s.ok()) return s;
-    if (r->integer == 1) LogInfo("cleanup_settled").Str("user", u.str).Emit();
+  auto users = CleanupInProgressUsers(redis_);
+  if (!users.ok()) return users.status();
+  for (const std::string& u : *users) {
+    Result<RedisValue> r = chatd::SettleInProgress(redis_, u, cutoff_ms);
+    if (!r.ok()) return r.status();
+    if (r->integer == 1) LogInfo("cleanup_settled").Str("user", u).Emit();
   }
   return Status::Ok();
 }

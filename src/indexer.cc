@@ -30,90 +30,6 @@ bool IsPermanent(const Status& s) {
 // can be the entry's fault, and only while Chroma accepts other writes.
 bool StoreAnswered(const Status& s) { return s.reason() == "chroma_unavailable"; }
 
-// KEYS: the user's cleanup lock, the user's indexing marker, the index
-// stream, the user's erase tombstone.
-// ARGV: marker TTL, group, consumer, then (entry id, deliveries) pairs.
-// Returns 0 when a cleanup holds the user: do not write; the entries stay
-// pending, idle again, and this delivery does not count (RETRYCOUNT undoes it).
-// Returns 1 otherwise, with the marker raised.
-// With a tombstone, returns {go (1/0), dropped entry ids...} instead: entries
-// older than the user's latest erase were recorded by chats the erase fenced
-// (or before it) and must never reach Chroma: they are acknowledged and
-// deleted here; go is 0 (no marker) when nothing else is left.
-const RedisScript kBeginIndexing(R"lua(
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  for i = 4, #ARGV, 2 do
-    redis.call('XCLAIM', KEYS[3], ARGV[2], ARGV[3], 0, ARGV[i],
-               'RETRYCOUNT', math.max(tonumber(ARGV[i + 1]) - 1, 0), 'JUSTID')
-  end
-  return 0
-end
-local tombstone = redis.call('GET', KEYS[4])
-if tombstone then
-  local tm, tq = string.match(tombstone, '^(%d+)-(%d+)$')
-  tm, tq = tonumber(tm), tonumber(tq)
-  local out, left = {0}, 0
-  for i = 4, #ARGV, 2 do
-    local m, q = string.match(ARGV[i], '^(%d+)-(%d+)$')
-    m, q = tonumber(m), tonumber(q)
-    if tm and (m < tm or (m == tm and q < tq)) then
-      redis.call('XACK', KEYS[3], ARGV[2], ARGV[i])
-      redis.call('XDEL', KEYS[3], ARGV[i])
-      out[#out + 1] = ARGV[i]
-    else
-      left = left + 1
-    end
-  end
-  if left == 0 then return out end
-  out[1] = 1
-  redis.call('INCR', KEYS[2])
-  redis.call('PEXPIRE', KEYS[2], ARGV[1])
-  return out
-end
-redis.call('INCR', KEYS[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[1])
-return 1
-)lua");
-
-// KEYS: lock, marker, index stream, hot set, hot index, queued turns.
-// ARGV: group, hot-set bound, keep marker (1/0), n, then n entry ids to
-// acknowledge, then their n turn ids (no longer queued), then (message id,
-// ts, packed record) triples for the hot set.
-// Lowers the marker, unless a write of ours may still land (it timed out
-// without an answer: Chroma may yet apply it), in which case the marker stays
-// until its TTL, and a cleanup keeps waiting for it. Acknowledges and fills
-// the hot set only while no cleanup holds the user (else everything stays
-// pending for after the cleanup). Returns the number acknowledged.
-const RedisScript kFinishIndexing(std::string(R"lua(
-if ARGV[3] == '0' and redis.call('DECR', KEYS[2]) <= 0 then redis.call('DEL', KEYS[2]) end
-local n = tonumber(ARGV[4])
-if n == 0 or redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local ids = {}
-for i = 5, 4 + n do ids[#ids + 1] = ARGV[i] end
-local turns = {}
-for i = 5 + n, 4 + 2 * n do turns[#turns + 1] = ARGV[i] end
-redis.call('XACK', KEYS[3], ARGV[1], unpack(ids))
-redis.call('XDEL', KEYS[3], unpack(ids))
-redis.call('HDEL', KEYS[6], unpack(turns))
-local hot_key, hot_index_key, bound, first = KEYS[4], KEYS[5], tonumber(ARGV[2]), 5 + 2 * n
-)lua") + kHotSetAddLua + "return n\n");
-
-// KEYS: index stream. ARGV: group, this consumer, idle bound (ms).
-// One script, so that no consumer can be handed an entry between the check
-// that nothing is pending at it and its removal (DELCONSUMER drops what is).
-const RedisScript kRemoveGoneConsumers(R"lua(
-local removed = 0
-for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
-  local f = {}
-  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
-  if f['name'] ~= ARGV[2] and tonumber(f['pending']) == 0 and tonumber(f['idle']) > tonumber(ARGV[3]) then
-    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
-    removed = removed + 1
-  end
-end
-return removed
-)lua");
-
 // The value of `field` in INFO's "field:value" lines, 0 if absent.
 int64_t InfoField(std::string_view info, std::string_view field) {
   const std::string key = "\n" + std::string(field) + ":";
@@ -156,42 +72,63 @@ Result<std::vector<StoredMessage>> BuildStoredMessages(const std::vector<IndexEn
 }
 
 Result<IndexBacklog> ReadIndexBacklog(RedisClient& redis) {
-  auto replies = redis.Pipeline({{"XLEN", kIndexStreamKey},
-                                 {"XPENDING", kIndexStreamKey, kIndexGroup},
-                                 {"XRANGE", kIndexStreamKey, "-", "+", "COUNT", "1"},
-                                 {"TIME"},
-                                 {"XLEN", kDeadLetterKey},
-                                 {"INFO", "memory"}});
+  // Four commands per shard, then TIME and INFO, in one round trip.
+  constexpr size_t kPerShard = 4;
+  std::vector<std::string> streams, dead_keys;
+  for (int shard = 0; shard < kRedisShards; ++shard) {
+    streams.push_back(IndexStreamKey(shard));
+    dead_keys.push_back(DeadLetterKey(shard));
+  }
+  std::vector<std::vector<std::string_view>> cmds;
+  for (int shard = 0; shard < kRedisShards; ++shard) {
+    const std::string& stream = streams[static_cast<size_t>(shard)];
+    cmds.push_back({"XLEN", stream});
+    cmds.push_back({"XPENDING", stream, kIndexGroup});
+    cmds.push_back({"XRANGE", stream, "-", "+", "COUNT", "1"});
+    cmds.push_back({"XLEN", dead_keys[static_cast<size_t>(shard)]});
+  }
+  cmds.push_back({"TIME"});
+  cmds.push_back({"INFO", "memory"});
+  auto replies = redis.Pipeline(cmds);
   if (!replies.ok()) return replies.status();
-  const RedisValue& len = (*replies)[0];
-  const RedisValue& pending = (*replies)[1];
-  const RedisValue& first = (*replies)[2];
-  const RedisValue& time = (*replies)[3];
-  const RedisValue& dead = (*replies)[4];
-  const RedisValue& memory = (*replies)[5];
-  if (len.type != RedisValue::Type::kInteger || time.elements.size() != 2 ||
-      dead.type != RedisValue::Type::kInteger || memory.type != RedisValue::Type::kString) {
+  const RedisValue& time = (*replies)[kPerShard * kRedisShards];
+  const RedisValue& memory = (*replies)[kPerShard * kRedisShards + 1];
+  if (time.elements.size() != 2 || memory.type != RedisValue::Type::kString) {
     return Unavailable("redis_error", "reading the index backlog failed");
   }
+  const int64_t now_ms = std::strtoll(time.elements[0].str.c_str(), nullptr, 10) * 1000 +
+                         std::strtoll(time.elements[1].str.c_str(), nullptr, 10) / 1000;
   IndexBacklog b;
-  b.stream_length = len.integer;
-  b.dead_letters = dead.integer;
   b.used_memory = InfoField(memory.str, "used_memory");
   b.maxmemory = InfoField(memory.str, "maxmemory");
-  // No group yet (NOGROUP) means nothing was ever delivered.
-  if (!pending.is_error() && !pending.elements.empty()) b.pending = pending.elements[0].integer;
-  b.waiting = std::max<int64_t>(0, len.integer - b.pending);
-  if (!first.elements.empty() && first.elements[0].elements.size() == 2) {
-    const int64_t now_ms = std::strtoll(time.elements[0].str.c_str(), nullptr, 10) * 1000 +
-                           std::strtoll(time.elements[1].str.c_str(), nullptr, 10) / 1000;
-    b.oldest_age_ms = std::max<int64_t>(0, now_ms - StreamIdMs(first.elements[0].elements[0].str));
+  for (size_t shard = 0; shard < static_cast<size_t>(kRedisShards); ++shard) {
+    const RedisValue& len = (*replies)[kPerShard * shard];
+    const RedisValue& pending = (*replies)[kPerShard * shard + 1];
+    const RedisValue& first = (*replies)[kPerShard * shard + 2];
+    const RedisValue& dead = (*replies)[kPerShard * shard + 3];
+    if (len.type != RedisValue::Type::kInteger || dead.type != RedisValue::Type::kInteger) {
+      return Unavailable("redis_error", "reading the index backlog failed");
+    }
+    b.stream_length += len.integer;
+    b.dead_letters += dead.integer;
+    // No group yet (NOGROUP) means nothing was ever delivered.
+    int64_t shard_pending = 0;
+    if (!pending.is_error() && !pending.elements.empty()) shard_pending = pending.elements[0].integer;
+    b.pending += shard_pending;
+    b.waiting += std::max<int64_t>(0, len.integer - shard_pending);
+    if (!first.elements.empty() && first.elements[0].elements.size() == 2) {
+      b.oldest_age_ms =
+          std::max(b.oldest_age_ms, std::max<int64_t>(0, now_ms - StreamIdMs(first.elements[0].elements[0].str)));
+    }
   }
   return b;
 }
 
 Indexer::Indexer(RedisClient& redis, LongTermStore& store, Embedder& embedder, IndexerOptions options,
                  Metrics* metrics)
-    : redis_(redis), store_(store), embedder_(embedder), options_(std::move(options)), metrics_(metrics) {}
+    : redis_(redis), store_(store), embedder_(embedder), options_(std::move(options)), metrics_(metrics) {
+  for (int shard = 0; shard < kRedisShards; ++shard) streams_.push_back(IndexStreamKey(shard));
+}
 
 void Indexer::Count(std::atomic<uint64_t> SharedMetrics::*counter, size_t n) {
   if (metrics_ != nullptr) Metrics::Add(metrics_->shared().*counter, n);
@@ -248,21 +185,28 @@ void Indexer::RemoveGoneConsumers() {
   const int64_t now = WallMs();
   if (now - last_consumer_sweep_ms_ < std::max(options_.consumer_gone_ms / 2, options_.backlog_every_ms)) return;
   last_consumer_sweep_ms_ = now;
-  const std::string idle = std::to_string(options_.consumer_gone_ms);
-  auto r = redis_.Eval(kRemoveGoneConsumers, {kIndexStreamKey}, {kIndexGroup, options_.consumer, idle});
-  // A failed sweep costs nothing but a later one: the next pass tries again.
-  if (!r.ok() || r->is_error() || r->integer <= 0) return;
-  Count(&SharedMetrics::index_consumers_removed, static_cast<size_t>(r->integer));
-  LogInfo("index_consumers_removed").Int("consumers", r->integer).Emit();
+  int64_t removed = 0;
+  for (int shard = 0; shard < kRedisShards; ++shard) {
+    auto r = RemoveGoneIndexConsumers(redis_, shard, options_.consumer, options_.consumer_gone_ms);
+    // A failed sweep costs nothing but a later one: the next pass tries again.
+    if (r.ok() && !r->is_error() && r->integer > 0) removed += r->integer;
+  }
+  if (removed <= 0) return;
+  Count(&SharedMetrics::index_consumers_removed, static_cast<size_t>(removed));
+  LogInfo("index_consumers_removed").Int("consumers", removed).Emit();
 }
 
 Status Indexer::EnsureGroup() {
   if (group_ready_) return Status::Ok();
   // From id 0: turns recorded before any indexer existed are indexed too.
-  Result<RedisValue> r = redis_.Command({"XGROUP", "CREATE", kIndexStreamKey, kIndexGroup, "0", "MKSTREAM"});
-  if (!r.ok()) return r.status();
-  if (r->type == RedisValue::Type::kError && r->str.rfind("BUSYGROUP", 0) != 0) {
-    return Unavailable("redis_error", "XGROUP CREATE failed: " + r->str);
+  std::vector<std::vector<std::string_view>> cmds;
+  for (const std::string& stream : streams_) cmds.push_back({"XGROUP", "CREATE", stream, kIndexGroup, "0", "MKSTREAM"});
+  auto replies = redis_.Pipeline(cmds);
+  if (!replies.ok()) return replies.status();
+  for (const RedisValue& r : *replies) {
+    if (r.type == RedisValue::Type::kError && r.str.rfind("BUSYGROUP", 0) != 0) {
+      return Unavailable("redis_error", "XGROUP CREATE failed: " + r.str);
+    }
   }
   group_ready_ = true;
   return Status::Ok();
@@ -272,18 +216,22 @@ Result<std::vector<IndexEntry>> Indexer::ClaimStale() {
   // Own entries idle for retry_pause_ms failed earlier; anyone's idle for
   // claim_idle_ms belong to a dead worker. XPENDING tells the delivery counts,
   // and XCLAIM with the same minimum idle time takes each entry once, however
-  // many indexers race for it.
+  // many indexers race for it. Two lists per shard, in one round trip.
   const std::string batch = std::to_string(options_.batch);
   const std::string retry_idle = std::to_string(options_.retry_pause_ms);
   const std::string claim_idle = std::to_string(options_.claim_idle_ms);
-  auto lists = redis_.Pipeline(
-      {{"XPENDING", kIndexStreamKey, kIndexGroup, "IDLE", retry_idle, "-", "+", batch, options_.consumer},
-       {"XPENDING", kIndexStreamKey, kIndexGroup, "IDLE", claim_idle, "-", "+", batch}});
+  std::vector<std::vector<std::string_view>> queries;
+  for (const std::string& stream : streams_) {
+    queries.push_back({"XPENDING", stream, kIndexGroup, "IDLE", retry_idle, "-", "+", batch, options_.consumer});
+    queries.push_back({"XPENDING", stream, kIndexGroup, "IDLE", claim_idle, "-", "+", batch});
+  }
+  auto lists = redis_.Pipeline(queries);
   if (!lists.ok()) return lists.status();
-  std::map<std::string, int64_t> deliveries;
-  std::vector<std::string> own, others;
-  for (int which = 0; which < 2; ++which) {
-    const RedisValue& list = (*lists)[static_cast<size_t>(which)];
+  std::map<std::string, int64_t> deliveries;  // stream ids are unique per shard; keyed by shard below
+  std::vector<std::vector<std::string>> own(streams_.size()), others(streams_.size());
+  for (size_t q = 0; q < lists->size(); ++q) {
+    const RedisValue& list = (*lists)[q];
+    const size_t shard = q / 2;
     if (list.is_error()) {
       if (list.str.rfind("NOGROUP", 0) == 0) group_ready_ = false;
       return Unavailable("redis_error", "XPENDING failed: " + list.str);
@@ -291,55 +239,81 @@ Result<std::vector<IndexEntry>> Indexer::ClaimStale() {
     for (const RedisValue& p : list.elements) {
       if (p.elements.size() != 4) continue;
       const std::string& id = p.elements[0].str;
-      if (!deliveries.emplace(id, p.elements[3].integer).second) continue;
-      (p.elements[1].str == options_.consumer ? own : others).push_back(id);
+      if (!deliveries.emplace(std::to_string(shard) + "/" + id, p.elements[3].integer).second) continue;
+      (p.elements[1].str == options_.consumer ? own : others)[shard].push_back(id);
     }
   }
-  if (own.empty() && others.empty()) return std::vector<IndexEntry>{};
   std::vector<std::vector<std::string_view>> claims;
-  for (int which = 0; which < 2; ++which) {
-    const auto& ids = which == 0 ? own : others;
-    if (ids.empty()) continue;
-    std::vector<std::string_view> argv = {"XCLAIM", kIndexStreamKey, kIndexGroup, options_.consumer,
-                                          which == 0 ? retry_idle : claim_idle};
-    for (const std::string& id : ids) argv.push_back(id);
-    claims.push_back(std::move(argv));
+  std::vector<size_t> claim_shard;
+  size_t claimed_others = 0;
+  for (size_t shard = 0; shard < streams_.size(); ++shard) {
+    for (int which = 0; which < 2; ++which) {
+      const auto& ids = which == 0 ? own[shard] : others[shard];
+      if (ids.empty()) continue;
+      if (which == 1) claimed_others += ids.size();
+      std::vector<std::string_view> argv = {"XCLAIM", streams_[shard], kIndexGroup, options_.consumer,
+                                            which == 0 ? retry_idle : claim_idle};
+      for (const std::string& id : ids) argv.push_back(id);
+      claims.push_back(std::move(argv));
+      claim_shard.push_back(shard);
+    }
   }
+  if (claims.empty()) return std::vector<IndexEntry>{};
   auto claimed = redis_.Pipeline(claims);
   if (!claimed.ok()) return claimed.status();
   std::vector<IndexEntry> entries;
-  for (const RedisValue& list : *claimed) {
+  for (size_t c = 0; c < claimed->size(); ++c) {
+    const RedisValue& list = (*claimed)[c];
     if (list.is_error()) return Unavailable("redis_error", "XCLAIM failed: " + list.str);
     // Entries deleted meanwhile (archived or forgotten) are dropped from the
     // pending list by XCLAIM itself and not returned.
     for (IndexEntry& e : ParseIndexEntries(list)) {
-      e.deliveries = deliveries[e.stream_id] + 1;
+      e.deliveries = deliveries[std::to_string(claim_shard[c]) + "/" + e.stream_id] + 1;
       entries.push_back(std::move(e));
     }
   }
-  if (!others.empty()) Count(&SharedMetrics::index_claimed, others.size());
+  if (claimed_others > 0) Count(&SharedMetrics::index_claimed, claimed_others);
   return entries;
 }
 
 Result<std::vector<IndexEntry>> Indexer::ReadNew(int count, int64_t block_ms) {
-  const std::string batch = std::to_string(count);
-  const std::string block = std::to_string(block_ms);
-  std::vector<std::string_view> argv = {"XREADGROUP", "GROUP", kIndexGroup, options_.consumer, "COUNT", batch};
-  if (block_ms > 0) {
-    argv.push_back("BLOCK");
-    argv.push_back(block);
+  // Every shard at once without waiting; then, when nothing came, one shard
+  // (in turn) with BLOCK: a read of several streams is one command only on a
+  // single Redis, never across a cluster's slots. A turn of another shard
+  // waits for the next pass, block_ms at most.
+  const int per_shard = std::max(1, (count + kRedisShards - 1) / kRedisShards);
+  const std::string batch = std::to_string(per_shard);
+  std::vector<std::vector<std::string_view>> reads;
+  for (const std::string& stream : streams_) {
+    reads.push_back({"XREADGROUP", "GROUP", kIndexGroup, options_.consumer, "COUNT", batch, "STREAMS", stream, ">"});
   }
-  argv.insert(argv.end(), {"STREAMS", kIndexStreamKey, ">"});
-  Result<RedisValue> r = redis_.Command(argv);
+  auto replies = redis_.Pipeline(reads);
+  if (!replies.ok()) return replies.status();
+  std::vector<IndexEntry> out;
+  for (const RedisValue& r : *replies) {
+    if (Status s = TakeRead(r, out); !s.ok()) return s;
+  }
+  if (!out.empty() || block_ms <= 0) return out;
+  const std::string& stream = streams_[static_cast<size_t>(next_block_shard_)];
+  next_block_shard_ = (next_block_shard_ + 1) % kRedisShards;
+  const std::string block = std::to_string(block_ms), all = std::to_string(count);
+  Result<RedisValue> r = redis_.Command(
+      {"XREADGROUP", "GROUP", kIndexGroup, options_.consumer, "COUNT", all, "BLOCK", block, "STREAMS", stream, ">"});
   if (!r.ok()) return r.status();
-  if (r->type == RedisValue::Type::kNil) return std::vector<IndexEntry>{};  // BLOCK timed out
-  if (r->type == RedisValue::Type::kError) {
-    if (r->str.rfind("NOGROUP", 0) == 0) group_ready_ = false;  // stream deleted (e.g. FLUSHALL)
-    return Unavailable("redis_error", "reading the index stream failed: " + r->str);
+  if (Status s = TakeRead(*r, out); !s.ok()) return s;
+  return out;
+}
+
+Status Indexer::TakeRead(const RedisValue& r, std::vector<IndexEntry>& out) {
+  if (r.type == RedisValue::Type::kNil) return Status::Ok();  // nothing new (or BLOCK timed out)
+  if (r.type == RedisValue::Type::kError) {
+    if (r.str.rfind("NOGROUP", 0) == 0) group_ready_ = false;  // stream deleted (e.g. FLUSHALL)
+    return Unavailable("redis_error", "reading the index stream failed: " + r.str);
   }
   // [[stream, [entries]]]
-  if (r->elements.empty() || r->elements[0].elements.size() != 2) return std::vector<IndexEntry>{};
-  return ParseIndexEntries(r->elements[0].elements[1]);
+  if (r.elements.empty() || r.elements[0].elements.size() != 2) return Status::Ok();
+  for (IndexEntry& e : ParseIndexEntries(r.elements[0].elements[1])) out.push_back(std::move(e));
+  return Status::Ok();
 }
 
 Result<int> Indexer::RunOnce() {
@@ -448,8 +422,8 @@ std::vector<Status> Indexer::Write(const std::vector<const IndexEntry*>& entries
 Status Indexer::DeadLetter(const std::vector<std::pair<const IndexEntry*, Status>>& dead) {
   if (dead.empty()) return Status::Ok();
   std::vector<std::vector<std::string_view>> cmds;
-  std::vector<std::string> numbers;  // backs the string_views below
-  numbers.reserve(2 * dead.size() + 1);
+  std::deque<std::string> backing;  // owns what the commands view
+  std::set<int> shards;
   for (const auto& [e, status] : dead) {
     LogError("index_dead_letter")
         .Str("user", e->user)
@@ -457,24 +431,28 @@ Status Indexer::DeadLetter(const std::vector<std::pair<const IndexEntry*, Status
         .Str("reason", status.reason())
         .Int("deliveries", e->deliveries)
         .Emit();
-    numbers.push_back(std::to_string(e->ts));
-    const std::string& ts = numbers.back();
-    numbers.push_back(std::to_string(e->deliveries));
-    cmds.push_back({"XADD", kDeadLetterKey, "*", "user", e->user, "turn", e->turn, "ts", ts, "u", e->user_text,
-                    "a", e->assistant_text, "reason", status.reason(), "deliveries", numbers.back()});
+    const int shard = ShardOf(e->user);
+    shards.insert(shard);
+    cmds.push_back({"XADD", backing.emplace_back(DeadLetterKey(shard)), "*", "user", e->user, "turn", e->turn, "ts",
+                    backing.emplace_back(std::to_string(e->ts)), "u", e->user_text, "a", e->assistant_text, "reason",
+                    status.reason(), "deliveries", backing.emplace_back(std::to_string(e->deliveries))});
   }
-  // The stream is bounded: past the cap its oldest entries go (each was
-  // logged above when it arrived). XTRIM, rather than MAXLEN on each XADD,
-  // because it says how many went.
-  numbers.push_back(std::to_string(options_.dead_letter_max));
-  cmds.push_back({"XTRIM", kDeadLetterKey, "MAXLEN", "~", numbers.back()});
+  // Each shard's stream is bounded: past the cap its oldest entries go (each
+  // was logged above when it arrived). XTRIM, rather than MAXLEN on each
+  // XADD, because it says how many went.
+  const std::string& cap = backing.emplace_back(std::to_string(options_.dead_letter_max));
+  for (int shard : shards) cmds.push_back({"XTRIM", backing.emplace_back(DeadLetterKey(shard)), "MAXLEN", "~", cap});
   auto r = redis_.Pipeline(cmds);
   if (!r.ok()) return r.status();
   Count(&SharedMetrics::index_dead_lettered, dead.size());
-  const RedisValue& trimmed = r->back();
-  if (trimmed.type == RedisValue::Type::kInteger && trimmed.integer > 0) {
-    Count(&SharedMetrics::dead_letters_trimmed, static_cast<size_t>(trimmed.integer));
-    LogWarn("index_dead_letters_trimmed").Int("dropped", trimmed.integer).Int("cap", options_.dead_letter_max).Emit();
+  int64_t trimmed = 0;
+  for (size_t i = dead.size(); i < r->size(); ++i) {
+    const RedisValue& t = (*r)[i];
+    if (t.type == RedisValue::Type::kInteger && t.integer > 0) trimmed += t.integer;
+  }
+  if (trimmed > 0) {
+    Count(&SharedMetrics::dead_letters_trimmed, static_cast<size_t>(trimmed));
+    LogWarn("index_dead_letters_trimmed").Int("dropped", trimmed).Int("cap", options_.dead_letter_max).Emit();
   }
   return Status::Ok();
 }
@@ -484,30 +462,13 @@ Result<int> Indexer::Index(std::vector<IndexEntry>& entries) {
   for (const IndexEntry& e : entries) by_user[e.user].push_back(&e);
 
   // 1. Lock check and marker, for every user of the batch in one round trip.
-  struct UserKeys {
-    std::string lock, marker, hot, hot_index, tombstone, queued;
-  };
-  std::map<std::string, UserKeys> keys;  // node-based: the views below stay valid
+  std::vector<BeginIndexingRequest> begins;
   for (const auto& [user, list] : by_user) {
-    keys[user] = {CleanupLockKey(user), IndexingKey(user), HotKey(user),
-                  HotIndexKey(user),    TombstoneKey(user), QueuedTurnsKey(user)};
+    BeginIndexingRequest& b = begins.emplace_back();
+    b.user = user;
+    for (const IndexEntry* e : list) b.entries.emplace_back(e->stream_id, e->deliveries);
   }
-  const std::string marker_ttl = std::to_string(options_.marker_ttl_ms);
-  std::vector<std::string> counts;
-  counts.reserve(entries.size());
-  std::vector<RedisClient::ScriptCall> begins;
-  for (const auto& [user, list] : by_user) {
-    const UserKeys& k = keys[user];
-    RedisClient::ScriptCall call{{k.lock, k.marker, kIndexStreamKey, k.tombstone},
-                                 {marker_ttl, kIndexGroup, options_.consumer}};
-    for (const IndexEntry* e : list) {
-      counts.push_back(std::to_string(e->deliveries));
-      call.args.push_back(e->stream_id);
-      call.args.push_back(counts.back());
-    }
-    begins.push_back(std::move(call));
-  }
-  auto began = redis_.EvalMany(kBeginIndexing, begins);
+  auto began = BeginIndexing(redis_, options_.consumer, options_.marker_ttl_ms, begins);
   if (!began.ok()) return began.status();
   std::vector<const IndexEntry*> writable;
   std::vector<std::string> users;  // those whose marker we raised
@@ -566,26 +527,21 @@ Result<int> Indexer::Index(std::vector<IndexEntry>& entries) {
   }
   if (Status d = DeadLetter(dead); !d.ok()) return d;
 
-  const std::string hot_bound = std::to_string(options_.hot_messages);
-  std::deque<std::string> backing;  // owns what the script arguments view
-  std::vector<RedisClient::ScriptCall> finishes;
+  std::vector<FinishIndexingRequest> finishes;
   size_t acked_total = 0, written_total = 0;
   for (const std::string& user : users) {
-    const UserKeys& k = keys[user];
-    const std::vector<size_t>& idx = settled_by_user[user];
-    RedisClient::ScriptCall call{{k.lock, k.marker, kIndexStreamKey, k.hot, k.hot_index, k.queued},
-                                 {kIndexGroup, hot_bound, in_doubt.count(user) != 0 ? "1" : "0",
-                                  backing.emplace_back(std::to_string(idx.size()))}};
-    for (size_t i : idx) call.args.push_back(writable[i]->stream_id);
-    for (size_t i : idx) call.args.push_back(writable[i]->turn);
-    for (size_t i : idx) {
+    FinishIndexingRequest& f = finishes.emplace_back();
+    f.user = user;
+    f.keep_marker = in_doubt.count(user) != 0;
+    for (size_t i : settled_by_user[user]) {
+      f.stream_ids.push_back(writable[i]->stream_id);
+      f.turns.push_back(writable[i]->turn);
       if (!results[i].ok()) continue;
       ++written_total;
-      for (const StoredMessage& m : messages[i]) AppendHotSetArgs(m, backing, call.args);
+      for (const StoredMessage& m : messages[i]) f.hot.push_back(&m);
     }
-    finishes.push_back(std::move(call));
   }
-  auto finished = redis_.EvalMany(kFinishIndexing, finishes);
+  auto finished = FinishIndexing(redis_, options_.hot_messages, finishes);
   // Written but not acknowledged is harmless: ids are deterministic.
   if (!finished.ok()) return finished.status();
   for (const RedisValue& r : *finished) {

@@ -154,7 +154,7 @@ int main() {
   Cleanup cleanup(redis, chroma, embedder, cleanup_options);
   UserData user_data(redis, chroma, cleanup, config.archive_dir);
   RedisRateLimiter data_limiter(rate_redis_own ? *rate_redis_own : redis, config.data_rate_limit,
-                                config.data_rate_window_s, RateAlgorithm::kFixed, {}, kDataFixedWindowKeySuffix);
+                                config.data_rate_window_s, RateAlgorithm::kFixed, {}, RateCounter::kData);
 
   ChatServiceOptions chat_options;
   chat_options.archived = &user_data;

@@ -6,6 +6,7 @@
 //   chatd-cleanup restore USER [--dry-run]
 //   chatd-cleanup forget USER [--dry-run]
 //   chatd-cleanup migrate [--dry-run]   (per-user collections -> shards, once)
+//   chatd-cleanup migrate-keys [--dry-run]   (global Redis keys -> shards, once)
 //
 // Logs are JSON lines on stderr; the last one is the summary. Exit status: 0
 // when every user succeeded, 1 when any failed, 2 for bad usage or config, 3
@@ -34,12 +35,24 @@ constexpr int kExitFailed = 1;
 constexpr int kExitUsage = 2;
 constexpr int kExitAlreadyRunning = 3;
 
+// Logs the failure of a command that takes the lease (run, migrate,
+// migrate-keys) and returns its exit status.
+int LeaseCommandFailed(const chatd::Status& s, std::string_view event) {
+  if (s.reason() == chatd::kCleanupRunningReason) {
+    chatd::LogError("cleanup_already_running").Str("reason", s.reason()).Str("detail", s.message()).Emit();
+    return kExitAlreadyRunning;
+  }
+  chatd::LogError(event).Str("reason", s.reason()).Str("detail", s.message()).Emit();
+  return kExitFailed;
+}
+
 int Usage() {
   std::fprintf(stderr,
                "usage: chatd-cleanup [run] [--dry-run]\n"
                "       chatd-cleanup restore USER [--dry-run]\n"
                "       chatd-cleanup forget USER [--dry-run]\n"
-               "       chatd-cleanup migrate [--dry-run]\n");
+               "       chatd-cleanup migrate [--dry-run]\n"
+               "       chatd-cleanup migrate-keys [--dry-run]\n");
   return kExitUsage;
 }
 
@@ -61,7 +74,7 @@ int main(int argc, char** argv) {
     }
   }
   std::string command = args.empty() ? "run" : args[0];
-  if (!(((command == "run" || command == "migrate") && args.size() <= 1) || ((command == "restore" || command == "forget") && args.size() == 2))) {
+  if (!(((command == "run" || command == "migrate" || command == "migrate-keys") && args.size() <= 1) || ((command == "restore" || command == "forget") && args.size() == 2))) {
     return Usage();
   }
   if (args.size() == 2 && !IsValidUserId(args[1])) {
@@ -132,16 +145,23 @@ int main(int argc, char** argv) {
     return 0;
   }
 
+  if (command == "migrate-keys") {
+    Result<KeyMigrationSummary> m = cleanup.MigrateKeys();
+    if (!m.ok()) return LeaseCommandFailed(m.status(), "migrate_keys_failed");
+    LogInfo("migrate_keys_done")
+        .Int("user_keys", m->user_keys)
+        .Int("stream_entries", m->stream_entries)
+        .Int("dead_letters", m->dead_letters)
+        .Int("activity", m->activity)
+        .Int("in_progress", m->in_progress)
+        .Bool("dry_run", dry_run)
+        .Emit();
+    return 0;
+  }
+
   if (command == "migrate") {
     Result<MigrateSummary> m = cleanup.Migrate();
-    if (!m.ok() && m.status().reason() == kCleanupRunningReason) {
-      LogError("cleanup_already_running").Str("reason", m.status().reason()).Str("detail", m.status().message()).Emit();
-      return kExitAlreadyRunning;
-    }
-    if (!m.ok()) {
-      LogError("migrate_failed").Str("reason", m.status().reason()).Str("detail", m.status().message()).Emit();
-      return kExitFailed;
-    }
+    if (!m.ok()) return LeaseCommandFailed(m.status(), "migrate_failed");
     LogInfo("migrate_done")
         .Int("users", m->users)
         .Int("records", m->records)
@@ -153,14 +173,7 @@ int main(int argc, char** argv) {
   }
 
   Result<CleanupSummary> sum = cleanup.Run();
-  if (!sum.ok() && sum.status().reason() == kCleanupRunningReason) {
-    LogError("cleanup_already_running").Str("reason", sum.status().reason()).Str("detail", sum.status().message()).Emit();
-    return kExitAlreadyRunning;
-  }
-  if (!sum.ok()) {
-    LogError("cleanup_failed").Str("reason", sum.status().reason()).Str("detail", sum.status().message()).Emit();
-    return kExitFailed;
-  }
+  if (!sum.ok()) return LeaseCommandFailed(sum.status(), "cleanup_failed");
   LogInfo("cleanup_summary")
       .Int("scanned", sum->scanned)
       .Int("archived", sum->archived)

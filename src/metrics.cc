@@ -198,9 +198,9 @@ std::string Metrics::RenderPrometheus(std::string_view extra) const {
   Counter(out, "chatd_chroma_calls_total", "HTTP calls to Chroma (request path and indexer).", m_->chroma_calls);
   Counter(out, "chatd_turns_indexed_total", "Turns moved from Redis into Chroma by the indexers.", m_->turns_indexed);
   Counter(out, "chatd_index_failures_total", "Indexer batches that failed and will be retried.", m_->index_failures);
-  Counter(out, "chatd_index_dead_lettered_total", "Turns that could not be indexed and went to chatd:index:dead.", m_->index_dead_lettered);
+  Counter(out, "chatd_index_dead_lettered_total", "Turns that could not be indexed and went to the dead letters (chatd:{s<n>}:index:dead).", m_->index_dead_lettered);
   Counter(out, "chatd_index_claimed_total", "Index entries taken over from a worker that stopped.", m_->index_claimed);
-  Counter(out, "chatd_index_dead_letters_trimmed_total", "Oldest dead letters dropped to keep chatd:index:dead within CHATD_INDEX_DEAD_LETTER_MAX.", m_->dead_letters_trimmed);
+  Counter(out, "chatd_index_dead_letters_trimmed_total", "Oldest dead letters dropped to keep each shard's within CHATD_INDEX_DEAD_LETTER_MAX.", m_->dead_letters_trimmed);
   Counter(out, "chatd_index_consumers_removed_total", "Consumers of stopped workers removed from the index group once nothing was pending at them.", m_->index_consumers_removed);
   Counter(out, "chatd_recall_long_term_queries_total", "Recalls that asked Chroma for messages older than the hot set.", m_->recall_long_term_queries);
   Counter(out, "chatd_recall_foreign_records_dropped_total", "Records of another user that Chroma returned and recall dropped.", m_->recall_foreign_dropped);
@@ -208,8 +208,8 @@ std::string Metrics::RenderPrometheus(std::string_view extra) const {
     Gauge(out, "chatd_index_waiting", "Recorded turns no indexer has read yet.", m_->index_waiting.load(std::memory_order_relaxed));
     Gauge(out, "chatd_index_pending", "Turns an indexer read and has not written yet (failed ones included).", m_->index_pending.load(std::memory_order_relaxed));
     Gauge(out, "chatd_index_oldest_age_seconds", "Age of the oldest turn not yet in long-term memory.", m_->index_oldest_age_ms.load(std::memory_order_relaxed) / 1000.0);
-    Gauge(out, "chatd_index_stream_length", "Entries in the index stream chatd:index.", static_cast<double>(m_->index_stream_length.load(std::memory_order_relaxed)));
-    Gauge(out, "chatd_index_dead_letters", "Entries in the dead-letter stream chatd:index:dead.", static_cast<double>(m_->dead_letter_length.load(std::memory_order_relaxed)));
+    Gauge(out, "chatd_index_stream_length", "Entries in the index streams chatd:{s<n>}:index, summed over the shards.", static_cast<double>(m_->index_stream_length.load(std::memory_order_relaxed)));
+    Gauge(out, "chatd_index_dead_letters", "Entries in the dead-letter streams chatd:{s<n>}:index:dead, summed over the shards.", static_cast<double>(m_->dead_letter_length.load(std::memory_order_relaxed)));
     Gauge(out, "chatd_redis_used_memory_bytes", "Memory Redis uses (INFO memory used_memory).", static_cast<double>(m_->redis_used_memory.load(std::memory_order_relaxed)));
     Gauge(out, "chatd_redis_maxmemory_bytes", "Redis's maxmemory (0: no limit set).", static_cast<double>(m_->redis_maxmemory.load(std::memory_order_relaxed)));
   }

@@ -40,15 +40,6 @@ return 1
 
 }  // namespace
 
-Result<std::string> IdempotencyRedisKey(std::string_view user_id, std::string_view key) {
-  if (!IsValidUserId(user_id)) return InvalidArgument("invalid_user_id", "invalid user id");
-  Result<std::string> digest = Sha256Hex(key);
-  if (!digest.ok()) return digest.status();
-  return UserKey(user_id, "idem:" + *digest);
-}
-
-std::string IdempotencyKeysKey(std::string_view user_id) { return UserKey(user_id, "idemkeys"); }
-
 RedisIdempotencyStore::RedisIdempotencyStore(RedisClient& redis, int64_t claim_ttl_ms)
     : redis_(redis), claim_ttl_ms_(std::to_string(claim_ttl_ms)) {}
 

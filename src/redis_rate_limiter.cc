@@ -121,7 +121,7 @@ const RedisScript& SlidingLogScript() {
 }  // namespace
 
 RedisRateLimiter::RedisRateLimiter(RedisClient& redis, int64_t limit, int64_t window_s, RateAlgorithm algorithm,
-                                   ConcurrencyCap cap, std::string_view key_suffix)
+                                   ConcurrencyCap cap, std::optional<RateCounter> counter)
     : redis_(redis),
       limit_(std::max<int64_t>(limit, 0)),
       window_s_(std::max<int64_t>(window_s, 1)),
@@ -131,11 +131,11 @@ RedisRateLimiter::RedisRateLimiter(RedisClient& redis, int64_t limit, int64_t wi
       cap_{std::max<int64_t>(cap.max_in_flight, 0), std::max<int64_t>(cap.lease_ttl_ms, 1)},
       cap_arg_(std::to_string(cap_.max_in_flight)),
       lease_ttl_ms_arg_(std::to_string(cap_.lease_ttl_ms)),
-      key_suffix_(key_suffix) {}
+      counter_(counter.value_or(algorithm == RateAlgorithm::kSliding ? RateCounter::kChatSliding
+                                                                      : RateCounter::kChatFixed)) {}
 
 std::string RedisRateLimiter::KeyFor(std::string_view user_id) const {
-  if (!key_suffix_.empty()) return UserKey(user_id, key_suffix_);
-  return UserKey(user_id, algorithm_ == RateAlgorithm::kSliding ? kSlidingLogKeySuffix : kFixedWindowKeySuffix);
+  return RateKey(user_id, counter_);
 }
 
 Result<RateDecision> RedisRateLimiter::Check(std::string_view user_id) {

@@ -14,6 +14,7 @@
 #include "decimal.h"
 #include "json.h"
 #include "chatd/log.h"
+#include "hot_record.h"
 #include "chatd/redis_memory.h"
 #include "json_writer.h"
 
@@ -149,11 +150,12 @@ Result<std::vector<HistoryMessage>> UserData::Fetch(std::string_view user_id,
   }
   // Turns still waiting for the indexer: their stream entries, by id.
   const RedisValue& queued = (*replies)[2];
+  const std::string stream = IndexStreamKey(ShardOf(user_id));
   std::vector<std::vector<std::string_view>> xranges;
   for (size_t i = 0; i < queued.elements.size() && i < turns.size(); ++i) {
     if (queued.elements[i].type != RedisValue::Type::kString) continue;
     const std::string& entry = queued.elements[i].str;
-    xranges.push_back({"XRANGE", kIndexStreamKey, entry, entry});
+    xranges.push_back({"XRANGE", stream, entry, entry});
   }
   if (!xranges.empty()) {
     auto entries = redis_.Pipeline(xranges);
@@ -228,9 +230,8 @@ Result<HistoryPage> UserData::History(std::string_view user_id, int limit, const
 Status UserData::Export(std::string_view user_id, int64_t restored,
                         const std::function<bool(std::string_view)>& write) {
   const std::string user(user_id);
-  auto activity = redis_.Command({"ZSCORE", kActivityKey, user});
+  auto activity = LastActivity(redis_, user);
   if (!activity.ok()) return Unavailable("memory_unavailable", "Conversation memory is unavailable; try again shortly");
-  if (Status s = RedisError(*activity, "reading the activity"); !s.ok()) return s;
   auto archives = ListArchives(archive_dir_, user);
   if (!archives.ok()) return Unavailable("archive_unavailable", "the archive directory cannot be read");
 

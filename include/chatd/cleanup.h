@@ -1,9 +1,9 @@
 // chatd-cleanup: archives and removes the memory of users inactive for longer
 // than a threshold, restores an archived user, or forgets one completely.
 //
-// Cost: the activity index (chatd:activity, a sorted set maintained by the
-// record-turn script) is asked for users below the cut-off, in batches; users
-// who are active are never touched. Per archived user the steps are:
+// Cost: the activity index (one sorted set per shard, maintained by the
+// record-turn script) is asked for users below the cut-off, a shard after the
+// other, in batches; users who are active are never touched. Per archived user the steps are:
 //   1. take the user's cleanup lock (the indexer leaves them alone meanwhile)
 //      and wait until no indexer is still writing their turns;
 //   2. index their turns still waiting in the stream, so the archive is whole;
@@ -45,7 +45,7 @@
 #include "chatd/chroma.h"
 #include "chatd/embeddings.h"
 #include "chatd/redis.h"
-#include "chatd/redis_memory.h"
+#include "chatd/redis_schema.h"
 #include "chatd/status.h"
 
 namespace chatd {
@@ -119,14 +119,21 @@ class Cleanup {
   // migration: they hold records, not a layout. Then fills every tracked
   // user's turn index (the history's) from their records in Chroma.
   Result<MigrateSummary> Migrate();
+  // Moves a deployment's Redis keys from the layout before the shards to the
+  // sharded one (MigrateKeysToShards), under the lease, so no run or other
+  // migration works meanwhile. Resumable and idempotent.
+  Result<KeyMigrationSummary> MigrateKeys();
 
  private:
   enum class Outcome { kArchived, kReturned };
   Result<Outcome> ArchiveUser(const std::string& user, int64_t last_activity, const std::vector<IndexEntry>& queued,
                               int64_t& records);
+  // Archives the inactive users of one shard's activity index (Run's batches).
+  Status RunShard(int shard, int64_t cutoff_ms, int& batch_no, CleanupSummary& sum);
   Result<int64_t> EraseLocked(const std::string& user, bool keep_rate_limits);  // Forget's steps under the lock
   Result<int64_t> MigrateUser(const std::string& user);     // under the user's lock
   Status IndexTurns(MigrateSummary& sum);  // fills the turn index of users recorded before it
+  Status IndexTurnsOfShard(int shard, MigrateSummary& sum);
   Result<int64_t> MoveLegacyUser(const std::string& user);  // the steps the lock covers
   Result<int64_t> NowMs();
   // Turns of these users still in the index stream (one pass over the stream).

@@ -125,7 +125,7 @@ struct Config {
   int64_t index_retry_ms = 1000;        // CHATD_INDEX_RETRY_MS: pause before a failed entry is retried
   int index_max_deliveries = 5;         // CHATD_INDEX_MAX_DELIVERIES: then a turn failing alone is dead-lettered
   int64_t index_lag_degraded_ms = 60000;  // CHATD_INDEX_LAG_DEGRADED_MS: health says degraded past this backlog age
-  int64_t index_dead_letter_max = 10000;  // CHATD_INDEX_DEAD_LETTER_MAX: chatd:index:dead keeps about this many
+  int64_t index_dead_letter_max = 10000;  // CHATD_INDEX_DEAD_LETTER_MAX: each shard's dead letters keep about this many
   int64_t index_consumer_gone_ms = 3600000;  // CHATD_INDEX_CONSUMER_GONE_MS: idle consumers with nothing pending go
 
   // Cleanup of inactive users (chatd-cleanup)

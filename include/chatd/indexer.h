@@ -1,10 +1,10 @@
-// The background indexer: moves recorded turns from the Redis stream
-// (chatd:index) into the long-term store, so that a Chroma outage delays
+// The background indexer: moves recorded turns from the Redis streams (one
+// per shard, IndexStreamKey) into the long-term store, so that a Chroma outage delays
 // indexing and loses nothing, and keeps each user's hot set (the latest
 // indexed messages, with embeddings, in Redis) for recall in process.
 //
 // Each worker process runs one indexer thread, a consumer of the group
-// "indexers". A batch of turns of many users is written with as few store
+// "indexers" of every shard's stream. A batch of turns of many users is written with as few store
 // calls as the layout allows (one per Chroma shard). An entry is acknowledged
 // (and deleted) only after both messages of its turn were written, in the same
 // script that adds them to the user's hot set; writes use deterministic ids,
@@ -13,7 +13,7 @@
 // Nothing can block it:
 //   - a failed batch is retried entry by entry, so one bad turn fails alone;
 //   - permanent errors (invalid input, a dimension mismatch) send the entry to
-//     the dead-letter stream chatd:index:dead at once, never away;
+//     the shard's dead-letter stream (DeadLetterKey) at once, never away;
 //   - deliveries are counted (the group's own counter): an entry Chroma
 //     refused max_deliveries times, while it took other writes (in the same
 //     pass or within claim_idle_ms), goes there too; while Chroma is down or
@@ -25,7 +25,7 @@
 //     are claimed by a live one after claim_idle_ms, and the dead worker's
 //     consumer is removed from the group once nothing is pending at it.
 //
-// Redis stays bounded: the dead-letter stream is trimmed to about
+// Redis stays bounded: each shard's dead-letter stream is trimmed to about
 // dead_letter_max entries (the oldest go, counted), and acknowledged entries
 // are deleted from the index stream.
 //
@@ -51,7 +51,7 @@
 #include "chatd/memory.h"
 #include "chatd/metrics.h"
 #include "chatd/redis.h"
-#include "chatd/redis_memory.h"
+#include "chatd/redis_schema.h"
 
 namespace chatd {
 
@@ -65,7 +65,7 @@ struct IndexerOptions {
   int max_deliveries = 5;         // then an entry that keeps failing alone is dead-lettered
   int hot_messages = 64;          // bound of each user's hot set
   int64_t backlog_every_ms = 1000;  // how often the backlog gauges are refreshed
-  int64_t dead_letter_max = 10000;  // chatd:index:dead is trimmed to about this many (MAXLEN ~)
+  int64_t dead_letter_max = 10000;  // each shard's dead letters are trimmed to about this many (MAXLEN ~)
   // A consumer of the group idle this long with nothing pending belongs to a
   // stopped worker: it is removed (checked every half of it).
   int64_t consumer_gone_ms = 3600000;
@@ -117,6 +117,8 @@ class Indexer {
   Result<std::vector<IndexEntry>> ClaimStale();
   // Up to `count` new entries, waiting up to block_ms for the first (0: not at all).
   Result<std::vector<IndexEntry>> ReadNew(int count, int64_t block_ms);
+  // Appends the entries of one XREADGROUP reply.
+  Status TakeRead(const RedisValue& reply, std::vector<IndexEntry>& out);
   Result<int> Index(std::vector<IndexEntry>& entries);
   // Writes the turns of `entries` (all users) and says for each whether it
   // was written (ok), failed for good, or failed for now.
@@ -135,6 +137,8 @@ class Indexer {
   Embedder& embedder_;
   IndexerOptions options_;
   Metrics* metrics_;
+  std::vector<std::string> streams_;  // every shard's stream, IndexStreamKey(shard)
+  int next_block_shard_ = 0;          // the shard the next blocking read waits on
   bool group_ready_ = false;  // only touched by the indexer thread
   int64_t last_claim_ms_ = 0;
   int64_t last_backlog_ms_ = 0;

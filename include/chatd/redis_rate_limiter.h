@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -12,23 +13,9 @@
 #include "chatd/config.h"
 #include "chatd/rate_limiter.h"
 #include "chatd/redis.h"
-#include "chatd/user_id.h"
+#include "chatd/redis_schema.h"
 
 namespace chatd {
-
-// Key suffixes (UserKey(user, suffix) = "chat:{user}:rl:fixed"). One per
-// algorithm: the two keep different types, so switching CHATD_RATE_ALGORITHM
-// on a live Redis never meets a WRONGTYPE.
-inline constexpr std::string_view kFixedWindowKeySuffix = "rl:fixed";   // hash {w, n}
-inline constexpr std::string_view kSlidingLogKeySuffix = "rl:sliding";  // sorted set of admissions
-// The user's chats in flight: a sorted set of lease ids scored by their expiry
-// (ms of Redis time). It lives in the counters' Redis, next to the rate key,
-// so one script call both limits the rate and takes a lease.
-inline constexpr std::string_view kInflightKeySuffix = "inflight";
-inline std::string InflightKey(std::string_view user_id) { return UserKey(user_id, kInflightKeySuffix); }
-// The limit of the user-data endpoints (history, export, erase), kept apart
-// from the chat's so that reading one's history does not use up chat quota.
-inline constexpr std::string_view kDataFixedWindowKeySuffix = "rl:data";
 
 // The per-user cap on chats in flight. max_in_flight 0: no cap.
 struct ConcurrencyCap {
@@ -44,10 +31,9 @@ class RedisRateLimiter final : public RateLimiter {
   // limit requests per window_s seconds. LoadConfig validates both; a limit
   // below 0 is taken as 0 (reject all) and a window below 1 s as 1 s, so a bad
   // value can never reach the script as a division by zero.
-  // `key_suffix` names the counter key (UserKey(user, suffix)); empty: the
-  // chat's, by algorithm.
+  // `counter` names the counter key (RateKey); none: the chat's, by algorithm.
   RedisRateLimiter(RedisClient& redis, int64_t limit, int64_t window_s, RateAlgorithm algorithm,
-                   ConcurrencyCap cap = {}, std::string_view key_suffix = {});
+                   ConcurrencyCap cap = {}, std::optional<RateCounter> counter = std::nullopt);
 
   // One EVALSHA, which with a cap also checks the user's chats in flight and
   // takes a lease. kUnavailable when Redis cannot be reached or refuses to run
@@ -71,7 +57,7 @@ class RedisRateLimiter final : public RateLimiter {
   const ConcurrencyCap cap_;
   const std::string cap_arg_;
   const std::string lease_ttl_ms_arg_;
-  const std::string key_suffix_;
+  const RateCounter counter_;
 };
 
 // The scripts' reply {verdict, remaining, reset_ms, retry_after_ms} as a

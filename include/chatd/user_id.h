@@ -37,9 +37,10 @@ class UserId {
   std::string value_;
 };
 
-// "chat:{<id>}:<suffix>". The id sits verbatim inside the hash tag; ids cannot
-// contain '{' or '}', so the key identifies its user, and all keys of one user
-// land in one Redis Cluster slot.
+// "chat:{<id>}:<suffix>": a user's keys in the layout before the shards, which
+// `chatd-cleanup migrate-keys` moves (redis_schema.h spells the current ones).
+// The id sits verbatim inside the hash tag; ids cannot contain '{' or '}', so
+// the key identifies its user.
 std::string UserKey(std::string_view user_id, std::string_view suffix);
 
 // "chatd-u-<lower-case hex of the id's bytes>": within Chroma's rules (3-512 of

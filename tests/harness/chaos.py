@@ -54,12 +54,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from harness.chroma_layout import DEFAULT_SHARDS, shard_records
+from harness import keys as rkeys
 from harness.stack import (APPENDFSYNC_MODES, Chroma, FakeModel, Redis, Stack, StackError, concurrently,
                            json_log_records, poll_until, post_chat)
 
-INDEX_STREAM = "chatd:index"
 INDEX_GROUP = "indexers"
-DEAD_LETTER_STREAM = "chatd:index:dead"
 SANITIZER_MARKERS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:")
 RESPAWN_LINE = "died, respawn"
 GIVE_UP_LINE = "died to often"
@@ -511,8 +510,8 @@ class ChaosRun:
 
         def drained() -> bool:
             try:
-                length = redis.command("XLEN", INDEX_STREAM)
-                pending = redis.command("XPENDING", INDEX_STREAM, INDEX_GROUP)[0]
+                length = rkeys.total_len(redis, rkeys.all_index_streams())
+                pending = rkeys.pending_total(redis)
             except (OSError, StackError, RuntimeError) as exc:
                 state["error"] = str(exc)
                 return False
@@ -540,15 +539,15 @@ class ChaosRun:
                 texts[text].add(turn)
 
         for user in self.users:
-            for raw in redis.command("LRANGE", f"chat:{{{user}}}:recent", 0, -1) or []:
+            for raw in redis.command("LRANGE", rkeys.user_key(user, "recent"), 0, -1) or []:
                 entry = json.loads(raw)
                 note("recent", _turn_of_message_id(entry["id"]),
                      entry["content"] if entry.get("role") == "user" else None)
-            for message_id in redis.command("HKEYS", f"chat:{{{user}}}:hot") or []:
+            for message_id in redis.command("HKEYS", rkeys.user_key(user, "hot")) or []:
                 note("hot", _turn_of_message_id(_bytes_text(message_id)), None)
-        for key, store in ((INDEX_STREAM, "stream"), (DEAD_LETTER_STREAM, "dead_letter")):
+        for streams, store in ((rkeys.all_index_streams(), "stream"), (rkeys.all_dead_letters(), "dead_letter")):
             try:
-                entries = redis.command("XRANGE", key, "-", "+") or []
+                entries = rkeys.stream_entries(redis, streams)
             except RuntimeError:
                 entries = []
             for _, raw in entries:

@@ -30,12 +30,10 @@ from fake_model.fake_openai import embed as local_embed
 from harness.chroma_proxy import ChromaProxy
 from harness.chroma_layout import (CHROMA_PREFIX, legacy_collection_name, legacy_records, shard_of, shard_records,
                                     user_records)
+from harness import keys as rkeys
 from harness.stack import LOOPBACK, Chroma, Redis, concurrently, http_json, json_log_records, poll_until, post_chat
 
-INDEX_STREAM = "chatd:index"
 INDEX_GROUP = "indexers"
-ACTIVITY_KEY = "chatd:activity"
-DEAD_LETTER_KEY = "chatd:index:dead"
 EXCERPT_PREAMBLE = "Quoted earlier conversation with this user"
 EXCERPT_END = "End of quoted earlier conversation."
 ARCHIVE_FORMAT = "chatd-archive/1"
@@ -88,26 +86,28 @@ def exact(records) -> "dict[str, tuple]":
 def user_keys(redis, user: str) -> "list[bytes]":
     keys, cursor = [], b"0"
     while True:
-        cursor, batch = redis.command("SCAN", cursor, "MATCH", f"chat:{{{user}}}:*", "COUNT", 1000)
+        cursor, batch = redis.command("SCAN", cursor, "MATCH", rkeys.user_key_pattern(user), "COUNT", 1000)
         keys.extend(batch)
         if cursor == b"0":
             return sorted(keys)
 
 
 def recent_list(redis, user: str) -> "list[dict]":
-    return [json.loads(raw) for raw in redis.command("LRANGE", f"chat:{{{user}}}:recent", 0, -1)]
+    return [json.loads(raw) for raw in redis.command("LRANGE", rkeys.user_key(user, "recent"), 0, -1)]
 
 
-def stream_users(redis, key: str = INDEX_STREAM) -> "list[str]":
+def stream_users(redis, streams: "Optional[list[str]]" = None) -> "list[str]":
+    """The users of every entry of the streams (default: every shard's index stream)."""
     users = []
-    for _, fields in redis.command("XRANGE", key, "-", "+"):
-        values = dict(zip(fields[0::2], fields[1::2]))
-        users.append(values.get(b"user", b"").decode())
+    for key in streams if streams is not None else rkeys.all_index_streams():
+        for _, fields in redis.command("XRANGE", key, "-", "+"):
+            values = dict(zip(fields[0::2], fields[1::2]))
+            users.append(values.get(b"user", b"").decode())
     return users
 
 
 def activity(redis, user: str) -> Optional[int]:
-    score = redis.command("ZSCORE", ACTIVITY_KEY, user)
+    score = redis.command("ZSCORE", rkeys.activity_of(user), user)
     return None if score is None else int(float(score))
 
 
@@ -258,7 +258,7 @@ class World:
         # expires once no chat that started before the erase can still run.
         keys = user_keys(self.redis, user)
         if erased:
-            tombstone = f"chat:{{{user}}}:erased".encode()
+            tombstone = rkeys.user_key(user, "erased").encode()
             assert tombstone in keys and 0 < self.redis.command("PTTL", tombstone), keys
             keys.remove(tombstone)
         assert keys == [], f"{user} still has Redis keys"
@@ -352,7 +352,7 @@ def test_inactive_users_are_archived_and_removed_and_active_ones_untouched(world
     before = {u: world.wait_indexed(u, 2 * n)[u] for u, n in sleepers.items()}
     last_seen = {u: activity(world.redis, u) for u in sleepers}
     for user in sleepers:
-        assert world.redis.command("EXISTS", f"chat:{{{user}}}:rl:fixed") == 1  # so its removal means something
+        assert world.redis.command("EXISTS", rkeys.user_key(user, "rl:fixed")) == 1  # so its removal means something
     cutoff = max(last_seen.values()) + 1
 
     active = unique("active")
@@ -443,7 +443,7 @@ def test_forget_erases_everything_of_the_user(world, stack, unique):
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.events("forget_done")
     world.assert_gone_from_live_storage(user, erased=True)
-    assert user not in stream_users(world.redis, DEAD_LETTER_KEY)
+    assert user not in stream_users(world.redis, rkeys.all_dead_letters())
     assert not archive_dir_of(world.archive_root, user).exists()
     assert recent_list(world.redis, bystander), "forget touched another user"
 
@@ -477,8 +477,8 @@ def test_forget_also_erases_a_turn_being_indexed_at_that_moment(make_world, modu
         # The forget takes the lock and then waits for the indexer's write to
         # end: records in a shared shard collection are fenced by that wait.
         proc = world.start_cleanup("forget", user)
-        assert poll_until(lambda: world.redis.command("EXISTS", f"chat:{{{user}}}:lock") == 1, INDEX_TIMEOUT_S)
-        assert world.redis.command("EXISTS", f"chat:{{{user}}}:indexing") == 1  # so the forget waits
+        assert poll_until(lambda: world.redis.command("EXISTS", rkeys.user_key(user, "lock")) == 1, INDEX_TIMEOUT_S)
+        assert world.redis.command("EXISTS", rkeys.user_key(user, "indexing")) == 1  # so the forget waits
         assert proc.poll() is None, "the forget did not wait for the write in flight"
         proxy.released.set()
         run = finish(proc)
@@ -510,7 +510,7 @@ def test_a_run_killed_at_any_step_and_run_again_ends_as_if_never_killed(world, u
     if crash_at is not None:
         crashed = world.cleanup(now_ms=now_ms, crash_at=crash_at)
         assert crashed.returncode == CRASH_STATUS, crashed.stderr[-3000:]
-        assert [u for u in users if world.redis.command("EXISTS", f"chat:{{{u}}}:lock")], \
+        assert [u for u in users if world.redis.command("EXISTS", rkeys.user_key(u, "lock"))], \
             "the crash must leave the first user half done"
     assert_clean_run(world.cleanup(now_ms=now_ms), scanned=2, archived=2, failed=0)
 
@@ -620,7 +620,7 @@ def test_a_user_coming_back_between_export_and_finish_keeps_live_memory(world, u
     check_archive_file(world, user, old_seen, before)
     assert activity(world.redis, user) > old_seen, "the user's new activity must stay"
     assert [e["content"] for e in recent_list(world.redis, user)][-2:] == list(turns[-1])
-    assert world.redis.command("EXISTS", f"chat:{{{user}}}:lock") == 0
+    assert world.redis.command("EXISTS", rkeys.user_key(user, "lock")) == 0
     # The turn made during the run reaches Chroma once the run let go of the user.
     world.wait_indexed(user, 2)
     assert_nothing_lost(world, user, turns)
@@ -643,8 +643,8 @@ def test_archiving_leaves_no_collection_behind_when_a_turn_was_being_indexed(mak
         # The run takes the lock and waits for the indexer's write to end (see
         # the forget case).
         proc = world.start_cleanup(now_ms=world.far_future())
-        assert poll_until(lambda: world.redis.command("EXISTS", f"chat:{{{user}}}:lock") == 1, INDEX_TIMEOUT_S)
-        assert world.redis.command("EXISTS", f"chat:{{{user}}}:indexing") == 1
+        assert poll_until(lambda: world.redis.command("EXISTS", rkeys.user_key(user, "lock")) == 1, INDEX_TIMEOUT_S)
+        assert world.redis.command("EXISTS", rkeys.user_key(user, "indexing")) == 1
         assert proc.poll() is None, "the run did not wait for the write in flight"
         proxy.released.set()
         assert_clean_run(finish(proc), scanned=1, archived=1, failed=0, records=4)
@@ -683,12 +683,16 @@ def test_a_user_coming_back_after_a_killed_run_keeps_a_working_memory(world, uni
 
     assert poll_until(back_indexed, INDEX_TIMEOUT_S, POLL_INTERVAL_S), (
         f"the turn after the killed run was not indexed within {INDEX_TIMEOUT_S} s; "
-        f"lock key left: {world.redis.command('EXISTS', f'chat:{{{user}}}:lock') == 1}, "
-        f"lock TTL ms: {world.redis.command('PTTL', f'chat:{{{user}}}:lock')}")
+        f"lock key left: {world.redis.command('EXISTS', rkeys.user_key(user, 'lock')) == 1}, "
+        f"lock TTL ms: {world.redis.command('PTTL', rkeys.user_key(user, 'lock'))}")
 
 
 # --------------------------------------------------------------------------
 # Cost
+
+
+def tracked_users(redis) -> int:
+    return sum(redis.command("ZCARD", rkeys.activity(s)) for s in range(rkeys.REDIS_SHARDS))
 
 
 def command_calls(redis) -> "dict[str, int]":
@@ -713,22 +717,21 @@ def test_cost_grows_with_inactive_users_not_with_tracked_users(world, unique):
     # Only the activity index knows the others: enough for the cleanup to consider them.
     fake_inactive = [f"idle{i}" for i in range(inactive - len(real))]
     fake_active = [f"busy{i}" for i in range(tracked - inactive)]
-    args = []
+    by_shard: "dict[str, list]" = {}
     for i, user in enumerate(fake_inactive):
-        args += [now - DAY_MS - i, user]
-    world.redis.command("ZADD", ACTIVITY_KEY, *args)
-    args = []
+        by_shard.setdefault(rkeys.activity_of(user), []).extend([now - DAY_MS - i, user])
     for i, user in enumerate(fake_active):
-        args += [cutoff + 1000 + i, user]
-    world.redis.command("ZADD", ACTIVITY_KEY, *args)
-    assert world.redis.command("ZCARD", ACTIVITY_KEY) == tracked
+        by_shard.setdefault(rkeys.activity_of(user), []).extend([cutoff + 1000 + i, user])
+    for key, args in by_shard.items():
+        world.redis.command("ZADD", key, *args)
+    assert tracked_users(world.redis) == tracked
 
     world.redis.command("CONFIG", "RESETSTAT")
     run = world.cleanup(now_ms=cutoff + INACTIVE_S * 1000)
     calls = command_calls(world.redis)
     assert_clean_run(run, scanned=inactive, archived=inactive, failed=0, records=2 * len(real))
 
-    assert world.redis.command("ZCARD", ACTIVITY_KEY) == tracked - inactive
+    assert tracked_users(world.redis) == tracked - inactive
     for user in real:
         assert len(archive_files(world.archive_root, user)) == 1
         world.assert_gone_from_live_storage(user)
@@ -740,11 +743,13 @@ def test_cost_grows_with_inactive_users_not_with_tracked_users(world, unique):
     # and released, and one-off loads.
     scripts = calls.get("evalsha", 0) + calls.get("eval", 0)
     assert 3 * inactive + len(real) + 2 <= scripts <= 3 * inactive + len(real) + 8, calls
-    background = {"xreadgroup", "xautoclaim", "xgroup", "ping", "info", "config|resetstat", "config"}
+    background = {"xreadgroup", "xautoclaim", "xgroup", "xpending", "xlen", "ping", "info", "config|resetstat",
+                  "config"}
     cleanup_calls = sum(n for name, n in calls.items() if name not in background)
-    # A constant per inactive user (the fencing checks included), nothing per
-    # tracked user: 10,000 of them would show.
-    assert cleanup_calls <= 16 * inactive, calls
+    # A constant per inactive user (the fencing checks included, and the read
+    # of the lease before each lock), nothing per tracked user: 10,000 of them
+    # would show.
+    assert cleanup_calls <= 17 * inactive, sorted(calls.items())
 
 
 # --------------------------------------------------------------------------
@@ -799,9 +804,9 @@ def test_migrate_moves_per_user_collections_to_shards_without_losing_a_message(w
     for user in users:
         assert exact(world.records(user)) == exact(written[user]), user  # bit-exact, nothing more
         assert legacy_records(world.chroma.url, user) == []
-        assert world.redis.command("HLEN", f"chat:{{{user}}}:hot") == len(written[user])
-        assert world.redis.command("EXISTS", f"chat:{{{user}}}:lock") == 0
-    assert world.redis.command("SCARD", "chatd:cleanup:inprogress") == 0
+        assert world.redis.command("HLEN", rkeys.user_key(user, "hot")) == len(written[user])
+        assert world.redis.command("EXISTS", rkeys.user_key(user, "lock")) == 0
+    assert sum(world.redis.command("SCARD", k) for k in rkeys.all_in_progress()) == 0
 
     # Idempotent: nothing is left to move.
     again = world.cleanup("migrate")
@@ -854,11 +859,10 @@ def test_forget_archive_and_restore_each_touch_exactly_one_users_records(world, 
 # Fencing (issue 13): one run at a time, a lock that is owned, forget after a run
 
 ALREADY_RUNNING_STATUS = 3
-LOCK_KEY = "chat:{{{}}}:lock"
 
 
 def lock_value(redis, user: str) -> Optional[bytes]:
-    return redis.command("GET", LOCK_KEY.format(user))
+    return redis.command("GET", rkeys.user_key(user, "lock"))
 
 
 def test_a_second_run_is_refused_while_one_runs(world, unique):
@@ -909,7 +913,7 @@ def test_a_run_whose_lock_expired_and_was_taken_deletes_nothing(world, unique, t
             proc.send_signal(signal.SIGSTOP)
             assert poll_until(lambda: lock_value(world.redis, user) is None, INDEX_TIMEOUT_S, POLL_INTERVAL_S), \
                 "the paused run's lock never expired"
-            assert world.redis.command("SET", LOCK_KEY.format(user), intruder, "NX", "PX", 600000) == "OK"
+            assert world.redis.command("SET", rkeys.user_key(user, "lock"), intruder, "NX", "PX", 600000) == "OK"
         finally:
             proc.send_signal(signal.SIGCONT)
             proxy.released.set()
@@ -962,3 +966,113 @@ def test_forget_during_a_run_of_the_same_user_leaves_no_archive(world, unique, t
     assert restore.returncode == 0, restore.stderr[-3000:]
     assert restore.events("restore_done")[0]["records"] == 0
     assert world.records(user) == []
+
+
+# --------------------------------------------------------------------------
+# Migration of the Redis keys to the sharded layout (chatd-cleanup migrate-keys)
+
+
+def write_old_layout_user(redis, user: str, ts: int) -> dict:
+    """Writes a user as the version before the shards did: per-user keys
+    chat:{<user>}:..., a queued turn in the global stream chatd:index (with the
+    group the old indexers read it with), a dead letter, the activity index."""
+    turn, dead_turn = f"{user}-t1".replace("-", "")[:32], "d" * 32
+    old = rkeys.old_user_key
+    if redis.command("EXISTS", rkeys.OLD_INDEX_STREAM) == 0:
+        redis.command("XGROUP", "CREATE", rkeys.OLD_INDEX_STREAM, INDEX_GROUP, "0", "MKSTREAM")
+    recent = [json.dumps({"role": "user", "content": f"old question of {user}", "ts": ts, "id": f"{turn}:u"}),
+              json.dumps({"role": "assistant", "content": f"old answer to {user}", "ts": ts, "id": f"{turn}:a"})]
+    redis.command("RPUSH", old(user, "recent"), *recent)
+    entry = redis.command("XADD", rkeys.OLD_INDEX_STREAM, "*", "user", user, "turn", turn, "ts", str(ts),
+                          "u", f"old question of {user}", "a", f"old answer to {user}", "emb", b"").decode()
+    redis.command("HSET", old(user, "queued"), turn, entry)
+    redis.command("ZADD", old(user, "turns"), 0, f"{ts:015d}:{turn}")
+    redis.command("ZADD", old(user, "recorded"), ts, turn)
+    redis.command("PEXPIRE", old(user, "recorded"), 600000)
+    idem = old(user, "idem:" + "ab" * 32)
+    redis.command("HSET", idem, "fp", "fingerprint", "turn", turn, "resp", f"old answer to {user}")
+    redis.command("PEXPIRE", idem, 600000)
+    redis.command("ZADD", old(user, "idemkeys"), ts + 600000, idem)
+    redis.command("HSET", old(user, "rl:fixed"), "w", "1", "n", "1")
+    redis.command("ZADD", rkeys.OLD_ACTIVITY, ts, user)
+    redis.command("XADD", rkeys.OLD_DEAD_LETTERS, "*", "user", user, "turn", dead_turn, "ts", str(ts),
+                  "u", "a dead question", "a", "a dead answer", "reason", "test", "deliveries", "1")
+    return {"turn": turn, "entry": entry, "recent": [r.encode() for r in recent], "idem": idem}
+
+
+def old_layout_keys(redis) -> "list[bytes]":
+    found, cursor = [], b"0"
+    while True:
+        cursor, batch = redis.command("SCAN", cursor, "MATCH", "chat:{*", "COUNT", 1000)
+        found.extend(batch)
+        if cursor == b"0":
+            break
+    return found + [k.encode() for k in (rkeys.OLD_INDEX_STREAM, rkeys.OLD_DEAD_LETTERS, rkeys.OLD_ACTIVITY)
+                    if redis.command("EXISTS", k) == 1]
+
+
+def test_migrate_keys_moves_the_old_layout_to_the_shards_and_a_rerun_moves_nothing(make_world, module_chroma,
+                                                                                     unique):
+    with HoldingProxy(module_chroma.url) as proxy:
+        # Nothing is indexed until the moved keys are checked: the queued
+        # turns stay in the streams meanwhile.
+        proxy.fail_upserts = True
+        world = make_world(pool_chroma_url=proxy.url)
+        check_migrate_keys(world, proxy, unique)
+
+
+def check_migrate_keys(world: World, proxy, unique) -> None:
+    user, merged = unique("oldkeys"), unique("merged")
+    r = world.redis
+    ts = redis_now_ms(r) - 1000
+    old = write_old_layout_user(r, user, ts)
+    # A user who chatted on the new version before the move: the old recent
+    # messages go before the new ones.
+    write_old_layout_user(r, merged, ts)
+    world.chat(merged, "new message after the upgrade")
+    assert len(r.command("LRANGE", rkeys.user_key(merged, "recent"), 0, -1)) == 2
+
+    run = world.cleanup("migrate-keys")
+    assert run.returncode == 0, run.stderr[-3000:]
+    [done] = run.events("migrate_keys_done")
+    assert (done["user_keys"], done["stream_entries"], done["dead_letters"], done["activity"]) == (14, 2, 2, 2), done
+    assert old_layout_keys(r) == []
+
+    assert r.command("LRANGE", rkeys.user_key(user, "recent"), 0, -1) == old["recent"]
+    merged_recent = [json.loads(m)["content"] for m in r.command("LRANGE", rkeys.user_key(merged, "recent"), 0, -1)]
+    assert merged_recent[:2] == [f"old question of {merged}", f"old answer to {merged}"]
+    assert merged_recent[2] == "new message after the upgrade"
+    # The queued turn is in its shard's stream, named by the queued hash: under
+    # its old id, unless the shard's stream had newer entries already.
+    queued = r.command("HGET", rkeys.user_key(user, "queued"), old["turn"]).decode()
+    moved = r.command("XRANGE", rkeys.index_stream_of(user), queued, queued)
+    assert len(moved) == 1 and dict(zip(moved[0][1][0::2], moved[0][1][1::2]))[b"turn"] == old["turn"].encode()
+    if rkeys.shard_of(user) != rkeys.shard_of(merged):
+        assert queued == old["entry"]
+    assert r.command("ZSCORE", rkeys.activity_of(user), user) == str(ts).encode()
+    assert r.command("PTTL", rkeys.user_key(user, "recorded")) > 0
+    # The list of Idempotency-Key hashes names the moved hash.
+    new_idem = rkeys.user_key(user, "idem:" + "ab" * 32)
+    assert r.command("ZRANGE", rkeys.user_key(user, "idemkeys"), 0, -1) == [new_idem.encode()]
+    assert r.command("HGET", new_idem, "turn") == old["turn"].encode()
+    dead = [dict(zip(f[0::2], f[1::2])) for _, f in r.command("XRANGE", rkeys.dead_letters_of(user), "-", "+")]
+    assert user.encode() in [d[b"user"] for d in dead]
+
+    # The indexers find the moved turns (their group was rewound), and the
+    # queued hash empties as they are acknowledged.
+    proxy.fail_upserts = False
+    world.wait_indexed([user], 2)
+    world.wait_indexed([merged], 4)  # the old turn and the new one
+    assert poll_until(lambda: r.command("HLEN", rkeys.user_key(user, "queued")) == 0, INDEX_TIMEOUT_S)
+    # chatd-cleanup finds the moved user's dead letter and activity: forget erases both.
+    erased = world.cleanup("forget", user)
+    assert erased.returncode == 0, erased.stderr[-3000:]
+    left = [dict(zip(f[0::2], f[1::2]))[b"user"] for _, f in r.command("XRANGE", rkeys.dead_letters_of(user), "-", "+")]
+    assert user.encode() not in left
+    assert r.command("ZSCORE", rkeys.activity_of(user), user) is None
+
+    again = world.cleanup("migrate-keys")
+    assert again.returncode == 0, again.stderr[-3000:]
+    [nothing] = again.events("migrate_keys_done")
+    assert (nothing["user_keys"], nothing["stream_entries"], nothing["dead_letters"], nothing["activity"]) == \
+        (0, 0, 0, 0), nothing

@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 
+from harness import keys as rkeys
 from harness.stack import poll_until, post_chat
 
 CAP = "2"
@@ -91,7 +92,7 @@ def test_one_user_cannot_occupy_the_pool_third_concurrent_chat_is_429_too_many_c
     status, headers, body = post_chat(front.url, user, "after they finished")
     assert status == 200, body
     assert rate_remaining(headers) == 27
-    assert stack.redis.command("EXISTS", f"chat:{{{user}}}:inflight") == 0  # every lease given back
+    assert stack.redis.command("EXISTS", rkeys.user_key(user, "inflight")) == 0  # every lease given back
 
 
 def test_one_user_cannot_occupy_the_pool_cap_holds_across_two_hosts(stack, new_pool, unique):
@@ -123,7 +124,7 @@ def test_one_user_cannot_occupy_the_pool_a_killed_workers_lease_expires(stack, n
     assert poll_until(lambda: front.pool.worker_pids() not in ([], [worker]), ARRIVAL_TIMEOUT_S), \
         "multiwatch did not replace the killed worker"
     # The dead worker never released its lease: it is still there...
-    assert stack.redis.command("ZCARD", f"chat:{{{user}}}:inflight") == 1
+    assert stack.redis.command("ZCARD", rkeys.user_key(user, "inflight")) == 1
     # ...until it expires, and then the user can chat again.
     admitted = poll_until(lambda: post_chat(front.url, user, "after the crash")[0] == 200, LEASE_EXPIRY_TIMEOUT_S)
     assert admitted, "the killed worker's lease never expired"

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from harness.chroma_layout import shard_name, shard_of
+from harness import keys as rkeys
 from harness.stack import REPO_ROOT, Redis, http_json, json_log_records, poll_until, post_chat
 
 ACL_EXAMPLE = REPO_ROOT / "systemd/redis-acl.conf.example"
@@ -111,7 +112,7 @@ def test_redis_acl_user_with_exactly_the_shipped_rules_runs_chats_indexer_and_cl
     assert failed[0] == 502, failed
 
     # The indexer (XGROUP, XREADGROUP, XACK, XDEL, scripts) empties the stream.
-    indexed = poll_until(lambda: redis.command("XLEN", "chatd:index") == 0, INDEX_TIMEOUT_S)
+    indexed = poll_until(lambda: rkeys.total_len(redis, rkeys.all_index_streams()) == 0, INDEX_TIMEOUT_S)
     assert indexed, front.pool.log_text()[-3000:]
     assert not any(r.get("event") in ("index_retry", "redis_access_failed") for r in front.pool.log_records())
 

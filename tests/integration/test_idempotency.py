@@ -10,6 +10,7 @@ import signal
 import threading
 
 from harness.redis_proxy import RedisProxy, pid_of_client
+from harness import keys as rkeys
 from harness.stack import poll_until, post_chat
 
 KEY_HEADER = "Idempotency-Key"
@@ -28,7 +29,7 @@ def chat(url, user, message, key=None, **kwargs):
 
 
 def recent_messages(redis, user):
-    return [json.loads(raw) for raw in redis.command("LRANGE", f"chat:{{{user}}}:recent", 0, -1)]
+    return [json.loads(raw) for raw in redis.command("LRANGE", rkeys.user_key(user, "recent"), 0, -1)]
 
 
 def times_recorded(redis, user, message):
@@ -40,7 +41,7 @@ def model_calls(stack, marker):
 
 
 def idem_redis_key(user, key):
-    return f"chat:{{{user}}}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
+    return rkeys.user_key(user, f"idem:{hashlib.sha256(key.encode()).hexdigest()}")
 
 
 def turn_id_of(redis, user, message):
@@ -58,7 +59,7 @@ def warm_up(url, user):
 def record_script_of(user):
     """Bytes only the record script of this user's turns sends (the key of
     the user's recorded turns), to hold Redis's answer to exactly that script."""
-    return f"chat:{{{user}}}:recorded".encode()
+    return rkeys.user_key(user, "recorded").encode()
 
 
 def test_a_repeat_gets_the_first_answer_and_the_model_is_called_once(stack, unique):

@@ -13,11 +13,10 @@ import pytest
 
 from harness.chroma_layout import legacy_collection_name, shard_of, shard_records, user_records
 from harness.chroma_proxy import ChromaProxy
+from harness import keys as rkeys
 from harness.stack import Chroma, Redis, concurrently, http_json, http_request, poll_until, post_chat
 
-INDEX_STREAM = "chatd:index"
 INDEX_GROUP = "indexers"
-DEAD_LETTERS = "chatd:index:dead"
 HIGH_RATE_LIMIT = "1000"
 INDEX_TIMEOUT_S = 45
 POLL_INTERVAL_S = 0.2
@@ -54,7 +53,7 @@ def chat_ok(url, user, message):
 
 def stream_users(redis) -> "list[str]":
     out = []
-    for _, fields in redis.command("XRANGE", INDEX_STREAM, "-", "+"):
+    for _, fields in rkeys.stream_entries(redis):
         f = {fields[i].decode(): fields[i + 1] for i in range(0, len(fields), 2)}
         out.append(f.get("user", b"").decode())
     return out
@@ -62,7 +61,7 @@ def stream_users(redis) -> "list[str]":
 
 def dead_letters(redis, user) -> "list[dict]":
     out = []
-    for _, fields in redis.command("XRANGE", DEAD_LETTERS, "-", "+"):
+    for _, fields in redis.command("XRANGE", rkeys.dead_letters_of(user), "-", "+"):
         f = {fields[i].decode(): fields[i + 1] for i in range(0, len(fields), 2)}
         if f.get("user", b"").decode() == user:
             out.append(f)
@@ -99,7 +98,7 @@ def metrics(url) -> "dict[str, float]":
 
 
 def hot_set(redis, user) -> "list[bytes]":
-    return redis.command("HKEYS", f"chat:{{{user}}}:hot")
+    return redis.command("HKEYS", rkeys.user_key(user, "hot"))
 
 
 # --------------------------------------------------------------------------
@@ -263,7 +262,7 @@ def test_a_turn_that_can_never_be_written_is_dead_lettered_at_once_and_the_rest_
     # Text that is not UTF-8 can never go into Chroma's JSON: what a bug
     # upstream could leave in the stream. Queued right between good turns.
     bad_turn = "f" * 32
-    own_redis.command("XADD", INDEX_STREAM, "*", "user", user, "turn", bad_turn, "ts", "1700000000000",
+    own_redis.command("XADD", rkeys.index_stream_of(user), "*", "user", user, "turn", bad_turn, "ts", "1700000000000",
                       "u", b"broken \xff\xfe text", "a", "a reply", "emb", b"")
     chat_ok(front.url, user, "a good turn after")
     records = wait_indexed(own_redis, own_chroma.url, user, 4)
@@ -294,7 +293,7 @@ def test_a_turn_chroma_keeps_refusing_goes_to_the_dead_letters_after_max_deliver
     assert dead[0]["reason"] == b"chroma_unavailable"
     records = wait_indexed(own_redis, proxy.url, user, 2)
     assert [r for r in records if marker in r["document"]] == []
-    assert own_redis.command("XPENDING", INDEX_STREAM, INDEX_GROUP)[0] == 0
+    assert rkeys.pending_total(own_redis) == 0
     assert metrics(front.url)["chatd_index_dead_lettered_total"] == 1
 
 
@@ -321,7 +320,7 @@ def test_a_dead_workers_turns_are_taken_over_by_a_live_worker(own_redis, own_chr
         chat_ok(first.url, user, f"orphaned turn {i}")
 
     def pending_at_victim():
-        summary = own_redis.command("XPENDING", INDEX_STREAM, INDEX_GROUP)
+        summary = own_redis.command("XPENDING", rkeys.index_stream_of(user), INDEX_GROUP)
         owners = {name.decode(): int(n) for name, n in (summary[3] or [])}
         return sum(n for name, n in owners.items() if name.endswith(f"-{victim}")) == 3
 
@@ -332,7 +331,7 @@ def test_a_dead_workers_turns_are_taken_over_by_a_live_worker(own_redis, own_chr
     records = wait_indexed(own_redis, own_chroma.url, user, 6)
     assert sorted(r["document"] for r in records if r["metadata"]["role"] == "user") == \
         [f"orphaned turn {i}" for i in range(3)]
-    assert own_redis.command("XPENDING", INDEX_STREAM, INDEX_GROUP)[0] == 0
+    assert rkeys.pending_total(own_redis) == 0
     assert metrics(second.url)["chatd_index_claimed_total"] == 3
 
 

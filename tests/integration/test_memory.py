@@ -21,11 +21,11 @@ from collections import Counter
 import pytest
 
 from harness.chroma_layout import user_records
+from harness import keys as rkeys
 from harness.stack import Chroma, Redis, concurrently, free_port, http_json, poll_until, post_chat
 
 RECENT_MESSAGES = 4  # CHATD_RECENT_MESSAGES default: two whole turns
 CHROMA_PREFIX = "/api/v2/tenants/default_tenant/databases/default_database"
-INDEX_STREAM = "chatd:index"
 INDEX_GROUP = "indexers"
 EXCERPT_PREAMBLE = "Quoted earlier conversation with this user"
 EXCERPT_END = "End of quoted earlier conversation."
@@ -64,13 +64,13 @@ def chroma_records(chroma_url: str, user: str) -> "list[dict]":
 
 
 def recent_list(redis, user: str) -> "list[dict]":
-    return [json.loads(raw) for raw in redis.command("LRANGE", f"chat:{{{user}}}:recent", 0, -1)]
+    return [json.loads(raw) for raw in redis.command("LRANGE", rkeys.user_key(user, "recent"), 0, -1)]
 
 
-def stream_entries(redis, key: str = INDEX_STREAM) -> "list[tuple[str, dict]]":
-    """(id, {field: bytes}) of every entry still in the stream."""
+def stream_entries(redis) -> "list[tuple[str, dict]]":
+    """(id, {field: bytes}) of every entry still in the shards' streams."""
     entries = []
-    for entry_id, fields in redis.command("XRANGE", key, "-", "+"):
+    for entry_id, fields in rkeys.stream_entries(redis):
         entries.append((entry_id.decode(), {fields[i].decode(): fields[i + 1] for i in range(0, len(fields), 2)}))
     return entries
 
@@ -338,12 +338,12 @@ def test_turns_left_pending_by_a_killed_worker_are_claimed_and_indexed_once(
     def victim_holds_pending_turns():
         # While its first batch keeps failing, the indexer retries that batch and
         # leaves newer turns unread in the stream: at least one is pending.
-        summary = own_redis.command("XPENDING", INDEX_STREAM, INDEX_GROUP)
+        summary = own_redis.command("XPENDING", rkeys.index_stream_of(user), INDEX_GROUP)
         owners = {name.decode(): int(n) for name, n in (summary[3] or [])}
         return [name for name, n in owners.items() if name.endswith(f"-{victim}") and n >= 1]
 
     assert poll_until(victim_holds_pending_turns, INDEX_TIMEOUT_S, POLL_INTERVAL_S), \
-        f"no turn became pending under the worker: {own_redis.command('XPENDING', INDEX_STREAM, INDEX_GROUP)}"
+        f"no turn became pending under the worker: {own_redis.command('XPENDING', rkeys.index_stream_of(user), INDEX_GROUP)}"
     assert len(queued_turns(own_redis, user)) == len(turns)
 
     os.kill(victim, signal.SIGKILL)
@@ -354,8 +354,7 @@ def test_turns_left_pending_by_a_killed_worker_are_claimed_and_indexed_once(
 
     records = wait_indexed(own_redis, own_chroma.url, user, 2 * len(turns))[user]
     check_turns_stored_once(records, turns)
-    summary = own_redis.command("XPENDING", INDEX_STREAM, INDEX_GROUP)
-    assert summary[0] == 0, f"entries still pending: {summary}"
+    assert rkeys.pending_total(own_redis) == 0, "entries still pending"
 
 
 def test_a_failed_model_call_stores_nothing(stack, unique):

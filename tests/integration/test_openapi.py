@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from harness.redis_proxy import RedisProxy
+from harness import keys as rkeys
 from harness.stack import REPO_ROOT, concurrently, http_request, poll_until, post_chat
 
 SPEC = yaml.safe_load((REPO_ROOT / "docs/openapi.yaml").read_text())
@@ -152,7 +153,7 @@ def test_documented_idempotency_responses_match_the_spec(stack, new_pool, unique
     with RedisProxy(stack.redis.host, stack.redis.port) as proxy:
         front = new_pool({"CHATD_REDIS_PORT": str(proxy.port)})
         assert post_chat(front.url, user, "Redis learns the record script")[0] == 200
-        proxy.hold(f"chat:{{{user}}}:recorded".encode(), count=2)
+        proxy.hold(rkeys.user_key(user, "recorded").encode(), count=2)
         cases.append((503, post_chat(front.url, user, "lost answer")))
     for expected, (status, headers, body) in cases:
         assert status == expected, body

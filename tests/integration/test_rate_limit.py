@@ -11,6 +11,7 @@ from collections import Counter
 
 import pytest
 
+from harness import keys as rkeys
 from harness.stack import UNCAPPED, Redis, concurrently, poll_until, post_chat
 
 DEFAULT_LIMIT = 30  # include/chatd/config.h
@@ -28,7 +29,7 @@ RECOVERY_TIMEOUT_S = 20.0
 
 
 def rl_key(user: str, algorithm: str) -> str:
-    return f"chat:{{{user}}}:rl:{algorithm}"
+    return rkeys.user_key(user, f"rl:{algorithm}")
 
 
 def redis_now_ms(stack) -> int:
@@ -220,7 +221,7 @@ def test_every_rate_limit_key_has_a_ttl(stack, new_pool, unique):
 
     keys, cursor = [], b"0"
     while True:
-        cursor, batch = stack.redis.command("SCAN", cursor, "MATCH", "chat:*:rl:*", "COUNT", 1000)
+        cursor, batch = stack.redis.command("SCAN", cursor, "MATCH", "chatd:*:u:*:rl:*", "COUNT", 1000)
         keys.extend(batch)
         if cursor == b"0":
             break

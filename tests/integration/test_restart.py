@@ -8,6 +8,7 @@ import socket
 import threading
 from pathlib import Path
 
+from harness import keys as rkeys
 from harness.stack import LOOPBACK, Redis, Stack, http_request, poll_until, post_chat
 
 AOF_MIN_BYTES = 50 * 1024 * 1024
@@ -96,4 +97,4 @@ def test_the_stack_comes_up_on_a_large_aof_and_answers_503_while_redis_loads(bui
 
         body = poll_until(answered, RECOVERY_TIMEOUT_S)
         assert body, "chats did not come back after Redis loaded"
-        assert "before the restart" in str(stack.redis.command("LRANGE", f"chat:{{{user}}}:recent", 0, -1))
+        assert "before the restart" in str(stack.redis.command("LRANGE", rkeys.user_key(user, "recent"), 0, -1))

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from harness.chroma_layout import legacy_collection_name, user_records
+from harness import keys as rkeys
 from harness.stack import Redis, http_request, json_log_records, poll_until, post_chat
 
 MODES = ("off", "service", "jwt")
@@ -36,8 +37,6 @@ FAR_FUTURE_MS = 30 * 24 * 3600 * 1000
 HIGH_LIMIT = "1000"
 # A chat held by the fake model this long is in flight while the test erases.
 SLOW_CHAT_MS = 4000
-INDEX_STREAM = "chatd:index"
-ACTIVITY_KEY = "chatd:activity"
 EXCERPT_PREAMBLE = "Quoted earlier conversation with this user"
 # What an API erase leaves of a user in Redis: no message, only the erase's
 # tombstone (it fences chats that started before it, and expires) and the
@@ -132,14 +131,14 @@ class World:
     def user_keys(self, user: str) -> "list[str]":
         keys, cursor = [], b"0"
         while True:
-            cursor, batch = self.redis.command("SCAN", cursor, "MATCH", f"chat:{{{user}}}:*", "COUNT", 1000)
+            cursor, batch = self.redis.command("SCAN", cursor, "MATCH", rkeys.user_key_pattern(user), "COUNT", 1000)
             keys.extend(k.decode() for k in batch)
             if cursor == b"0":
                 return sorted(keys)
 
     def stream_turns(self, user: str) -> "list[str]":
         turns = []
-        for _, fields in self.redis.command("XRANGE", INDEX_STREAM, "-", "+"):
+        for _, fields in self.redis.command("XRANGE", rkeys.index_stream_of(user), "-", "+"):
             values = dict(zip(fields[0::2], fields[1::2]))
             if values.get(b"user", b"").decode() == user:
                 turns.append(values[b"turn"].decode())
@@ -160,7 +159,7 @@ class World:
             keys[key] = self.redis.command("DUMP", key)
         archive = self.archive_root / legacy_collection_name(user)
         files = {p.name: p.read_bytes() for p in sorted(archive.iterdir())} if archive.exists() else {}
-        return {"keys": keys, "activity": self.redis.command("ZSCORE", ACTIVITY_KEY, user),
+        return {"keys": keys, "activity": self.redis.command("ZSCORE", rkeys.activity_of(user), user),
                 "stream": self.stream_turns(user),
                 "chroma": sorted(json.dumps(r, sort_keys=True) for r in user_records(self.stack.chroma_url, user)),
                 "archive": files}
@@ -277,7 +276,7 @@ def test_history_reads_indexed_turns_from_long_term_memory(world, unique, mode):
     world.wait_indexed(user, 6)
     # Only Chroma holds the oldest turns now (the recent list keeps 4
     # messages): drop the hot set to make the history read them from Chroma.
-    world.redis.command("DEL", f"chat:{{{user}}}:hot", f"chat:{{{user}}}:hotidx")
+    world.redis.command("DEL", rkeys.user_key(user, "hot"), rkeys.user_key(user, "hotidx"))
     assert [m["content"] for m in client.history(user)["messages"] if m["role"] == "user"] == said
 
 
@@ -290,7 +289,7 @@ def test_migrate_indexes_the_turns_recorded_before_the_turn_index(world, unique)
     for m in said:
         client.chat_ok(user, m)
     world.wait_indexed(user, 6)
-    world.redis.command("DEL", f"chat:{{{user}}}:turns")  # as recorded by the version before
+    world.redis.command("DEL", rkeys.user_key(user, "turns"))  # as recorded by the version before
     later = f"after the upgrade {unique('m')}"
     client.chat_ok(user, later)
     assert [m["content"] for m in client.history(user)["messages"] if m["role"] == "user"] == [later]
@@ -371,8 +370,8 @@ def test_delete_erases_the_user_everywhere_and_nobody_else(world, stack, unique,
     assert client.erase(user) == {"deleted": {"messages": 8}}
 
     assert client.history(user) == {"messages": [], "next": None}
-    assert {k.split(":", 2)[2] for k in world.user_keys(user)} <= ALLOWED_AFTER_ERASE
-    assert world.redis.command("ZSCORE", ACTIVITY_KEY, user) is None
+    assert {k.split(f":u:{user}:", 1)[1] for k in world.user_keys(user)} <= ALLOWED_AFTER_ERASE
+    assert world.redis.command("ZSCORE", rkeys.activity_of(user), user) is None
     assert world.stream_turns(user) == []
     assert user_records(stack.chroma_url, user) == []
     assert not (world.archive_root / legacy_collection_name(user)).exists()
@@ -430,7 +429,7 @@ def test_a_delete_during_a_slow_chat_leaves_nothing_behind(world, stack, unique,
     assert (status, body["code"]) == (409, "memory_erased"), body
     assert client.history(user) == {"messages": [], "next": None}
     assert world.stream_turns(user) == []
-    assert {k.split(":", 2)[2] for k in world.user_keys(user)} <= ALLOWED_AFTER_ERASE
+    assert {k.split(f":u:{user}:", 1)[1] for k in world.user_keys(user)} <= ALLOWED_AFTER_ERASE
     # A new chat works and remembers nothing of the slow one, and once it is
     # indexed Chroma holds it alone.
     question = f"anything? {unique('m')}"

@@ -53,7 +53,7 @@ BOOST_AUTO_TEST_CASE(sha256_hex_is_the_standard_digest) {
 
 BOOST_AUTO_TEST_CASE(the_redis_key_is_in_the_users_slot_and_hides_the_key) {
   std::string name = IdempotencyRedisKey("alice", "k1").value();
-  BOOST_TEST(name.rfind("chat:{alice}:idem:", 0) == 0u);
+  BOOST_TEST(name.rfind("chatd:{s7}:u:alice:idem:", 0) == 0u);
   BOOST_TEST(name.find("k1") == std::string::npos);
   BOOST_TEST(name != IdempotencyRedisKey("bob", "k1").value());
   BOOST_TEST(!IdempotencyRedisKey("a}b", "k1").ok());

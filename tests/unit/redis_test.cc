@@ -23,7 +23,10 @@
 
 #include "chatd/redis.h"
 #include "chatd/redis_cluster.h"
+#include "chatd/redis_idempotency.h"
 #include "chatd/redis_memory.h"
+#include "chatd/redis_rate_limiter.h"
+#include "chatd/redis_schema.h"
 
 namespace chatd {
 namespace {
@@ -583,7 +586,7 @@ BOOST_AUTO_TEST_CASE(record_that_timed_out_after_running_is_confirmed_by_the_ret
   BOOST_TEST((commands[0] == commands[1]));  // the same turn id, so the script can tell
   // recent, stream, activity, recorded turns, leases, tombstone, turn index, queued
   BOOST_TEST(commands[0][2] == "8");
-  BOOST_TEST(commands[0][6] == "chat:{alice}:recorded");
+  BOOST_TEST(commands[0][6] == RecordedTurnsKey("alice"));
   BOOST_TEST(commands[0][12] == "0123456789abcdef0123456789abcdef");
 }
 
@@ -865,6 +868,99 @@ BOOST_AUTO_TEST_CASE(cluster_with_no_reachable_seed_is_unavailable, *boost::unit
   BOOST_REQUIRE(!r.ok());
   BOOST_TEST(r.status().reason() == "redis_unavailable");
   BOOST_TEST(!client.CheckAccess().ok());
+}
+
+namespace {
+
+// The slot of a key as Redis Cluster computes it: CRC16 (XMODEM) of the
+// hash tag (the text between the first '{' and the next '}', when not
+// empty), else of the whole key, modulo 16384.
+int KeySlot(std::string_view key) {
+  const size_t open = key.find('{');
+  if (open != std::string_view::npos) {
+    const size_t close = key.find('}', open + 1);
+    if (close != std::string_view::npos && close > open + 1) key = key.substr(open + 1, close - open - 1);
+  }
+  uint16_t crc = 0;
+  for (unsigned char c : key) {
+    crc ^= static_cast<uint16_t>(c << 8);
+    for (int i = 0; i < 8; ++i) crc = static_cast<uint16_t>((crc & 0x8000) ? (crc << 1) ^ 0x1021 : crc << 1);
+  }
+  return crc % 16384;
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(key_slot_matches_redis_cluster) {
+  // The cluster specification's own example, and the hash-tag rule.
+  BOOST_TEST(KeySlot("123456789") == 12739);
+  BOOST_TEST(KeySlot("{user1000}.following") == KeySlot("{user1000}.followers"));
+  BOOST_TEST(KeySlot("foo{{bar}}zap") == KeySlot("{bar"));
+  BOOST_TEST(KeySlot("foo{}{bar}") != KeySlot("bar"));
+}
+
+// Every script call the schema and the Redis adapters make, recorded by a
+// fake server: each call's KEYS must hash to one slot (else a cluster answers
+// CROSSSLOT), the slot of the user's shard.
+BOOST_AUTO_TEST_CASE(every_script_touches_the_slot_of_the_users_shard_only) {
+  FakeRedis server([](const std::vector<std::string>&) { return FakeReply::Send(":1\r\n"); });
+  RedisClient client(OptionsFor(server.port()));
+  const std::string user = "alice";
+  IdempotencyTicket ticket;
+  ticket.key = "k1";
+  ticket.token = "tok";
+  ticket.fingerprint = "fp";
+  ticket.keep_ms = 1000;
+  Turn turn = SomeTurn();
+  turn.idempotency = &ticket;
+  auto call = RecordTurnCall::Make(turn, 4, "60000");
+  BOOST_REQUIRE(call.ok());
+  (void)call->Run(client, nullptr);
+  StoredMessage m{"t1:u", user, "t1", Role::kUser, "hi", 1, {0.5f}};
+  (void)AddToHotSet(client, user, {m}, 8);
+  (void)BeginIndexing(client, "c1", 1000, {{user, {{"1-0", 1}}}});
+  (void)FinishIndexing(client, 8, {{user, false, {"1-0"}, {"t1"}, {&m}}});
+  (void)RemoveGoneIndexConsumers(client, ShardOf(user), "c1", 1000);
+  (void)TakeCleanupLock(client, user, "cleanup:x", 1000, "");
+  (void)RenewCleanupLock(client, user, "cleanup:x", 1000);
+  (void)ReleaseCleanupLock(client, user, "cleanup:x");
+  (void)ReleaseAbandonedLock(client, user, "migrate");
+  (void)SettleInProgress(client, user, 1000);
+  (void)TakeCleanupLease(client, "lease", 1000, "");
+  (void)RenewCleanupLease(client, "lease", 1000);
+  (void)ReleaseCleanupLease(client, "lease");
+  (void)FinishArchive(client, user, 1000, "cleanup:x", {"1-0"});
+  (void)ForgetUser(client, user, "forget:x", 1000, false, {"1-0"}, {"2-0"}, {IdempotencyRedisKey(user, "k1").value()});
+  (void)DropBeforeTombstone(client, user, "3-0", {"1-0"});
+  RedisRateLimiter limiter(client, 10, 60, RateAlgorithm::kSliding, ConcurrencyCap{2, 1000});
+  (void)limiter.Check(user);
+  RedisIdempotencyStore idempotency(client, 1000);
+  (void)idempotency.Claim(user, ticket);
+
+  const int user_slot = KeySlot(IndexStreamKey(ShardOf(user)));
+  size_t scripts = 0;
+  for (const auto& argv : server.commands()) {
+    if (argv[0] != "EVALSHA" && argv[0] != "EVAL") continue;
+    ++scripts;
+    const size_t n = std::stoul(argv[2]);
+    BOOST_REQUIRE(argv.size() >= 3 + n);
+    for (size_t i = 3; i < 3 + n; ++i) {
+      // The lease is global: its scripts touch it alone.
+      const int want = n == 1 && argv[i] == kCleanupLeaseKey ? KeySlot(kCleanupLeaseKey) : user_slot;
+      BOOST_TEST(KeySlot(argv[i]) == want, argv[i]);
+    }
+  }
+  BOOST_TEST(scripts == 18u);  // every call above ran its script
+}
+
+BOOST_AUTO_TEST_CASE(shards_are_stable_and_spread) {
+  // The shard is part of every key name: it must never change for a user.
+  BOOST_TEST(ShardOf("alice") == 7);
+  BOOST_TEST(RecentKey("alice") == "chatd:{s7}:u:alice:recent");
+  BOOST_TEST(IndexStreamKey(7) == "chatd:{s7}:index");
+  std::vector<int> seen(kRedisShards, 0);
+  for (int i = 0; i < 1600; ++i) ++seen[static_cast<size_t>(ShardOf("user" + std::to_string(i)))];
+  for (int n : seen) BOOST_TEST(n > 0);
 }
 
 BOOST_AUTO_TEST_SUITE_END()
