@@ -12,6 +12,7 @@ from collections import Counter
 
 import pytest
 
+from harness import keys as rkeys
 from harness.stack import UNCAPPED, Stack, concurrently, http_request, poll_until, post_chat
 
 WORKERS = 2
@@ -62,7 +63,7 @@ def chat(url, user):
 
 
 def rl_key(user, algorithm="fixed"):
-    return f"chat:{{{user}}}:rl:{algorithm}"
+    return rkeys.user_key(user, f"rl:{algorithm}")
 
 
 def stored_count(cluster, user, algorithm="fixed"):
@@ -239,7 +240,8 @@ def test_users_spread_over_every_primary(cluster_stack, cluster, unique):
     users = [f"{run}-{i}" for i in range(60)]
     results = concurrently(lambda u: chat(cluster_stack.url, u), users, max_workers=8)
     assert set(results) <= ADMITTED, Counter(results)
-    per_primary = cluster.count_keys(f"chat:{{{run}-*}}:rl:fixed")
+    # A user's keys carry their shard's hash tag: 16 slots, spread over the primaries.
+    per_primary = cluster.count_keys(f"chatd:{{s*}}:u:{run}-*:rl:fixed")
     assert len(per_primary) == 3
     assert sum(per_primary.values()) == len(users)
     assert all(n > 0 for n in per_primary.values()), per_primary

@@ -7,6 +7,8 @@ import os
 import signal
 import socket
 
+import pytest
+
 from harness.chroma_layout import user_records
 from harness.stack import UNCAPPED, Chroma, Redis, concurrently, http_request, poll_until, post_chat
 
@@ -28,22 +30,27 @@ def frozen(service):
     return Freeze()
 
 
-def test_a_frozen_chroma_degrades_to_short_term_memory_within_the_timeout(new_pool, unique, tmp_path):
+# Both ways recall asks Chroma for older messages: by id (the default) and by
+# a filtered search (CHATD_RECALL_BY_ID_MAX=0).
+@pytest.mark.parametrize("by_id_max", ["128", "0"])
+def test_a_frozen_chroma_degrades_to_short_term_memory_within_the_timeout(new_pool, unique, tmp_path, by_id_max):
     # Its own Redis too: pools sharing a Redis share the indexer group, and the
     # session's indexers would move these turns into the session's Chroma.
     chroma = Chroma(tmp_path / "chroma").start()
     redis = Redis(tmp_path / "redis").start()
     try:
-        # A hot set of one message is full as soon as one turn is indexed, so
-        # every later chat asks Chroma for older memories: what freezes.
+        # A hot set of one message is full as soon as one turn is indexed, and
+        # three turns put the first out of the four recent messages, so every
+        # later chat asks Chroma for older memories: what freezes.
         # Concurrent chats of one user during the freeze: cap raised on purpose.
         front = new_pool({"CHATD_CHROMA_URL": chroma.url, "CHATD_CHROMA_TIMEOUT_MS": "300",
-                          "CHATD_RECALL_HOT_MESSAGES": "1",
+                          "CHATD_RECALL_HOT_MESSAGES": "1", "CHATD_RECALL_BY_ID_MAX": by_id_max,
                           "CHATD_REDIS_HOST": redis.host, "CHATD_REDIS_PORT": str(redis.port),
                           "CHATD_MAX_CONCURRENT_PER_USER": UNCAPPED})
         user = unique("frozen-chroma")
-        assert post_chat(front.url, user, "before the freeze")[0] == 200
-        assert poll_until(lambda: chroma_count(chroma.url, user) == 2, timeout=RECOVERY_TIMEOUT_S)
+        for i in range(3):
+            assert post_chat(front.url, user, f"before the freeze {i}")[0] == 200
+        assert poll_until(lambda: chroma_count(chroma.url, user) == 6, timeout=RECOVERY_TIMEOUT_S)
         pids = sorted(front.pool.worker_pids())
         with frozen(chroma):
             results = concurrently(lambda i: post_chat(front.url, user, f"during the freeze {i}"), range(4))
@@ -60,7 +67,7 @@ def test_a_frozen_chroma_degrades_to_short_term_memory_within_the_timeout(new_po
                               timeout=RECOVERY_TIMEOUT_S)
         assert sorted(front.pool.worker_pids()) == pids
         # Thawed: every turn, those of the freeze included, reaches Chroma once.
-        assert poll_until(lambda: chroma_count(chroma.url, user) == 2 * 6, timeout=RECOVERY_TIMEOUT_S), \
+        assert poll_until(lambda: chroma_count(chroma.url, user) == 2 * 8, timeout=RECOVERY_TIMEOUT_S), \
             chroma_count(chroma.url, user)
     finally:
         chroma.stop()
