@@ -101,7 +101,8 @@ FUZZ_TARGETS := $(patsubst tests/fuzz/%.cc,%,$(wildcard tests/fuzz/fuzz_*.cc))
 FUZZ_BINS    := $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/bin/%)
 FUZZ_LIB_OBJS := $(LIB_SRCS:src/%.cc=$(FUZZ_BUILD)/obj/%.o)
 # libFuzzer's own options for every run: stderr of the code under test is
-# closed (the JWT verifier logs each refusal) while libFuzzer's report stays.
+# closed (it may log, e.g. the JWT verifier's start-up warning) while
+# libFuzzer's report stays.
 FUZZ_RUN_FLAGS := -close_fd_mask=2 -timeout=10
 
 $(FUZZ_BUILD)/obj/%.o: src/%.cc tests/fuzz/ubsan-ignorelist.txt

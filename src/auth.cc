@@ -3,12 +3,10 @@
 // in jwt_auth.cc, secret files in secret_file.cc.
 #include "chatd/auth.h"
 
-#include <atomic>
 #include <cstdint>
 #include <utility>
 
 #include "auth_internal.h"
-#include "chatd/log.h"
 
 namespace chatd {
 
@@ -55,21 +53,6 @@ bool IsB64Token(std::string_view s) {
 
 Status Unauthorized(const char* reason, const char* message) {
   return Status(Code::kUnauthorized, reason, message);
-}
-
-Result<Principal> LoggingAuthenticator::Authenticate(const HttpRequest& req) {
-  Result<Principal> who = Verify(req);
-  if (!who.ok()) {
-    uint64_t n = failures_.fetch_add(1, std::memory_order_relaxed) + 1;
-    LogWarn("auth_failed")
-        .Str("mode", mode_)
-        .Str("reason", who.status().reason())
-        .Str("request_id", req.request_id)
-        .Str("remote_addr", req.remote_addr)
-        .Int("failures", static_cast<int64_t>(n))
-        .Emit();
-  }
-  return who;
 }
 
 Result<std::string_view> BearerToken(std::string_view authorization) {

@@ -3,7 +3,6 @@
 // fuzzer.
 #pragma once
 
-#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -35,22 +34,6 @@ Status Unauthorized(const char* reason, const char* message);
 // them: for unit tests and the fuzzer, which vary one variable at a time.
 Result<std::unique_ptr<Authenticator>> MakeAuthenticator(AuthMode mode, const EnvLookup& env,
                                                          EpochSecondsFn now = {});
-
-// Logs every refusal (reason, never the token) and counts them per process;
-// the request log line carries the same reason for the pool's metrics.
-class LoggingAuthenticator : public Authenticator {
- public:
-  explicit LoggingAuthenticator(const char* mode) : mode_(mode) {}
-
-  Result<Principal> Authenticate(const HttpRequest& req) final;
-
- protected:
-  virtual Result<Principal> Verify(const HttpRequest& req) = 0;
-
- private:
-  const char* mode_;
-  std::atomic<uint64_t> failures_{0};
-};
 
 Result<std::unique_ptr<Authenticator>> MakeServiceAuthenticator(const AuthConfig& config);
 Result<std::unique_ptr<Authenticator>> MakeJwtAuthenticator(const AuthConfig& config, EpochSecondsFn now);

@@ -15,6 +15,7 @@
 
 #include "chatd/clock.h"
 #include "chatd/log.h"
+#include "observe.h"
 #include "random_id.h"
 #include "unique_fd.h"
 
@@ -251,31 +252,19 @@ void FcgiServer::ThreadMain() {
     auto started = SteadyClock::now();
     HttpRequest http;
     ReadRequest(req, max_body_bytes_, http);
-    RequestLog log;
+    RequestContext ctx;
+    ctx.request_id = http.request_id;
+    ctx.method = http.method;
+    ctx.path = http.path;
+    ctx.remote_addr = http.remote_addr;
     FcgiStream stream(req);
-    HttpReply reply = handler_(http, log, stream);
+    HttpReply reply = handler_(http, ctx, stream);
 
-    // Counted and logged before the reply is written: FCGX_PutStr may already
-    // send a full buffer and FCGX_Finish_r sends the rest, and a client that
-    // holds its answer must find it in /metrics and in the log. The latency
-    // therefore ends when the answer is ready, not when nginx has it. A
-    // streamed answer is out already: it is counted when it has ended.
-    auto latency = SteadyClock::now() - started;
-    double latency_ms = std::chrono::duration<double, std::milli>(latency).count();
-    if (metrics_ != nullptr) {
-      metrics_->CountRequest(reply.status, std::chrono::duration_cast<std::chrono::microseconds>(latency).count());
-    }
-    LogLine line = LogInfo("request");
-    line.Str("request_id", http.request_id)
-        .Str("method", http.method)
-        .Str("path", http.path)
-        .Int("status", reply.status)
-        .Num("latency_ms", latency_ms)
-        .Int("upstream_ms", log.upstream_ms)
-        .Str("user", log.user_id);
-    if (!log.error_reason.empty()) line.Str("error", log.error_reason);
-    if (log.recall_degraded) line.Bool("recall_degraded", true);
-    line.Emit();
+    // Observed before the reply is written (observe.h says why), so the
+    // latency ends when the answer is ready, not when nginx has it.
+    ctx.status = reply.status;
+    ctx.latency = SteadyClock::now() - started;
+    Observe(ctx, metrics_);
 
     if (!reply.streamed) WriteReply(req, reply);
     FCGX_Finish_r(&req);

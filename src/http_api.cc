@@ -126,14 +126,14 @@ void WriteUsage(JsonWriter& w, const ChatReply& reply) {
   w.EndObject();
 }
 
-HttpReply EndStream(SseSink& sse, const Result<ChatReply>& result, RequestLog& log) {
+HttpReply EndStream(SseSink& sse, const Result<ChatReply>& result, RequestContext& ctx) {
   HttpReply reply;
   reply.streamed = true;
-  if (!result.ok()) log.error_reason = result.status().reason();
+  if (!result.ok()) ctx.error_reason = result.status().reason();
   if (sse.gone()) {
     // Nobody is left to read an event. Before the first byte nothing was
     // sent at all: logged as nginx logs such a request, 499.
-    log.error_reason = "client_gone";
+    ctx.error_reason = "client_gone";
     if (!sse.started()) reply.status = kClientClosedRequest;
     return reply;
   }
@@ -182,31 +182,31 @@ HttpApi::HttpApi(const Config& config, ChatService& chat, Authenticator* auth, M
       rate_policy_("\"default\";q=" + std::to_string(config.rate_limit) + ";w=" +
                    std::to_string(config.rate_window_s)) {}
 
-HttpReply HttpApi::Handle(const HttpRequest& req, RequestLog& log, ResponseStream* stream) {
+HttpReply HttpApi::Handle(const HttpRequest& req, RequestContext& ctx, ResponseStream* stream) {
   try {
-    if (req.path == "/api/chat") return Chat(req, log, stream);
+    if (req.path == "/api/chat") return Chat(req, ctx, stream);
     if (req.path == "/api/health") return Health(req);
     if (data_ != nullptr) {
-      if (req.path == "/api/history") return History(req, log);
-      if (req.path == "/api/export") return Export(req, log);
-      if (req.path == "/api/memory") return EraseMemory(req, log);
+      if (req.path == "/api/history") return History(req, ctx);
+      if (req.path == "/api/export") return Export(req, ctx);
+      if (req.path == "/api/memory") return EraseMemory(req, ctx);
     }
     if (req.path == "/metrics") return MetricsText(req);
-    log.error_reason = "not_found";
+    ctx.error_reason = "not_found";
     return ErrorReply(Status(Code::kNotFound, "not_found", "No such endpoint"));
   } catch (const std::exception& e) {
     LogError("handler_exception").Str("what", e.what()).Emit();
   } catch (...) {
     LogError("handler_exception").Str("what", "unknown").Emit();
   }
-  log.error_reason = "internal";
+  ctx.error_reason = "internal";
   return ErrorReply(Internal("internal", "Internal error"));
 }
 
-HttpReply HttpApi::Chat(const HttpRequest& req, RequestLog& log, ResponseStream* stream) {
-  ChatTrace trace;
+HttpReply HttpApi::Chat(const HttpRequest& req, RequestContext& ctx, ResponseStream* stream) {
+  ChatTrace& trace = ctx.chat;
   auto fail = [&](const Status& s) {
-    log.error_reason = s.reason();
+    ctx.error_reason = s.reason();
     HttpReply reply = ErrorReply(s);
     AddRateHeaders(rate_policy_, trace, reply);
     return reply;
@@ -228,7 +228,7 @@ HttpReply HttpApi::Chat(const HttpRequest& req, RequestLog& log, ResponseStream*
   }
 
   // Credentials before the body: rejecting a bad token must stay cheap.
-  Result<Principal> who = Authenticate(req);
+  Result<Principal> who = Authenticate(req, ctx);
   if (!who.ok()) {
     HttpReply reply = fail(who.status());
     AddChallenge(who.status(), reply);
@@ -241,14 +241,14 @@ HttpReply HttpApi::Chat(const HttpRequest& req, RequestLog& log, ResponseStream*
   if (principal.subject) {
     // A user token speaks for its subject only; naming anyone else is refused.
     if (parsed->user_id && *parsed->user_id != *principal.subject) {
-      log.user_id = principal.subject->str();
+      ctx.user_id = principal.subject->str();
       return fail(Status(Code::kForbidden, "user_mismatch", "The token does not allow speaking as this userId"));
     }
     parsed->user_id = *principal.subject;
   }
   if (!parsed->user_id) return fail(InvalidArgument("missing_field", "The field \"userId\" is required"));
   const UserId& user_id = *parsed->user_id;
-  log.user_id = user_id.str();
+  ctx.user_id = user_id.str();
 
   std::string idempotency_key;
   if (req.idempotency_key) {
@@ -269,17 +269,14 @@ HttpReply HttpApi::Chat(const HttpRequest& req, RequestLog& log, ResponseStream*
   }
   Result<ChatReply> result =
       chat_.Chat(user_id, parsed->message, deadline, trace, idempotency_key, sse ? &*sse : nullptr);
-  log.upstream_ms = trace.upstream_ms;
-  log.recall_degraded = trace.recall_degraded;
-  Count(trace, result.ok() ? Status::Ok() : result.status());
-  if (trace.rate_limiter_failed_open) LogWarn("rate_limiter_failed_open").Str("user", user_id).Emit();
-
+  ctx.chat_called = true;
+  ctx.chat_code = result.ok() ? Code::kOk : result.status().code();
   if (sse) {
-    if (metrics_) Metrics::Add(metrics_->shared().chat_streams);
-    if (sse->gone() && metrics_) Metrics::Add(metrics_->shared().chat_streams_client_gone);
+    ctx.chat_streamed = true;
+    ctx.stream_client_gone = sse->gone();
   }
   // A reply without a single delta (an empty one) is still a stream.
-  if (sse && (result.ok() || sse->started() || sse->gone())) return EndStream(*sse, result, log);
+  if (sse && (result.ok() || sse->started() || sse->gone())) return EndStream(*sse, result, ctx);
   if (!result.ok()) {
     HttpReply reply = fail(result.status());
     if (result.status().code() == Code::kRateLimited && trace.rate) {
@@ -311,10 +308,11 @@ HttpReply HttpApi::Chat(const HttpRequest& req, RequestLog& log, ResponseStream*
   return reply;
 }
 
-Result<Principal> HttpApi::Authenticate(const HttpRequest& req) {
+Result<Principal> HttpApi::Authenticate(const HttpRequest& req, RequestContext& ctx) {
   if (auth_ == nullptr) return Principal{};
   Result<Principal> who = auth_->Authenticate(req);
-  if (!who.ok() && metrics_) Metrics::Add(metrics_->shared().auth_failures);
+  ctx.auth = who.ok() ? AuthOutcome::kAccepted : AuthOutcome::kRefused;
+  ctx.auth_mode = config_.auth_mode == AuthMode::kJwt ? "jwt" : "service";
   return who;
 }
 
@@ -329,10 +327,10 @@ void HttpApi::EnableUserData(UserDataStore* data, RateLimiter* limiter) {
   data_limiter_ = limiter;
 }
 
-Result<UserId> HttpApi::DataUser(const HttpRequest& req, const char* method, RequestLog& log,
+Result<UserId> HttpApi::DataUser(const HttpRequest& req, const char* method, RequestContext& ctx,
                                       HttpReply& refused) {
   auto fail = [&](const Status& s) {
-    log.error_reason = s.reason();
+    ctx.error_reason = s.reason();
     refused = ErrorReply(s);
     return s;
   };
@@ -342,7 +340,7 @@ Result<UserId> HttpApi::DataUser(const HttpRequest& req, const char* method, Req
     refused.headers.emplace_back("Allow", method);
     return s;
   }
-  Result<Principal> who = Authenticate(req);
+  Result<Principal> who = Authenticate(req, ctx);
   if (!who.ok()) {
     Status s = fail(who.status());
     AddChallenge(s, refused);
@@ -355,7 +353,7 @@ Result<UserId> HttpApi::DataUser(const HttpRequest& req, const char* method, Req
   if (principal.subject) {
     // A user token reads and erases its subject's data only.
     if (user && *user != *principal.subject) {
-      log.user_id = principal.subject->str();
+      ctx.user_id = principal.subject->str();
       return fail(Status(Code::kForbidden, "user_mismatch", "The token does not allow acting for this userId"));
     }
     user = *principal.subject;
@@ -363,7 +361,7 @@ Result<UserId> HttpApi::DataUser(const HttpRequest& req, const char* method, Req
   if (!user) return fail(InvalidArgument("missing_field", "The query parameter \"userId\" is required"));
   std::optional<UserId> id = UserId::Parse(*user);
   if (!id) return fail(InvalidArgument("invalid_user_id", "userId must be 1 to 64 characters of [A-Za-z0-9_.@-]"));
-  log.user_id = id->str();
+  ctx.user_id = id->str();
   Result<RateDecision> decision = data_limiter_->Check(*id);
   if (!decision.ok()) {
     return fail(Unavailable("rate_limiter_unavailable", "The rate limiter is unavailable; try again shortly"));
@@ -377,12 +375,12 @@ Result<UserId> HttpApi::DataUser(const HttpRequest& req, const char* method, Req
   return std::move(*id);
 }
 
-HttpReply HttpApi::History(const HttpRequest& req, RequestLog& log) {
+HttpReply HttpApi::History(const HttpRequest& req, RequestContext& ctx) {
   HttpReply refused;
-  Result<UserId> user = DataUser(req, "GET", log, refused);
+  Result<UserId> user = DataUser(req, "GET", ctx, refused);
   if (!user.ok()) return refused;
   auto fail = [&](const Status& s) {
-    log.error_reason = s.reason();
+    ctx.error_reason = s.reason();
     return ErrorReply(s);
   };
   int limit = kHistoryDefaultLimit;
@@ -414,14 +412,14 @@ HttpReply HttpApi::History(const HttpRequest& req, RequestLog& log) {
   return reply;
 }
 
-HttpReply HttpApi::Export(const HttpRequest& req, RequestLog& log) {
+HttpReply HttpApi::Export(const HttpRequest& req, RequestContext& ctx) {
   HttpReply refused;
-  Result<UserId> user = DataUser(req, "GET", log, refused);
+  Result<UserId> user = DataUser(req, "GET", ctx, refused);
   if (!user.ok()) return refused;
   Result<int64_t> restored = data_->RestoreIfArchived(*user);
   if (!restored.ok()) {
     const Status failed = RestoreFailed();
-    log.error_reason = failed.reason();
+    ctx.error_reason = failed.reason();
     return ErrorReply(failed);
   }
   HttpReply reply;
@@ -438,36 +436,21 @@ HttpReply HttpApi::Export(const HttpRequest& req, RequestLog& log) {
   return reply;
 }
 
-HttpReply HttpApi::EraseMemory(const HttpRequest& req, RequestLog& log) {
+HttpReply HttpApi::EraseMemory(const HttpRequest& req, RequestContext& ctx) {
   HttpReply refused;
-  Result<UserId> user = DataUser(req, "DELETE", log, refused);
+  Result<UserId> user = DataUser(req, "DELETE", ctx, refused);
   if (!user.ok()) return refused;
   Result<int64_t> erased = data_->Erase(*user);
   if (!erased.ok()) {
     LogError("erase_failed").Str("user", *user).Str("reason", erased.status().reason())
         .Str("detail", erased.status().message()).Emit();
-    log.error_reason = "erase_failed";
+    ctx.error_reason = "erase_failed";
     // Every step is idempotent: a retry finishes the job.
     return ErrorReply(Unavailable("erase_failed", "The memory could not be erased completely; retry the request"));
   }
   HttpReply reply;
   reply.body = "{\"deleted\":{\"messages\":" + std::to_string(*erased) + "}}";
   return reply;
-}
-
-void HttpApi::Count(const ChatTrace& trace, const Status& status) {
-  if (metrics_ == nullptr) return;
-  SharedMetrics& m = metrics_->shared();
-  if (status.code() == Code::kRateLimited) Metrics::Add(m.rate_limited);
-  if (trace.rate_limiter_failed_open) Metrics::Add(m.rate_limiter_failed_open);
-  if (trace.recall_degraded) Metrics::Add(m.recall_degraded);
-  if (trace.long_term_queried) Metrics::Add(m.recall_long_term_queries);
-  if (trace.foreign_records_dropped > 0) Metrics::Add(m.recall_foreign_dropped, trace.foreign_records_dropped);
-  Metrics::Add(m.prompt_tokens, static_cast<uint64_t>(std::max<int64_t>(trace.prompt_tokens, 0)));
-  Metrics::Add(m.completion_tokens, static_cast<uint64_t>(std::max<int64_t>(trace.completion_tokens, 0)));
-  if (trace.upstream_ms >= 0) {
-    metrics_->CountModelCall(!trace.model_failed, trace.model_timed_out, trace.upstream_ms * 1000);
-  }
 }
 
 HttpReply HttpApi::Health(const HttpRequest& req) {

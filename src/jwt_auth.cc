@@ -122,19 +122,19 @@ class JsonObjectParser {
   JsonDocument doc_;
 };
 
-class JwtAuthenticator final : public LoggingAuthenticator {
+class JwtAuthenticator final : public Authenticator {
  public:
   JwtAuthenticator(JwtSettings settings, EpochSecondsFn now, EvpMdPtr sha256, EvpPkeyPtr key,
                    EvpMacCtxPtr hmac_template)
-      : LoggingAuthenticator("jwt"),
-        settings_(std::move(settings)),
+      : settings_(std::move(settings)),
         now_(std::move(now)),
         sha256_(std::move(sha256)),
         key_(std::move(key)),
         hmac_template_(std::move(hmac_template)) {}
 
- protected:
-  Result<Principal> Verify(const HttpRequest& req) override {
+  // A refusal is logged and counted by Observe (observe.h), from the
+  // request's context.
+  Result<Principal> Authenticate(const HttpRequest& req) override {
     Result<std::string_view> bearer = BearerToken(req.authorization);
     if (!bearer.ok()) return bearer.status();
     std::string_view token = *bearer;

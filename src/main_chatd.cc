@@ -203,8 +203,8 @@ int main() {
   Indexer indexer(indexer_redis, chroma, embedder, indexer_options, metrics->get());
 
   FcgiServer server(kListenFd, config.threads, config.max_body_bytes,
-                    [&api](const HttpRequest& req, RequestLog& log, ResponseStream& stream) {
-                      return api.Handle(req, log, &stream);
+                    [&api](const HttpRequest& req, RequestContext& ctx, ResponseStream& stream) {
+                      return api.Handle(req, ctx, &stream);
                     },
                     metrics->get());
   if (Status s = server.Start(); !s.ok()) {

@@ -28,13 +28,14 @@ std::string_view Trim(std::string_view s) {
   return s;
 }
 
-class ServiceTokenAuthenticator final : public LoggingAuthenticator {
+class ServiceTokenAuthenticator final : public Authenticator {
  public:
   ServiceTokenAuthenticator(EvpMdPtr sha256, std::vector<Digest> digests)
-      : LoggingAuthenticator("service"), sha256_(std::move(sha256)), digests_(std::move(digests)) {}
+      : sha256_(std::move(sha256)), digests_(std::move(digests)) {}
 
- protected:
-  Result<Principal> Verify(const HttpRequest& req) override {
+  // A refusal is logged and counted by Observe (observe.h), from the
+  // request's context.
+  Result<Principal> Authenticate(const HttpRequest& req) override {
     Result<std::string_view> token = BearerToken(req.authorization);
     if (!token.ok()) return token.status();
     Digest presented;

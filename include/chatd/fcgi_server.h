@@ -19,6 +19,7 @@
 
 #include "chatd/http.h"
 #include "chatd/metrics.h"
+#include "chatd/request_context.h"
 #include "chatd/status.h"
 
 namespace chatd {
@@ -27,9 +28,11 @@ class FcgiServer {
  public:
   // The ResponseStream is for answers sent piece by piece; a handler that
   // used it returns a reply with `streamed` set.
-  using Handler = std::function<HttpReply(const HttpRequest&, RequestLog&, ResponseStream&)>;
+  // The handler fills the RequestContext as it goes; the server observes it
+  // (observe.h) once the reply is ready, before writing it.
+  using Handler = std::function<HttpReply(const HttpRequest&, RequestContext&, ResponseStream&)>;
 
-  // `metrics` (may be null) counts every request with its status and latency.
+  // `metrics` (may be null) receives every request's counters.
   FcgiServer(int listen_fd, int threads, size_t max_body_bytes, Handler handler, Metrics* metrics);
   ~FcgiServer();
   FcgiServer(const FcgiServer&) = delete;

@@ -67,14 +67,6 @@ class ResponseStream {
 // when the parameter is repeated or its encoding is broken.
 Result<std::optional<std::string>> QueryParam(std::string_view query, std::string_view name);
 
-// What the access log line needs besides status and latency.
-struct RequestLog {
-  std::string user_id;
-  std::string error_reason;
-  int64_t upstream_ms = -1;  // model time, when the model was called
-  bool recall_degraded = false;
-};
-
 // Longest CONTENT_LENGTH we even try to parse: 20 digits overflow int64 anyway.
 inline constexpr size_t kMaxContentLengthDigits = 18;
 

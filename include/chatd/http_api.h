@@ -9,6 +9,7 @@
 #include "chatd/health.h"
 #include "chatd/metrics.h"
 #include "chatd/http.h"
+#include "chatd/request_context.h"
 #include "chatd/rate_limiter.h"
 #include "chatd/user_data.h"
 
@@ -26,22 +27,21 @@ class HttpApi {
 
   // `stream` (may be null: no streaming, e.g. in unit tests) carries
   // server-sent events when the client asks for them (docs/api.md).
-  HttpReply Handle(const HttpRequest& req, RequestLog& log, ResponseStream* stream = nullptr);
+  HttpReply Handle(const HttpRequest& req, RequestContext& ctx, ResponseStream* stream = nullptr);
 
  private:
   // The user a data request is about (token subject or `userId`), after the
   // method, credentials, user and rate checks; otherwise the error reply.
-  Result<UserId> DataUser(const HttpRequest& req, const char* method, RequestLog& log, HttpReply& refused);
-  HttpReply History(const HttpRequest& req, RequestLog& log);
-  HttpReply Export(const HttpRequest& req, RequestLog& log);
-  HttpReply EraseMemory(const HttpRequest& req, RequestLog& log);
-  // The caller (no principal in mode off); a refusal is counted.
-  Result<Principal> Authenticate(const HttpRequest& req);
+  Result<UserId> DataUser(const HttpRequest& req, const char* method, RequestContext& ctx, HttpReply& refused);
+  HttpReply History(const HttpRequest& req, RequestContext& ctx);
+  HttpReply Export(const HttpRequest& req, RequestContext& ctx);
+  HttpReply EraseMemory(const HttpRequest& req, RequestContext& ctx);
+  // The caller (no principal in mode off); the outcome goes into `ctx`.
+  Result<Principal> Authenticate(const HttpRequest& req, RequestContext& ctx);
   static void AddChallenge(const Status& refused, HttpReply& reply);  // WWW-Authenticate of a 401
-  HttpReply Chat(const HttpRequest& req, RequestLog& log, ResponseStream* stream);
+  HttpReply Chat(const HttpRequest& req, RequestContext& ctx, ResponseStream* stream);
   HttpReply Health(const HttpRequest& req);
   HttpReply MetricsText(const HttpRequest& req);
-  void Count(const ChatTrace& trace, const Status& status);
 
   const Config& config_;
   ChatService& chat_;

@@ -10,7 +10,7 @@ using namespace chatd::testing;
 namespace {
 struct ApiFixture : ChatServiceFakes {
   HttpApi api{config, service, nullptr, nullptr, nullptr};
-  RequestLog log;
+  RequestContext log;
 
   HttpReply Post(std::string body, std::string content_type = "application/json",
                  std::optional<std::string> idempotency_key = std::nullopt) {

@@ -88,7 +88,7 @@ struct StreamFixture : FakeServiceDeps {
   Config config;
   ChatService service{limiter, recent, long_term, embedder, llm, ChatServiceOptions{}};
   HttpApi api{config, service, nullptr, nullptr, nullptr};
-  RequestLog log;
+  RequestContext log;
   FakeResponseStream out;
 
   HttpReply Post(std::string body, std::string accept = "") {

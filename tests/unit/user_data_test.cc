@@ -56,7 +56,7 @@ class FakeAuth : public Authenticator {
 struct DataFixture : ChatServiceFakes {
   FakeLimiter data_limiter;
   FakeUserData data;
-  RequestLog log;
+  RequestContext log;
 
   HttpReply Send(HttpApi& api, std::string method, std::string path, std::string query, std::string auth = "") {
     HttpRequest req;
