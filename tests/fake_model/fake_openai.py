@@ -350,7 +350,7 @@ class FakeOpenAI:
         self.stream_counts = {"completed": 0, "aborted": 0, "failed": 0, "dropped": 0}
         self.quiet = quiet
         self.connections = set()
-        self.records = collections.deque()  # (last user message, body, body bytes)
+        self.records = collections.deque()  # (last user message, body, body bytes, received at, ms since epoch)
         self.record_bytes = 0
         self.fail_counts = collections.OrderedDict()
         self.ids = itertools.count(1)
@@ -427,7 +427,7 @@ class FakeOpenAI:
 
     def _record(self, last_user, doc, size):
         records = self.records
-        records.append((last_user, doc, size))
+        records.append((last_user, doc, size, int(time.time() * 1000)))
         self.record_bytes += size
         while len(records) > RECORD_RING_SIZE or (self.record_bytes > RECORD_MAX_BODY_BYTES
                                                   and len(records) > 1):
@@ -698,11 +698,9 @@ class FakeOpenAI:
         contains, error = _contains_query(req)
         if error is not None:
             return error
-        if contains:
-            found = [doc for last_user, doc, _ in self.records if contains in last_user]
-        else:
-            found = [doc for _, doc, _ in self.records]
-        return json_reply(200, {"requests": found})
+        found = [r for r in self.records if not contains or contains in r[0]]
+        # received_ms[i] is when requests[i] arrived (wall clock, ms).
+        return json_reply(200, {"requests": [r[1] for r in found], "received_ms": [r[3] for r in found]})
 
     def clear_requests(self, req, body):
         self.records.clear()

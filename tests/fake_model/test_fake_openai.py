@@ -553,12 +553,17 @@ def test_300_concurrent_delayed_requests(server):
 def test_recording_filter_and_clear(server):
     token = unique("ünï cödé+&=")
     other = unique("unrelated")
+    before_ms = int(time.time() * 1000)
     server.chat(f"first {token}")
     server.chat(other)
     server.chat(f"second {token}", headers={})
+    after_ms = int(time.time() * 1000)
     query = urllib.parse.urlencode({"contains": token})
     status, doc = server.json("GET", f"/_fake/requests?{query}")
     assert status == 200
+    # When each arrived, in the same order: wall clock, ms.
+    assert len(doc["received_ms"]) == 2
+    assert before_ms <= doc["received_ms"][0] <= doc["received_ms"][1] <= after_ms
     assert doc["requests"] == [
         {"model": "fake-chat", "messages": user(f"first {token}"), "authorization_present": True},
         {"model": "fake-chat", "messages": user(f"second {token}"), "authorization_present": False},
@@ -570,7 +575,7 @@ def test_recording_filter_and_clear(server):
     assert doc["requests"][-2]["messages"] == user(other)
     status, _ = server.json("DELETE", "/_fake/requests")
     assert status == 200
-    assert server.json("GET", "/_fake/requests") == (200, {"requests": []})
+    assert server.json("GET", "/_fake/requests") == (200, {"requests": [], "received_ms": []})
 
 
 def test_recording_keeps_the_last_20000(server):
@@ -591,14 +596,14 @@ def test_recording_keeps_the_last_20000(server):
     assert len(doc["requests"]) == 20000
     assert doc["requests"][0]["messages"] == user(f"{tag}-00001")
     assert doc["requests"][-1]["messages"] == user(f"{tag}-{total - 1:05d}")
-    assert server.json("GET", f"/_fake/requests?contains={tag}-00000") == (200, {"requests": []})
+    assert server.json("GET", f"/_fake/requests?contains={tag}-00000") == (200, {"requests": [], "received_ms": []})
     server.json("DELETE", "/_fake/requests")
 
 
 def test_recording_filters_on_last_user_message_only(server):
     token = unique("history-only")
     server.chat("now", [{"role": "user", "content": token}, {"role": "assistant", "content": token}])
-    assert server.json("GET", f"/_fake/requests?contains={token}") == (200, {"requests": []})
+    assert server.json("GET", f"/_fake/requests?contains={token}") == (200, {"requests": [], "received_ms": []})
 
 
 def test_stats_count_requests_and_statuses(server):

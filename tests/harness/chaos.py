@@ -447,6 +447,10 @@ class ChaosRun:
             self.cleanup_runs.append(entry)
             self.log(f"  chatd-cleanup {' '.join(args)}: exit {proc.returncode} in {ended - started:.1f} s")
             if args[0] == "forget":
+                # The erase's point: its tombstone is a stream id, "<ms>-<seq>"
+                # in Redis's clock (this machine's), kept longer than any chat.
+                tomb = self.stack.redis.command("GET", rkeys.user_key(args[1], "erased"))
+                entry["erased_ms"] = int(_bytes_text(tomb).split("-")[0]) if tomb else None
                 self.forgets[args[1]] = entry
         phase.detail["runs"] = len(jobs)
         self._hold(self.config.phase_s - (_now() - phase.start))
@@ -596,6 +600,15 @@ class ChaosRun:
             return "answered before the forget"
         if chat.first_send > forget["end"]:
             return "sent after the forget"
+        # The chat reads the user's memory (and its erase fence) before it asks
+        # the model: one the model saw before the erase surely read the old
+        # memory and must be refused. One the model saw only later may have
+        # read either side of the erase, so both outcomes are right: refused,
+        # or kept as a memory that started after it.
+        erased_ms = forget.get("erased_ms")
+        seen = self.stack.fake.received_ms(chat.message) if erased_ms is not None else []
+        if erased_ms is not None and seen and min(seen) > erased_ms:
+            return "reached the model after the erase"
         return "in flight during the forget"
 
     def _reconcile(self, stored: "dict[str, Any]") -> "dict[str, Any]":

@@ -200,6 +200,15 @@ class FakeModel(_Service):
             raise StackError(f"fake model /_fake/requests answered {status}: {body!r}")
         return body["requests"]
 
+    def received_ms(self, contains: str = "") -> "list[int]":
+        """When the recorded chat requests whose last user message contains
+        `contains` arrived (wall clock, ms), in the order of requests()."""
+        query = urllib.parse.urlencode({"contains": contains})
+        status, body = http_json(f"{self.base}/_fake/requests?{query}")
+        if status != 200 or not isinstance(body, dict):
+            raise StackError(f"fake model /_fake/requests answered {status}: {body!r}")
+        return body["received_ms"]
+
     def stats(self) -> Any:
         status, body = http_json(f"{self.base}/_fake/stats")
         if status != 200:
