@@ -176,25 +176,36 @@ Result<RecallResult> ChromaStore::Recall(std::string_view user_id, const std::ve
   return out;
 }
 
-Result<RecallResult> ChromaStore::RecallAmong(std::string_view user_id, const std::vector<float>& embedding,
-                                              size_t k, const std::vector<std::string>& message_ids) {
-  RecallResult out;
-  if (k == 0 || message_ids.empty()) return out;
+Result<std::optional<std::string>> ChromaStore::GetByIds(std::string_view user_id,
+                                                         const std::vector<std::string>& message_ids,
+                                                         bool with_embeddings) {
   std::vector<std::string> ids;
   ids.reserve(message_ids.size());
   for (const std::string& id : message_ids) ids.push_back(chroma_json::RecordId(user_id, id));
-  auto request = chroma_json::GetIdsWithEmbeddingsRequest(ids);
+  auto request = with_embeddings ? chroma_json::GetIdsWithEmbeddingsRequest(ids)
+                                 : chroma_json::GetIdsRequest(user_id, ids);
   if (!request.ok()) return request.status();
   const int shard = ChromaShardOf(user_id, options_.shards);
   auto response = ShardCall(shard, "/get", *request);
   if (!response.ok()) return response.status();
   if (response->status != 200) {
+    // A failed count leaves the read's own error, which says more.
     auto unwritten = UnwrittenShard(shard, *response);
-    if (unwritten.ok() && *unwritten) return out;
+    if (unwritten.ok() && *unwritten) return std::optional<std::string>();
     return HttpError(*response, "get");
   }
-  auto records = chroma_json::ParseGetResponse(response->body, user_id, /*full=*/true, &out.foreign_dropped,
-                                               nullptr, nullptr);
+  return std::optional<std::string>(std::move(response->body));
+}
+
+Result<RecallResult> ChromaStore::RecallAmong(std::string_view user_id, const std::vector<float>& embedding,
+                                              size_t k, const std::vector<std::string>& message_ids) {
+  RecallResult out;
+  if (k == 0 || message_ids.empty()) return out;
+  auto body = GetByIds(user_id, message_ids, /*with_embeddings=*/true);
+  if (!body.ok()) return body.status();
+  if (!body->has_value()) return out;  // a shard nothing was written to
+  auto records = chroma_json::ParseGetResponse(**body, user_id, /*full=*/true, &out.foreign_dropped, nullptr,
+                                               nullptr);
   if (!records.ok()) return records.status();
   out.messages.reserve(records->size());
   for (StoredMessage& m : *records) {
@@ -277,22 +288,11 @@ Result<std::vector<StoredMessage>> ChromaStore::GetMessages(std::string_view use
                                                            const std::vector<std::string>& message_ids) {
   std::vector<StoredMessage> out;
   if (message_ids.empty()) return out;
-  std::vector<std::string> ids;
-  ids.reserve(message_ids.size());
-  for (const std::string& id : message_ids) ids.push_back(chroma_json::RecordId(user_id, id));
-  auto request = chroma_json::GetIdsRequest(user_id, ids);
-  if (!request.ok()) return request.status();
-  const int shard = ChromaShardOf(user_id, options_.shards);
-  auto response = ShardCall(shard, "/get", *request);
-  if (!response.ok()) return response.status();
-  if (response->status != 200) {
-    // A failed count leaves the read's own error, which says more.
-    auto unwritten = UnwrittenShard(shard, *response);
-    if (unwritten.ok() && *unwritten) return out;
-    return HttpError(*response, "get");
-  }
+  auto body = GetByIds(user_id, message_ids, /*with_embeddings=*/false);
+  if (!body.ok()) return body.status();
+  if (!body->has_value()) return out;  // a shard nothing was written to
   size_t foreign = 0;
-  auto records = chroma_json::ParseGetDocumentsResponse(response->body, user_id, &foreign);
+  auto records = chroma_json::ParseGetDocumentsResponse(**body, user_id, &foreign);
   if (!records.ok()) return records.status();
   if (foreign > 0) return Status(Code::kInternal, "chroma_foreign_record", "Chroma returned records of other users");
   return records;

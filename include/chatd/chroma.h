@@ -104,6 +104,11 @@ class ChromaStore : public LongTermStore {
   // it is gone. `suffix` is the record endpoint ("/query", "/get", ...).
   Result<HttpResponse> ShardCall(int shard, const char* suffix, const std::string& body,
                                  const char* method = "POST");
+  // One /get of these message ids of the user: with embeddings and no user
+  // filter (recall), or without them and filtered (the history). The body,
+  // or nullopt when the user's shard holds nothing yet.
+  Result<std::optional<std::string>> GetByIds(std::string_view user_id, const std::vector<std::string>& message_ids,
+                                              bool with_embeddings);
   // Whether a failed read of `shard` only means nothing was ever written to
   // it (then the user has no records there).
   Result<bool> UnwrittenShard(int shard, const HttpResponse& read);

@@ -13,7 +13,7 @@ import pytest
 
 from harness import keys as rkeys
 from harness.chroma_layout import user_records
-from harness.stack import Redis, RedisError, json_log_records, poll_until, post_chat
+from harness.stack import Redis, RedisError, free_port, json_log_records, poll_until, post_chat
 
 ALL_SLOTS = (0, 16383)
 CLUSTER_READY_S = 10
@@ -24,8 +24,11 @@ CLEANUP_TIMEOUT_S = 120
 @pytest.fixture
 def cluster_redis(tmp_path):
     redis = Redis(tmp_path / "cluster-redis")
+    # The cluster bus defaults to port + 10000, which is past 65535 for a free
+    # port above 55535: pin it to a free port of its own.
     redis.extra_args = ["--cluster-enabled", "yes",
-                        "--cluster-config-file", str(tmp_path / "cluster-redis" / "nodes.conf")]
+                        "--cluster-config-file", str(tmp_path / "cluster-redis" / "nodes.conf"),
+                        "--cluster-port", str(free_port())]
     redis.start()
     try:
         redis.command("CLUSTER", "ADDSLOTSRANGE", *ALL_SLOTS)
