@@ -226,7 +226,8 @@ return 1
 // without an answer: Chroma may yet apply it), in which case the marker stays
 // until its TTL, and a cleanup keeps waiting for it. Acknowledges and fills
 // the hot set only while no cleanup holds the user (else everything stays
-// pending for after the cleanup). Returns the number acknowledged.
+// pending for after the cleanup), and fills it only when every entry was
+// still pending. Returns the number acknowledged.
 const RedisScript kFinishIndexing(std::string(R"lua(
 if ARGV[3] == '0' and redis.call('DECR', KEYS[2]) <= 0 then redis.call('DEL', KEYS[2]) end
 local n = tonumber(ARGV[4])
@@ -235,9 +236,13 @@ local ids = {}
 for i = 5, 4 + n do ids[#ids + 1] = ARGV[i] end
 local turns = {}
 for i = 5 + n, 4 + 2 * n do turns[#turns + 1] = ARGV[i] end
-redis.call('XACK', KEYS[3], ARGV[1], unpack(ids))
+local acked = redis.call('XACK', KEYS[3], ARGV[1], unpack(ids))
 redis.call('XDEL', KEYS[3], unpack(ids))
 redis.call('HDEL', KEYS[6], unpack(turns))
+-- Entries no longer pending were settled meanwhile by a cleanup that archived
+-- or forgot the user and let go of its lock: their messages must not come
+-- back into the hot set of a user who is gone.
+if acked < n then return acked end
 local hot_key, hot_index_key, bound, first = KEYS[4], KEYS[5], tonumber(ARGV[2]), 5 + 2 * n
 )lua") + kHotSetAddLua + "return n\n");
 
