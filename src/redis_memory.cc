@@ -51,9 +51,9 @@ RedisShortTermStore::RedisShortTermStore(RedisClient& redis, int recent_messages
       hot_messages_(hot_messages),
       recorded_window_ms_(std::to_string(recorded_window_ms)),
       older_by_id_max_(older_by_id_max),
-      // Two messages a turn; ZREVRANGE's stop is inclusive, so this reads
-      // (hot + max) / 2 + 1 turns, rounded up.
-      turns_to_read_(std::to_string((hot_messages + older_by_id_max + 1) / 2)) {}
+      // Two messages a turn: (hot + max) / 2 turns, rounded up, and one more.
+      turns_asked_(static_cast<size_t>((hot_messages + older_by_id_max + 1) / 2) + 1),
+      last_turn_rank_(std::to_string(turns_asked_ - 1)) {}
 
 Result<UserMemory> RedisShortTermStore::Read(std::string_view user_id) {
   const std::string recent_key = RecentKey(user_id);
@@ -63,7 +63,7 @@ Result<UserMemory> RedisShortTermStore::Read(std::string_view user_id) {
   std::vector<std::vector<std::string_view>> commands = {
       {"LRANGE", recent_key, "0", "-1"}, {"HVALS", hot_key}, {"GET", tombstone_key}};
   // Newest first: members sort by time (TurnIndexMember) under one score.
-  if (older_by_id_max_ > 0) commands.push_back({"ZREVRANGE", turns_key, "0", turns_to_read_});
+  if (older_by_id_max_ > 0) commands.push_back({"ZREVRANGE", turns_key, "0", last_turn_rank_});
   auto replies = redis_.Pipeline(commands);
   if (!replies.ok()) return replies.status();
   const RedisValue& recent = (*replies)[0];
@@ -97,8 +97,7 @@ void RedisShortTermStore::ListOlder(const RedisValue& turns, UserMemory& out) co
   // Fewer turns than asked for means the index gave every turn of the user;
   // otherwise older ones may exist beyond it, and recall must search.
   if (turns.type != RedisValue::Type::kArray) return;
-  const size_t asked = static_cast<size_t>((hot_messages_ + older_by_id_max_ + 1) / 2) + 1;
-  if (turns.elements.size() >= asked) return;
+  if (turns.elements.size() >= turns_asked_) return;
   std::unordered_set<std::string> hot_ids;
   hot_ids.reserve(out.hot.size());
   HotRecordView view;

@@ -42,7 +42,8 @@ class RedisShortTermStore : public ShortTermStore {
   // Turns read from the turn index: enough for the hot set and
   // older_by_id_max_ older messages, plus one to tell "all of them" from
   // "more exist".
-  std::string turns_to_read_;
+  size_t turns_asked_;
+  std::string last_turn_rank_;  // turns_asked_ - 1: ZREVRANGE's stop is inclusive
 
   // Fills out.older_ids from the newest turns of the index, when they are all
   // of the user's turns and hold at most older_by_id_max_ older messages.
