@@ -477,13 +477,20 @@ Result<int> Indexer::Index(std::vector<IndexEntry>& entries) {
     const RedisValue& r = (*began)[u++];
     if (r.is_error()) return Unavailable("redis_error", "beginning to index failed: " + r.str);
     if (r.type == RedisValue::Type::kArray) {
-      // The user was erased: entries older than the erase are gone for good.
+      // Some entries must not be written: older than the user's erase, or
+      // settled by someone else since we read them.
+      if (r.elements.size() < 2) return Unavailable("redis_error", "beginning to index: malformed reply");
+      const size_t erased_end = 2 + static_cast<size_t>(std::max<int64_t>(r.elements[1].integer, 0));
       std::set<std::string> dropped;
-      for (size_t i = 1; i < r.elements.size(); ++i) dropped.insert(r.elements[i].str);
-      if (!dropped.empty()) {
-        LogInfo("index_dropped_erased").Str("user", user).Int("turns", static_cast<int64_t>(dropped.size())).Emit();
+      for (size_t i = 2; i < r.elements.size(); ++i) dropped.insert(r.elements[i].str);
+      const int64_t erased = static_cast<int64_t>(std::min(erased_end, r.elements.size()) - 2);
+      const int64_t gone = static_cast<int64_t>(dropped.size()) - erased;
+      if (erased > 0) LogInfo("index_dropped_erased").Str("user", user).Int("turns", erased).Emit();
+      if (gone > 0) {
+        Count(&SharedMetrics::index_skipped_settled, static_cast<size_t>(gone));
+        LogInfo("index_skipped_settled").Str("user", user).Int("turns", gone).Emit();
       }
-      if (r.elements.empty() || r.elements[0].integer == 0) continue;
+      if (r.elements[0].integer == 0) continue;
       users.push_back(user);
       for (const IndexEntry* e : list) {
         if (dropped.count(e->stream_id) == 0) writable.push_back(e);

@@ -200,6 +200,7 @@ std::string Metrics::RenderPrometheus(std::string_view extra) const {
   Counter(out, "chatd_index_failures_total", "Indexer batches that failed and will be retried.", m_->index_failures);
   Counter(out, "chatd_index_dead_lettered_total", "Turns that could not be indexed and went to the dead letters (chatd:{s<n>}:index:dead).", m_->index_dead_lettered);
   Counter(out, "chatd_index_claimed_total", "Index entries taken over from a worker that stopped.", m_->index_claimed);
+  Counter(out, "chatd_index_skipped_settled_total", "Turns an indexer read but did not write: a cleanup archived or forgot the user, or another indexer wrote them, first.", m_->index_skipped_settled);
   Counter(out, "chatd_index_dead_letters_trimmed_total", "Oldest dead letters dropped to keep each shard's within CHATD_INDEX_DEAD_LETTER_MAX.", m_->dead_letters_trimmed);
   Counter(out, "chatd_index_consumers_removed_total", "Consumers of stopped workers removed from the index group once nothing was pending at them.", m_->index_consumers_removed);
   Counter(out, "chatd_recall_long_term_queries_total", "Recalls that asked Chroma for messages older than the hot set.", m_->recall_long_term_queries);

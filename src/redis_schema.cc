@@ -178,11 +178,16 @@ local hot_key, hot_index_key, bound, first = KEYS[1], KEYS[2], tonumber(ARGV[1])
 // ARGV: marker TTL, group, consumer, then (entry id, deliveries) pairs.
 // Returns 0 when a cleanup holds the user: do not write; the entries stay
 // pending, idle again, and this delivery does not count (RETRYCOUNT undoes it).
-// Returns 1 otherwise, with the marker raised.
-// With a tombstone, returns {go (1/0), dropped entry ids...} instead: entries
-// older than the user's latest erase were recorded by chats the erase fenced
-// (or before it) and must never reach Chroma: they are acknowledged and
-// deleted here; go is 0 (no marker) when nothing else is left.
+// Returns 1 when every entry is to be written, with the marker raised.
+// Otherwise returns {go (1/0), erased count, erased ids..., gone ids...}:
+//  - erased: entries older than the user's latest erase were recorded by chats
+//    the erase fenced (or before it) and must never reach Chroma: they are
+//    acknowledged and deleted here;
+//  - gone: entries no longer in the stream were settled after this indexer
+//    read them, by a cleanup that archived or forgot the user (and has let go
+//    of its lock by now) or by another indexer: writing them would put back
+//    records of a user who is gone;
+//  - go is 0 (no marker) when nothing else is left.
 const RedisScript kBeginIndexing(R"lua(
 if redis.call('EXISTS', KEYS[1]) == 1 then
   for i = 4, #ARGV, 2 do
@@ -191,31 +196,36 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   end
   return 0
 end
+local tm, tq
 local tombstone = redis.call('GET', KEYS[4])
 if tombstone then
-  local tm, tq = string.match(tombstone, '^(%d+)-(%d+)$')
+  tm, tq = string.match(tombstone, '^(%d+)-(%d+)$')
   tm, tq = tonumber(tm), tonumber(tq)
-  local out, left = {0}, 0
-  for i = 4, #ARGV, 2 do
-    local m, q = string.match(ARGV[i], '^(%d+)-(%d+)$')
-    m, q = tonumber(m), tonumber(q)
-    if tm and (m < tm or (m == tm and q < tq)) then
-      redis.call('XACK', KEYS[3], ARGV[2], ARGV[i])
-      redis.call('XDEL', KEYS[3], ARGV[i])
-      out[#out + 1] = ARGV[i]
-    else
-      left = left + 1
-    end
+end
+local erased, gone, left = {}, {}, 0
+for i = 4, #ARGV, 2 do
+  local m, q = string.match(ARGV[i], '^(%d+)-(%d+)$')
+  m, q = tonumber(m), tonumber(q)
+  if tm and (m < tm or (m == tm and q < tq)) then
+    redis.call('XACK', KEYS[3], ARGV[2], ARGV[i])
+    redis.call('XDEL', KEYS[3], ARGV[i])
+    erased[#erased + 1] = ARGV[i]
+  elseif #redis.call('XRANGE', KEYS[3], ARGV[i], ARGV[i]) == 0 then
+    redis.call('XACK', KEYS[3], ARGV[2], ARGV[i])
+    gone[#gone + 1] = ARGV[i]
+  else
+    left = left + 1
   end
-  if left == 0 then return out end
-  out[1] = 1
+end
+if left > 0 then
   redis.call('INCR', KEYS[2])
   redis.call('PEXPIRE', KEYS[2], ARGV[1])
-  return out
+  if #erased + #gone == 0 then return 1 end
 end
-redis.call('INCR', KEYS[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[1])
-return 1
+local out = {left > 0 and 1 or 0, #erased}
+for _, id in ipairs(erased) do out[#out + 1] = id end
+for _, id in ipairs(gone) do out[#out + 1] = id end
+return out
 )lua");
 
 // KEYS: lock, marker, index stream, hot set, hot index, queued turns.

@@ -51,6 +51,7 @@ struct SharedMetrics {
   std::atomic<uint64_t> index_failures;
   std::atomic<uint64_t> index_dead_lettered;
   std::atomic<uint64_t> index_claimed;            // entries taken over from a dead worker
+  std::atomic<uint64_t> index_skipped_settled;    // read, then settled by someone else first
   std::atomic<uint64_t> recall_long_term_queries; // recalls that needed the long-term store
   std::atomic<uint64_t> recall_foreign_dropped;   // records of another user that recall dropped
   std::atomic<uint64_t> prompt_tokens;            // as the model reported them (usage)

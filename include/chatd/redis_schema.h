@@ -206,9 +206,12 @@ struct BeginIndexingRequest {
 };
 // One script call per user, in one round trip. Each reply: 0 when a cleanup
 // holds the user (the entries stay pending, and this delivery does not count);
-// 1 with the marker raised; with a tombstone, {go (1/0), dropped entry ids...}:
-// entries older than the user's latest erase were acknowledged and deleted,
-// and go is 0 (no marker) when nothing else is left.
+// 1 when every entry is to be written, with the marker raised; else
+// {go (1/0), erased count, erased ids..., gone ids...}: entries older than the
+// user's latest erase were acknowledged and deleted, entries no longer in the
+// stream were settled by someone else after we read them (a cleanup that
+// archived or forgot the user, or another indexer), and go is 0 (no marker)
+// when nothing else is left.
 Result<std::vector<RedisValue>> BeginIndexing(RedisClient& redis, std::string_view consumer, int64_t marker_ttl_ms,
                                               const std::vector<BeginIndexingRequest>& users);
 

@@ -31,7 +31,8 @@ from harness.chroma_proxy import ChromaProxy
 from harness.chroma_layout import (CHROMA_PREFIX, legacy_collection_name, legacy_records, shard_of, shard_records,
                                     user_records)
 from harness import keys as rkeys
-from harness.stack import LOOPBACK, Chroma, Redis, concurrently, http_json, json_log_records, poll_until, post_chat
+from harness.stack import (LOOPBACK, Chroma, Redis, concurrently, http_json, http_request, json_log_records, poll_until,
+                           post_chat)
 
 INDEX_GROUP = "indexers"
 EXCERPT_PREAMBLE = "Quoted earlier conversation with this user"
@@ -52,6 +53,10 @@ HIGH_RATE_LIMIT = "1000"
 # is not mistaken for an outage by the tests that check recall, and so that a
 # request held by HoldingProxy does not time out while the test works.
 PATIENT_CHROMA_TIMEOUT_MS = "10000"
+# Long enough for the test to freeze an indexer between its read and its lock
+# check; the indexer's Redis timeout (5 s) bounds it.
+LINGER_MS = "4000"
+FREEZE_ATTEMPTS = 5
 MEMORY_LINE_RE = re.compile(r"^\[\d{4}-\d{2}-\d{2} \d{2}:\d{2} UTC\] (user|assistant): (.*)$")
 
 
@@ -298,18 +303,20 @@ def module_chroma(tmp_path_factory):
 
 @pytest.fixture
 def make_world(module_chroma, tmp_path, build_dir, stack, new_pool):
-    """make_world(pool_chroma_url=None, workers=2) -> World: own Redis, a pool on
-    it that reaches the module's Chroma (or a proxy in front of it)."""
+    """make_world(pool_chroma_url=None, workers=2, pool_env=None) -> World: own
+    Redis, a pool on it that reaches the module's Chroma (or a proxy in front of
+    it)."""
     started = []
 
-    def make(pool_chroma_url: Optional[str] = None, workers: int = 2) -> World:
+    def make(pool_chroma_url: Optional[str] = None, workers: int = 2, pool_env: Optional[dict] = None) -> World:
         assert not started, "one world per test"
         redis = Redis(tmp_path).start()
         started.append((redis, None))
         frontend = new_pool({"CHATD_REDIS_PORT": str(redis.port),
                              "CHATD_CHROMA_URL": pool_chroma_url or module_chroma.url,
                              "CHATD_RATE_LIMIT": HIGH_RATE_LIMIT,
-                             "CHATD_CHROMA_TIMEOUT_MS": PATIENT_CHROMA_TIMEOUT_MS}, workers=workers, threads=2)
+                             "CHATD_CHROMA_TIMEOUT_MS": PATIENT_CHROMA_TIMEOUT_MS,
+                             **(pool_env or {})}, workers=workers, threads=2)
         started[0] = (redis, frontend)
         return World(stack, redis, module_chroma, frontend, tmp_path / "archive",
                      build_dir / "bin" / "chatd-cleanup-testhooks")
@@ -659,6 +666,52 @@ def test_archiving_leaves_no_collection_behind_when_a_turn_was_being_indexed(mak
         assert not left, f"archived, yet Chroma holds {len(left)} records of the user again (a collection " \
                          f"nobody tracks any more): {sorted(r['document'] for r in left)}"
         world.assert_gone_from_live_storage(user)
+
+
+def pool_metric(world: World, name: str) -> float:
+    status, _, text = http_request(world.url, "GET", "/metrics")
+    assert status == 200, text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} missing from /metrics")
+
+
+def test_a_turn_an_indexer_read_before_the_user_was_archived_is_not_written_back(make_world, unique):
+    # The indexer reads a turn and lingers for more (up to LINGER_MS) before it
+    # checks the user's lock. Frozen in that gap, it wakes only after a cleanup
+    # archived the user and let go of the lock: the lock check alone would let
+    # it write the turn back into Chroma, for a user who is gone.
+    world = make_world(workers=1, pool_env={"CHATD_INDEX_LINGER_MS": LINGER_MS})
+    [worker] = world.frontend.pool.worker_pids()
+    user = unique("lingered")
+    stream = rkeys.user_shard_key(user, "index")
+    turns = []
+    for attempt in range(FREEZE_ATTEMPTS):
+        said = f"words {attempt} {unique('m')}"
+        turns.append((said, world.chat(user, said)))
+        assert poll_until(lambda: world.redis.command("XPENDING", stream, INDEX_GROUP)[0] > 0, INDEX_TIMEOUT_S, 0.01)
+        os.kill(worker, signal.SIGSTOP)
+        # Frozen after the read (the turn is still pending) and before the lock
+        # check (which raises the marker), unless it was quicker than us.
+        if world.redis.command("XPENDING", stream, INDEX_GROUP)[0] > 0 and \
+                world.redis.command("EXISTS", rkeys.user_key(user, "indexing")) == 0:
+            break
+        os.kill(worker, signal.SIGCONT)
+        world.wait_indexed(user, 2 * len(turns))
+    else:
+        pytest.fail(f"the indexer never was frozen before its lock check in {FREEZE_ATTEMPTS} tries")
+    try:
+        assert_clean_run(world.cleanup(now_ms=world.far_future()), scanned=1, archived=1, failed=0,
+                         records=2 * len(turns))
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    assert poll_until(lambda: pool_metric(world, "chatd_index_skipped_settled_total") > 0,
+                      INDEX_TIMEOUT_S), "the indexer never reported the turn settled by the cleanup"
+    # The indexer's pass is over: it wrote nothing and left no marker.
+    assert world.records(user) == [], "archived, yet Chroma holds records of the user again"
+    world.assert_gone_from_live_storage(user)
+    assert_nothing_lost(world, user, turns)
 
 
 def test_a_user_coming_back_after_a_killed_run_keeps_a_working_memory(world, unique):
