@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cfloat>
 #include <charconv>
 #include <cmath>
 #include <string>
@@ -120,19 +121,6 @@ bool IsForeign(const Status& s) { return s.reason() == "chroma_foreign_record"; 
 
 bool WriteUserFilter(StrictJsonWriter& w, std::string_view user_id) {
   return w.Key("where") && w.StartObject() && w.Key(kMetaUser) && WriteString(w, user_id) && w.EndObject();
-}
-
-Result<std::vector<float>> ReadVector(const rapidjson::Value& v) {
-  if (!v.IsArray()) return BadResponse("embedding is not an array");
-  std::vector<float> out;
-  out.reserve(v.Size());
-  for (const auto& x : v.GetArray()) {
-    if (!x.IsNumber()) return BadResponse("embedding holds a non-number");
-    float f;
-    if (!JsonToFloat(x.GetDouble(), &f)) return BadResponse("embedding value out of float range");
-    out.push_back(f);
-  }
-  return out;
 }
 
 }  // namespace
@@ -353,25 +341,221 @@ Result<RecallResult> ParseQueryResponse(std::string_view body, std::string_view 
 
 namespace {
 
+bool IsJsonSpace(char c) { return c == ' ' || c == '\n' || c == '\r' || c == '\t'; }
+
+// Where the value of the member `name` of the top-level object in `text`
+// starts, or npos. A structural scan only: strings are skipped with their
+// escapes and brackets counted; the parse that follows validates the rest.
+size_t FindTopLevelValue(std::string_view text, std::string_view name) {
+  int depth = 0;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (c == '"') {
+      size_t end = i + 1;
+      for (;;) {
+        end = text.find_first_of("\"\\", end);
+        if (end == std::string_view::npos) return std::string_view::npos;
+        if (text[end] == '"') break;
+        end += 2;  // an escape: the next character never ends the string
+      }
+      if (depth == 1 && text.substr(i + 1, end - i - 1) == name) {
+        size_t at = end + 1;
+        while (at < text.size() && IsJsonSpace(text[at])) ++at;
+        if (at < text.size() && text[at] == ':') {  // a key, not a value
+          ++at;
+          while (at < text.size() && IsJsonSpace(text[at])) ++at;
+          return at;
+        }
+      }
+      i = end;
+    } else if (c == '{' || c == '[') {
+      ++depth;
+    } else if (c == '}' || c == ']') {
+      --depth;
+    }
+  }
+  return std::string_view::npos;
+}
+
+// Powers of ten a double holds exactly.
+constexpr double kExactPow10[] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,  1e8,  1e9,  1e10, 1e11,
+                                  1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
+constexpr int kMaxExactPow10 = 22;
+constexpr int kMaxFastDigits = 19;  // a uint64 holds any 19 decimal digits
+
+// One JSON number at `first` as the float nearest to it, or nullptr. Chroma
+// prints each stored float as the shortest text of its double (17 digits):
+// up to 19 digits and a small exponent make a double within about one ulp of
+// the text (one rounding for the digits, one for the power of ten), and that
+// decides the float unless the text lies near the middle between two floats.
+// A float's own text lies on a float; anything near a middle, and anything
+// longer or larger, goes to std::from_chars, which rounds exactly. This keeps
+// 256-number vectors from costing a recall more than the rest of the chat.
+const char* ReadFloat(const char* first, const char* last, float* out) {
+  const char* p = first;
+  const bool negative = p < last && *p == '-';
+  if (negative) ++p;
+  uint64_t mantissa = 0;
+  int digits = 0, exponent = 0;
+  bool any = false;
+  for (; p < last && *p >= '0' && *p <= '9'; ++p) {
+    any = true;
+    if (digits == 0 && *p == '0') continue;  // leading zeros carry nothing
+    if (digits++ < kMaxFastDigits) {
+      mantissa = mantissa * 10 + static_cast<uint64_t>(*p - '0');
+    } else {
+      ++exponent;  // only reached past kMaxFastDigits: the slow path below
+    }
+  }
+  if (p < last && *p == '.') {
+    ++p;
+    for (; p < last && *p >= '0' && *p <= '9'; ++p) {
+      any = true;
+      if (digits == 0 && *p == '0') {
+        --exponent;
+        continue;
+      }
+      if (digits++ < kMaxFastDigits) {
+        mantissa = mantissa * 10 + static_cast<uint64_t>(*p - '0');
+        --exponent;
+      }
+    }
+  }
+  if (!any) return nullptr;
+  if (p < last && (*p == 'e' || *p == 'E')) {
+    ++p;
+    const bool minus = p < last && *p == '-';
+    if (p < last && (*p == '-' || *p == '+')) ++p;
+    int e = 0, e_digits = 0;
+    for (; p < last && *p >= '0' && *p <= '9'; ++p) {
+      if (e_digits++ < 6) e = e * 10 + (*p - '0');
+    }
+    if (e_digits == 0 || e_digits > 6) digits = kMaxFastDigits + 1;  // malformed or huge: let from_chars judge
+    exponent += minus ? -e : e;
+  }
+  if (digits <= kMaxFastDigits && exponent >= -kMaxExactPow10 && exponent <= kMaxExactPow10) {
+    double d = static_cast<double>(mantissa);
+    d = exponent < 0 ? d / kExactPow10[-exponent] : d * kExactPow10[exponent];
+    float f = 0;
+    if (mantissa == 0) {
+      *out = negative ? -0.0f : 0.0f;
+      return p;
+    }
+    if (JsonToFloat(d, &f) && std::fabs(f) < FLT_MAX && std::fabs(f) >= FLT_MIN) {
+      // The float is decided when d sits well inside its rounding interval:
+      // within a quarter of the smaller gap to a neighbour (d errs by ~1e-16
+      // relative; a quarter gap is ~1.5e-8).
+      const double gap = std::min(static_cast<double>(std::nextafter(f, HUGE_VALF)) - f,
+                                  f - static_cast<double>(std::nextafter(f, -HUGE_VALF)));
+      if (std::fabs(d - f) <= gap / 4) {
+        *out = negative ? -f : f;
+        return p;
+      }
+    }
+  }
+  double d = 0;
+  auto [end, ec] = std::from_chars(first, last, d);
+  if (ec != std::errc() || !JsonToFloat(d, out)) return nullptr;
+  return end;
+}
+
+// The embeddings column of a /get answer, from text[pos] (a '['): a JSON array
+// of arrays of numbers, read straight into floats. Returns the position after
+// it. Recall by id reads up to 128 vectors of 256 numbers; as DOM values,
+// through RapidJSON's number reader, they cost the worker four times what the
+// rest of a chat does. ReadFloat is a little laxer than JSON's grammar ("1."
+// and "01" pass); it never yields a value JSON could not spell, and infinities
+// and NaN are refused.
+Result<size_t> ReadVectorColumn(std::string_view text, size_t pos, std::vector<std::vector<float>>& out) {
+  const auto skip_space = [&] {
+    while (pos < text.size() && IsJsonSpace(text[pos])) ++pos;
+  };
+  const auto at = [&](char c) { return pos < text.size() && text[pos] == c; };
+  if (!at('[')) return BadResponse("embeddings are not an array");
+  ++pos;
+  skip_space();
+  if (at(']')) return pos + 1;
+  size_t dimensions = 0;
+  for (;;) {
+    if (!at('[')) return BadResponse("embedding is not an array");
+    ++pos;
+    skip_space();
+    std::vector<float>& v = out.emplace_back();
+    v.reserve(dimensions);
+    if (at(']')) {
+      ++pos;
+    } else {
+      for (;;) {
+        const char* first = text.data() + pos;
+        const char* last = text.data() + text.size();
+        if (pos >= text.size() || !(*first == '-' || (*first >= '0' && *first <= '9'))) {
+          return BadResponse("embedding holds a non-number");
+        }
+        float f = 0;
+        const char* end = ReadFloat(first, last, &f);
+        if (end == nullptr) return BadResponse("embedding value out of float range");
+        v.push_back(f);
+        pos = static_cast<size_t>(end - text.data());
+        skip_space();
+        if (at(',')) {
+          ++pos;
+          skip_space();
+          continue;
+        }
+        if (at(']')) {
+          ++pos;
+          break;
+        }
+        return BadResponse("embedding holds a non-number");
+      }
+    }
+    dimensions = v.size();
+    skip_space();
+    if (at(',')) {
+      ++pos;
+      skip_space();
+      continue;
+    }
+    if (at(']')) return pos + 1;
+    return BadResponse("embeddings are not an array of vectors");
+  }
+}
+
 // A /get answer with documents when `with_documents`, embeddings when
 // `with_embeddings`.
 Result<std::vector<StoredMessage>> ParseGet(std::string_view body, std::string_view user_id, bool with_documents,
                                             bool with_embeddings, size_t* foreign, std::vector<std::string>* raw_ids,
                                             size_t* page_size) {
+  // The embeddings column is read aside; the document parses the rest, with
+  // a null in the column's place.
+  std::vector<std::vector<float>> vectors;
+  std::string rest;
+  std::string_view json = body;
+  bool column_read = false;
+  if (with_embeddings) {
+    const size_t at = FindTopLevelValue(body, "embeddings");
+    if (at != std::string_view::npos && body[at] == '[') {
+      auto end = ReadVectorColumn(body, at, vectors);
+      if (!end.ok()) return end.status();
+      rest.reserve(body.size() - (*end - at) + 4);
+      rest.append(body.substr(0, at)).append("null").append(body.substr(*end));
+      json = rest;
+      column_read = true;
+    }
+  }
   rapidjson::Document doc;
-  doc.Parse<kParseFlags>(body.data(), body.size());
+  doc.Parse<kParseFlags>(json.data(), json.size());
   if (doc.HasParseError() || !doc.IsObject()) return BadResponse("get answer is not a JSON object");
   const rapidjson::Value* ids = ArrayMember(doc, "ids");
   const rapidjson::Value* metadatas = ArrayMember(doc, "metadatas");
   const rapidjson::Value* documents = with_documents ? ArrayMember(doc, "documents") : nullptr;
-  const rapidjson::Value* embeddings = with_embeddings ? ArrayMember(doc, "embeddings") : nullptr;
   if (ids == nullptr || metadatas == nullptr || (with_documents && documents == nullptr) ||
-      (with_embeddings && embeddings == nullptr)) {
+      (with_embeddings && !column_read)) {
     return BadResponse("get answer lacks ids, documents, metadatas or embeddings");
   }
   const rapidjson::SizeType n = ids->Size();
   if (metadatas->Size() != n || (with_documents && documents->Size() != n) ||
-      (with_embeddings && embeddings->Size() != n)) {
+      (with_embeddings && vectors.size() != n)) {
     return BadResponse("get answer columns differ in length");
   }
   if (page_size != nullptr) *page_size = n;
@@ -388,11 +572,7 @@ Result<std::vector<StoredMessage>> ParseGet(std::string_view body, std::string_v
       if (!(*documents)[i].IsString()) return BadResponse("record document is not a string");
       m.content.assign(View((*documents)[i]));
     }
-    if (with_embeddings) {
-      auto embedding = ReadVector((*embeddings)[i]);
-      if (!embedding.ok()) return embedding.status();
-      m.embedding = std::move(embedding).value();
-    }
+    if (with_embeddings) m.embedding = std::move(vectors[i]);
     if (raw_ids != nullptr) raw_ids->emplace_back(View((*ids)[i]));
     out.push_back(std::move(m));
   }

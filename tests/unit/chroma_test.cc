@@ -7,6 +7,12 @@
 #include <unistd.h>
 
 #include <boost/test/unit_test.hpp>
+
+#include <cfloat>
+#include <cstdio>
+#include <charconv>
+#include <cstring>
+#include <random>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -286,6 +292,95 @@ BOOST_AUTO_TEST_CASE(parses_a_get_answer) {
   BOOST_TEST(m.embedding == std::vector<float>({0.0f, 1.0f, -0.4242641f}));
 }
 
+BOOST_AUTO_TEST_CASE(get_answer_vectors_stay_with_their_records_whatever_the_order_of_members) {
+  // The vectors are read aside from the rest of the answer: they must still
+  // pair with their ids when a foreign record between them is dropped, when the
+  // column comes first, and whatever the numbers' spelling.
+  const std::string body = R"({"embeddings":[[0.5,-2],[7,8],[1e-3,3.4028234663852886e38]],)"
+                           R"("ids":["alice/t1:u","bob/t2:u","alice/t3:a"],"documents":["one","two","th{r\\\"ee\",\"embeddings\":[[9]]"],)"
+                           R"("metadatas":[{"role":"user","ts":9007199254740993,"user":"alice","turn":"t1"},)"
+                           R"({"role":"user","ts":2,"user":"bob","turn":"t2"},)"
+                           R"({"role":"assistant","ts":3,"user":"alice","turn":"t3","extra":[1.5,{"n":-0}]}],)"
+                           R"("uris":null,"included":["documents","metadatas","embeddings"]})";
+  size_t foreign = 0;
+  auto records = chroma_json::ParseGetResponse(body, "alice", true, &foreign, nullptr, nullptr);
+  BOOST_REQUIRE(records.ok());
+  BOOST_TEST(foreign == 1u);
+  BOOST_REQUIRE_EQUAL(records->size(), 2u);
+  BOOST_TEST((*records)[0].content == "one");
+  BOOST_TEST((*records)[0].ts_ms == 9007199254740993);  // an integer beyond a double's 53 bits stays exact
+  BOOST_TEST((*records)[0].embedding == std::vector<float>({0.5f, -2.0f}));
+  BOOST_TEST((*records)[1].content == R"(th{r\"ee","embeddings":[[9]])");
+  BOOST_TEST((*records)[1].embedding == std::vector<float>({1e-3f, FLT_MAX}));
+
+  // Without embeddings asked for, the column is an ordinary member.
+  auto documents = chroma_json::ParseGetDocumentsResponse(body, "alice", &foreign);
+  BOOST_REQUIRE(documents.ok());
+  BOOST_TEST(documents->size() == 2u);
+  BOOST_TEST((*documents)[0].embedding.empty());
+}
+
+BOOST_AUTO_TEST_CASE(get_answer_numbers_read_as_the_exact_conversion_reads_them) {
+  // The embeddings column has a fast reader of its own. Whatever the text, it
+  // must give the float that the exact conversion (std::from_chars to double,
+  // then to float) gives: for floats printed every way a server might (their
+  // shortest text, their double's, %.17g), and for arbitrary decimals, some
+  // of them next to the middle between two floats.
+  std::mt19937_64 rng(20261201);
+  std::vector<std::string> texts = {"0", "-0", "0.0", "1", "-1", "1e-3", "1E+2", "0.5e1", "123456789012345678901234",
+                                    "3.4028234663852886e38", "1.1754943508222875e-38", "1e-45", "7e-46",
+                                    "0.000000000000000000000000000001", "16777217", "16777216.999999999999",
+                                    "0.10000000149011612", "0.100000001490116119384765625", "2.5e-39", "1e38"};
+  char buf[64];
+  for (int i = 0; i < 30000; ++i) {
+    uint32_t bits = static_cast<uint32_t>(rng());
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    if (!std::isfinite(f)) continue;
+    texts.emplace_back(buf, std::to_chars(buf, buf + sizeof buf, f).ptr);
+    texts.emplace_back(buf, std::to_chars(buf, buf + sizeof buf, static_cast<double>(f)).ptr);
+    std::snprintf(buf, sizeof buf, "%.17g", static_cast<double>(f));
+    texts.emplace_back(buf);
+    // Between f and its neighbour, a hair from the middle.
+    const double mid = (static_cast<double>(f) + std::nextafter(f, HUGE_VALF)) / 2;
+    std::snprintf(buf, sizeof buf, "%.*g", 9 + static_cast<int>(rng() % 10), mid);
+    texts.emplace_back(buf);
+    // A random decimal: up to 20 digits, an exponent around float's range.
+    std::string t = (rng() & 1) ? "-" : "";
+    const int n = 1 + static_cast<int>(rng() % 20);
+    for (int d = 0; d < n; ++d) t += static_cast<char>('0' + rng() % 10);
+    t += "e" + std::to_string(static_cast<int>(rng() % 90) - 60);
+    texts.push_back(t);
+  }
+  std::string body = R"({"ids":["alice/t1:u"],"embeddings":[[)";
+  std::vector<float> expected;
+  for (const std::string& t : texts) {
+    double d = 0;
+    auto [end, ec] = std::from_chars(t.data(), t.data() + t.size(), d);
+    // Only what the exact conversion accepts (no float overflow, no underflow
+    // to an error) belongs in the column.
+    if (ec != std::errc() || end != t.data() + t.size() || std::fabs(d) > FLT_MAX) continue;
+    if (!expected.empty()) body += ',';
+    body += t;
+    expected.push_back(static_cast<float>(d));
+  }
+  body += R"(]],"documents":["d"],"metadatas":[{"role":"user","ts":1,"user":"alice","turn":"t1"}]})";
+  BOOST_TEST_MESSAGE(expected.size() << " numbers");
+  auto records = chroma_json::ParseGetResponse(body, "alice", true, nullptr, nullptr, nullptr);
+  BOOST_REQUIRE(records.ok());
+  BOOST_REQUIRE_EQUAL(records->size(), 1u);
+  const std::vector<float>& got = (*records)[0].embedding;
+  BOOST_REQUIRE_EQUAL(got.size(), expected.size());
+  size_t wrong = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    // Bit for bit: -0 and 0 are told apart.
+    if (std::memcmp(&got[i], &expected[i], sizeof(float)) != 0 && wrong++ < 5) {
+      BOOST_ERROR("number " << i << ": read " << got[i] << ", exact " << expected[i]);
+    }
+  }
+  BOOST_TEST(wrong == 0u);
+}
+
 BOOST_AUTO_TEST_CASE(malformed_get_answers_are_errors) {
   const std::string meta = R"("metadatas":[{"role":"user","ts":1,"user":"alice","turn":"a"}])";
   const std::string bodies[] = {
@@ -295,6 +390,13 @@ BOOST_AUTO_TEST_CASE(malformed_get_answers_are_errors) {
       R"({"ids":["a"],"documents":["d"],)" + meta + R"(,"embeddings":[[1e39]]})",  // beyond float
       R"({"ids":["a"],"documents":["d"],)" + meta + R"(,"embeddings":[1]})",
       R"({"ids":["a","b"],"documents":["d"],)" + meta + R"(,"embeddings":[[1]]})",
+      R"({"ids":["a"],"documents":["d"],)" + meta + R"(,"embeddings":[null]})",
+      R"({"ids":["a"],"documents":["d"],)" + meta + R"(,"embeddings":[{"x":1}]})",
+      R"({"ids":["a"],"documents":["d"],)" + meta + R"(,"embeddings":[[[1]]]})",
+      R"({"ids":["a"],"documents":["d"],)" + meta + R"(,"embeddings":[[1.5.2]]})",
+      R"({"ids":["a"],"documents":["d"],)" + meta + R"(,"embeddings":[[-inf]]})",
+      R"({"ids":["a"],"documents":["d"],)" + meta + R"(,"embeddings":[[1]})",
+      R"({"ids":["a"],"documents":["d"],)" + meta + R"(,"embeddings":[[1]],"x":1e999})",
   };
   for (const std::string& body : bodies) {
     BOOST_TEST_CONTEXT(body) {
