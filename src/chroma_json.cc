@@ -28,6 +28,13 @@ constexpr char kMetaRole[] = "role";
 constexpr char kMetaTs[] = "ts";
 constexpr char kMetaUser[] = "user";
 constexpr char kMetaTurn[] = "turn";
+// The message's text travels in the metadata, not as Chroma's document:
+// Chroma keeps every document in a full-text index (an SQLite FTS5 trigram
+// table, rewritten on every upsert) that chatd never queries, and that index
+// cost 15-19% of Chroma's CPU per record written (docs/performance.md).
+// Records written before carry their text as the document; readers take
+// either, the metadata first.
+constexpr char kMetaText[] = "text";
 constexpr char kRoleUser[] = "user";
 constexpr char kRoleAssistant[] = "assistant";
 
@@ -119,6 +126,20 @@ Status ReadRecord(const rapidjson::Value& id, const rapidjson::Value& meta, std:
 
 bool IsForeign(const Status& s) { return s.reason() == "chroma_foreign_record"; }
 
+// A record's text: its metadata's, else (a record written before the text
+// moved there) its document.
+Status ReadText(const rapidjson::Value& meta, const rapidjson::Value& document, std::string& out) {
+  auto text = meta.FindMember(kMetaText);
+  if (text != meta.MemberEnd()) {
+    if (!text->value.IsString()) return BadResponse("record text is not a string");
+    out.assign(View(text->value));
+    return Status::Ok();
+  }
+  if (!document.IsString()) return BadResponse("record has no text");
+  out.assign(View(document));
+  return Status::Ok();
+}
+
 bool WriteUserFilter(StrictJsonWriter& w, std::string_view user_id) {
   return w.Key("where") && w.StartObject() && w.Key(kMetaUser) && WriteString(w, user_id) && w.EndObject();
 }
@@ -202,16 +223,14 @@ Result<std::string> UpsertRequest(const std::vector<StoredMessage>& messages) {
   for (const StoredMessage& m : messages) ok = ok && WriteVector(w, m.embedding);
   ok = ok && w.EndArray();
   if (!ok) return InvalidArgument("bad_embedding", "an embedding holds a value that is not a finite number");
-  ok = w.Key("documents") && w.StartArray();
-  for (const StoredMessage& m : messages) ok = ok && WriteString(w, m.content);
-  ok = ok && w.EndArray();
-  ok = ok && w.Key("metadatas") && w.StartArray();
+  ok = w.Key("metadatas") && w.StartArray();
   for (const StoredMessage& m : messages) {
     ok = ok && w.StartObject();
     ok = ok && w.Key(kMetaRole) && w.String(m.role == Role::kUser ? kRoleUser : kRoleAssistant);
     ok = ok && w.Key(kMetaTs) && w.Int64(m.ts_ms);
     ok = ok && w.Key(kMetaUser) && WriteString(w, m.user_id);
     ok = ok && w.Key(kMetaTurn) && WriteString(w, m.turn_id);
+    ok = ok && w.Key(kMetaText) && WriteString(w, m.content);
     ok = ok && w.EndObject();
   }
   ok = ok && w.EndArray() && w.EndObject();
@@ -324,8 +343,7 @@ Result<RecallResult> ParseQueryResponse(std::string_view body, std::string_view 
       ++out.foreign_dropped;
       continue;
     }
-    if (!documents[i].IsString()) return BadResponse("record document is not a string");
-    r.message.content.assign(View(documents[i]));
+    if (Status s = ReadText(metadatas[i], documents[i], r.message.content); !s.ok()) return s;
     if (!distances[i].IsNumber() || !std::isfinite(distances[i].GetDouble())) {
       return BadResponse("record distance is not a number");
     }
@@ -569,8 +587,7 @@ Result<std::vector<StoredMessage>> ParseGet(std::string_view body, std::string_v
       continue;
     }
     if (with_documents) {
-      if (!(*documents)[i].IsString()) return BadResponse("record document is not a string");
-      m.content.assign(View((*documents)[i]));
+      if (Status s = ReadText((*metadatas)[i], (*documents)[i], m.content); !s.ok()) return s;
     }
     if (with_embeddings) m.embedding = std::move(vectors[i]);
     if (raw_ids != nullptr) raw_ids->emplace_back(View((*ids)[i]));

@@ -53,7 +53,13 @@ def _get_all(chroma_url: str, collection: str, where: Optional[dict]) -> "list[d
             return out  # Chroma 1.5.9 cannot read a collection nothing was written to yet
         assert status == 200, (status, got)
         for i, d, m, e in zip(got["ids"], got["documents"], got["metadatas"], got["embeddings"]):
-            out.append({"raw_id": i, "id": i.split("/", 1)[-1], "document": d, "metadata": m, "embedding": e})
+            # chatd writes a message's text into the metadata ("text"); records
+            # written before carry it as the document. Either way it is the
+            # record's document here, and the metadata is what chatd reads.
+            m = dict(m or {})
+            text = m.pop("text", None)
+            out.append({"raw_id": i, "id": i.split("/", 1)[-1], "document": text if text is not None else d,
+                        "metadata": m, "embedding": e})
         if len(got["ids"]) < PAGE:
             return out
         offset += PAGE

@@ -85,14 +85,15 @@ BOOST_AUTO_TEST_CASE(collection_id_must_be_a_uuid) {
   }
 }
 
-BOOST_AUTO_TEST_CASE(upsert_request_carries_ids_vectors_documents_and_metadata) {
+BOOST_AUTO_TEST_CASE(upsert_request_carries_ids_vectors_and_metadata_with_the_text) {
+  // No documents: Chroma would index them for a full-text search chatd never runs.
   auto body = chroma_json::UpsertRequest({Record("t1:u", Role::kUser, "hi \"there\"", {0.1f, -0.5f}),
                                           Record("t1:a", Role::kAssistant, "caf\xc3\xa9", {1.0f, 0.0f})});
   BOOST_REQUIRE(body.ok());
   BOOST_TEST(*body ==
-             R"({"ids":["alice/t1:u","alice/t1:a"],"embeddings":[[0.1,-0.5],[1,0]],"documents":["hi \"there\"","café"],)"
-             R"("metadatas":[{"role":"user","ts":1700000000123,"user":"alice","turn":"t1"},)"
-             R"({"role":"assistant","ts":1700000000123,"user":"alice","turn":"t1"}]})");
+             R"({"ids":["alice/t1:u","alice/t1:a"],"embeddings":[[0.1,-0.5],[1,0]],)"
+             R"("metadatas":[{"role":"user","ts":1700000000123,"user":"alice","turn":"t1","text":"hi \"there\""},)"
+             R"({"role":"assistant","ts":1700000000123,"user":"alice","turn":"t1","text":"café"}]})");
 }
 
 BOOST_AUTO_TEST_CASE(upsert_request_refuses_bad_records) {
@@ -379,6 +380,42 @@ BOOST_AUTO_TEST_CASE(get_answer_numbers_read_as_the_exact_conversion_reads_them)
     }
   }
   BOOST_TEST(wrong == 0u);
+}
+
+BOOST_AUTO_TEST_CASE(a_records_text_is_read_from_its_metadata_or_from_a_document_written_before) {
+  // Records written since the text moved carry it in the metadata (document
+  // null); older ones only as the document. Both read back, in answers of
+  // /get and /query alike; the metadata's text wins when both are there.
+  const std::string get = R"({"ids":["alice/t1:u","alice/t2:u","alice/t3:u"],)"
+                          R"("documents":[null,"old text","stale"],"metadatas":[)"
+                          R"({"role":"user","ts":1,"user":"alice","turn":"t1","text":"new text"},)"
+                          R"({"role":"user","ts":2,"user":"alice","turn":"t2"},)"
+                          R"({"role":"user","ts":3,"user":"alice","turn":"t3","text":"fresh"}]})";
+  auto records = chroma_json::ParseGetDocumentsResponse(get, "alice", nullptr);
+  BOOST_REQUIRE(records.ok());
+  BOOST_REQUIRE_EQUAL(records->size(), 3u);
+  BOOST_TEST((*records)[0].content == "new text");
+  BOOST_TEST((*records)[1].content == "old text");
+  BOOST_TEST((*records)[2].content == "fresh");
+
+  const std::string query = R"({"ids":[["alice/t1:u","alice/t2:u"]],"documents":[[null,"old text"]],)"
+                            R"("metadatas":[[{"role":"user","ts":1,"user":"alice","turn":"t1","text":"new text"},)"
+                            R"({"role":"user","ts":2,"user":"alice","turn":"t2"}]],"distances":[[0.1,0.2]]})";
+  auto recalled = chroma_json::ParseQueryResponse(query, "alice");
+  BOOST_REQUIRE(recalled.ok());
+  BOOST_REQUIRE_EQUAL(recalled->messages.size(), 2u);
+  BOOST_TEST(recalled->messages[0].message.content == "new text");
+  BOOST_TEST(recalled->messages[1].message.content == "old text");
+
+  // Neither, or a text that is not a string: a malformed answer.
+  for (const char* bad : {R"({"ids":["alice/t1:u"],"documents":[null],"metadatas":[{"role":"user","ts":1,"user":"alice","turn":"t1"}]})",
+                          R"({"ids":["alice/t1:u"],"documents":["d"],"metadatas":[{"role":"user","ts":1,"user":"alice","turn":"t1","text":7}]})"}) {
+    BOOST_TEST_CONTEXT(bad) {
+      auto r = chroma_json::ParseGetDocumentsResponse(bad, "alice", nullptr);
+      BOOST_REQUIRE(!r.ok());
+      BOOST_TEST(r.status().reason() == "chroma_unavailable");
+    }
+  }
 }
 
 BOOST_AUTO_TEST_CASE(malformed_get_answers_are_errors) {
