@@ -31,7 +31,7 @@ from bench_settings import (
     REPO, Redis, STREAM_SECONDS, STREAM_STEPS, STREAM_TIMEOUT_S, STREAM_TTFB_CHUNK_DELAY_MS,
     STREAM_TTFB_CONNECTIONS, STREAM_TTFB_RUN_S, STREAM_TTFB_THREADS, STREAM_TTFB_WORKERS, STREAM_WORDS, Stack,
     StackError, TARGET_CAPACITY_RSS_BYTES, WARMUP_CONNECTIONS, WARMUP_RUN_S, WRK_SCRIPT, WRK_THREADS,
-    WRK_TIMEOUT_S, concurrently, free_port, nginx_limits_for, post_chat, raise_nofile_limit, say)
+    WRK_TIMEOUT_S, concurrently, free_port, http_json, nginx_limits_for, post_chat, raise_nofile_limit, say)
 from harness import keys as rkeys
 from harness.cluster import RedisCluster
 from bench_procfs import (
@@ -645,7 +645,9 @@ async def _closed_loop(make, first_marker: bytes, end_marker: bytes, connections
         i = 0
         while time.monotonic() < stop_at:
             host, port, head, body = make(w, i)
-            results.append(await _sse_request(host, port, head, body, first_marker, end_marker, WRK_TIMEOUT_S))
+            result = await _sse_request(host, port, head, body, first_marker, end_marker, WRK_TIMEOUT_S)
+            result["wi"] = (w, i)
+            results.append(result)
             i += 1
     await asyncio.gather(*(worker(w) for w in range(connections)))
     return results
@@ -655,6 +657,17 @@ def _ttfb_figures(results: "list[dict[str, Any]]") -> "dict[str, Any]":
     ttfb = [r["ttfb_ms"] for r in results if r["ok"]]
     return {"requests": len(results), "errors": sum(1 for r in results if not r["ok"]),
             "ttfb_ms": {"p50": percentile(ttfb, 50), "p99": percentile(ttfb, 99), "n": len(ttfb)}}
+
+
+def _model_first_content_ms(stack: Stack, marker: str) -> "dict[str, float]":
+    """The fake's own time from a request to its first piece of text, by the
+    request's last user message, for its streams whose message holds `marker`."""
+    query = urllib.parse.urlencode({"contains": marker})
+    status, doc = http_json(f"{stack.fake.base}/_fake/streams?{query}")
+    if status != 200:
+        raise StackError(f"fake model /_fake/streams answered {status}: {doc!r}")
+    return {r["last_user"]: r["first_content_ms"] - r["received_ms"] for r in doc["streams"]
+            if r.get("first_content_ms") is not None}
 
 
 def phase_stream_ttfb(stack: Stack) -> "dict[str, Any]":
@@ -667,20 +680,31 @@ def phase_stream_ttfb(stack: Stack) -> "dict[str, Any]":
 
     def measure(connections: int, chunk_delay_ms: int) -> "dict[str, Any]":
         pace = f" #fake:chunk_delay_ms={chunk_delay_ms}" if chunk_delay_ms else ""
-        msg = lambda w, i: f"stream bench {w} {i}{pace}"  # noqa: E731
-        model = asyncio.run(_closed_loop(lambda w, i: _fake_stream_request(stack, msg(w, i)),
+        run = f"c{connections}-d{chunk_delay_ms}"
+        msg = lambda kind, w, i: f"stream bench {kind} {run} {w} {i}{pace}"  # noqa: E731
+        model = asyncio.run(_closed_loop(lambda w, i: _fake_stream_request(stack, msg("model", w, i)),
                                          b'"content":"[fake]', b"[DONE]", connections, STREAM_TTFB_RUN_S))
         chatd = asyncio.run(_closed_loop(
             lambda w, i: _chatd_stream_request(frontend.url, f"{CHAT_PREFIX}{(w * 7919 + i) % CHAT_USERS}",
-                                               msg(w, i)),
+                                               msg("chatd", w, i)),
             b'data: {"delta"', b'"done":true', connections, STREAM_TTFB_RUN_S))
         out = {"connections": connections, "chunk_delay_ms": chunk_delay_ms,
                "model": _ttfb_figures(model), "chatd": _ttfb_figures(chatd)}
         m, c = out["model"]["ttfb_ms"], out["chatd"]["ttfb_ms"]
         if m["p50"] is not None and c["p50"] is not None:
             out["added_ms"] = {"p50": c["p50"] - m["p50"], "p99": c["p99"] - m["p99"]}
+        # The same subtraction per request: what the client waited, less what
+        # the fake itself took to its first piece of text for that very request
+        # (it records both times). The model's share then comes from the same
+        # moment and the same load, not from the model-only run before.
+        own = _model_first_content_ms(stack, f"stream bench chatd {run} ")
+        shares = [r["ttfb_ms"] - own[msg("chatd", *r["wi"])] for r in chatd
+                  if r["ok"] and msg("chatd", *r["wi"]) in own]
+        out["added_same_request_ms"] = {"p50": percentile(shares, 50), "p99": percentile(shares, 99), "n": len(shares)}
         say(f"bench:   c={connections}, chunks every {chunk_delay_ms} ms: model first chunk p50 {m['p50']} ms; "
-            f"through chatd p50 {c['p50']} ms, p99 {c['p99']} ms; errors {out['chatd']['errors']}")
+            f"through chatd p50 {c['p50']} ms, p99 {c['p99']} ms; errors {out['chatd']['errors']}; "
+            f"chatd's share per request p50 {out['added_same_request_ms']['p50']} ms, "
+            f"p99 {out['added_same_request_ms']['p99']} ms (n={len(shares)})")
         return out
     try:
         # One stream at a time too: what chatd adds without any queueing.

@@ -282,13 +282,22 @@ def build_table(r: "dict[str, Any]") -> "list[tuple[str, str, str, str]]":
     st = r.get("stream_ttfb")
     if st and st.get("added_ms"):
         a, c, m = st["added_ms"], st["chatd"]["ttfb_ms"], st["model"]["ttfb_ms"]
-        rows.append((f"Stream: time to first delta less the model's first chunk, c={st['connections']}, "
-                     f"chunks every {st.get('chunk_delay_ms', 0)} ms ({st['workers']}x{st['threads']})",
+        same = st.get("added_same_request_ms") or {}
+        if same.get("p50") is not None:
+            # The verdict: each request's wait less the model's own time for it.
+            rows.append((f"Stream: time to first delta less the model's first chunk of the same request, "
+                         f"c={st['connections']}, chunks every {st.get('chunk_delay_ms', 0)} ms "
+                         f"({st['workers']}x{st['threads']})",
+                         f"p50 {same['p50']:.1f} ms, p99 {same['p99']:.1f} ms (n={same['n']:,})",
+                         f"p50 <= {TARGET_STREAM_TTFB_P50_MS:.0f} ms",
+                         verdict(same["p50"] <= TARGET_STREAM_TTFB_P50_MS)))
+        rows.append((f"Stream: the same, less the model-only run's first chunk, c={st['connections']}",
                      f"p50 {a['p50']:.1f} ms, p99 {a['p99']:.1f} ms (through nginx {c['p50']:.1f} / {c['p99']:.1f}, "
                      f"model {m['p50']:.1f} / {m['p99']:.1f}; errors {st['chatd']['errors']})",
-                     f"p50 <= {TARGET_STREAM_TTFB_P50_MS:.0f} ms", verdict(a["p50"] <= TARGET_STREAM_TTFB_P50_MS)))
-        one = st.get("single", {}).get("added_ms")
-        if one:
+                     "" if same.get("p50") is not None else f"p50 <= {TARGET_STREAM_TTFB_P50_MS:.0f} ms",
+                     "-" if same.get("p50") is not None else verdict(a["p50"] <= TARGET_STREAM_TTFB_P50_MS)))
+        one = st.get("single", {}).get("added_same_request_ms") or st.get("single", {}).get("added_ms")
+        if one and one.get("p50") is not None:
             rows.append(("Stream: the same, one stream at a time", f"p50 {one['p50']:.1f} ms, p99 {one['p99']:.1f} ms",
                          "", "-"))
         sat = st.get("saturated", {})

@@ -605,8 +605,12 @@ class FakeOpenAI:
                 events.append(chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                                          "total_tokens": prompt_tokens + completion_tokens}))
             events.append(sse_event(b"[DONE]"))
+        # received_ms and first_content_ms (wall clock, ms) give the model's own
+        # time to its first piece of text, which a client of chatd subtracts
+        # from what it waited to learn chatd's share of the same request.
         record = {"last_user": last_user or "", "state": "streaming", "events_sent": 0,
-                  "events_total": len(events)}
+                  "events_total": len(events), "received_ms": time.time() * 1000, "first_content_ms": None,
+                  "first_content_event": 1 if pieces and (error_after is None or error_after > 0) else None}
         self.streams.append(record)
         chunk_delay = directives.get("chunk_delay_ms", self.chunk_delay_ms) / 1000.0
         drop_after = directives.get("stream_drop_after")
@@ -910,6 +914,8 @@ class HttpProtocol(asyncio.Protocol):
                 break
             event = events[i]
             self.transport.write(b"%x\r\n%s\r\n" % (len(event), event))
+            if i == stream.record["first_content_event"]:
+                stream.record["first_content_ms"] = time.time() * 1000
             i += 1
             stream.record["events_sent"] = i
             if stream.chunk_delay > 0 and i < len(events):

@@ -345,6 +345,18 @@ def test_stream_chunk_delay_holds_the_rest_and_records_progress(server):
     assert server.stats()["streams"]["aborted"] >= 1
 
 
+def test_stream_records_when_its_first_piece_of_text_left(server):
+    # The bench subtracts this from a chatd client's wait; the delay before
+    # the first text chunk (after the role chunk) must show in it.
+    content = unique("first-piece") + " #fake:chunk_delay_ms=50"
+    status, _, events = stream_chat(server, content)
+    assert status == 200 and events[-1] == "[DONE]"
+    _, doc = server.json("GET", "/_fake/streams?" + urllib.parse.urlencode({"contains": content}))
+    [record] = doc["streams"]
+    assert record["first_content_ms"] is not None
+    assert record["first_content_ms"] - record["received_ms"] >= 50
+
+
 def test_stream_error_after_sends_an_error_object_without_done(server):
     content = unique("stream-error") + " #fake:stream_error_after=1 #fake:error_code=boom"
     status, _, events = stream_chat(server, content)
