@@ -152,7 +152,7 @@ Result<std::optional<HttpResponse>> ChromaStore::LegacyCall(std::string_view use
   return std::optional<HttpResponse>(std::move(response).value());
 }
 
-Result<RecallResult> ChromaStore::Recall(std::string_view user_id, const std::vector<float>& embedding, size_t k,
+Result<RecallResult> ChromaStore::Recall(const UserId& user_id, const std::vector<float>& embedding, size_t k,
                                          const std::vector<std::string>& exclude_ids) {
   if (k == 0) return RecallResult{};
   const int64_t n_results = std::min<int64_t>(static_cast<int64_t>(k + exclude_ids.size()),
@@ -197,7 +197,7 @@ Result<std::optional<std::string>> ChromaStore::GetByIds(std::string_view user_i
   return std::optional<std::string>(std::move(response->body));
 }
 
-Result<RecallResult> ChromaStore::RecallAmong(std::string_view user_id, const std::vector<float>& embedding,
+Result<RecallResult> ChromaStore::RecallAmong(const UserId& user_id, const std::vector<float>& embedding,
                                               size_t k, const std::vector<std::string>& message_ids) {
   RecallResult out;
   if (k == 0 || message_ids.empty()) return out;

@@ -138,7 +138,7 @@ std::string RedisRateLimiter::KeyFor(std::string_view user_id) const {
   return RateKey(user_id, counter_);
 }
 
-Result<RateDecision> RedisRateLimiter::Check(std::string_view user_id) {
+Result<RateDecision> RedisRateLimiter::Check(const UserId& user_id) {
   // Keys are injective only for valid ids; the request path has checked, but
   // a key is not the place to find out it did not.
   if (!IsValidUserId(user_id)) return InvalidArgument("invalid_user_id", "invalid user id");
@@ -159,7 +159,7 @@ Result<RateDecision> RedisRateLimiter::Check(std::string_view user_id) {
   return decision;
 }
 
-Status RedisRateLimiter::Release(std::string_view user_id, std::string_view lease_id) {
+Status RedisRateLimiter::Release(const UserId& user_id, std::string_view lease_id) {
   if (lease_id.empty()) return Status::Ok();
   if (!IsValidUserId(user_id)) return InvalidArgument("invalid_user_id", "invalid user id");
   auto reply = redis_.Command({"ZREM", InflightKey(user_id), lease_id});

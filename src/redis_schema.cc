@@ -538,7 +538,7 @@ Result<RecordTurnCall> RecordTurnCall::Make(const Turn& turn, int recent_message
   call.keys_ = {RecentKey(user),   IndexStreamKey(ShardOf(user)), ActivityKey(ShardOf(user)),
                 RecordedTurnsKey(user), InflightKey(user),        TombstoneKey(user),
                 TurnIndexKey(user), QueuedTurnsKey(user)};
-  call.args_ = {turn.user_id,
+  call.args_ = {turn.user_id.str(),
                 turn.turn_id,
                 turn.user_message,
                 turn.assistant_message,

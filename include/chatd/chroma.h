@@ -66,11 +66,11 @@ class ChromaStore : public LongTermStore {
  public:
   explicit ChromaStore(ChromaOptions options);
 
-  Result<RecallResult> Recall(std::string_view user_id, const std::vector<float>& embedding, size_t k,
+  Result<RecallResult> Recall(const UserId& user_id, const std::vector<float>& embedding, size_t k,
                               const std::vector<std::string>& exclude_ids) override;
   // One /get by id with embeddings, ranked here by the distance Chroma's "l2"
   // space uses.
-  Result<RecallResult> RecallAmong(std::string_view user_id, const std::vector<float>& embedding, size_t k,
+  Result<RecallResult> RecallAmong(const UserId& user_id, const std::vector<float>& embedding, size_t k,
                                    const std::vector<std::string>& message_ids) override;
   // One call per shard touched (in chunks of a bounded size).
   Status Upsert(const std::vector<StoredMessage>& messages) override;

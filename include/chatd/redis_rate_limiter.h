@@ -40,9 +40,9 @@ class RedisRateLimiter final : public RateLimiter {
   // scripts (LOADING, OOM, READONLY...); kInvalidArgument for an invalid id.
   // Rejected requests are not counted; the rate is checked first, so a
   // request over both limits is rate_limited.
-  Result<RateDecision> Check(std::string_view user_id) override;
+  Result<RateDecision> Check(const UserId& user_id) override;
   // ZREM of the lease (one round trip).
-  Status Release(std::string_view user_id, std::string_view lease_id) override;
+  Status Release(const UserId& user_id, std::string_view lease_id) override;
 
   // The one key a user's decisions touch.
   std::string KeyFor(std::string_view user_id) const;

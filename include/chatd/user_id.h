@@ -3,6 +3,7 @@
 // collection, whatever their ids look like (docs/api.md states the rule).
 #pragma once
 
+#include <compare>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -30,6 +31,8 @@ class UserId {
   const std::string& str() const { return value_; }
   operator std::string_view() const { return value_; }  // NOLINT: an id is read as text everywhere
   friend bool operator==(const UserId& a, const UserId& b) = default;
+  // By the id's bytes, so a UserId can key a map or a set.
+  friend auto operator<=>(const UserId& a, const UserId& b) = default;
   friend bool operator==(const UserId& a, std::string_view b) { return a.value_ == b; }
 
  private:

@@ -94,7 +94,7 @@ BOOST_FIXTURE_TEST_CASE(keys_are_scoped_to_the_user, IdemFixture) {
 
 BOOST_FIXTURE_TEST_CASE(a_repeat_while_in_flight_is_409_and_costs_nothing_else, IdemFixture) {
   IdempotencyTicket other{"k1", Sha256Hex("Hi").value(), "someone-elses-token", 0};
-  BOOST_REQUIRE(keys.Claim("alice", other).ok());
+  BOOST_REQUIRE(keys.Claim(Uid("alice"), other).ok());
   auto r = Chat("Hi", "k1");
   BOOST_REQUIRE(!r.ok());
   BOOST_TEST((r.status().code() == Code::kConflict));
@@ -177,7 +177,7 @@ BOOST_FIXTURE_TEST_CASE(a_key_taken_over_while_the_model_ran_answers_with_the_ke
     IdempotencyTicket* other = nullptr;
     Result<LlmReply> Complete(const std::vector<ChatMessage>& m, Deadline d) override {
       keys->keys.clear();
-      keys->Complete("alice", *other, "their-turn", "their answer");
+      keys->Complete(Uid("alice"), *other, "their-turn", "their answer");
       return FakeLlm::Complete(m, d);
     }
   } slow;

@@ -27,6 +27,7 @@
 #include "chatd/redis_memory.h"
 #include "chatd/redis_rate_limiter.h"
 #include "chatd/redis_schema.h"
+#include "uid.h"
 
 namespace chatd {
 namespace {
@@ -554,8 +555,7 @@ BOOST_AUTO_TEST_CASE(redis_without_a_password_configured_noauth_is_reported_as_a
 // truthfully whether the turn is recorded.
 namespace {
 Turn SomeTurn() {
-  Turn t;
-  t.user_id = "alice";
+  Turn t(testing::Uid("alice"));
   t.turn_id = "0123456789abcdef0123456789abcdef";
   t.user_message = "hi";
   t.assistant_message = "hello";
@@ -905,7 +905,7 @@ BOOST_AUTO_TEST_CASE(key_slot_matches_redis_cluster) {
 BOOST_AUTO_TEST_CASE(every_script_touches_the_slot_of_the_users_shard_only) {
   FakeRedis server([](const std::vector<std::string>&) { return FakeReply::Send(":1\r\n"); });
   RedisClient client(OptionsFor(server.port()));
-  const std::string user = "alice";
+  const UserId user = testing::Uid("alice");
   IdempotencyTicket ticket;
   ticket.key = "k1";
   ticket.token = "tok";
@@ -916,10 +916,10 @@ BOOST_AUTO_TEST_CASE(every_script_touches_the_slot_of_the_users_shard_only) {
   auto call = RecordTurnCall::Make(turn, 4, "60000");
   BOOST_REQUIRE(call.ok());
   (void)call->Run(client, nullptr);
-  StoredMessage m{"t1:u", user, "t1", Role::kUser, "hi", 1, {0.5f}};
+  StoredMessage m{"t1:u", user.str(), "t1", Role::kUser, "hi", 1, {0.5f}};
   (void)AddToHotSet(client, user, {m}, 8);
-  (void)BeginIndexing(client, "c1", 1000, {{user, {{"1-0", 1}}}});
-  (void)FinishIndexing(client, 8, {{user, false, {"1-0"}, {"t1"}, {&m}}});
+  (void)BeginIndexing(client, "c1", 1000, {{user.str(), {{"1-0", 1}}}});
+  (void)FinishIndexing(client, 8, {{user.str(), false, {"1-0"}, {"t1"}, {&m}}});
   (void)RemoveGoneIndexConsumers(client, ShardOf(user), "c1", 1000);
   (void)TakeCleanupLock(client, user, "cleanup:x", 1000, "");
   (void)RenewCleanupLock(client, user, "cleanup:x", 1000);
