@@ -495,11 +495,12 @@ std::vector<IndexEntry> ParseIndexEntries(const RedisValue& list, std::vector<st
   return out;
 }
 
-Result<std::map<std::string, std::vector<IndexEntry>>> ReadQueuedTurns(RedisClient& redis,
-                                                                        const std::vector<std::string>& users) {
-  std::map<int, std::set<std::string>> wanted;  // by shard: only their streams are read
-  for (const std::string& u : users) wanted[ShardOf(u)].insert(u);
-  std::map<std::string, std::vector<IndexEntry>> out;
+Result<std::map<UserId, std::vector<IndexEntry>>> ReadQueuedTurns(RedisClient& redis,
+                                                                   const std::vector<UserId>& users) {
+  // By shard (only their streams are read), then by the entries' user field.
+  std::map<int, std::map<std::string, const UserId*, std::less<>>> wanted;
+  for (const UserId& u : users) wanted[ShardOf(u)].emplace(u.str(), &u);
+  std::map<UserId, std::vector<IndexEntry>> out;
   const std::string page = std::to_string(kStreamPage);
   for (const auto& [shard, names] : wanted) {
     const std::string stream = IndexStreamKey(shard);
@@ -508,7 +509,7 @@ Result<std::map<std::string, std::vector<IndexEntry>>> ReadQueuedTurns(RedisClie
       Result<RedisValue> r = CommandOk(redis, {"XRANGE", stream, start, "+", "COUNT", page}, "XRANGE");
       if (!r.ok()) return r.status();
       for (IndexEntry& e : ParseIndexEntries(*r)) {
-        if (names.count(e.user)) out[e.user].push_back(std::move(e));
+        if (auto it = names.find(e.user); it != names.end()) out[*it->second].push_back(std::move(e));
       }
       if (r->elements.size() < static_cast<size_t>(kStreamPage)) break;
       start = "(" + r->elements.back().elements[0].str;  // exclusive: after the last id seen
@@ -927,11 +928,12 @@ Status MigrateUserKeys(RedisClient& redis, bool dry_run, KeyMigrationSummary& su
       const std::string& old_key = k.str;
       const size_t tag_end = old_key.find(kOldUserKeyTagEnd);
       if (old_key.rfind(kOldUserKeyStart, 0) != 0 || tag_end == std::string::npos) continue;
-      const std::string user = old_key.substr(kOldUserKeyStart.size(), tag_end - kOldUserKeyStart.size());
-      if (!IsValidUserId(user)) continue;  // not ours: chatd never wrote it
+      const std::optional<UserId> user =
+          UserId::Parse(std::string_view(old_key).substr(kOldUserKeyStart.size(), tag_end - kOldUserKeyStart.size()));
+      if (!user) continue;  // not ours: chatd never wrote it
       const std::string name = old_key.substr(tag_end + kOldUserKeyTagEnd.size());
-      const std::string new_key = ShardedUserKey(user, name);
-      const std::string old_prefix = UserKey(user, ""), new_prefix = ShardedUserKey(user, "");
+      const std::string new_key = ShardedUserKey(*user, name);
+      const std::string old_prefix = UserKey(*user, ""), new_prefix = ShardedUserKey(*user, "");
       Result<int64_t> moved = EvalCount(redis, kMigrateUserKey, {old_key, new_key}, {old_prefix, new_prefix}, dry_run);
       if (!moved.ok()) return moved.status();
       sum.user_keys += *moved;

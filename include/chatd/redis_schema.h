@@ -48,6 +48,7 @@
 #include "chatd/memory.h"
 #include "chatd/redis.h"
 #include "chatd/status.h"
+#include "chatd/user_id.h"
 
 namespace chatd {
 
@@ -149,8 +150,8 @@ std::vector<IndexEntry> ParseIndexEntries(const RedisValue& list, std::vector<st
 
 // Turns of these users still in the index stream, by user (one pass over each
 // of their shards' streams, a page at a time).
-Result<std::map<std::string, std::vector<IndexEntry>>> ReadQueuedTurns(RedisClient& redis,
-                                                                        const std::vector<std::string>& users);
+Result<std::map<UserId, std::vector<IndexEntry>>> ReadQueuedTurns(RedisClient& redis,
+                                                                   const std::vector<UserId>& users);
 // The dead letters of one user.
 Result<std::vector<IndexEntry>> ReadDeadLetters(RedisClient& redis, std::string_view user_id);
 

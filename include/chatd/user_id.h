@@ -44,11 +44,11 @@ class UserId {
 // `chatd-cleanup migrate-keys` moves (redis_schema.h spells the current ones).
 // The id sits verbatim inside the hash tag; ids cannot contain '{' or '}', so
 // the key identifies its user.
-std::string UserKey(std::string_view user_id, std::string_view suffix);
+std::string UserKey(const UserId& user_id, std::string_view suffix);
 
 // "chatd-u-<lower-case hex of the id's bytes>": within Chroma's rules (3-512 of
 // [a-zA-Z0-9._-], alphanumeric at both ends, no "..") for every valid id, and
 // immune to case folding anywhere below us.
-std::string ChromaCollectionName(std::string_view user_id);
+std::string ChromaCollectionName(const UserId& user_id);
 
 }  // namespace chatd

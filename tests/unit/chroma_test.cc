@@ -350,7 +350,7 @@ BOOST_AUTO_TEST_CASE(unreachable_chroma_fails_fast_with_chroma_unreachable) {
   BOOST_TEST(recall.status().reason() == "chroma_unreachable");
   BOOST_TEST(static_cast<int>(recall.status().code()) == static_cast<int>(Code::kUnavailable));
   BOOST_TEST(store.Upsert({Record("t1:u", Role::kUser, "x", {1})}).reason() == "chroma_unreachable");
-  BOOST_TEST(store.Count("alice").status().reason() == "chroma_unreachable");
+  BOOST_TEST(store.Count(testing::Uid("alice")).status().reason() == "chroma_unreachable");
   BOOST_TEST(store.Heartbeat().reason() == "chroma_unreachable");
   // Nothing to do needs no server.
   BOOST_TEST(store.Upsert({}).ok());
