@@ -20,8 +20,12 @@ bool IsValidUserId(std::string_view user_id);
 // A user id that satisfies IsValidUserId. Parse is the only way to make one,
 // so whatever takes a UserId never checks it again, and the storage names
 // below are safe for every value it can hold. Requests parse theirs where they
-// enter (the body's userId, the query's, a token's subject); adapters still
-// take the plain id (the conversion below) and keep their own checks.
+// enter (the body's userId, the query's, a token's subject, chatd-cleanup's
+// argument); ids read back from storage (stream entries, the activity index,
+// archive files, ...) are parsed by their reader, which handles a malformed
+// one itself. Everything below takes a UserId: the interfaces, the adapters
+// and every key builder (redis_schema.h), so no unchecked string reaches a
+// key. The conversion below is for reading an id as text (logs, arguments).
 class UserId {
  public:
   // nullopt when `text` breaks the rule; the caller says why in its own

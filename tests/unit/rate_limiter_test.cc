@@ -197,8 +197,8 @@ BOOST_AUTO_TEST_CASE(keys_share_the_users_hash_tag_and_differ_per_algorithm) {
   RedisClient client(options);  // never dialled: KeyFor is pure
   RedisRateLimiter fixed(client, 30, 60, RateAlgorithm::kFixed);
   RedisRateLimiter sliding(client, 30, 60, RateAlgorithm::kSliding);
-  BOOST_TEST(fixed.KeyFor("alice") == "chatd:{s7}:u:alice:rl:fixed");
-  BOOST_TEST(sliding.KeyFor("alice") == "chatd:{s7}:u:alice:rl:sliding");
+  BOOST_TEST(fixed.KeyFor(Uid("alice")) == "chatd:{s7}:u:alice:rl:fixed");
+  BOOST_TEST(sliding.KeyFor(Uid("alice")) == "chatd:{s7}:u:alice:rl:sliding");
 }
 
 // An id is checked once, where it enters (user_id.h): the limiter takes only a
