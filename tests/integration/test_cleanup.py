@@ -1091,6 +1091,26 @@ def old_layout_keys(redis) -> "list[bytes]":
                     if redis.command("EXISTS", k) == 1]
 
 
+def test_migrate_keys_leaves_in_the_old_layout_what_names_no_valid_user(world):
+    # The old layout is read back, so every id in it is parsed first: what
+    # names no valid user was not written by chatd, and no key is named for it.
+    r, bad = world.redis, "not a user"
+    r.command("ZADD", rkeys.OLD_ACTIVITY, 1, bad)
+    r.command("SADD", rkeys.OLD_IN_PROGRESS, "x}y")
+    r.command("XADD", rkeys.OLD_INDEX_STREAM, "*", "user", bad, "turn", "t" * 32, "ts", "1", "u", "q", "a", "a")
+    r.command("RPUSH", f"chat:{{{bad}}}:recent", "x")
+
+    run = world.cleanup("migrate-keys")
+    assert run.returncode == 0, run.stderr[-3000:]
+    [done] = run.events("migrate_keys_done")
+    moved = (done["user_keys"], done["stream_entries"], done["dead_letters"], done["activity"], done["in_progress"])
+    assert moved == (0, 0, 0, 0, 0), done
+    assert r.command("ZSCORE", rkeys.OLD_ACTIVITY, bad) is not None
+    assert r.command("SISMEMBER", rkeys.OLD_IN_PROGRESS, "x}y") == 1
+    assert r.command("XLEN", rkeys.OLD_INDEX_STREAM) == 1
+    assert r.command("EXISTS", f"chat:{{{bad}}}:recent") == 1
+
+
 def test_migrate_keys_moves_the_old_layout_to_the_shards_and_a_rerun_moves_nothing(make_world, module_chroma,
                                                                                      unique):
     with HoldingProxy(module_chroma.url) as proxy:
