@@ -386,8 +386,7 @@ Status Cleanup::RunShard(int shard, int64_t cutoff_ms, int& batch_no, CleanupSum
   return Status::Ok();
 }
 
-Result<int64_t> Cleanup::Restore(const UserId& user_id) {
-  const UserId& user = user_id;
+Result<int64_t> Cleanup::Restore(const UserId& user) {
   // Under the user's lock, so a forget cannot erase the archives between our
   // reading them and bringing them back (nor a run archive the user anew).
   if (!options_.dry_run) {
@@ -429,8 +428,7 @@ Result<int64_t> Cleanup::Restore(const UserId& user_id) {
   return static_cast<int64_t>(records.size());
 }
 
-Result<int64_t> Cleanup::Forget(const UserId& user_id, bool keep_rate_limits) {
-  const UserId& user = user_id;
+Result<int64_t> Cleanup::Forget(const UserId& user, bool keep_rate_limits) {
   if (options_.dry_run) {
     auto paths = ListArchives(options_.archive_dir, user);
     if (!paths.ok()) return paths.status();

@@ -581,7 +581,8 @@ Result<int> Indexer::IndexUsers(const std::map<UserId, std::vector<const IndexEn
   std::vector<FinishIndexingRequest> finishes;
   size_t acked_total = 0, written_total = 0;
   for (const UserId& user : users) {
-    FinishIndexingRequest& f = finishes.emplace_back(FinishIndexingRequest{user, in_doubt.count(user.str()) != 0, {}, {}, {}});
+    FinishIndexingRequest& f =
+        finishes.emplace_back(FinishIndexingRequest{user, in_doubt.count(user.str()) != 0, {}, {}, {}});
     for (size_t i : settled_by_user[user.str()]) {
       f.stream_ids.push_back(writable[i]->stream_id);
       f.turns.push_back(writable[i]->turn);

@@ -227,9 +227,8 @@ Result<HistoryPage> UserData::History(const UserId& user_id, int limit, const st
   return page;
 }
 
-Status UserData::Export(const UserId& user_id, int64_t restored,
+Status UserData::Export(const UserId& user, int64_t restored,
                         const std::function<bool(std::string_view)>& write) {
-  const UserId& user = user_id;
   auto activity = LastActivity(redis_, user);
   if (!activity.ok()) return Unavailable("memory_unavailable", "Conversation memory is unavailable; try again shortly");
   auto archives = ListArchives(archive_dir_, user);
