@@ -123,7 +123,9 @@ class CpuMeter {
   double start_;
 };
 
-std::string UserId(int i) { return kUserPrefix + std::to_string(i); }
+std::string UserName(int i) { return kUserPrefix + std::to_string(i); }
+// The store takes parsed ids only; the bench's own names are valid.
+chatd::UserId ParsedUser(int i) { return chatd::UserId::Parse(UserName(i)).value(); }
 
 std::string MessageText(int user, int j) {
   return "User " + std::to_string(user) + " said, in message " + std::to_string(j) + ", something about " +
@@ -188,7 +190,7 @@ int RunLoad(const Options& o) {
         std::vector<chatd::StoredMessage> batch;
         batch.reserve(static_cast<size_t>(o.messages) * static_cast<size_t>(end - first));
         for (int user = first; user < end; ++user) {
-          const std::string id = UserId(user);
+          const std::string id = UserName(user);
           for (int j = 0; j < o.messages; ++j) batch.push_back(MakeMessage(id, user, j, dims));
         }
         auto call_started = Clock::now();
@@ -228,7 +230,7 @@ int RunQuery(const Options& o) {
     std::vector<float> embedding = QueryEmbedding(rng, dims);
     std::vector<std::string> exclude = ExcludedIds(user, o.messages);
     auto call_started = Clock::now();
-    auto r = store.Recall(UserId(user), embedding, kRecallK, exclude);
+    auto r = store.Recall(ParsedUser(user), embedding, kRecallK, exclude);
     out.push_back(MsSince(call_started));
     if (!r.ok()) {
       ++failures;
@@ -274,7 +276,7 @@ int RunQuery(const Options& o) {
     auto call_started = Clock::now();
     std::vector<std::string> hot;
     for (int j = o.messages / 2; j < o.messages; ++j) hot.push_back(MessageId(user, j));
-    auto r = store.Recall(UserId(user), embedding, kRecallK, hot);
+    auto r = store.Recall(ParsedUser(user), embedding, kRecallK, hot);
     ranged.push_back(MsSince(call_started));
     if (!r.ok()) {
       ++failures;
@@ -300,7 +302,7 @@ int RunQuery(const Options& o) {
     for (int j = o.messages - static_cast<int>(kRecentExcluded) - 1; j >= 0; --j) older.push_back(MessageId(user, j));
     const double thread_cpu_before = ThreadCpuMs();
     auto call_started = Clock::now();
-    auto r = store.RecallAmong(UserId(user), embedding, kRecallK, older);
+    auto r = store.RecallAmong(ParsedUser(user), embedding, kRecallK, older);
     by_id.push_back(MsSince(call_started));
     by_id_worker_cpu.push_back(ThreadCpuMs() - thread_cpu_before);
     if (!r.ok()) {
@@ -319,7 +321,7 @@ int RunQuery(const Options& o) {
   double add_cpu_total = 0;
   for (int i = 0; i < o.adds; ++i) {
     int user = sampled[pick(rng)];
-    const std::string id = UserId(user);
+    const std::string id = UserName(user);
     int j = o.messages + 2 * i;
     std::vector<chatd::StoredMessage> turn = {MakeMessage(id, user, j, dims), MakeMessage(id, user, j + 1, dims)};
     CpuMeter add_cpu(o.pid);
@@ -350,7 +352,7 @@ int RunQuery(const Options& o) {
         int user = sampled[local_pick(local)];
         std::vector<float> embedding = QueryEmbedding(local, dims);
         auto call_started = Clock::now();
-        auto r = store.Recall(UserId(user), embedding, kRecallK, ExcludedIds(user, o.messages));
+        auto r = store.Recall(ParsedUser(user), embedding, kRecallK, ExcludedIds(user, o.messages));
         parallel.Add(MsSince(call_started));
         if (!r.ok()) parallel_failures.fetch_add(1);
       }
@@ -439,7 +441,7 @@ int RunCold(const Options& o) {
   // lazily at start, on top of the collection.
   double very_first_lookup = 0, very_first_query = 0;
   {
-    const std::string id = UserId(pick(rng));
+    const std::string id = UserName(pick(rng));
     auto started = Clock::now();
     auto cid = chroma.CollectionId(id);
     very_first_lookup = MsSince(started);
@@ -457,7 +459,7 @@ int RunCold(const Options& o) {
     int user = pick(rng);
     if (seen.count(user) != 0) continue;
     seen[user] = true;
-    const std::string id = UserId(user);
+    const std::string id = UserName(user);
     auto started = Clock::now();
     auto cid = chroma.CollectionId(id);
     lookups.push_back(MsSince(started));

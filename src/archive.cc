@@ -57,11 +57,11 @@ std::string Parent(const std::string& path) {
 
 }  // namespace
 
-std::string ArchiveUserDir(std::string_view archive_dir, std::string_view user_id) {
+std::string ArchiveUserDir(std::string_view archive_dir, const UserId& user_id) {
   return std::string(archive_dir) + "/" + ChromaCollectionName(user_id);
 }
 
-std::string ArchivePath(std::string_view archive_dir, std::string_view user_id, int64_t last_activity_ms) {
+std::string ArchivePath(std::string_view archive_dir, const UserId& user_id, int64_t last_activity_ms) {
   return ArchiveUserDir(archive_dir, user_id) + "/" + std::to_string(last_activity_ms) + ".json";
 }
 
@@ -70,7 +70,7 @@ std::string SerializeArchive(const Archive& a) {
   out.reserve(256 + a.records.size() * 2048);
   JsonWriter w(out);
   w.StartObject();
-  w.Key("format").String(kFormat).Key("user").String(a.user_id);
+  w.Key("format").String(kFormat).Key("user").String(a.user_id.str());
   w.Key("collection").String(ChromaCollectionName(a.user_id));
   w.Key("last_activity_ms").Int(a.last_activity_ms).Key("archived_at_ms").Int(a.archived_at_ms);
   w.Key("records").StartArray();
@@ -119,10 +119,12 @@ Result<Archive> ParseArchive(std::string_view json) {
     out = it->value.GetInt64();
     return true;
   };
-  std::string format;
-  Archive a;
+  std::string format, user;
   if (!str(doc, "format", format) || format != kFormat) return bad("unknown format");
-  if (!str(doc, "user", a.user_id) || !IsValidUserId(a.user_id)) return bad("bad user");
+  // The file names its user: parsed here, like every id read back from storage.
+  std::optional<UserId> user_id = str(doc, "user", user) ? UserId::Parse(user) : std::nullopt;
+  if (!user_id) return bad("bad user");
+  Archive a(std::move(*user_id));
   if (!num(doc, "last_activity_ms", a.last_activity_ms) || !num(doc, "archived_at_ms", a.archived_at_ms)) {
     return bad("bad times");
   }
@@ -220,7 +222,7 @@ std::optional<int64_t> ArchiveFileStamp(std::string_view file_name) {
   return ParseDecimal(file_name.substr(0, file_name.size() - kSuffix.size()));
 }
 
-Result<std::vector<std::string>> ListArchives(std::string_view archive_dir, std::string_view user_id) {
+Result<std::vector<std::string>> ListArchives(std::string_view archive_dir, const UserId& user_id) {
   std::string dir = ArchiveUserDir(archive_dir, user_id);
   std::vector<std::pair<int64_t, std::string>> found;
   DIR* d = ::opendir(dir.c_str());
@@ -243,7 +245,7 @@ Result<std::vector<std::string>> ListArchives(std::string_view archive_dir, std:
   return out;
 }
 
-Status RemoveArchives(std::string_view archive_dir, std::string_view user_id, const std::vector<std::string>& paths) {
+Status RemoveArchives(std::string_view archive_dir, const UserId& user_id, const std::vector<std::string>& paths) {
   std::string user_dir = ArchiveUserDir(archive_dir, user_id);
   struct stat st {};
   if (paths.empty() && ::stat(user_dir.c_str(), &st) != 0 && errno == ENOENT) return Status::Ok();  // nothing there

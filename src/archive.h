@@ -14,22 +14,27 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "chatd/memory.h"
 #include "chatd/status.h"
+#include "chatd/user_id.h"
 
 namespace chatd {
 
 struct Archive {
-  std::string user_id;
+  // An archive is always some user's: the file names its user, parsed on read.
+  explicit Archive(UserId user) : user_id(std::move(user)) {}
+
+  UserId user_id;
   int64_t last_activity_ms = 0;
   int64_t archived_at_ms = 0;
   std::vector<StoredMessage> records;
 };
 
-std::string ArchiveUserDir(std::string_view archive_dir, std::string_view user_id);
-std::string ArchivePath(std::string_view archive_dir, std::string_view user_id, int64_t last_activity_ms);
+std::string ArchiveUserDir(std::string_view archive_dir, const UserId& user_id);
+std::string ArchivePath(std::string_view archive_dir, const UserId& user_id, int64_t last_activity_ms);
 
 std::string SerializeArchive(const Archive& archive);
 Result<Archive> ParseArchive(std::string_view json);
@@ -45,9 +50,9 @@ Result<std::string> ReadFile(const std::string& path);
 std::optional<int64_t> ArchiveFileStamp(std::string_view file_name);
 // Every archive file of a user, oldest first, skipping names that are not
 // archive names. No folder: empty.
-Result<std::vector<std::string>> ListArchives(std::string_view archive_dir, std::string_view user_id);
+Result<std::vector<std::string>> ListArchives(std::string_view archive_dir, const UserId& user_id);
 // Removes files and then the user's folder, fsyncing the parent.
-Status RemoveArchives(std::string_view archive_dir, std::string_view user_id, const std::vector<std::string>& paths);
+Status RemoveArchives(std::string_view archive_dir, const UserId& user_id, const std::vector<std::string>& paths);
 
 // Union by id; on equal ids the later list wins.
 std::vector<StoredMessage> MergeById(std::vector<StoredMessage> a, std::vector<StoredMessage> b);

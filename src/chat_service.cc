@@ -271,8 +271,7 @@ Result<ChatReply> ChatService::Chat(const UserId& user_id, const std::string& me
   }
 
   // 7. Record the whole turn atomically; only then do we answer.
-  Turn turn;
-  turn.user_id = user_id;
+  Turn turn(user_id);
   turn.turn_id = NewTurnId();
   turn.user_message = message;
   turn.assistant_message = reply->content;

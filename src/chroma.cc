@@ -138,7 +138,7 @@ Result<bool> ChromaStore::UnwrittenShard(int shard, const HttpResponse& read) {
   return n.ok() && *n == 0;
 }
 
-Result<std::optional<HttpResponse>> ChromaStore::LegacyCall(std::string_view user_id, const char* suffix,
+Result<std::optional<HttpResponse>> ChromaStore::LegacyCall(const UserId& user_id, const char* suffix,
                                                             const std::string& body) {
   auto found = Call("GET", api_ + "/collections/" + ChromaCollectionName(user_id), "");
   if (!found.ok()) return found.status();
@@ -152,7 +152,7 @@ Result<std::optional<HttpResponse>> ChromaStore::LegacyCall(std::string_view use
   return std::optional<HttpResponse>(std::move(response).value());
 }
 
-Result<RecallResult> ChromaStore::Recall(std::string_view user_id, const std::vector<float>& embedding, size_t k,
+Result<RecallResult> ChromaStore::Recall(const UserId& user_id, const std::vector<float>& embedding, size_t k,
                                          const std::vector<std::string>& exclude_ids) {
   if (k == 0) return RecallResult{};
   const int64_t n_results = std::min<int64_t>(static_cast<int64_t>(k + exclude_ids.size()),
@@ -176,7 +176,7 @@ Result<RecallResult> ChromaStore::Recall(std::string_view user_id, const std::ve
   return out;
 }
 
-Result<std::optional<std::string>> ChromaStore::GetByIds(std::string_view user_id,
+Result<std::optional<std::string>> ChromaStore::GetByIds(const UserId& user_id,
                                                          const std::vector<std::string>& message_ids,
                                                          bool with_embeddings) {
   std::vector<std::string> ids;
@@ -197,7 +197,7 @@ Result<std::optional<std::string>> ChromaStore::GetByIds(std::string_view user_i
   return std::optional<std::string>(std::move(response->body));
 }
 
-Result<RecallResult> ChromaStore::RecallAmong(std::string_view user_id, const std::vector<float>& embedding,
+Result<RecallResult> ChromaStore::RecallAmong(const UserId& user_id, const std::vector<float>& embedding,
                                               size_t k, const std::vector<std::string>& message_ids) {
   RecallResult out;
   if (k == 0 || message_ids.empty()) return out;
@@ -241,7 +241,7 @@ Status ChromaStore::Upsert(const std::vector<StoredMessage>& messages) {
   return Status::Ok();
 }
 
-Result<std::vector<StoredMessage>> ChromaStore::ReadUser(std::string_view user_id, bool with_embeddings) {
+Result<std::vector<StoredMessage>> ChromaStore::ReadUser(const UserId& user_id, bool with_embeddings) {
   const int shard = ChromaShardOf(user_id, options_.shards);
   std::vector<StoredMessage> out;
   const int64_t page = with_embeddings ? kExportPageSize : kIdPageSize;
@@ -270,21 +270,21 @@ Result<std::vector<StoredMessage>> ChromaStore::ReadUser(std::string_view user_i
   return out;
 }
 
-Result<int64_t> ChromaStore::Count(std::string_view user_id) {
+Result<int64_t> ChromaStore::Count(const UserId& user_id) {
   auto records = ReadUser(user_id, /*with_embeddings=*/false);
   if (!records.ok()) return records.status();
   return static_cast<int64_t>(records->size());
 }
 
-Result<std::vector<StoredMessage>> ChromaStore::ListMessages(std::string_view user_id) {
+Result<std::vector<StoredMessage>> ChromaStore::ListMessages(const UserId& user_id) {
   return ReadUser(user_id, /*with_embeddings=*/false);
 }
 
-Result<std::vector<StoredMessage>> ChromaStore::ExportAll(std::string_view user_id) {
+Result<std::vector<StoredMessage>> ChromaStore::ExportAll(const UserId& user_id) {
   return ReadUser(user_id, /*with_embeddings=*/true);
 }
 
-Result<std::vector<StoredMessage>> ChromaStore::GetMessages(std::string_view user_id,
+Result<std::vector<StoredMessage>> ChromaStore::GetMessages(const UserId& user_id,
                                                            const std::vector<std::string>& message_ids) {
   std::vector<StoredMessage> out;
   if (message_ids.empty()) return out;
@@ -298,7 +298,7 @@ Result<std::vector<StoredMessage>> ChromaStore::GetMessages(std::string_view use
   return records;
 }
 
-Result<int64_t> ChromaStore::DeleteUser(std::string_view user_id, std::vector<std::string>* deleted_ids) {
+Result<int64_t> ChromaStore::DeleteUser(const UserId& user_id, std::vector<std::string>* deleted_ids) {
   auto records = ReadUser(user_id, /*with_embeddings=*/false);
   if (!records.ok()) return records.status();
   if (deleted_ids != nullptr) {
@@ -328,8 +328,8 @@ Status ChromaStore::Heartbeat() {
   return Status::Ok();
 }
 
-Result<std::vector<std::string>> ChromaStore::ListLegacyUsers(size_t limit) {
-  std::vector<std::string> users;
+Result<std::vector<UserId>> ChromaStore::ListLegacyUsers(size_t limit) {
+  std::vector<UserId> users;
   static constexpr std::string_view kLegacyPrefix = "chatd-u-";
   for (int64_t offset = 0; users.size() < limit; offset += kListPageSize) {
     auto response = Call("GET", api_ + "/collections?limit=" + std::to_string(kListPageSize) +
@@ -349,8 +349,9 @@ Result<std::vector<std::string>> ChromaStore::ListLegacyUsers(size_t limit) {
         ok = ec == std::errc() && end == hex.data() + i + 2;
         user.push_back(static_cast<char>(value));
       }
-      // Only names this mapping produces: anything else is not ours.
-      if (ok && IsValidUserId(user) && ChromaCollectionName(user) == name) users.push_back(std::move(user));
+      // Only names this mapping produces from a valid id: anything else is not ours.
+      std::optional<UserId> id = ok ? UserId::Parse(user) : std::nullopt;
+      if (id && ChromaCollectionName(*id) == name) users.push_back(std::move(*id));
       if (users.size() == limit) break;
     }
     if (static_cast<int64_t>(names->size()) < kListPageSize) break;
@@ -358,7 +359,7 @@ Result<std::vector<std::string>> ChromaStore::ListLegacyUsers(size_t limit) {
   return users;
 }
 
-Result<std::vector<StoredMessage>> ChromaStore::ExportLegacy(std::string_view user_id) {
+Result<std::vector<StoredMessage>> ChromaStore::ExportLegacy(const UserId& user_id) {
   std::vector<StoredMessage> out;
   for (int64_t offset = 0;; offset += kExportPageSize) {
     auto response = LegacyCall(user_id, "/get", chroma_json::GetPageRequest("", kExportPageSize, offset, true));
@@ -380,7 +381,7 @@ Result<std::vector<StoredMessage>> ChromaStore::ExportLegacy(std::string_view us
   return out;
 }
 
-Status ChromaStore::DeleteLegacy(std::string_view user_id) {
+Status ChromaStore::DeleteLegacy(const UserId& user_id) {
   auto response = Call("DELETE", api_ + "/collections/" + ChromaCollectionName(user_id), "");
   if (!response.ok()) return response.status();
   if (response->status != 200 && response->status != 404) return HttpError(*response, "delete collection");

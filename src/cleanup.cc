@@ -80,6 +80,22 @@ Status RedisErrorIf(const Result<RedisValue>& r, std::string_view what) {
   return Status::Ok();
 }
 
+// A user id read back from a shard's activity index or in-progress set. Only
+// our scripts write those, always with a parsed id, so a malformed one was
+// written by something else: reported (the cleanup's user failure, reason
+// invalid_user_id) and left where it is, never made into a key.
+std::optional<UserId> StoredUser(std::string_view text, std::string_view where) {
+  std::optional<UserId> user = UserId::Parse(text);
+  if (!user) {
+    LogError("cleanup_user_failed")
+        .Str("user", text)
+        .Str("reason", "invalid_user_id")
+        .Str("detail", std::string(where) + " holds a malformed user id: left alone")
+        .Emit();
+  }
+  return user;
+}
+
 Status LockLost() {
   return Unavailable("lock_lost",
                      "the user's cleanup lock expired and another process holds it now: nothing more was written or "
@@ -111,7 +127,8 @@ void Cleanup::Keep() {
   std::unique_lock<std::mutex> lock(keep_mu_);
   while (!keep_cv_.wait_for(lock, every, [this] { return keep_stop_; })) {
     const std::optional<std::string> lease = lease_;
-    const std::string user = locked_user_, value = locked_value_;
+    const std::optional<UserId> user = locked_user_;
+    const std::string value = locked_value_;
     lock.unlock();
     // A failed renewal (Redis away) is tried again next time; only an answer
     // that the key is someone else's now counts as lost.
@@ -122,13 +139,13 @@ void Cleanup::Keep() {
         LogError("cleanup_lease_lost").Str("detail", "another chatd-cleanup holds the lease now").Emit();
       }
     }
-    if (!user.empty()) {
-      auto r = RenewCleanupLock(redis_, user, value, options_.lock_ttl_ms);
+    if (user) {
+      auto r = RenewCleanupLock(redis_, *user, value, options_.lock_ttl_ms);
       lock.lock();
       const bool still_ours = locked_user_ == user;
       lock.unlock();
       if (r.ok() && !r->is_error() && r->integer == 0 && still_ours) {
-        LogError("cleanup_lock_lost").Str("user", user).Emit();  // the next Fence stops the user's processing
+        LogError("cleanup_lock_lost").Str("user", *user).Emit();  // the next Fence stops the user's processing
       }
     }
     lock.lock();
@@ -195,11 +212,11 @@ Result<int64_t> Cleanup::NowMs() {
   return *secs * 1000 + *micros / 1000;
 }
 
-Result<std::map<std::string, std::vector<IndexEntry>>> Cleanup::QueuedTurns(const std::vector<std::string>& users) {
+Result<std::map<UserId, std::vector<IndexEntry>>> Cleanup::QueuedTurns(const std::vector<UserId>& users) {
   return ReadQueuedTurns(redis_, users);
 }
 
-Result<Cleanup::Outcome> Cleanup::ArchiveUser(const std::string& user, int64_t last_activity,
+Result<Cleanup::Outcome> Cleanup::ArchiveUser(const UserId& user, int64_t last_activity,
                                               const std::vector<IndexEntry>& queued, int64_t& records) {
   // 1. The lock pauses the indexer for this user. A lock left by a run that was
   // killed is simply taken over: every step below is idempotent.
@@ -221,8 +238,7 @@ Result<Cleanup::Outcome> Cleanup::ArchiveUser(const std::string& user, int64_t l
   std::string path = ArchivePath(options_.archive_dir, user, last_activity);
   auto exported = chroma_.ExportAll(user);
   if (!exported.ok()) return exported.status();
-  Archive archive;
-  archive.user_id = user;
+  Archive archive(user);
   archive.last_activity_ms = last_activity;
   archive.archived_at_ms = WallMs();
   if (access(path.c_str(), F_OK) == 0) {
@@ -293,20 +309,29 @@ Status Cleanup::RunShard(int shard, int64_t cutoff_ms, int& batch_no, CleanupSum
     if (page->elements.empty()) break;
     ++batch_no;
 
-    std::vector<std::pair<std::string, int64_t>> users;
+    std::vector<std::pair<UserId, int64_t>> users;
+    int64_t batch_archived = 0, batch_failed = 0;
     for (size_t i = 0; i + 1 < page->elements.size(); i += 2) {
       // Scores are the milliseconds our own script wrote; anything else in
       // the index is a fault to report, not an exception to die of.
       std::optional<int64_t> score = ParseDecimal(page->elements[i + 1].str);
       if (!score) return Unavailable("redis_error", "the activity index holds a score that is not whole milliseconds");
-      users.emplace_back(page->elements[i].str, *score);
+      std::optional<UserId> user = StoredUser(page->elements[i].str, "the activity index");
+      if (!user) {
+        // It stays in the index below the cut-off: skipped by offset, like a failed user.
+        ++sum.scanned;
+        ++sum.failed;
+        ++batch_failed;
+        ++offset;
+        continue;
+      }
+      users.emplace_back(std::move(*user), *score);
     }
-    std::vector<std::string> names;
+    std::vector<UserId> names;
     for (const auto& [u, ts] : users) names.push_back(u);
     auto queued = QueuedTurns(names);
     if (!queued.ok()) return queued.status();
 
-    int64_t batch_archived = 0, batch_failed = 0;
     for (const auto& [user, last_activity] : users) {
       if (lease_lost_) {
         return Unavailable("lease_lost", "another chatd-cleanup took this run's lease over: stopping here");
@@ -361,8 +386,7 @@ Status Cleanup::RunShard(int shard, int64_t cutoff_ms, int& batch_no, CleanupSum
   return Status::Ok();
 }
 
-Result<int64_t> Cleanup::Restore(std::string_view user_id) {
-  std::string user(user_id);
+Result<int64_t> Cleanup::Restore(const UserId& user) {
   // Under the user's lock, so a forget cannot erase the archives between our
   // reading them and bringing them back (nor a run archive the user anew).
   if (!options_.dry_run) {
@@ -386,7 +410,7 @@ Result<int64_t> Cleanup::Restore(std::string_view user_id) {
     LogInfo("restore_would_upsert").Str("user", user).Int("records", static_cast<int64_t>(records.size())).Emit();
     return static_cast<int64_t>(records.size());
   }
-  for (StoredMessage& m : records) m.user_id = user;
+  for (StoredMessage& m : records) m.user_id = user.str();
   if (Status s = Fence(user); !s.ok()) return s;
   if (Status s = chroma_.Upsert(records); !s.ok()) return s;  // chunked by the store
   // Recall reads the newest records from the hot set, as if just indexed.
@@ -404,8 +428,7 @@ Result<int64_t> Cleanup::Restore(std::string_view user_id) {
   return static_cast<int64_t>(records.size());
 }
 
-Result<int64_t> Cleanup::Forget(std::string_view user_id, bool keep_rate_limits) {
-  std::string user(user_id);
+Result<int64_t> Cleanup::Forget(const UserId& user, bool keep_rate_limits) {
   if (options_.dry_run) {
     auto paths = ListArchives(options_.archive_dir, user);
     if (!paths.ok()) return paths.status();
@@ -431,7 +454,7 @@ Result<int64_t> Cleanup::Forget(std::string_view user_id, bool keep_rate_limits)
   return erased;
 }
 
-Result<int64_t> Cleanup::EraseLocked(const std::string& user, bool keep_rate_limits) {
+Result<int64_t> Cleanup::EraseLocked(const UserId& user, bool keep_rate_limits) {
   // Every message id found anywhere, so a message kept in several places
   // (recent list, stream, hot set, Chroma, an archive) counts once.
   std::set<std::string> erased;
@@ -524,17 +547,21 @@ Result<MigrateSummary> Cleanup::Migrate() {
     auto left = CleanupInProgressUsers(redis_);
     if (!left.ok()) return left.status();
     for (const std::string& u : *left) {
-      if (auto released = ReleaseAbandonedLock(redis_, u, kMigratePurpose); !released.ok()) return released.status();
+      std::optional<UserId> user = StoredUser(u, "the in-progress set");
+      if (!user) continue;
+      if (auto released = ReleaseAbandonedLock(redis_, *user, kMigratePurpose); !released.ok()) {
+        return released.status();
+      }
     }
   }
-  std::set<std::string> failed;
+  std::set<UserId> failed;
   for (;;) {
     // Migrated users' collections are deleted, so the list shrinks; failed
     // ones are asked for again but skipped, so it also ends when all fail.
     auto users = chroma_.ListLegacyUsers(failed.size() + static_cast<size_t>(options_.batch));
     if (!users.ok()) return users.status();
     size_t todo = 0;
-    for (const std::string& user : *users) {
+    for (const UserId& user : *users) {
       if (failed.count(user) != 0) continue;
       ++todo;
       Result<int64_t> moved = MigrateUser(user);
@@ -583,24 +610,32 @@ Status Cleanup::IndexTurnsOfShard(int shard, MigrateSummary& sum) {
     Result<RedisValue> page = TrackedUsersPage(redis_, shard, offset, options_.batch);
     if (!page.ok()) return page.status();
     if (page->elements.empty()) return Status::Ok();
-    for (const RedisValue& u : page->elements) {
-      auto records = chroma_.ListMessages(u.str);
+    for (const RedisValue& member : page->elements) {
+      std::optional<UserId> user = UserId::Parse(member.str);
+      if (!user) {
+        // Not a user our scripts tracked: no key may be built from it.
+        ++sum.failed;
+        LogError("index_turns_failed").Str("user", member.str).Str("reason", "invalid_user_id").Emit();
+        continue;
+      }
+      const UserId& u = *user;
+      auto records = chroma_.ListMessages(u);
       if (!records.ok()) {
         ++sum.failed;
-        LogError("index_turns_failed").Str("user", u.str).Str("reason", records.status().reason()).Emit();
+        LogError("index_turns_failed").Str("user", u).Str("reason", records.status().reason()).Emit();
         continue;
       }
       if (options_.dry_run) {
-        LogInfo("index_turns_would_add").Str("user", u.str).Int("records", static_cast<int64_t>(records->size())).Emit();
+        LogInfo("index_turns_would_add").Str("user", u).Int("records", static_cast<int64_t>(records->size())).Emit();
         continue;
       }
-      if (Status s = AddToTurnIndex(redis_, u.str, *records); !s.ok()) return s;
+      if (Status s = AddToTurnIndex(redis_, u, *records); !s.ok()) return s;
       ++sum.turn_indexes;
     }
   }
 }
 
-Result<int64_t> Cleanup::MigrateUser(const std::string& user) {
+Result<int64_t> Cleanup::MigrateUser(const UserId& user) {
   if (options_.dry_run) {
     auto records = chroma_.ExportLegacy(user);
     if (!records.ok()) return records.status();
@@ -620,10 +655,10 @@ Result<int64_t> Cleanup::MigrateUser(const std::string& user) {
   return moved;
 }
 
-Result<int64_t> Cleanup::MoveLegacyUser(const std::string& user) {
+Result<int64_t> Cleanup::MoveLegacyUser(const UserId& user) {
   auto records = chroma_.ExportLegacy(user);
   if (!records.ok()) return records.status();
-  for (StoredMessage& m : *records) m.user_id = user;
+  for (StoredMessage& m : *records) m.user_id = user.str();
   if (Status s = Fence(user); !s.ok()) return s;
   if (Status s = chroma_.Upsert(*records); !s.ok()) return s;
   CrashIf("migrate_after_upsert");
@@ -642,7 +677,7 @@ Result<int64_t> Cleanup::MoveLegacyUser(const std::string& user) {
   return static_cast<int64_t>(records->size());
 }
 
-Status Cleanup::TakeLock(const std::string& user, std::string_view purpose, bool wait) {
+Status Cleanup::TakeLock(const UserId& user, std::string_view purpose, bool wait) {
   const std::string value = LockValue(purpose);
   std::string lease;
   {
@@ -684,7 +719,7 @@ Status Cleanup::TakeLock(const std::string& user, std::string_view purpose, bool
   }
 }
 
-Status Cleanup::Fence(const std::string& user) {
+Status Cleanup::Fence(const UserId& user) {
   if (lease_lost_) return Unavailable("lease_lost", "another chatd-cleanup took this run's lease over: stopping here");
   std::string value;
   {
@@ -701,7 +736,7 @@ Status Cleanup::Fence(const std::string& user) {
   return Status::Ok();
 }
 
-Status Cleanup::ReleaseLock(const std::string& user) {
+Status Cleanup::ReleaseLock(const UserId& user) {
   std::string value;
   {
     std::lock_guard<std::mutex> guard(keep_mu_);
@@ -713,7 +748,7 @@ Status Cleanup::ReleaseLock(const std::string& user) {
   return released.ok() ? Status::Ok() : released.status();
 }
 
-void Cleanup::ReleaseLockOrWarn(const std::string& user) {
+void Cleanup::ReleaseLockOrWarn(const UserId& user) {
   // Not released, the lock expires after its TTL: the indexers wait that long.
   if (Status s = ReleaseLock(user); !s.ok()) {
     LogWarn("cleanup_lock_not_released").Str("user", user).Str("reason", s.reason()).Emit();
@@ -722,7 +757,7 @@ void Cleanup::ReleaseLockOrWarn(const std::string& user) {
 
 void Cleanup::ForgetLock() {
   std::lock_guard<std::mutex> guard(keep_mu_);
-  locked_user_.clear();
+  locked_user_.reset();
   locked_value_.clear();
 }
 
@@ -730,9 +765,11 @@ Status Cleanup::SettleInProgress(int64_t cutoff_ms) {
   auto users = CleanupInProgressUsers(redis_);
   if (!users.ok()) return users.status();
   for (const std::string& u : *users) {
-    Result<RedisValue> r = chatd::SettleInProgress(redis_, u, cutoff_ms);
+    std::optional<UserId> user = StoredUser(u, "the in-progress set");
+    if (!user) continue;
+    Result<RedisValue> r = chatd::SettleInProgress(redis_, *user, cutoff_ms);
     if (!r.ok()) return r.status();
-    if (r->integer == 1) LogInfo("cleanup_settled").Str("user", u).Emit();
+    if (r->integer == 1) LogInfo("cleanup_settled").Str("user", *user).Emit();
   }
   return Status::Ok();
 }

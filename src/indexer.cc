@@ -269,6 +269,7 @@ Result<std::vector<IndexEntry>> Indexer::ClaimStale() {
     // pending list by XCLAIM itself and not returned.
     for (IndexEntry& e : ParseIndexEntries(list)) {
       e.deliveries = deliveries[std::to_string(claim_shard[c]) + "/" + e.stream_id] + 1;
+      e.shard = static_cast<int>(claim_shard[c]);
       entries.push_back(std::move(e));
     }
   }
@@ -290,21 +291,22 @@ Result<std::vector<IndexEntry>> Indexer::ReadNew(int count, int64_t block_ms) {
   auto replies = redis_.Pipeline(reads);
   if (!replies.ok()) return replies.status();
   std::vector<IndexEntry> out;
-  for (const RedisValue& r : *replies) {
-    if (Status s = TakeRead(r, out); !s.ok()) return s;
+  for (size_t shard = 0; shard < replies->size(); ++shard) {
+    if (Status s = TakeRead((*replies)[shard], static_cast<int>(shard), out); !s.ok()) return s;
   }
   if (!out.empty() || block_ms <= 0) return out;
-  const std::string& stream = streams_[static_cast<size_t>(next_block_shard_)];
+  const int block_shard = next_block_shard_;
+  const std::string& stream = streams_[static_cast<size_t>(block_shard)];
   next_block_shard_ = (next_block_shard_ + 1) % kRedisShards;
   const std::string block = std::to_string(block_ms), all = std::to_string(count);
   Result<RedisValue> r = redis_.Command(
       {"XREADGROUP", "GROUP", kIndexGroup, options_.consumer, "COUNT", all, "BLOCK", block, "STREAMS", stream, ">"});
   if (!r.ok()) return r.status();
-  if (Status s = TakeRead(*r, out); !s.ok()) return s;
+  if (Status s = TakeRead(*r, block_shard, out); !s.ok()) return s;
   return out;
 }
 
-Status Indexer::TakeRead(const RedisValue& r, std::vector<IndexEntry>& out) {
+Status Indexer::TakeRead(const RedisValue& r, int shard, std::vector<IndexEntry>& out) {
   if (r.type == RedisValue::Type::kNil) return Status::Ok();  // nothing new (or BLOCK timed out)
   if (r.type == RedisValue::Type::kError) {
     if (r.str.rfind("NOGROUP", 0) == 0) group_ready_ = false;  // stream deleted (e.g. FLUSHALL)
@@ -312,7 +314,10 @@ Status Indexer::TakeRead(const RedisValue& r, std::vector<IndexEntry>& out) {
   }
   // [[stream, [entries]]]
   if (r.elements.empty() || r.elements[0].elements.size() != 2) return Status::Ok();
-  for (IndexEntry& e : ParseIndexEntries(r.elements[0].elements[1])) out.push_back(std::move(e));
+  for (IndexEntry& e : ParseIndexEntries(r.elements[0].elements[1])) {
+    e.shard = shard;
+    out.push_back(std::move(e));
+  }
   return Status::Ok();
 }
 
@@ -431,7 +436,7 @@ Status Indexer::DeadLetter(const std::vector<std::pair<const IndexEntry*, Status
         .Str("reason", status.reason())
         .Int("deliveries", e->deliveries)
         .Emit();
-    const int shard = ShardOf(e->user);
+    const int shard = e->shard;  // its own shard's: that of its user, when it has one
     shards.insert(shard);
     cmds.push_back({"XADD", backing.emplace_back(DeadLetterKey(shard)), "*", "user", e->user, "turn", e->turn, "ts",
                     backing.emplace_back(std::to_string(e->ts)), "u", e->user_text, "a", e->assistant_text, "reason",
@@ -458,20 +463,59 @@ Status Indexer::DeadLetter(const std::vector<std::pair<const IndexEntry*, Status
 }
 
 Result<int> Indexer::Index(std::vector<IndexEntry>& entries) {
-  std::map<std::string, std::vector<const IndexEntry*>> by_user;
-  for (const IndexEntry& e : entries) by_user[e.user].push_back(&e);
+  // A stream entry is data read back: its user is parsed before any key is
+  // named for it. The record script writes only parsed ids, so an entry
+  // whose user is none can never be indexed, and waits for nothing.
+  std::map<UserId, std::vector<const IndexEntry*>> by_user;
+  std::vector<const IndexEntry*> malformed;
+  for (const IndexEntry& e : entries) {
+    if (std::optional<UserId> user = UserId::Parse(e.user)) {
+      by_user[std::move(*user)].push_back(&e);
+    } else {
+      malformed.push_back(&e);
+    }
+  }
+  Result<int> dead = DeadLetterMalformed(malformed);
+  if (!dead.ok()) return dead.status();
+  if (by_user.empty()) return *dead;
+  Result<int> indexed = IndexUsers(by_user);
+  if (!indexed.ok()) return indexed.status();
+  return *dead + *indexed;
+}
 
+Result<int> Indexer::DeadLetterMalformed(const std::vector<const IndexEntry*>& malformed) {
+  if (malformed.empty()) return 0;
+  const Status invalid = InvalidArgument("invalid_user_id", "the entry's user is not a valid user id");
+  std::vector<std::pair<const IndexEntry*, Status>> dead;
+  for (const IndexEntry* e : malformed) dead.emplace_back(e, invalid);
+  if (Status s = DeadLetter(dead); !s.ok()) return s;
+  // Settled where it was read, as FinishIndexing settles the others, but with
+  // no lock to respect: no cleanup can hold a user who is no user.
+  std::vector<std::vector<std::string_view>> cmds;
+  for (const IndexEntry* e : malformed) {
+    const std::string& stream = streams_[static_cast<size_t>(e->shard)];
+    cmds.push_back({"XACK", stream, kIndexGroup, e->stream_id});
+    cmds.push_back({"XDEL", stream, e->stream_id});
+  }
+  auto settled = redis_.Pipeline(cmds);
+  if (!settled.ok()) return settled.status();
+  for (const RedisValue& r : *settled) {
+    if (r.is_error()) return Unavailable("redis_error", "settling an entry without a valid user failed: " + r.str);
+  }
+  return static_cast<int>(malformed.size());
+}
+
+Result<int> Indexer::IndexUsers(const std::map<UserId, std::vector<const IndexEntry*>>& by_user) {
   // 1. Lock check and marker, for every user of the batch in one round trip.
   std::vector<BeginIndexingRequest> begins;
   for (const auto& [user, list] : by_user) {
-    BeginIndexingRequest& b = begins.emplace_back();
-    b.user = user;
+    BeginIndexingRequest& b = begins.emplace_back(BeginIndexingRequest{user, {}});
     for (const IndexEntry* e : list) b.entries.emplace_back(e->stream_id, e->deliveries);
   }
   auto began = BeginIndexing(redis_, options_.consumer, options_.marker_ttl_ms, begins);
   if (!began.ok()) return began.status();
   std::vector<const IndexEntry*> writable;
-  std::vector<std::string> users;  // those whose marker we raised
+  std::vector<UserId> users;  // those whose marker we raised
   size_t u = 0;
   for (const auto& [user, list] : by_user) {
     const RedisValue& r = (*began)[u++];
@@ -536,11 +580,10 @@ Result<int> Indexer::Index(std::vector<IndexEntry>& entries) {
 
   std::vector<FinishIndexingRequest> finishes;
   size_t acked_total = 0, written_total = 0;
-  for (const std::string& user : users) {
-    FinishIndexingRequest& f = finishes.emplace_back();
-    f.user = user;
-    f.keep_marker = in_doubt.count(user) != 0;
-    for (size_t i : settled_by_user[user]) {
+  for (const UserId& user : users) {
+    FinishIndexingRequest& f =
+        finishes.emplace_back(FinishIndexingRequest{user, in_doubt.count(user.str()) != 0, {}, {}, {}});
+    for (size_t i : settled_by_user[user.str()]) {
       f.stream_ids.push_back(writable[i]->stream_id);
       f.turns.push_back(writable[i]->turn);
       if (!results[i].ok()) continue;

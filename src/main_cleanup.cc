@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -77,9 +78,15 @@ int main(int argc, char** argv) {
   if (!(((command == "run" || command == "migrate" || command == "migrate-keys") && args.size() <= 1) || ((command == "restore" || command == "forget") && args.size() == 2))) {
     return Usage();
   }
-  if (args.size() == 2 && !IsValidUserId(args[1])) {
-    std::fprintf(stderr, "chatd-cleanup: \"%s\" is not a valid user id\n", args[1].c_str());
-    return kExitUsage;
+  // restore and forget name their user: parsed here, where it enters, like a
+  // request's; a malformed one is a usage error before anything is touched.
+  std::optional<UserId> user;
+  if (args.size() == 2) {
+    user = UserId::Parse(args[1]);
+    if (!user) {
+      std::fprintf(stderr, "chatd-cleanup: \"%s\" is not a valid user id\n", args[1].c_str());
+      return kExitUsage;
+    }
   }
 
   Result<Config> loaded = LoadConfig(ProcessEnv());
@@ -125,23 +132,23 @@ int main(int argc, char** argv) {
   Cleanup cleanup(redis, chroma, embedder, options);
 
   if (command == "restore") {
-    Result<int64_t> n = cleanup.Restore(args[1]);
+    Result<int64_t> n = cleanup.Restore(*user);
     if (!n.ok()) {
-      LogError("restore_failed").Str("user", args[1]).Str("reason", n.status().reason())
+      LogError("restore_failed").Str("user", *user).Str("reason", n.status().reason())
           .Str("detail", n.status().message()).Emit();
       return kExitFailed;
     }
-    LogInfo("restore_done").Str("user", args[1]).Int("records", *n).Bool("dry_run", dry_run).Emit();
+    LogInfo("restore_done").Str("user", *user).Int("records", *n).Bool("dry_run", dry_run).Emit();
     return 0;
   }
   if (command == "forget") {
-    Result<int64_t> erased = cleanup.Forget(args[1]);
+    Result<int64_t> erased = cleanup.Forget(*user);
     if (!erased.ok()) {
       const Status& s = erased.status();
-      LogError("forget_failed").Str("user", args[1]).Str("reason", s.reason()).Str("detail", s.message()).Emit();
+      LogError("forget_failed").Str("user", *user).Str("reason", s.reason()).Str("detail", s.message()).Emit();
       return kExitFailed;
     }
-    LogInfo("forget_done").Str("user", args[1]).Int("messages", *erased).Bool("dry_run", dry_run).Emit();
+    LogInfo("forget_done").Str("user", *user).Int("messages", *erased).Bool("dry_run", dry_run).Emit();
     return 0;
   }
 

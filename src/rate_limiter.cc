@@ -33,11 +33,11 @@ int64_t SteadyNowMs() {
 RejectionCache::RejectionCache(RateLimiter& inner, size_t max_users, MonotonicMs now)
     : inner_(inner), max_users_(max_users), now_(std::move(now)) {}
 
-Result<RateDecision> RejectionCache::Check(std::string_view user_id) {
+Result<RateDecision> RejectionCache::Check(const UserId& user_id) {
   int64_t now = now_();
   {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = rejected_.find(user_id);
+    auto it = rejected_.find(user_id.str());
     if (it != rejected_.end()) {
       if (now < it->second.until_ms) {
         RateDecision d = it->second.decision;
@@ -65,11 +65,11 @@ Result<RateDecision> RejectionCache::Check(std::string_view user_id) {
   r.decision = *decision;
   r.decided_ms = now;
   r.until_ms = now + decision->retry_after_ms;
-  rejected_.insert_or_assign(std::string(user_id), r);
+  rejected_.insert_or_assign(user_id.str(), r);
   return decision;
 }
 
-Status RejectionCache::Release(std::string_view user_id, std::string_view lease_id) {
+Status RejectionCache::Release(const UserId& user_id, std::string_view lease_id) {
   return inner_.Release(user_id, lease_id);
 }
 

@@ -43,7 +43,7 @@ return 1
 RedisIdempotencyStore::RedisIdempotencyStore(RedisClient& redis, int64_t claim_ttl_ms)
     : redis_(redis), claim_ttl_ms_(std::to_string(claim_ttl_ms)) {}
 
-Result<KeyClaim> RedisIdempotencyStore::Claim(std::string_view user_id, const IdempotencyTicket& ticket) {
+Result<KeyClaim> RedisIdempotencyStore::Claim(const UserId& user_id, const IdempotencyTicket& ticket) {
   Result<std::string> key = IdempotencyRedisKey(user_id, ticket.key);
   if (!key.ok()) return key.status();
   const std::string list = IdempotencyKeysKey(user_id);
@@ -53,7 +53,7 @@ Result<KeyClaim> RedisIdempotencyStore::Claim(std::string_view user_id, const Id
   return KeyClaimFromReply(*reply);
 }
 
-Status RedisIdempotencyStore::Release(std::string_view user_id, const IdempotencyTicket& ticket) {
+Status RedisIdempotencyStore::Release(const UserId& user_id, const IdempotencyTicket& ticket) {
   Result<std::string> key = IdempotencyRedisKey(user_id, ticket.key);
   if (!key.ok()) return key.status();
   auto reply = redis_.Eval(kRelease, {*key}, {ticket.token});

@@ -55,7 +55,7 @@ RedisShortTermStore::RedisShortTermStore(RedisClient& redis, int recent_messages
       turns_asked_(static_cast<size_t>((hot_messages + older_by_id_max + 1) / 2) + 1),
       last_turn_rank_(std::to_string(turns_asked_ - 1)) {}
 
-Result<UserMemory> RedisShortTermStore::Read(std::string_view user_id) {
+Result<UserMemory> RedisShortTermStore::Read(const UserId& user_id) {
   const std::string recent_key = RecentKey(user_id);
   const std::string hot_key = HotKey(user_id);
   const std::string tombstone_key = TombstoneKey(user_id);

@@ -134,14 +134,11 @@ RedisRateLimiter::RedisRateLimiter(RedisClient& redis, int64_t limit, int64_t wi
       counter_(counter.value_or(algorithm == RateAlgorithm::kSliding ? RateCounter::kChatSliding
                                                                       : RateCounter::kChatFixed)) {}
 
-std::string RedisRateLimiter::KeyFor(std::string_view user_id) const {
+std::string RedisRateLimiter::KeyFor(const UserId& user_id) const {
   return RateKey(user_id, counter_);
 }
 
-Result<RateDecision> RedisRateLimiter::Check(std::string_view user_id) {
-  // Keys are injective only for valid ids; the request path has checked, but
-  // a key is not the place to find out it did not.
-  if (!IsValidUserId(user_id)) return InvalidArgument("invalid_user_id", "invalid user id");
+Result<RateDecision> RedisRateLimiter::Check(const UserId& user_id) {
   const std::string key = KeyFor(user_id);
   const RedisScript& script = algorithm_ == RateAlgorithm::kSliding ? SlidingLogScript() : FixedWindowScript();
   if (cap_.max_in_flight == 0) {
@@ -159,9 +156,8 @@ Result<RateDecision> RedisRateLimiter::Check(std::string_view user_id) {
   return decision;
 }
 
-Status RedisRateLimiter::Release(std::string_view user_id, std::string_view lease_id) {
+Status RedisRateLimiter::Release(const UserId& user_id, std::string_view lease_id) {
   if (lease_id.empty()) return Status::Ok();
-  if (!IsValidUserId(user_id)) return InvalidArgument("invalid_user_id", "invalid user id");
   auto reply = redis_.Command({"ZREM", InflightKey(user_id), lease_id});
   if (!reply.ok()) return reply.status();
   if (reply->is_error()) return Unavailable("redis_error", "releasing a concurrency lease failed");

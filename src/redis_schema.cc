@@ -27,9 +27,9 @@ constexpr uint32_t kFnvPrime = 16777619u;
 // activity index and every key of its users.
 std::string ShardPrefix(int shard) { return "chatd:{s" + std::to_string(shard) + "}"; }
 
-// "chatd:{s<n>}:u:<id>:<name>". Ids hold no ':' (IsValidUserId), so the name
+// "chatd:{s<n>}:u:<id>:<name>". Ids hold no ':' (UserId::Parse), so the name
 // identifies its user, and no '{' or '}', so the shard's tag is the key's.
-std::string ShardedUserKey(std::string_view user_id, std::string_view name) {
+std::string ShardedUserKey(const UserId& user_id, std::string_view name) {
   std::string key = ShardPrefix(ShardOf(user_id));
   key.append(":u:").append(user_id).append(":").append(name);
   return key;
@@ -37,9 +37,9 @@ std::string ShardedUserKey(std::string_view user_id, std::string_view name) {
 
 }  // namespace
 
-int ShardOf(std::string_view user_id) {
+int ShardOf(const UserId& user_id) {
   uint32_t h = kFnvOffset;
-  for (unsigned char c : user_id) {
+  for (unsigned char c : user_id.str()) {
     h ^= c;
     h *= kFnvPrime;
   }
@@ -51,19 +51,19 @@ std::string DeadLetterKey(int shard) { return ShardPrefix(shard) + ":index:dead"
 std::string ActivityKey(int shard) { return ShardPrefix(shard) + ":activity"; }
 std::string CleanupInProgressKey(int shard) { return ShardPrefix(shard) + ":cleanup:inprogress"; }
 
-std::string RecentKey(std::string_view user_id) { return ShardedUserKey(user_id, "recent"); }
-std::string CleanupLockKey(std::string_view user_id) { return ShardedUserKey(user_id, "lock"); }
-std::string IndexingKey(std::string_view user_id) { return ShardedUserKey(user_id, "indexing"); }
-std::string HotKey(std::string_view user_id) { return ShardedUserKey(user_id, "hot"); }
-std::string HotIndexKey(std::string_view user_id) { return ShardedUserKey(user_id, "hotidx"); }
-std::string RecordedTurnsKey(std::string_view user_id) { return ShardedUserKey(user_id, "recorded"); }
-std::string TurnIndexKey(std::string_view user_id) { return ShardedUserKey(user_id, "turns"); }
-std::string QueuedTurnsKey(std::string_view user_id) { return ShardedUserKey(user_id, "queued"); }
-std::string TombstoneKey(std::string_view user_id) { return ShardedUserKey(user_id, "erased"); }
-std::string InflightKey(std::string_view user_id) { return ShardedUserKey(user_id, "inflight"); }
-std::string IdempotencyKeysKey(std::string_view user_id) { return ShardedUserKey(user_id, "idemkeys"); }
+std::string RecentKey(const UserId& user_id) { return ShardedUserKey(user_id, "recent"); }
+std::string CleanupLockKey(const UserId& user_id) { return ShardedUserKey(user_id, "lock"); }
+std::string IndexingKey(const UserId& user_id) { return ShardedUserKey(user_id, "indexing"); }
+std::string HotKey(const UserId& user_id) { return ShardedUserKey(user_id, "hot"); }
+std::string HotIndexKey(const UserId& user_id) { return ShardedUserKey(user_id, "hotidx"); }
+std::string RecordedTurnsKey(const UserId& user_id) { return ShardedUserKey(user_id, "recorded"); }
+std::string TurnIndexKey(const UserId& user_id) { return ShardedUserKey(user_id, "turns"); }
+std::string QueuedTurnsKey(const UserId& user_id) { return ShardedUserKey(user_id, "queued"); }
+std::string TombstoneKey(const UserId& user_id) { return ShardedUserKey(user_id, "erased"); }
+std::string InflightKey(const UserId& user_id) { return ShardedUserKey(user_id, "inflight"); }
+std::string IdempotencyKeysKey(const UserId& user_id) { return ShardedUserKey(user_id, "idemkeys"); }
 
-std::string RateKey(std::string_view user_id, RateCounter counter) {
+std::string RateKey(const UserId& user_id, RateCounter counter) {
   switch (counter) {
     case RateCounter::kChatFixed:
       return ShardedUserKey(user_id, "rl:fixed");
@@ -75,14 +75,13 @@ std::string RateKey(std::string_view user_id, RateCounter counter) {
   return ShardedUserKey(user_id, "rl:fixed");
 }
 
-Result<std::string> IdempotencyRedisKey(std::string_view user_id, std::string_view key) {
-  if (!IsValidUserId(user_id)) return InvalidArgument("invalid_user_id", "invalid user id");
+Result<std::string> IdempotencyRedisKey(const UserId& user_id, std::string_view key) {
   Result<std::string> digest = Sha256Hex(key);
   if (!digest.ok()) return digest.status();
   return ShardedUserKey(user_id, std::string(kIdempotencyKeySuffix) + *digest);
 }
 
-bool IsIdempotencyKeyOf(std::string_view user_id, std::string_view key) {
+bool IsIdempotencyKeyOf(const UserId& user_id, std::string_view key) {
   const std::string prefix = ShardedUserKey(user_id, kIdempotencyKeySuffix);
   return key.size() > prefix.size() && key.substr(0, prefix.size()) == prefix;
 }
@@ -450,7 +449,7 @@ Result<RedisValue> EvalOk(RedisClient& redis, const RedisScript& script, const s
 
 // The KEYS both removal scripts (archive, forget) start with: activity,
 // recent, rl fixed, rl sliding, lock, hot set, hot index, index stream.
-std::vector<std::string> RemovalKeys(std::string_view user_id) {
+std::vector<std::string> RemovalKeys(const UserId& user_id) {
   const int shard = ShardOf(user_id);
   return {ActivityKey(shard), RecentKey(user_id), RateKey(user_id, RateCounter::kChatFixed),
           RateKey(user_id, RateCounter::kChatSliding), CleanupLockKey(user_id), HotKey(user_id),
@@ -495,11 +494,12 @@ std::vector<IndexEntry> ParseIndexEntries(const RedisValue& list, std::vector<st
   return out;
 }
 
-Result<std::map<std::string, std::vector<IndexEntry>>> ReadQueuedTurns(RedisClient& redis,
-                                                                        const std::vector<std::string>& users) {
-  std::map<int, std::set<std::string>> wanted;  // by shard: only their streams are read
-  for (const std::string& u : users) wanted[ShardOf(u)].insert(u);
-  std::map<std::string, std::vector<IndexEntry>> out;
+Result<std::map<UserId, std::vector<IndexEntry>>> ReadQueuedTurns(RedisClient& redis,
+                                                                   const std::vector<UserId>& users) {
+  // By shard (only their streams are read), then by the entries' user field.
+  std::map<int, std::map<std::string, const UserId*, std::less<>>> wanted;
+  for (const UserId& u : users) wanted[ShardOf(u)].emplace(u.str(), &u);
+  std::map<UserId, std::vector<IndexEntry>> out;
   const std::string page = std::to_string(kStreamPage);
   for (const auto& [shard, names] : wanted) {
     const std::string stream = IndexStreamKey(shard);
@@ -508,7 +508,7 @@ Result<std::map<std::string, std::vector<IndexEntry>>> ReadQueuedTurns(RedisClie
       Result<RedisValue> r = CommandOk(redis, {"XRANGE", stream, start, "+", "COUNT", page}, "XRANGE");
       if (!r.ok()) return r.status();
       for (IndexEntry& e : ParseIndexEntries(*r)) {
-        if (names.count(e.user)) out[e.user].push_back(std::move(e));
+        if (auto it = names.find(e.user); it != names.end()) out[*it->second].push_back(std::move(e));
       }
       if (r->elements.size() < static_cast<size_t>(kStreamPage)) break;
       start = "(" + r->elements.back().elements[0].str;  // exclusive: after the last id seen
@@ -517,7 +517,7 @@ Result<std::map<std::string, std::vector<IndexEntry>>> ReadQueuedTurns(RedisClie
   return out;
 }
 
-Result<std::vector<IndexEntry>> ReadDeadLetters(RedisClient& redis, std::string_view user_id) {
+Result<std::vector<IndexEntry>> ReadDeadLetters(RedisClient& redis, const UserId& user_id) {
   // Rare: the dead-letter stream is normally empty, and bounded.
   const std::string key = DeadLetterKey(ShardOf(user_id));
   Result<RedisValue> dead = CommandOk(redis, {"XRANGE", key, "-", "+"}, "XRANGE");
@@ -534,11 +534,11 @@ Result<std::vector<IndexEntry>> ReadDeadLetters(RedisClient& redis, std::string_
 Result<RecordTurnCall> RecordTurnCall::Make(const Turn& turn, int recent_messages,
                                             std::string_view recorded_window_ms) {
   RecordTurnCall call;
-  const std::string_view user = turn.user_id;
+  const UserId& user = turn.user_id;
   call.keys_ = {RecentKey(user),   IndexStreamKey(ShardOf(user)), ActivityKey(ShardOf(user)),
                 RecordedTurnsKey(user), InflightKey(user),        TombstoneKey(user),
                 TurnIndexKey(user), QueuedTurnsKey(user)};
-  call.args_ = {turn.user_id,
+  call.args_ = {turn.user_id.str(),
                 turn.turn_id,
                 turn.user_message,
                 turn.assistant_message,
@@ -588,7 +588,7 @@ void AppendHotSetArgs(const StoredMessage& m, std::deque<std::string>& backing, 
   args.push_back(backing.emplace_back(PackHotRecord(m)));
 }
 
-Status AddToTurnIndex(RedisClient& redis, std::string_view user_id, const std::vector<StoredMessage>& messages) {
+Status AddToTurnIndex(RedisClient& redis, const UserId& user_id, const std::vector<StoredMessage>& messages) {
   std::set<std::string> members;  // both halves of a turn name it once
   for (const StoredMessage& m : messages) members.insert(TurnIndexMember(m.ts_ms, m.turn_id));
   const std::string key = TurnIndexKey(user_id);
@@ -606,7 +606,7 @@ Status AddToTurnIndex(RedisClient& redis, std::string_view user_id, const std::v
   return Status::Ok();
 }
 
-Status AddToHotSet(RedisClient& redis, std::string_view user_id, const std::vector<StoredMessage>& messages,
+Status AddToHotSet(RedisClient& redis, const UserId& user_id, const std::vector<StoredMessage>& messages,
                    int bound) {
   if (messages.empty()) return Status::Ok();
   // Only the newest `bound` can stay: sending more would be trimmed at once.
@@ -673,7 +673,7 @@ Result<RedisValue> RemoveGoneIndexConsumers(RedisClient& redis, int shard, std::
 
 // ---- The cleanup's locks ----------------------------------------------------
 
-Result<RedisValue> TakeCleanupLock(RedisClient& redis, std::string_view user_id, std::string_view value,
+Result<RedisValue> TakeCleanupLock(RedisClient& redis, const UserId& user_id, std::string_view value,
                                    int64_t ttl_ms, std::string_view lease) {
   Result<RedisValue> seen = CommandOk(redis, {"GET", kCleanupLeaseKey}, "lease");
   if (!seen.ok()) return seen.status();
@@ -682,23 +682,23 @@ Result<RedisValue> TakeCleanupLock(RedisClient& redis, std::string_view user_id,
   return EvalOk(redis, kTakeLock, {lock, in_progress}, {user_id, value, ttl, lease, seen->str}, "lock");
 }
 
-Result<RedisValue> RenewCleanupLock(RedisClient& redis, std::string_view user_id, std::string_view value,
+Result<RedisValue> RenewCleanupLock(RedisClient& redis, const UserId& user_id, std::string_view value,
                                     int64_t ttl_ms) {
   const std::string lock = CleanupLockKey(user_id), ttl = std::to_string(ttl_ms);
   return EvalOk(redis, kRenew, {lock}, {value, ttl}, "lock check");
 }
 
-Result<RedisValue> ReleaseCleanupLock(RedisClient& redis, std::string_view user_id, std::string_view value) {
+Result<RedisValue> ReleaseCleanupLock(RedisClient& redis, const UserId& user_id, std::string_view value) {
   const std::string lock = CleanupLockKey(user_id), in_progress = CleanupInProgressKey(ShardOf(user_id));
   return EvalOk(redis, kReleaseLock, {lock, in_progress}, {user_id, value}, "release");
 }
 
-Result<RedisValue> ReleaseAbandonedLock(RedisClient& redis, std::string_view user_id, std::string_view purpose) {
+Result<RedisValue> ReleaseAbandonedLock(RedisClient& redis, const UserId& user_id, std::string_view purpose) {
   const std::string lock = CleanupLockKey(user_id), in_progress = CleanupInProgressKey(ShardOf(user_id));
   return EvalOk(redis, kReleaseAbandoned, {lock, in_progress}, {user_id, purpose}, "release");
 }
 
-Result<bool> IndexingInProgress(RedisClient& redis, std::string_view user_id) {
+Result<bool> IndexingInProgress(RedisClient& redis, const UserId& user_id) {
   const std::string marker = IndexingKey(user_id);
   Result<RedisValue> r = CommandOk(redis, {"EXISTS", marker}, "EXISTS");
   if (!r.ok()) return r.status();
@@ -720,7 +720,7 @@ Result<std::vector<std::string>> CleanupInProgressUsers(RedisClient& redis) {
   return users;
 }
 
-Result<RedisValue> SettleInProgress(RedisClient& redis, std::string_view user_id, int64_t cutoff_ms) {
+Result<RedisValue> SettleInProgress(RedisClient& redis, const UserId& user_id, int64_t cutoff_ms) {
   const int shard = ShardOf(user_id);
   const std::string activity = ActivityKey(shard), lock = CleanupLockKey(user_id),
                     in_progress = CleanupInProgressKey(shard), cutoff = std::to_string(cutoff_ms);
@@ -756,19 +756,19 @@ Result<RedisValue> TrackedUsersPage(RedisClient& redis, int shard, int64_t offse
   return CommandOk(redis, {"ZRANGE", key, "-inf", "+inf", "BYSCORE", "LIMIT", off, n}, "ZRANGE");
 }
 
-Result<RedisValue> LastActivity(RedisClient& redis, std::string_view user_id) {
+Result<RedisValue> LastActivity(RedisClient& redis, const UserId& user_id) {
   const std::string key = ActivityKey(ShardOf(user_id));
   return CommandOk(redis, {"ZSCORE", key, user_id}, "reading the activity");
 }
 
-Result<RedisValue> TrackActivityIfAbsent(RedisClient& redis, std::string_view user_id, int64_t now_ms) {
+Result<RedisValue> TrackActivityIfAbsent(RedisClient& redis, const UserId& user_id, int64_t now_ms) {
   const std::string key = ActivityKey(ShardOf(user_id)), score = std::to_string(now_ms);
   return CommandOk(redis, {"ZADD", key, "NX", score, user_id}, "ZADD");
 }
 
 // ---- Archive and erase ------------------------------------------------------
 
-Result<RedisValue> FinishArchive(RedisClient& redis, std::string_view user_id, int64_t last_activity_ms,
+Result<RedisValue> FinishArchive(RedisClient& redis, const UserId& user_id, int64_t last_activity_ms,
                                  std::string_view lock_value, const std::vector<std::string>& stream_ids) {
   std::vector<std::string> keys = RemovalKeys(user_id);
   keys.insert(keys.end(), {CleanupInProgressKey(ShardOf(user_id)), RecordedTurnsKey(user_id), TurnIndexKey(user_id),
@@ -779,7 +779,7 @@ Result<RedisValue> FinishArchive(RedisClient& redis, std::string_view user_id, i
   return EvalOk(redis, kFinishArchive, Views(keys), args, "finishing the archive");
 }
 
-Result<UserFootprint> ReadUserFootprint(RedisClient& redis, std::string_view user_id) {
+Result<UserFootprint> ReadUserFootprint(RedisClient& redis, const UserId& user_id) {
   const std::string recent = RecentKey(user_id), turns = TurnIndexKey(user_id), hot = HotKey(user_id),
                     idem_list = IdempotencyKeysKey(user_id);
   auto held = redis.Pipeline(
@@ -797,7 +797,7 @@ Result<UserFootprint> ReadUserFootprint(RedisClient& redis, std::string_view use
   return out;
 }
 
-Result<RedisValue> ForgetUser(RedisClient& redis, std::string_view user_id, std::string_view lock_value,
+Result<RedisValue> ForgetUser(RedisClient& redis, const UserId& user_id, std::string_view lock_value,
                               int64_t tombstone_ttl_ms, bool keep_rate_limits,
                               const std::vector<std::string>& stream_ids, const std::vector<std::string>& dead_ids,
                               const std::vector<std::string>& idempotency_keys) {
@@ -814,7 +814,7 @@ Result<RedisValue> ForgetUser(RedisClient& redis, std::string_view user_id, std:
   return EvalOk(redis, kForget, Views(keys), args, "forget");
 }
 
-Result<RedisValue> DropBeforeTombstone(RedisClient& redis, std::string_view user_id, std::string_view tombstone,
+Result<RedisValue> DropBeforeTombstone(RedisClient& redis, const UserId& user_id, std::string_view tombstone,
                                        const std::vector<std::string>& stream_ids) {
   std::vector<std::string_view> args = {kIndexGroup, tombstone};
   for (const std::string& id : stream_ids) args.push_back(id);
@@ -927,11 +927,12 @@ Status MigrateUserKeys(RedisClient& redis, bool dry_run, KeyMigrationSummary& su
       const std::string& old_key = k.str;
       const size_t tag_end = old_key.find(kOldUserKeyTagEnd);
       if (old_key.rfind(kOldUserKeyStart, 0) != 0 || tag_end == std::string::npos) continue;
-      const std::string user = old_key.substr(kOldUserKeyStart.size(), tag_end - kOldUserKeyStart.size());
-      if (!IsValidUserId(user)) continue;  // not ours: chatd never wrote it
+      const std::optional<UserId> user =
+          UserId::Parse(std::string_view(old_key).substr(kOldUserKeyStart.size(), tag_end - kOldUserKeyStart.size()));
+      if (!user) continue;  // not ours: chatd never wrote it
       const std::string name = old_key.substr(tag_end + kOldUserKeyTagEnd.size());
-      const std::string new_key = ShardedUserKey(user, name);
-      const std::string old_prefix = UserKey(user, ""), new_prefix = ShardedUserKey(user, "");
+      const std::string new_key = ShardedUserKey(*user, name);
+      const std::string old_prefix = UserKey(*user, ""), new_prefix = ShardedUserKey(*user, "");
       Result<int64_t> moved = EvalCount(redis, kMigrateUserKey, {old_key, new_key}, {old_prefix, new_prefix}, dry_run);
       if (!moved.ok()) return moved.status();
       sum.user_keys += *moved;
@@ -950,9 +951,10 @@ Status MigrateStream(RedisClient& redis, std::string_view old_stream, bool dead,
     Result<RedisValue> r = CommandOk(redis, {"XRANGE", old_stream, start, "+", "COUNT", page}, "XRANGE");
     if (!r.ok()) return r.status();
     for (const IndexEntry& e : ParseIndexEntries(*r)) {
-      if (!IsValidUserId(e.user)) continue;  // not a turn (an erase mark is deleted as it is made)
-      const int shard = ShardOf(e.user);
-      const std::string to = dead ? DeadLetterKey(shard) : IndexStreamKey(shard), queued = QueuedTurnsKey(e.user);
+      const std::optional<UserId> user = UserId::Parse(e.user);
+      if (!user) continue;  // not a turn (an erase mark is deleted as it is made)
+      const int shard = ShardOf(*user);
+      const std::string to = dead ? DeadLetterKey(shard) : IndexStreamKey(shard), queued = QueuedTurnsKey(*user);
       Result<int64_t> n = EvalCount(redis, kMigrateEntry, {old_stream, to, queued},
                                     {e.stream_id, dead ? std::string_view() : std::string_view(e.turn)}, dry_run);
       if (!n.ok()) return n.status();
@@ -976,11 +978,14 @@ Status MigrateMembers(RedisClient& redis, std::string_view old_key, bool activit
     cursor = page->elements[0].str;
     const auto& items = page->elements[1].elements;
     for (size_t i = 0; i < items.size(); i += activity ? 2 : 1) {
-      const std::string& user = items[i].str;
-      const int shard = ShardOf(user);
+      // Only our scripts wrote these, with parsed ids: a member that is no
+      // id is not ours, and stays behind in the old set.
+      const std::optional<UserId> user = UserId::Parse(items[i].str);
+      if (!user) continue;
+      const int shard = ShardOf(*user);
       const std::string to = activity ? ActivityKey(shard) : CleanupInProgressKey(shard);
       Result<int64_t> n =
-          EvalCount(redis, activity ? kMigrateActivity : kMigrateInProgress, {old_key, to}, {user}, dry_run);
+          EvalCount(redis, activity ? kMigrateActivity : kMigrateInProgress, {old_key, to}, {*user}, dry_run);
       if (!n.ok()) return n.status();
       moved += *n;
     }

@@ -27,8 +27,8 @@ class RejectionCache : public RateLimiter {
  public:
   using MonotonicMs = std::function<int64_t()>;
   RejectionCache(RateLimiter& inner, size_t max_users, MonotonicMs now);
-  Result<RateDecision> Check(std::string_view user_id) override;
-  Status Release(std::string_view user_id, std::string_view lease_id) override;
+  Result<RateDecision> Check(const UserId& user_id) override;
+  Status Release(const UserId& user_id, std::string_view lease_id) override;
 
  private:
   struct Rejection {

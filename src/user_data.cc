@@ -93,7 +93,7 @@ std::optional<HistoryCursor> ParseCursor(std::string_view text) {
 UserData::UserData(RedisClient& redis, ChromaStore& chroma, Cleanup& cleanup, std::string archive_dir)
     : redis_(redis), chroma_(chroma), cleanup_(cleanup), archive_dir_(std::move(archive_dir)) {}
 
-Result<int64_t> UserData::RestoreIfArchived(std::string_view user_id) {
+Result<int64_t> UserData::RestoreIfArchived(const UserId& user_id) {
   // One stat per request: the common answer (no archive) costs no more.
   struct stat st {};
   const std::string dir = ArchiveUserDir(archive_dir_, user_id);
@@ -116,7 +116,7 @@ Result<int64_t> UserData::RestoreIfArchived(std::string_view user_id) {
   return restored;
 }
 
-Result<std::vector<HistoryMessage>> UserData::Fetch(std::string_view user_id,
+Result<std::vector<HistoryMessage>> UserData::Fetch(const UserId& user_id,
                                                     const std::vector<std::pair<std::string, Role>>& slots) {
   std::vector<HistoryMessage> out;
   if (slots.empty()) return out;
@@ -198,7 +198,7 @@ Result<std::vector<HistoryMessage>> UserData::Fetch(std::string_view user_id,
   return out;
 }
 
-Result<HistoryPage> UserData::History(std::string_view user_id, int limit, const std::optional<HistoryCursor>& before) {
+Result<HistoryPage> UserData::History(const UserId& user_id, int limit, const std::optional<HistoryCursor>& before) {
   limit = std::clamp(limit, 1, kHistoryMaxLimit);
   std::vector<std::pair<std::string, Role>> slots;  // newest first
   std::string max = "+";
@@ -227,9 +227,8 @@ Result<HistoryPage> UserData::History(std::string_view user_id, int limit, const
   return page;
 }
 
-Status UserData::Export(std::string_view user_id, int64_t restored,
+Status UserData::Export(const UserId& user, int64_t restored,
                         const std::function<bool(std::string_view)>& write) {
-  const std::string user(user_id);
   auto activity = LastActivity(redis_, user);
   if (!activity.ok()) return Unavailable("memory_unavailable", "Conversation memory is unavailable; try again shortly");
   auto archives = ListArchives(archive_dir_, user);
@@ -276,7 +275,7 @@ Status UserData::Export(std::string_view user_id, int64_t restored,
   return Status::Ok();
 }
 
-Result<int64_t> UserData::Erase(std::string_view user_id) { return cleanup_.Forget(user_id, /*keep_rate_limits=*/true); }
+Result<int64_t> UserData::Erase(const UserId& user_id) { return cleanup_.Forget(user_id, /*keep_rate_limits=*/true); }
 
 std::string HistoryBody(const HistoryPage& page) {
   std::string out;

@@ -22,18 +22,18 @@ std::optional<UserId> UserId::Parse(std::string_view text) {
   return UserId(std::string(text));
 }
 
-std::string UserKey(std::string_view user_id, std::string_view suffix) {
+std::string UserKey(const UserId& user_id, std::string_view suffix) {
   std::string key;
-  key.reserve(8 + user_id.size() + suffix.size());
-  key.append("chat:{").append(user_id).append("}:").append(suffix);
+  key.reserve(8 + user_id.str().size() + suffix.size());
+  key.append("chat:{").append(user_id.str()).append("}:").append(suffix);
   return key;
 }
 
-std::string ChromaCollectionName(std::string_view user_id) {
+std::string ChromaCollectionName(const UserId& user_id) {
   static constexpr char kHex[] = "0123456789abcdef";
   std::string name = "chatd-u-";
-  name.reserve(name.size() + 2 * user_id.size());
-  for (unsigned char c : user_id) {
+  name.reserve(name.size() + 2 * user_id.str().size());
+  for (unsigned char c : user_id.str()) {
     name.push_back(kHex[c >> 4]);
     name.push_back(kHex[c & 0xf]);
   }

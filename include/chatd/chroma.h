@@ -25,6 +25,7 @@
 #include "chatd/http_client.h"
 #include "chatd/memory.h"
 #include "chatd/status.h"
+#include "chatd/user_id.h"
 
 namespace chatd {
 
@@ -66,11 +67,11 @@ class ChromaStore : public LongTermStore {
  public:
   explicit ChromaStore(ChromaOptions options);
 
-  Result<RecallResult> Recall(std::string_view user_id, const std::vector<float>& embedding, size_t k,
+  Result<RecallResult> Recall(const UserId& user_id, const std::vector<float>& embedding, size_t k,
                               const std::vector<std::string>& exclude_ids) override;
   // One /get by id with embeddings, ranked here by the distance Chroma's "l2"
   // space uses.
-  Result<RecallResult> RecallAmong(std::string_view user_id, const std::vector<float>& embedding, size_t k,
+  Result<RecallResult> RecallAmong(const UserId& user_id, const std::vector<float>& embedding, size_t k,
                                    const std::vector<std::string>& message_ids) override;
   // One call per shard touched (in chunks of a bounded size).
   Status Upsert(const std::vector<StoredMessage>& messages) override;
@@ -79,24 +80,24 @@ class ChromaStore : public LongTermStore {
   // with a filter on the user and then keep only records whose metadata and
   // id both name the user, so a filter Chroma ignored can neither export nor
   // delete another user's records.
-  Result<int64_t> Count(std::string_view user_id);
-  Result<std::vector<StoredMessage>> ExportAll(std::string_view user_id);  // with embeddings
-  Result<std::vector<StoredMessage>> ListMessages(std::string_view user_id);  // ids and metadata only
+  Result<int64_t> Count(const UserId& user_id);
+  Result<std::vector<StoredMessage>> ExportAll(const UserId& user_id);  // with embeddings
+  Result<std::vector<StoredMessage>> ListMessages(const UserId& user_id);  // ids and metadata only
   // Deletes by id what ExportAll-style reads found, then checks the count is 0.
   // Returns how many records were deleted; their message ids go to
   // `deleted_ids` when given.
-  Result<int64_t> DeleteUser(std::string_view user_id, std::vector<std::string>* deleted_ids = nullptr);
+  Result<int64_t> DeleteUser(const UserId& user_id, std::vector<std::string>* deleted_ids = nullptr);
   // The user's messages of these message ids ("<turn>:u|a"), with documents,
   // no embeddings: one call, by id and filtered on the user. Ids it does not
   // hold are simply absent. For the history, a page at a time.
-  Result<std::vector<StoredMessage>> GetMessages(std::string_view user_id, const std::vector<std::string>& message_ids);
+  Result<std::vector<StoredMessage>> GetMessages(const UserId& user_id, const std::vector<std::string>& message_ids);
   Status Heartbeat();
 
   // The per-user layout, for `chatd-cleanup migrate`. Users whose collection
   // still exists, up to `limit` of them (a migrated user's is deleted).
-  Result<std::vector<std::string>> ListLegacyUsers(size_t limit);
-  Result<std::vector<StoredMessage>> ExportLegacy(std::string_view user_id);
-  Status DeleteLegacy(std::string_view user_id);  // no collection is success
+  Result<std::vector<UserId>> ListLegacyUsers(size_t limit);
+  Result<std::vector<StoredMessage>> ExportLegacy(const UserId& user_id);
+  Status DeleteLegacy(const UserId& user_id);  // no collection is success
 
  private:
   // One call on the user's shard collection, whose id is resolved (and the
@@ -107,17 +108,17 @@ class ChromaStore : public LongTermStore {
   // One /get of these message ids of the user: with embeddings and no user
   // filter (recall), or without them and filtered (the history). The body,
   // or nullopt when the user's shard holds nothing yet.
-  Result<std::optional<std::string>> GetByIds(std::string_view user_id, const std::vector<std::string>& message_ids,
+  Result<std::optional<std::string>> GetByIds(const UserId& user_id, const std::vector<std::string>& message_ids,
                                               bool with_embeddings);
   // Whether a failed read of `shard` only means nothing was ever written to
   // it (then the user has no records there).
   Result<bool> UnwrittenShard(int shard, const HttpResponse& read);
   // The same on a per-user collection of the old layout; nullopt when it does
   // not exist.
-  Result<std::optional<HttpResponse>> LegacyCall(std::string_view user_id, const char* suffix,
+  Result<std::optional<HttpResponse>> LegacyCall(const UserId& user_id, const char* suffix,
                                                  const std::string& body);
   // Every record of the user on its shard (filtered, checked), paged.
-  Result<std::vector<StoredMessage>> ReadUser(std::string_view user_id, bool with_embeddings);
+  Result<std::vector<StoredMessage>> ReadUser(const UserId& user_id, bool with_embeddings);
   Result<std::string> ShardId(int shard);
   void ForgetShard(int shard, const std::string& id);
   // One HTTP call, transport failures mapped to "chroma_unavailable".

@@ -47,6 +47,7 @@
 #include "chatd/redis.h"
 #include "chatd/redis_schema.h"
 #include "chatd/status.h"
+#include "chatd/user_id.h"
 
 namespace chatd {
 
@@ -101,7 +102,7 @@ class Cleanup {
   // Brings an archived user's long-term memory back into Chroma, exactly (same
   // ids, documents, metadata, embeddings), then removes the archive files.
   // Returns the number of records restored.
-  Result<int64_t> Restore(std::string_view user_id);
+  Result<int64_t> Restore(const UserId& user_id);
   // The erase engine of `chatd-cleanup forget` and DELETE /api/memory:
   // erases everything of a user under their lock (recent messages, turn index,
   // hot set, queued turns and dead letters, Chroma records by id, archives,
@@ -111,7 +112,7 @@ class Cleanup {
   // `keep_rate_limits` the user's rate-limit counters stay (the API's erase:
   // they hold no memory and expire by themselves, and erasing them would
   // reset the user's quota).
-  Result<int64_t> Forget(std::string_view user_id, bool keep_rate_limits = false);
+  Result<int64_t> Forget(const UserId& user_id, bool keep_rate_limits = false);
   // Moves every user still in the old layout (one Chroma collection per user)
   // to their shard: under the user's lock, export, upsert (same ids, so a
   // rerun after a kill anywhere rewrites the same records), check the count,
@@ -126,30 +127,30 @@ class Cleanup {
 
  private:
   enum class Outcome { kArchived, kReturned };
-  Result<Outcome> ArchiveUser(const std::string& user, int64_t last_activity, const std::vector<IndexEntry>& queued,
+  Result<Outcome> ArchiveUser(const UserId& user, int64_t last_activity, const std::vector<IndexEntry>& queued,
                               int64_t& records);
   // Archives the inactive users of one shard's activity index (Run's batches).
   Status RunShard(int shard, int64_t cutoff_ms, int& batch_no, CleanupSummary& sum);
-  Result<int64_t> EraseLocked(const std::string& user, bool keep_rate_limits);  // Forget's steps under the lock
-  Result<int64_t> MigrateUser(const std::string& user);     // under the user's lock
+  Result<int64_t> EraseLocked(const UserId& user, bool keep_rate_limits);  // Forget's steps under the lock
+  Result<int64_t> MigrateUser(const UserId& user);     // under the user's lock
   Status IndexTurns(MigrateSummary& sum);  // fills the turn index of users recorded before it
   Status IndexTurnsOfShard(int shard, MigrateSummary& sum);
-  Result<int64_t> MoveLegacyUser(const std::string& user);  // the steps the lock covers
+  Result<int64_t> MoveLegacyUser(const UserId& user);  // the steps the lock covers
   Result<int64_t> NowMs();
   // Turns of these users still in the index stream (one pass over the stream).
-  Result<std::map<std::string, std::vector<IndexEntry>>> QueuedTurns(const std::vector<std::string>& users);
+  Result<std::map<UserId, std::vector<IndexEntry>>> QueuedTurns(const std::vector<UserId>& users);
   void CrashIf(std::string_view point) const;
   // Takes the user's lock for `purpose`, marks them in progress, and waits
   // until no indexer is still writing their turns. `wait`: while another
   // process holds the lock, wait for it (up to the lock TTL) instead of
   // failing with "user_locked". The lock is renewed until ForgetLock().
-  Status TakeLock(const std::string& user, std::string_view purpose, bool wait = false);
+  Status TakeLock(const UserId& user, std::string_view purpose, bool wait = false);
   // Checks that the user's lock is still ours, and renews it: called before
   // every write and delete. "lock_lost" when it is not.
-  Status Fence(const std::string& user);
+  Status Fence(const UserId& user);
   // Releases the user's lock if it is still ours (compare-and-delete).
-  Status ReleaseLock(const std::string& user);
-  void ReleaseLockOrWarn(const std::string& user);
+  Status ReleaseLock(const UserId& user);
+  void ReleaseLockOrWarn(const UserId& user);
   void ForgetLock();  // stop renewing the user's lock (released or left to its TTL)
   std::string LockValue(std::string_view purpose) const;
   // The run's lease: kCleanupRunningReason when another process holds it.
@@ -170,7 +171,7 @@ class Cleanup {
   std::condition_variable keep_cv_;
   bool keep_stop_ = false;               // guarded by keep_mu_
   std::optional<std::string> lease_;     // our lease value; guarded by keep_mu_
-  std::string locked_user_;              // whose lock is renewed; guarded by keep_mu_
+  std::optional<UserId> locked_user_;    // whose lock is renewed; guarded by keep_mu_
   std::string locked_value_;             // and its value; guarded by keep_mu_
   std::atomic<bool> lease_lost_{false};
   std::thread keeper_;

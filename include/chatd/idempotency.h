@@ -15,6 +15,7 @@
 #include <string_view>
 
 #include "chatd/status.h"
+#include "chatd/user_id.h"
 
 namespace chatd {
 
@@ -60,10 +61,10 @@ class IdempotencyStore {
   // Claims the ticket's key for the user unless someone has it; a claim
   // expires by itself after the longest a chat can run, so a worker that dies
   // holding one blocks the key for that long at most.
-  virtual Result<KeyClaim> Claim(std::string_view user_id, const IdempotencyTicket& ticket) = 0;
+  virtual Result<KeyClaim> Claim(const UserId& user_id, const IdempotencyTicket& ticket) = 0;
   // Gives back a claim whose request stored nothing, so a retry runs.
   // Compare-and-delete: a key no longer held by this ticket is left alone.
-  virtual Status Release(std::string_view user_id, const IdempotencyTicket& ticket) = 0;
+  virtual Status Release(const UserId& user_id, const IdempotencyTicket& ticket) = 0;
 };
 
 }  // namespace chatd

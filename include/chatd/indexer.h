@@ -13,7 +13,10 @@
 // Nothing can block it:
 //   - a failed batch is retried entry by entry, so one bad turn fails alone;
 //   - permanent errors (invalid input, a dimension mismatch) send the entry to
-//     the shard's dead-letter stream (DeadLetterKey) at once, never away;
+//     the shard's dead-letter stream (DeadLetterKey) at once, never away; so
+//     does an entry whose user field is not a valid id (UserId::Parse): only
+//     something other than the record script can have written it, and no key
+//     of a user can be named for it;
 //   - deliveries are counted (the group's own counter): an entry Chroma
 //     refused max_deliveries times, while it took other writes (in the same
 //     pass or within claim_idle_ms), goes there too; while Chroma is down or
@@ -52,6 +55,7 @@
 #include "chatd/metrics.h"
 #include "chatd/redis.h"
 #include "chatd/redis_schema.h"
+#include "chatd/user_id.h"
 
 namespace chatd {
 
@@ -117,9 +121,15 @@ class Indexer {
   Result<std::vector<IndexEntry>> ClaimStale();
   // Up to `count` new entries, waiting up to block_ms for the first (0: not at all).
   Result<std::vector<IndexEntry>> ReadNew(int count, int64_t block_ms);
-  // Appends the entries of one XREADGROUP reply.
-  Status TakeRead(const RedisValue& reply, std::vector<IndexEntry>& out);
+  // Appends the entries of one XREADGROUP reply of `shard`'s stream.
+  Status TakeRead(const RedisValue& reply, int shard, std::vector<IndexEntry>& out);
+  // Parses each entry's user, then indexes the entries of valid users and
+  // dead-letters the rest. Returns how many entries were settled.
   Result<int> Index(std::vector<IndexEntry>& entries);
+  Result<int> IndexUsers(const std::map<UserId, std::vector<const IndexEntry*>>& by_user);
+  // Dead-letters entries whose user is not a valid id, and acknowledges and
+  // deletes them at the stream they came from (IndexEntry::shard).
+  Result<int> DeadLetterMalformed(const std::vector<const IndexEntry*>& malformed);
   // Writes the turns of `entries` (all users) and says for each whether it
   // was written (ok), failed for good, or failed for now.
   std::vector<Status> Write(const std::vector<const IndexEntry*>& entries,

@@ -6,10 +6,12 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "chatd/idempotency.h"
 #include "chatd/status.h"
+#include "chatd/user_id.h"
 
 namespace chatd {
 
@@ -25,7 +27,10 @@ struct Message {
 
 // One finished exchange: recorded all at once or not at all.
 struct Turn {
-  std::string user_id;
+  // A turn is always some user's: there is no turn without its parsed id.
+  explicit Turn(UserId user) : user_id(std::move(user)) {}
+
+  UserId user_id;
   std::string turn_id;
   std::string user_message;
   std::string assistant_message;
@@ -107,7 +112,7 @@ class ShortTermStore {
  public:
   virtual ~ShortTermStore() = default;
   // The recent messages and the hot set. kUnavailable when the store is down.
-  virtual Result<UserMemory> Read(std::string_view user_id) = 0;
+  virtual Result<UserMemory> Read(const UserId& user_id) = 0;
   // Atomically appends both halves of the turn, trims to the configured size,
   // queues the turn for long-term indexing and marks the user active.
   // Idempotent by turn id: a second call with the same turn changes nothing
@@ -133,14 +138,14 @@ class LongTermStore {
   // already). A user
   // with no memory gets an empty list, not an error. Every returned record is
   // checked to belong to the user.
-  virtual Result<RecallResult> Recall(std::string_view user_id, const std::vector<float>& embedding, size_t k,
+  virtual Result<RecallResult> Recall(const UserId& user_id, const std::vector<float>& embedding, size_t k,
                                       const std::vector<std::string>& exclude_ids) = 0;
   // Up to k of the user's messages among `message_ids` closest to
   // `embedding`, read by id and ranked by the caller: no vector search, so the
   // cost follows the number of ids (which the caller bounds), not the store's
   // size. Ids the store does not hold are skipped; every returned record is
   // checked to belong to the user.
-  virtual Result<RecallResult> RecallAmong(std::string_view user_id, const std::vector<float>& embedding, size_t k,
+  virtual Result<RecallResult> RecallAmong(const UserId& user_id, const std::vector<float>& embedding, size_t k,
                                            const std::vector<std::string>& message_ids) = 0;
   // Many users' messages in as few calls as the layout allows (each message
   // names its user). Idempotent: writing the same ids again changes nothing.

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "chatd/status.h"
+#include "chatd/user_id.h"
 
 namespace chatd {
 
@@ -47,11 +48,11 @@ class RateLimiter {
   // kUnavailable when the shared counter store cannot be reached; the caller
   // applies the configured fail-open/fail-closed policy. Never falls back to
   // per-process counting.
-  virtual Result<RateDecision> Check(std::string_view user_id) = 0;
+  virtual Result<RateDecision> Check(const UserId& user_id) = 0;
   // Gives back the concurrency lease of an admission (decision.lease_id).
   // Idempotent. A lease never released (a crash, a failed call) expires by
   // itself after the request deadline plus a margin.
-  virtual Status Release(std::string_view user_id, std::string_view lease_id) = 0;
+  virtual Status Release(const UserId& user_id, std::string_view lease_id) = 0;
 };
 
 // Seconds a rejected client should wait: retry_after_ms rounded up, at least 1

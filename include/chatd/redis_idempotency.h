@@ -27,9 +27,9 @@ class RedisIdempotencyStore final : public IdempotencyStore {
   RedisIdempotencyStore(RedisClient& redis, int64_t claim_ttl_ms);
 
   // One script call.
-  Result<KeyClaim> Claim(std::string_view user_id, const IdempotencyTicket& ticket) override;
+  Result<KeyClaim> Claim(const UserId& user_id, const IdempotencyTicket& ticket) override;
   // One script call (compare-and-delete).
-  Status Release(std::string_view user_id, const IdempotencyTicket& ticket) override;
+  Status Release(const UserId& user_id, const IdempotencyTicket& ticket) override;
 
  private:
   RedisClient& redis_;

@@ -28,7 +28,7 @@ class RedisShortTermStore : public ShortTermStore {
 
   // LRANGE of the recent list, HVALS of the hot set, the tombstone and the
   // newest turns of the turn index (to list the older messages), pipelined.
-  Result<UserMemory> Read(std::string_view user_id) override;
+  Result<UserMemory> Read(const UserId& user_id) override;
   // One script call; after a transport error, one more (the script is
   // idempotent by turn id), whose answer tells whether the turn landed.
   Status RecordTurn(const Turn& turn) override;

@@ -37,15 +37,15 @@ class RedisRateLimiter final : public RateLimiter {
 
   // One EVALSHA, which with a cap also checks the user's chats in flight and
   // takes a lease. kUnavailable when Redis cannot be reached or refuses to run
-  // scripts (LOADING, OOM, READONLY...); kInvalidArgument for an invalid id.
+  // scripts (LOADING, OOM, READONLY...).
   // Rejected requests are not counted; the rate is checked first, so a
   // request over both limits is rate_limited.
-  Result<RateDecision> Check(std::string_view user_id) override;
+  Result<RateDecision> Check(const UserId& user_id) override;
   // ZREM of the lease (one round trip).
-  Status Release(std::string_view user_id, std::string_view lease_id) override;
+  Status Release(const UserId& user_id, std::string_view lease_id) override;
 
   // The one key a user's decisions touch.
-  std::string KeyFor(std::string_view user_id) const;
+  std::string KeyFor(const UserId& user_id) const;
 
  private:
   RedisClient& redis_;

@@ -5,6 +5,11 @@
 // proof that each script stays within one Redis Cluster slot, live in one
 // file (docs/memory.md describes the layout and its reasons).
 //
+// Every function that names a user's key or shard takes a UserId, which only
+// parsing makes (user_id.h): an unchecked string cannot become a key, so no
+// function here checks an id again. Ids read back from Redis (stream entries,
+// the activity index, the in-progress set) are parsed by their reader first.
+//
 // Layout (docs/memory.md, "Key layout"). Every key that a script touches
 // together with others carries the hash tag of one shard, {s<n>}, so every
 // script stays within one Redis Cluster slot:
@@ -48,6 +53,7 @@
 #include "chatd/memory.h"
 #include "chatd/redis.h"
 #include "chatd/status.h"
+#include "chatd/user_id.h"
 
 namespace chatd {
 
@@ -60,7 +66,7 @@ namespace chatd {
 inline constexpr int kRedisShards = 16;
 // The user's shard: FNV-1a (32 bits) of the id's bytes, modulo kRedisShards.
 // Stable across hosts, builds and restarts.
-int ShardOf(std::string_view user_id);
+int ShardOf(const UserId& user_id);
 
 inline constexpr std::string_view kIndexGroup = "indexers";
 std::string IndexStreamKey(int shard);
@@ -72,52 +78,52 @@ std::string CleanupInProgressKey(int shard);
 // One chatd-cleanup run or migration at a time.
 inline constexpr std::string_view kCleanupLeaseKey = "chatd:cleanup:lease";
 
-std::string RecentKey(std::string_view user_id);
-std::string CleanupLockKey(std::string_view user_id);
+std::string RecentKey(const UserId& user_id);
+std::string CleanupLockKey(const UserId& user_id);
 // A counter of indexers writing this user's turns to Chroma right now (with a
 // TTL, in case one dies mid-write): the cleanup waits for it to clear after
 // taking the lock, so no write can land after its export or delete.
-std::string IndexingKey(std::string_view user_id);
+std::string IndexingKey(const UserId& user_id);
 // The hot set: written by the indexer once a message is in the long-term
 // store, read by the request path with the recent list in one round trip.
-std::string HotKey(std::string_view user_id);
-std::string HotIndexKey(std::string_view user_id);
+std::string HotKey(const UserId& user_id);
+std::string HotIndexKey(const UserId& user_id);
 // Written by the record script with the turn: a retry of the script that
 // finds the turn there records nothing.
-std::string RecordedTurnsKey(std::string_view user_id);
+std::string RecordedTurnsKey(const UserId& user_id);
 // Every turn of the user, oldest first: a sorted set whose scores are all 0
 // and whose members (TurnIndexMember) sort by time, so a page of the history
 // is one ZRANGE BYLEX from a cursor, O(log n + page) whatever its size.
-std::string TurnIndexKey(std::string_view user_id);
+std::string TurnIndexKey(const UserId& user_id);
 // Turns recorded and not yet indexed: turn id -> stream entry id, so the
 // history finds them without scanning the shared stream. The indexer removes
 // a turn when it acknowledges it.
-std::string QueuedTurnsKey(std::string_view user_id);
+std::string QueuedTurnsKey(const UserId& user_id);
 // Left by an erase (DELETE /api/memory, chatd-cleanup forget): the id of a
 // stream entry added and deleted at the erase, i.e. a point in the stream's
 // own order. Chats read it when they start and the record script refuses a
 // turn whose chat saw another value (it started before the erase); the
 // indexer drops entries older than it. It expires after EraseTombstoneTtlMs.
-std::string TombstoneKey(std::string_view user_id);
+std::string TombstoneKey(const UserId& user_id);
 
 // The rate limiter's counters, one key per algorithm: the two keep different
 // types, so switching CHATD_RATE_ALGORITHM on a live Redis never meets a
 // WRONGTYPE; the user-data endpoints count apart from the chat.
 enum class RateCounter { kChatFixed, kChatSliding, kData };
-std::string RateKey(std::string_view user_id, RateCounter counter);
+std::string RateKey(const UserId& user_id, RateCounter counter);
 // The user's chats in flight: a sorted set of lease ids scored by their expiry
 // (ms of Redis time), next to the rate key, so one script call both limits the
 // rate and takes a lease, and the record script can give the lease back.
-std::string InflightKey(std::string_view user_id);
+std::string InflightKey(const UserId& user_id);
 // An Idempotency-Key's hash (fingerprint, claim token, answer): the key is
 // hashed, so that any printable key (and its length) fits a key name.
-// kInvalidArgument for an invalid user id.
-Result<std::string> IdempotencyRedisKey(std::string_view user_id, std::string_view key);
+// Fails only when the digest does.
+Result<std::string> IdempotencyRedisKey(const UserId& user_id, std::string_view key);
 // The user's list of those keys (kept by the claim script), for the erase.
-std::string IdempotencyKeysKey(std::string_view user_id);
+std::string IdempotencyKeysKey(const UserId& user_id);
 // Whether `key` is one of the user's idempotency hashes (an erase deletes
 // only those, whatever the list says).
-bool IsIdempotencyKeyOf(std::string_view user_id, std::string_view key);
+bool IsIdempotencyKeyOf(const UserId& user_id, std::string_view key);
 
 // "<ts as 15 digits>:<turn id>": zero-padded, so members sort by time as
 // strings, then by turn id.
@@ -133,6 +139,9 @@ inline std::string_view TurnOfIndexMember(std::string_view member) {
 // One recorded turn as it waits in the index stream.
 struct IndexEntry {
   std::string stream_id;
+  // The user field as stored. The record script writes only parsed ids, but
+  // an entry is data read back, so whoever acts on it parses it first
+  // (UserId::Parse): the indexer dead-letters an entry whose user is not an id.
   std::string user;
   std::string turn;
   int64_t ts = 0;
@@ -140,6 +149,9 @@ struct IndexEntry {
   std::string assistant_text;
   std::vector<float> user_embedding;  // empty when the request path could not embed
   int64_t deliveries = 1;             // how often the group has handed it out
+  // The shard whose stream it was read from, where the reader knows it (the
+  // indexer): an entry whose user is no id can only be settled there.
+  int shard = -1;
 };
 
 // Entries of an XRANGE / XREADGROUP / XAUTOCLAIM entry list:
@@ -149,10 +161,10 @@ std::vector<IndexEntry> ParseIndexEntries(const RedisValue& list, std::vector<st
 
 // Turns of these users still in the index stream, by user (one pass over each
 // of their shards' streams, a page at a time).
-Result<std::map<std::string, std::vector<IndexEntry>>> ReadQueuedTurns(RedisClient& redis,
-                                                                        const std::vector<std::string>& users);
+Result<std::map<UserId, std::vector<IndexEntry>>> ReadQueuedTurns(RedisClient& redis,
+                                                                   const std::vector<UserId>& users);
 // The dead letters of one user.
-Result<std::vector<IndexEntry>> ReadDeadLetters(RedisClient& redis, std::string_view user_id);
+Result<std::vector<IndexEntry>> ReadDeadLetters(RedisClient& redis, const UserId& user_id);
 
 // ---- The record script ------------------------------------------------------
 
@@ -184,12 +196,12 @@ void AppendHotSetArgs(const StoredMessage& m, std::deque<std::string>& backing, 
 
 // Adds the turns of `messages` (of one user) to the user's turn index. Used
 // where records come back outside the record script (restore, migrate).
-Status AddToTurnIndex(RedisClient& redis, std::string_view user_id, const std::vector<StoredMessage>& messages);
+Status AddToTurnIndex(RedisClient& redis, const UserId& user_id, const std::vector<StoredMessage>& messages);
 
 // Adds `messages` (of one user) to the user's hot set, keeping the newest
 // `bound`. Used where records reach the long-term store outside the indexer
 // (restore, migrate).
-Status AddToHotSet(RedisClient& redis, std::string_view user_id, const std::vector<StoredMessage>& messages,
+Status AddToHotSet(RedisClient& redis, const UserId& user_id, const std::vector<StoredMessage>& messages,
                    int bound);
 
 // ---- The indexer's side of the cleanup handshake ----------------------------
@@ -201,7 +213,7 @@ Status AddToHotSet(RedisClient& redis, std::string_view user_id, const std::vect
 // (IndexingInProgress), so no write can land after its export or its delete.
 
 struct BeginIndexingRequest {
-  std::string user;
+  UserId user;
   std::vector<std::pair<std::string, int64_t>> entries;  // (stream id, deliveries)
 };
 // One script call per user, in one round trip. Each reply: 0 when a cleanup
@@ -216,7 +228,7 @@ Result<std::vector<RedisValue>> BeginIndexing(RedisClient& redis, std::string_vi
                                               const std::vector<BeginIndexingRequest>& users);
 
 struct FinishIndexingRequest {
-  std::string user;
+  UserId user;
   bool keep_marker = false;                // a write of ours may still land: the marker waits for its TTL
   std::vector<std::string> stream_ids;     // settled: acknowledged and deleted
   std::vector<std::string> turns;          // their turn ids, no longer queued
@@ -240,23 +252,23 @@ Result<RedisValue> RemoveGoneIndexConsumers(RedisClient& redis, int shard, std::
 // and lists the user as in progress. Replies 1, or the holder's value. The
 // lease is read first, apart: it is global, and the script may touch only the
 // user's slot (docs/memory.md says why a lease taken in between is harmless).
-Result<RedisValue> TakeCleanupLock(RedisClient& redis, std::string_view user_id, std::string_view value,
+Result<RedisValue> TakeCleanupLock(RedisClient& redis, const UserId& user_id, std::string_view value,
                                    int64_t ttl_ms, std::string_view lease);
 // Renews the lock if it is still `value`: 1; else 0.
-Result<RedisValue> RenewCleanupLock(RedisClient& redis, std::string_view user_id, std::string_view value,
+Result<RedisValue> RenewCleanupLock(RedisClient& redis, const UserId& user_id, std::string_view value,
                                     int64_t ttl_ms);
 // Compare-and-delete of the lock; the user is no longer in progress.
-Result<RedisValue> ReleaseCleanupLock(RedisClient& redis, std::string_view user_id, std::string_view value);
+Result<RedisValue> ReleaseCleanupLock(RedisClient& redis, const UserId& user_id, std::string_view value);
 // Releases a lock of `purpose` whose owner is proved gone (we hold the lease).
-Result<RedisValue> ReleaseAbandonedLock(RedisClient& redis, std::string_view user_id, std::string_view purpose);
+Result<RedisValue> ReleaseAbandonedLock(RedisClient& redis, const UserId& user_id, std::string_view purpose);
 // Whether an indexer is writing the user's turns right now.
-Result<bool> IndexingInProgress(RedisClient& redis, std::string_view user_id);
+Result<bool> IndexingInProgress(RedisClient& redis, const UserId& user_id);
 // The users a killed run or migration left in progress.
 Result<std::vector<std::string>> CleanupInProgressUsers(RedisClient& redis);
 // A user left in progress by a killed run who is active again since `cutoff_ms`
 // (or gone) gets their lock back: 1; one still inactive, or held by a forget
 // or a restore, is left: 0.
-Result<RedisValue> SettleInProgress(RedisClient& redis, std::string_view user_id, int64_t cutoff_ms);
+Result<RedisValue> SettleInProgress(RedisClient& redis, const UserId& user_id, int64_t cutoff_ms);
 
 // The lease: 1, or the live holder's value. `gone`: a holder proved dead.
 Result<RedisValue> TakeCleanupLease(RedisClient& redis, std::string_view value, int64_t ttl_ms, std::string_view gone);
@@ -271,9 +283,9 @@ Result<RedisValue> InactiveUsersPage(RedisClient& redis, int shard, int64_t befo
 // A page of every tracked user of the shard.
 Result<RedisValue> TrackedUsersPage(RedisClient& redis, int shard, int64_t offset, int64_t count);
 // The user's last activity (nil when untracked).
-Result<RedisValue> LastActivity(RedisClient& redis, std::string_view user_id);
+Result<RedisValue> LastActivity(RedisClient& redis, const UserId& user_id);
 // Tracks the user from `now_ms`, unless they are tracked already.
-Result<RedisValue> TrackActivityIfAbsent(RedisClient& redis, std::string_view user_id, int64_t now_ms);
+Result<RedisValue> TrackActivityIfAbsent(RedisClient& redis, const UserId& user_id, int64_t now_ms);
 
 // ---- Archive and erase ------------------------------------------------------
 
@@ -281,7 +293,7 @@ Result<RedisValue> TrackActivityIfAbsent(RedisClient& redis, std::string_view us
 // turns, now in the archive) and, unless the user came back (activity no
 // longer `last_activity_ms`), deletes every key of the user. Replies 1 when
 // removed, 0 when they came back, -1 (nothing touched) when the lock is lost.
-Result<RedisValue> FinishArchive(RedisClient& redis, std::string_view user_id, int64_t last_activity_ms,
+Result<RedisValue> FinishArchive(RedisClient& redis, const UserId& user_id, int64_t last_activity_ms,
                                  std::string_view lock_value, const std::vector<std::string>& stream_ids);
 
 // What Redis holds of the user's messages, for an erase to count.
@@ -291,20 +303,20 @@ struct UserFootprint {
   RedisValue hot_ids;    // HKEYS of the hot set
   std::vector<std::string> idempotency_keys;  // the user's Idempotency-Key hashes
 };
-Result<UserFootprint> ReadUserFootprint(RedisClient& redis, std::string_view user_id);
+Result<UserFootprint> ReadUserFootprint(RedisClient& redis, const UserId& user_id);
 
 // Under the lock `lock_value`: deletes every key of the user (the rate-limit
 // counters only without `keep_rate_limits`), acknowledges and deletes their
 // queued stream entries and dead letters, and leaves the erase tombstone for
 // `tombstone_ttl_ms`. Replies the tombstone, or -1 (nothing touched) when the
 // lock is lost.
-Result<RedisValue> ForgetUser(RedisClient& redis, std::string_view user_id, std::string_view lock_value,
+Result<RedisValue> ForgetUser(RedisClient& redis, const UserId& user_id, std::string_view lock_value,
                               int64_t tombstone_ttl_ms, bool keep_rate_limits,
                               const std::vector<std::string>& stream_ids, const std::vector<std::string>& dead_ids,
                               const std::vector<std::string>& idempotency_keys);
 // Drops the user's stream entries older than `tombstone`: turns that chats
 // fenced by the erase recorded meanwhile. Replies their ids.
-Result<RedisValue> DropBeforeTombstone(RedisClient& redis, std::string_view user_id, std::string_view tombstone,
+Result<RedisValue> DropBeforeTombstone(RedisClient& redis, const UserId& user_id, std::string_view tombstone,
                                        const std::vector<std::string>& stream_ids);
 
 // ---- Moving a deployment from the layout before the shards -----------------

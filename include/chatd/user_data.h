@@ -24,6 +24,7 @@
 #include "chatd/memory.h"
 #include "chatd/redis.h"
 #include "chatd/status.h"
+#include "chatd/user_id.h"
 
 namespace chatd {
 
@@ -65,23 +66,23 @@ class ArchivedMemory {
   // Restores the user if they have archives; returns the records restored (0
   // when there was nothing to restore). The archives stay until the restore
   // has landed, so a failure loses nothing and the next request retries.
-  virtual Result<int64_t> RestoreIfArchived(std::string_view user_id) = 0;
+  virtual Result<int64_t> RestoreIfArchived(const UserId& user_id) = 0;
 };
 
 // What the HTTP layer needs of a user's data; faked in unit tests. Thread-safe.
 class UserDataStore : public ArchivedMemory {
  public:
   // Newest page first, oldest first within the page; `limit` in 1..kHistoryMaxLimit.
-  virtual Result<HistoryPage> History(std::string_view user_id, int limit,
+  virtual Result<HistoryPage> History(const UserId& user_id, int limit,
                                       const std::optional<HistoryCursor>& before) = 0;
   // The user's whole data as one JSON document, handed to `write` a piece at a
   // time (a page of messages each), so it never has to fit in memory. `write`
   // returns false when the client went away; the export then stops.
   // A failure after the first piece leaves the document unfinished.
-  virtual Status Export(std::string_view user_id, int64_t restored,
+  virtual Status Export(const UserId& user_id, int64_t restored,
                         const std::function<bool(std::string_view)>& write) = 0;
   // Erases the user everywhere; the number of distinct messages erased.
-  virtual Result<int64_t> Erase(std::string_view user_id) = 0;
+  virtual Result<int64_t> Erase(const UserId& user_id) = 0;
 };
 
 // Thread-safe: every call uses only the thread-safe clients it borrows.
@@ -89,17 +90,17 @@ class UserData : public UserDataStore {
  public:
   UserData(RedisClient& redis, ChromaStore& chroma, Cleanup& cleanup, std::string archive_dir);
 
-  Result<int64_t> RestoreIfArchived(std::string_view user_id) override;
-  Result<HistoryPage> History(std::string_view user_id, int limit,
+  Result<int64_t> RestoreIfArchived(const UserId& user_id) override;
+  Result<HistoryPage> History(const UserId& user_id, int limit,
                               const std::optional<HistoryCursor>& before) override;
-  Status Export(std::string_view user_id, int64_t restored,
+  Status Export(const UserId& user_id, int64_t restored,
                 const std::function<bool(std::string_view)>& write) override;
   // The cleanup's erase (chatd-cleanup forget), keeping the rate-limit counters.
-  Result<int64_t> Erase(std::string_view user_id) override;
+  Result<int64_t> Erase(const UserId& user_id) override;
 
  private:
   // The messages of these turns (index members), newest slot first as given.
-  Result<std::vector<HistoryMessage>> Fetch(std::string_view user_id,
+  Result<std::vector<HistoryMessage>> Fetch(const UserId& user_id,
                                             const std::vector<std::pair<std::string, Role>>& slots);
 
   RedisClient& redis_;

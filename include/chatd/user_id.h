@@ -3,6 +3,7 @@
 // collection, whatever their ids look like (docs/api.md states the rule).
 #pragma once
 
+#include <compare>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -19,8 +20,12 @@ bool IsValidUserId(std::string_view user_id);
 // A user id that satisfies IsValidUserId. Parse is the only way to make one,
 // so whatever takes a UserId never checks it again, and the storage names
 // below are safe for every value it can hold. Requests parse theirs where they
-// enter (the body's userId, the query's, a token's subject); adapters still
-// take the plain id (the conversion below) and keep their own checks.
+// enter (the body's userId, the query's, a token's subject, chatd-cleanup's
+// argument); ids read back from storage (stream entries, the activity index,
+// archive files, ...) are parsed by their reader, which handles a malformed
+// one itself. Everything below takes a UserId: the interfaces, the adapters
+// and every key builder (redis_schema.h), so no unchecked string reaches a
+// key. The conversion below is for reading an id as text (logs, arguments).
 class UserId {
  public:
   // nullopt when `text` breaks the rule; the caller says why in its own
@@ -30,6 +35,8 @@ class UserId {
   const std::string& str() const { return value_; }
   operator std::string_view() const { return value_; }  // NOLINT: an id is read as text everywhere
   friend bool operator==(const UserId& a, const UserId& b) = default;
+  // By the id's bytes, so a UserId can key a map or a set.
+  friend auto operator<=>(const UserId& a, const UserId& b) = default;
   friend bool operator==(const UserId& a, std::string_view b) { return a.value_ == b; }
 
  private:
@@ -41,11 +48,11 @@ class UserId {
 // `chatd-cleanup migrate-keys` moves (redis_schema.h spells the current ones).
 // The id sits verbatim inside the hash tag; ids cannot contain '{' or '}', so
 // the key identifies its user.
-std::string UserKey(std::string_view user_id, std::string_view suffix);
+std::string UserKey(const UserId& user_id, std::string_view suffix);
 
 // "chatd-u-<lower-case hex of the id's bytes>": within Chroma's rules (3-512 of
 // [a-zA-Z0-9._-], alphanumeric at both ends, no "..") for every valid id, and
 // immune to case folding anywhere below us.
-std::string ChromaCollectionName(std::string_view user_id);
+std::string ChromaCollectionName(const UserId& user_id);
 
 }  // namespace chatd

@@ -384,6 +384,33 @@ def test_inactive_users_are_archived_and_removed_and_active_ones_untouched(world
     assert [p for p in world.archive_root.rglob("*") if p.name.endswith(".tmp")] == []
 
 
+def test_malformed_ids_in_the_activity_index_and_in_progress_set_are_reported_and_left_alone(world):
+    # Only chatd's scripts write these sets, and always with a parsed id: a
+    # malformed member is someone else's write. The run parses what it reads,
+    # names such a member, counts it failed, builds no key from it, and leaves
+    # it where it is.
+    inactive, locked = "not a user", "x}y"
+    activity_key, in_progress_key = rkeys.shard_key(0, "activity"), rkeys.shard_key(0, "cleanup:inprogress")
+    world.redis.command("ZADD", activity_key, "1", inactive)
+    world.redis.command("SADD", in_progress_key, locked)
+
+    run = world.cleanup(now_ms=world.far_future())
+    assert run.returncode == 1, run.stderr[-3000:]  # a user failed
+    summary = run.summary
+    assert (summary["scanned"], summary["failed"], summary["archived"]) == (1, 1, 0), summary
+    reported = {r["user"] for r in run.events("cleanup_user_failed") if r.get("reason") == "invalid_user_id"}
+    assert reported == {inactive, locked}, run.stderr[-3000:]
+    assert world.redis.command("ZSCORE", activity_key, inactive) is not None
+    assert world.redis.command("SISMEMBER", in_progress_key, locked) == 1
+
+
+def test_forget_and_restore_refuse_a_malformed_user_id_as_bad_usage(world):
+    for command in ("forget", "restore"):
+        run = world.cleanup(command, "a b")
+        assert run.returncode == 2, run.stderr[-3000:]
+        assert '"a b" is not a valid user id' in run.stderr
+
+
 def test_dry_run_reports_and_changes_nothing(world, unique):
     user = unique("dry")
     converse(world, user, [f"a message of {user}"])
@@ -1062,6 +1089,26 @@ def old_layout_keys(redis) -> "list[bytes]":
             break
     return found + [k.encode() for k in (rkeys.OLD_INDEX_STREAM, rkeys.OLD_DEAD_LETTERS, rkeys.OLD_ACTIVITY)
                     if redis.command("EXISTS", k) == 1]
+
+
+def test_migrate_keys_leaves_in_the_old_layout_what_names_no_valid_user(world):
+    # The old layout is read back, so every id in it is parsed first: what
+    # names no valid user was not written by chatd, and no key is named for it.
+    r, bad = world.redis, "not a user"
+    r.command("ZADD", rkeys.OLD_ACTIVITY, 1, bad)
+    r.command("SADD", rkeys.OLD_IN_PROGRESS, "x}y")
+    r.command("XADD", rkeys.OLD_INDEX_STREAM, "*", "user", bad, "turn", "t" * 32, "ts", "1", "u", "q", "a", "a")
+    r.command("RPUSH", f"chat:{{{bad}}}:recent", "x")
+
+    run = world.cleanup("migrate-keys")
+    assert run.returncode == 0, run.stderr[-3000:]
+    [done] = run.events("migrate_keys_done")
+    moved = (done["user_keys"], done["stream_entries"], done["dead_letters"], done["activity"], done["in_progress"])
+    assert moved == (0, 0, 0, 0, 0), done
+    assert r.command("ZSCORE", rkeys.OLD_ACTIVITY, bad) is not None
+    assert r.command("SISMEMBER", rkeys.OLD_IN_PROGRESS, "x}y") == 1
+    assert r.command("XLEN", rkeys.OLD_INDEX_STREAM) == 1
+    assert r.command("EXISTS", f"chat:{{{bad}}}:recent") == 1
 
 
 def test_migrate_keys_moves_the_old_layout_to_the_shards_and_a_rerun_moves_nothing(make_world, module_chroma,

@@ -13,8 +13,10 @@
 
 #include "archive.h"
 #include "decimal.h"
+#include "uid.h"
 
 using namespace chatd;
+using chatd::testing::Uid;
 
 namespace {
 
@@ -75,12 +77,12 @@ BOOST_AUTO_TEST_CASE(archive_file_name_of_twenty_digits_is_skipped_not_thrown) {
 
   TempDir root;
   BOOST_REQUIRE(!root.path().empty());
-  std::string dir = ArchiveUserDir(root.path(), "alice");
+  std::string dir = ArchiveUserDir(root.path(), Uid("alice"));
   BOOST_REQUIRE(::mkdir(dir.c_str(), 0700) == 0);
   for (const char* name : {"200.json", "99999999999999999999.json", "100.json", "x.json", "300.json.tmp"}) {
     Touch(dir + "/" + name);
   }
-  Result<std::vector<std::string>> listed = ListArchives(root.path(), "alice");
+  Result<std::vector<std::string>> listed = ListArchives(root.path(), Uid("alice"));
   BOOST_REQUIRE(listed.ok());
   BOOST_REQUIRE(listed->size() == 2u);
   BOOST_TEST((*listed)[0] == dir + "/100.json");
@@ -107,11 +109,27 @@ BOOST_AUTO_TEST_CASE(lone_surrogate_escapes_are_refused) {
   BOOST_TEST(a.status().reason() == "bad_archive");
 }
 
+// An archive file names its user, and that name is read back from storage:
+// parsed like any id, so a file naming a malformed one is refused whole, and
+// none of its records can be restored under a name no request could use.
+BOOST_AUTO_TEST_CASE(an_archive_naming_a_malformed_user_is_refused) {
+  const std::string good = OneRecordArchive("[]");
+  auto parsed = ParseArchive(good);
+  BOOST_REQUIRE(parsed.ok());
+  BOOST_TEST(parsed->user_id.str() == "alice");
+  for (std::string_view bad : {"", "a}b", "../x", "x y"}) {
+    std::string text = good;
+    text.replace(text.find(R"("user":"alice")"), 14, R"("user":")" + std::string(bad) + "\"");
+    auto a = ParseArchive(text);
+    BOOST_REQUIRE(!a.ok());
+    BOOST_TEST(a.status().message() == "archive: bad user");
+  }
+}
+
 // Every finite float survives SerializeArchive and ParseArchive bit for bit
 // (apart from the sign of zero), including the extremes.
 BOOST_AUTO_TEST_CASE(floats_round_trip_exactly) {
-  Archive a;
-  a.user_id = "alice";
+  Archive a(Uid("alice"));
   StoredMessage m;
   m.id = "t:u";
   m.user_id = "alice";

@@ -326,8 +326,8 @@ BOOST_FIXTURE_TEST_CASE(failed_open_admission_holds_no_lease_and_releases_nothin
 
 class FakeArchive : public ArchivedMemory {
  public:
-  Result<int64_t> RestoreIfArchived(std::string_view user) override {
-    asked.emplace_back(user);
+  Result<int64_t> RestoreIfArchived(const UserId& user) override {
+    asked.push_back(user.str());
     return status.ok() ? Result<int64_t>(restored) : Result<int64_t>(status);
   }
   std::vector<std::string> asked;

@@ -1,5 +1,6 @@
 #include "chatd/chroma.h"
 #include "chroma_json.h"
+#include "uid.h"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -483,16 +484,16 @@ BOOST_AUTO_TEST_CASE(unreachable_chroma_fails_fast_with_chroma_unreachable) {
   ChromaOptions options;
   options.base_url = "http://127.0.0.1:" + std::to_string(ClosedPort()) + "/";
   ChromaStore store(options);
-  auto recall = store.Recall("alice", {1.0f, 0.0f}, 5, {});
+  auto recall = store.Recall(testing::Uid("alice"), {1.0f, 0.0f}, 5, {});
   BOOST_REQUIRE(!recall.ok());
   BOOST_TEST(recall.status().reason() == "chroma_unreachable");
   BOOST_TEST(static_cast<int>(recall.status().code()) == static_cast<int>(Code::kUnavailable));
   BOOST_TEST(store.Upsert({Record("t1:u", Role::kUser, "x", {1})}).reason() == "chroma_unreachable");
-  BOOST_TEST(store.Count("alice").status().reason() == "chroma_unreachable");
+  BOOST_TEST(store.Count(testing::Uid("alice")).status().reason() == "chroma_unreachable");
   BOOST_TEST(store.Heartbeat().reason() == "chroma_unreachable");
   // Nothing to do needs no server.
   BOOST_TEST(store.Upsert({}).ok());
-  auto none = store.Recall("alice", {1.0f}, 0, {});
+  auto none = store.Recall(testing::Uid("alice"), {1.0f}, 0, {});
   BOOST_REQUIRE(none.ok());
   BOOST_TEST(none->messages.empty());
 }

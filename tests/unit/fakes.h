@@ -17,15 +17,13 @@
 #include "chatd/memory.h"
 #include "chatd/rate_limiter.h"
 #include "chatd/user_id.h"
+#include "uid.h"
 
 namespace chatd::testing {
 
-// A user id the test knows to be valid.
-inline UserId Uid(std::string_view id) { return UserId::Parse(id).value(); }
-
 class FakeLimiter : public RateLimiter {
  public:
-  Result<RateDecision> Check(std::string_view) override {
+  Result<RateDecision> Check(const UserId&) override {
     ++calls;
     if (!status.ok()) return status;
     RateDecision d;
@@ -49,7 +47,7 @@ class FakeLimiter : public RateLimiter {
     d.window_s = 60;
     return d;
   }
-  Status Release(std::string_view, std::string_view lease) override {
+  Status Release(const UserId&, std::string_view lease) override {
     released.emplace_back(lease);
     return release_status;
   }
@@ -68,11 +66,11 @@ class FakeIdempotency : public IdempotencyStore {
   struct Entry {
     std::string fingerprint, token, turn_id, response;
   };
-  Result<KeyClaim> Claim(std::string_view user, const IdempotencyTicket& t) override {
+  Result<KeyClaim> Claim(const UserId& user, const IdempotencyTicket& t) override {
     ++claim_calls;
     if (!status.ok()) return status;
     KeyClaim claim;
-    auto [it, fresh] = keys.try_emplace(std::string(user) + "/" + t.key, Entry{t.fingerprint, t.token, "", ""});
+    auto [it, fresh] = keys.try_emplace(user.str() + "/" + t.key, Entry{t.fingerprint, t.token, "", ""});
     if (fresh) return claim;
     if (it->second.fingerprint != t.fingerprint) {
       claim.state = KeyState::kReused;
@@ -85,15 +83,15 @@ class FakeIdempotency : public IdempotencyStore {
     }
     return claim;
   }
-  Status Release(std::string_view user, const IdempotencyTicket& t) override {
+  Status Release(const UserId& user, const IdempotencyTicket& t) override {
     ++release_calls;
-    auto it = keys.find(std::string(user) + "/" + t.key);
+    auto it = keys.find(user.str() + "/" + t.key);
     if (it != keys.end() && it->second.token == t.token) keys.erase(it);
     return Status::Ok();
   }
-  void Complete(std::string_view user, const IdempotencyTicket& t, const std::string& turn_id,
+  void Complete(const UserId& user, const IdempotencyTicket& t, const std::string& turn_id,
                 const std::string& response) {
-    keys[std::string(user) + "/" + t.key] = Entry{t.fingerprint, "", turn_id, response};
+    keys[user.str() + "/" + t.key] = Entry{t.fingerprint, "", turn_id, response};
   }
   std::map<std::string, Entry> keys;
   Status status;
@@ -102,25 +100,25 @@ class FakeIdempotency : public IdempotencyStore {
 
 class FakeShortTerm : public ShortTermStore {
  public:
-  Result<UserMemory> Read(std::string_view user) override {
+  Result<UserMemory> Read(const UserId& user) override {
     ++recent_calls;
     if (!recent_status.ok()) return recent_status;
     UserMemory m;
-    m.recent = messages[std::string(user)];
-    for (const StoredMessage& h : hot[std::string(user)]) m.hot.push_back(PackHotRecord(h));
-    m.older_in_long_term = older[std::string(user)];
-    if (auto o = older_ids.find(std::string(user)); o != older_ids.end()) {
+    m.recent = messages[user.str()];
+    for (const StoredMessage& h : hot[user.str()]) m.hot.push_back(PackHotRecord(h));
+    m.older_in_long_term = older[user.str()];
+    if (auto o = older_ids.find(user.str()); o != older_ids.end()) {
       m.older_ids = o->second;
       m.older_listed = true;
     }
-    m.fence = tombstone[std::string(user)];
+    m.fence = tombstone[user.str()];
     return m;
   }
   Status RecordTurn(const Turn& turn) override {
     ++record_calls;
     if (!record_status.ok() && !record_status_after_write) return record_status;
     // The erase fence, as the record script applies it.
-    auto t = tombstone.find(turn.user_id);
+    auto t = tombstone.find(turn.user_id.str());
     if (t != tombstone.end() && !t->second.empty() && t->second != turn.fence) {
       return Status(Code::kConflict, "memory_erased", "erased meanwhile");
     }
@@ -129,7 +127,7 @@ class FakeShortTerm : public ShortTermStore {
       idempotency->Complete(turn.user_id, *turn.idempotency, turn.turn_id, turn.assistant_message);
     }
     turns.push_back(turn);
-    auto& list = messages[turn.user_id];
+    auto& list = messages[turn.user_id.str()];
     list.push_back({Role::kUser, turn.user_message, 1, turn.turn_id + ":u"});
     list.push_back({Role::kAssistant, turn.assistant_message, 1, turn.turn_id + ":a"});
     while (list.size() > 4) list.erase(list.begin());
@@ -152,7 +150,7 @@ class FakeShortTerm : public ShortTermStore {
 
 class FakeLongTerm : public LongTermStore {
  public:
-  Result<RecallResult> Recall(std::string_view, const std::vector<float>&, size_t k,
+  Result<RecallResult> Recall(const UserId&, const std::vector<float>&, size_t k,
                               const std::vector<std::string>& exclude) override {
     ++recall_calls;
     last_exclude = exclude;
@@ -166,7 +164,7 @@ class FakeLongTerm : public LongTermStore {
     }
     return out;
   }
-  Result<RecallResult> RecallAmong(std::string_view, const std::vector<float>&, size_t k,
+  Result<RecallResult> RecallAmong(const UserId&, const std::vector<float>&, size_t k,
                                    const std::vector<std::string>& ids) override {
     ++recall_among_calls;
     last_among = ids;

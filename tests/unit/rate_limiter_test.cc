@@ -9,11 +9,15 @@
 
 #include <boost/test/unit_test.hpp>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "chatd/redis_rate_limiter.h"
 #include "rejection_cache.h"
+#include "uid.h"
+
+using chatd::testing::Uid;
 
 namespace chatd {
 namespace {
@@ -193,21 +197,19 @@ BOOST_AUTO_TEST_CASE(keys_share_the_users_hash_tag_and_differ_per_algorithm) {
   RedisClient client(options);  // never dialled: KeyFor is pure
   RedisRateLimiter fixed(client, 30, 60, RateAlgorithm::kFixed);
   RedisRateLimiter sliding(client, 30, 60, RateAlgorithm::kSliding);
-  BOOST_TEST(fixed.KeyFor("alice") == "chatd:{s7}:u:alice:rl:fixed");
-  BOOST_TEST(sliding.KeyFor("alice") == "chatd:{s7}:u:alice:rl:sliding");
+  BOOST_TEST(fixed.KeyFor(Uid("alice")) == "chatd:{s7}:u:alice:rl:fixed");
+  BOOST_TEST(sliding.KeyFor(Uid("alice")) == "chatd:{s7}:u:alice:rl:sliding");
 }
 
-BOOST_AUTO_TEST_CASE(invalid_user_id_is_refused_before_any_round_trip) {
-  RefusingPort port;
-  RedisOptions options;
-  options.port = port.port();
-  RedisClient client(options);
-  RedisRateLimiter limiter(client, 30, 60, RateAlgorithm::kFixed);
-  // Had it dialled Redis, the answer would be kUnavailable.
+// An id is checked once, where it enters (user_id.h): the limiter takes only a
+// UserId, so an unchecked string cannot reach its keys, nor cost a round trip.
+BOOST_AUTO_TEST_CASE(the_limiter_takes_only_a_parsed_user_id) {
+  static_assert(std::is_invocable_v<decltype(&RateLimiter::Check), RateLimiter&, const UserId&>);
+  static_assert(!std::is_invocable_v<decltype(&RateLimiter::Check), RateLimiter&, std::string_view>);
+  static_assert(!std::is_invocable_v<decltype(&RateLimiter::Release), RateLimiter&, std::string_view,
+                                     std::string_view>);
   for (std::string_view id : {std::string_view(""), std::string_view("a}b"), std::string_view("x{y")}) {
-    auto r = limiter.Check(id);
-    BOOST_REQUIRE(!r.ok());
-    BOOST_TEST((r.status().code() == Code::kInvalidArgument));
+    BOOST_TEST(!UserId::Parse(id).has_value());
   }
 }
 
@@ -218,7 +220,7 @@ BOOST_AUTO_TEST_CASE(redis_down_is_unavailable_never_a_local_decision) {
   RedisClient client(options);
   for (RateAlgorithm algorithm : {RateAlgorithm::kFixed, RateAlgorithm::kSliding}) {
     RedisRateLimiter limiter(client, 30, 60, algorithm);
-    auto r = limiter.Check("alice");
+    auto r = limiter.Check(Uid("alice"));
     BOOST_REQUIRE(!r.ok());
     BOOST_TEST((r.status().code() == Code::kUnavailable));
     BOOST_TEST(r.status().reason() == "redis_unavailable");
@@ -237,9 +239,9 @@ namespace {
 
 class ScriptedLimiter : public chatd::RateLimiter {
  public:
-  chatd::Result<chatd::RateDecision> Check(std::string_view user) override {
+  chatd::Result<chatd::RateDecision> Check(const chatd::UserId& user) override {
     ++calls;
-    last_user = std::string(user);
+    last_user = user.str();
     if (!status.ok()) return status;
     chatd::RateDecision d;
     d.allowed = allowed;
@@ -251,7 +253,7 @@ class ScriptedLimiter : public chatd::RateLimiter {
     d.too_many_concurrent = !allowed && too_many_concurrent;
     return d;
   }
-  chatd::Status Release(std::string_view, std::string_view lease) override {
+  chatd::Status Release(const chatd::UserId&, std::string_view lease) override {
     released.emplace_back(lease);
     return chatd::Status::Ok();
   }
@@ -274,16 +276,16 @@ struct CacheFixture {
 BOOST_AUTO_TEST_SUITE(rejection_cache)
 
 BOOST_FIXTURE_TEST_CASE(admitted_users_always_ask_the_shared_limiter, CacheFixture) {
-  for (int i = 0; i < 3; ++i) BOOST_TEST(cache.Check("alice")->allowed);
+  for (int i = 0; i < 3; ++i) BOOST_TEST(cache.Check(Uid("alice"))->allowed);
   BOOST_TEST(inner.calls == 3);
 }
 
 BOOST_FIXTURE_TEST_CASE(a_rejected_user_is_answered_locally_until_retry_after, CacheFixture) {
   inner.allowed = false;
-  BOOST_TEST(!cache.Check("alice")->allowed);
+  BOOST_TEST(!cache.Check(Uid("alice"))->allowed);
   BOOST_TEST(inner.calls == 1);
   now += 1500;
-  auto d = cache.Check("alice");
+  auto d = cache.Check(Uid("alice"));
   BOOST_REQUIRE(d.ok());
   BOOST_TEST(!d->allowed);
   BOOST_TEST(inner.calls == 1);  // no second round trip
@@ -292,46 +294,46 @@ BOOST_FIXTURE_TEST_CASE(a_rejected_user_is_answered_locally_until_retry_after, C
   BOOST_TEST(d->remaining == 0);
   now += 2500;  // retry-after reached: ask again
   inner.allowed = true;
-  BOOST_TEST(cache.Check("alice")->allowed);
+  BOOST_TEST(cache.Check(Uid("alice"))->allowed);
   BOOST_TEST(inner.calls == 2);
 }
 
 BOOST_FIXTURE_TEST_CASE(other_users_are_not_affected, CacheFixture) {
   inner.allowed = false;
-  BOOST_TEST(!cache.Check("alice")->allowed);
+  BOOST_TEST(!cache.Check(Uid("alice"))->allowed);
   inner.allowed = true;
-  BOOST_TEST(cache.Check("bob")->allowed);
+  BOOST_TEST(cache.Check(Uid("bob"))->allowed);
   BOOST_TEST(inner.last_user == "bob");
 }
 
 BOOST_FIXTURE_TEST_CASE(errors_pass_through_and_are_not_remembered, CacheFixture) {
   inner.status = chatd::Unavailable("redis_unavailable", "down");
-  BOOST_TEST(!cache.Check("alice").ok());
-  BOOST_TEST(!cache.Check("alice").ok());
+  BOOST_TEST(!cache.Check(Uid("alice")).ok());
+  BOOST_TEST(!cache.Check(Uid("alice")).ok());
   BOOST_TEST(inner.calls == 2);
 }
 
 BOOST_FIXTURE_TEST_CASE(memory_stays_bounded, CacheFixture) {
   inner.allowed = false;
-  for (const char* u : {"a", "b", "c", "d"}) cache.Check(u);
+  for (const char* u : {"a", "b", "c", "d"}) cache.Check(Uid(u));
   BOOST_TEST(inner.calls == 4);
   // The cache was full at "d" and nothing had expired, so it was emptied:
   // "a" asks the shared limiter again (and is still rejected there).
-  BOOST_TEST(!cache.Check("a")->allowed);
+  BOOST_TEST(!cache.Check(Uid("a"))->allowed);
   BOOST_TEST(inner.calls == 5);
 }
 
 BOOST_FIXTURE_TEST_CASE(too_many_concurrent_is_not_remembered_a_slot_may_free_any_time, CacheFixture) {
   inner.allowed = false;
   inner.too_many_concurrent = true;
-  BOOST_TEST(cache.Check("alice")->too_many_concurrent);
+  BOOST_TEST(cache.Check(Uid("alice"))->too_many_concurrent);
   inner.allowed = true;
-  BOOST_TEST(cache.Check("alice")->allowed);  // asked Redis again at once
+  BOOST_TEST(cache.Check(Uid("alice"))->allowed);  // asked Redis again at once
   BOOST_TEST(inner.calls == 2);
 }
 
 BOOST_FIXTURE_TEST_CASE(release_reaches_the_shared_limiter, CacheFixture) {
-  BOOST_REQUIRE(cache.Release("alice", "lease-1").ok());
+  BOOST_REQUIRE(cache.Release(Uid("alice"), "lease-1").ok());
   BOOST_TEST(inner.released == std::vector<std::string>{"lease-1"});
 }
 

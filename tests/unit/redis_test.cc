@@ -19,14 +19,18 @@
 #include <string>
 #include <thread>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
+#include "chatd/indexer.h"
 #include "chatd/redis.h"
 #include "chatd/redis_cluster.h"
 #include "chatd/redis_idempotency.h"
 #include "chatd/redis_memory.h"
 #include "chatd/redis_rate_limiter.h"
 #include "chatd/redis_schema.h"
+#include "fakes.h"
+#include "uid.h"
 
 namespace chatd {
 namespace {
@@ -554,8 +558,7 @@ BOOST_AUTO_TEST_CASE(redis_without_a_password_configured_noauth_is_reported_as_a
 // truthfully whether the turn is recorded.
 namespace {
 Turn SomeTurn() {
-  Turn t;
-  t.user_id = "alice";
+  Turn t(testing::Uid("alice"));
   t.turn_id = "0123456789abcdef0123456789abcdef";
   t.user_message = "hi";
   t.assistant_message = "hello";
@@ -586,7 +589,7 @@ BOOST_AUTO_TEST_CASE(record_that_timed_out_after_running_is_confirmed_by_the_ret
   BOOST_TEST((commands[0] == commands[1]));  // the same turn id, so the script can tell
   // recent, stream, activity, recorded turns, leases, tombstone, turn index, queued
   BOOST_TEST(commands[0][2] == "8");
-  BOOST_TEST(commands[0][6] == RecordedTurnsKey("alice"));
+  BOOST_TEST(commands[0][6] == RecordedTurnsKey(testing::Uid("alice")));
   BOOST_TEST(commands[0][12] == "0123456789abcdef0123456789abcdef");
 }
 
@@ -905,7 +908,7 @@ BOOST_AUTO_TEST_CASE(key_slot_matches_redis_cluster) {
 BOOST_AUTO_TEST_CASE(every_script_touches_the_slot_of_the_users_shard_only) {
   FakeRedis server([](const std::vector<std::string>&) { return FakeReply::Send(":1\r\n"); });
   RedisClient client(OptionsFor(server.port()));
-  const std::string user = "alice";
+  const UserId user = testing::Uid("alice");
   IdempotencyTicket ticket;
   ticket.key = "k1";
   ticket.token = "tok";
@@ -916,7 +919,7 @@ BOOST_AUTO_TEST_CASE(every_script_touches_the_slot_of_the_users_shard_only) {
   auto call = RecordTurnCall::Make(turn, 4, "60000");
   BOOST_REQUIRE(call.ok());
   (void)call->Run(client, nullptr);
-  StoredMessage m{"t1:u", user, "t1", Role::kUser, "hi", 1, {0.5f}};
+  StoredMessage m{"t1:u", user.str(), "t1", Role::kUser, "hi", 1, {0.5f}};
   (void)AddToHotSet(client, user, {m}, 8);
   (void)BeginIndexing(client, "c1", 1000, {{user, {{"1-0", 1}}}});
   (void)FinishIndexing(client, 8, {{user, false, {"1-0"}, {"t1"}, {&m}}});
@@ -953,13 +956,86 @@ BOOST_AUTO_TEST_CASE(every_script_touches_the_slot_of_the_users_shard_only) {
   BOOST_TEST(scripts == 18u);  // every call above ran its script
 }
 
+// Keys are named only for parsed ids: an unchecked string does not compile
+// into one (user_id.h), so no key builder checks an id again.
+BOOST_AUTO_TEST_CASE(keys_are_named_only_for_parsed_user_ids) {
+  static_assert(std::is_invocable_v<decltype(&RecentKey), const UserId&>);
+  static_assert(!std::is_invocable_v<decltype(&RecentKey), std::string_view>);
+  static_assert(!std::is_invocable_v<decltype(&ShardOf), std::string_view>);
+  static_assert(!std::is_invocable_v<decltype(&RateKey), std::string_view, RateCounter>);
+  static_assert(!std::is_invocable_v<decltype(&IdempotencyRedisKey), std::string_view, std::string_view>);
+  static_assert(!std::is_invocable_v<decltype(&UserKey), std::string_view, std::string_view>);
+  static_assert(!std::is_invocable_v<decltype(&ChromaCollectionName), std::string_view>);
+  BOOST_TEST(RecentKey(testing::Uid("a.b@c-d_e")) == "chatd:{s" + std::to_string(ShardOf(testing::Uid("a.b@c-d_e"))) +
+                                                      "}:u:a.b@c-d_e:recent");
+}
+
+// Stream entries are data read back: the indexer parses each one's user
+// before it names a key for it. An entry whose user is no id (the record
+// script never writes one) can never be indexed: it goes to its shard's dead
+// letters at once (reason invalid_user_id) and is acknowledged and deleted at
+// the stream it came from, and no key is named for its user. A valid entry
+// beside it takes its usual way (here a cleanup holds alice: hers waits).
+BOOST_AUTO_TEST_CASE(the_indexer_dead_letters_an_entry_whose_user_is_not_an_id) {
+  const UserId alice = testing::Uid("alice");
+  const std::string bad_stream = IndexStreamKey(3), alice_stream = IndexStreamKey(ShardOf(alice));
+  auto bulk = [](std::string_view s) { return "$" + std::to_string(s.size()) + "\r\n" + std::string(s) + "\r\n"; };
+  auto read_reply = [&](const std::string& stream, std::string_view id, std::string_view user) {
+    return "*1\r\n*2\r\n" + bulk(stream) + "*1\r\n*2\r\n" + bulk(id) + "*8\r\n" + bulk("user") + bulk(user) +
+           bulk("turn") + bulk("t1") + bulk("u") + bulk("hi") + bulk("a") + bulk("hello");
+  };
+  FakeRedis server([&](const std::vector<std::string>& argv) {
+    const std::string& cmd = argv[0];
+    if (cmd == "XREADGROUP") {
+      const std::string& stream = argv[argv.size() - 2];  // ... STREAMS <stream> >
+      if (stream == bad_stream) return FakeReply::Send(read_reply(bad_stream, "1-1", "not a user"));
+      if (stream == alice_stream) return FakeReply::Send(read_reply(alice_stream, "1-2", "alice"));
+      return FakeReply::Send("*-1\r\n");
+    }
+    if (cmd == "XGROUP") return FakeReply::Send("+OK\r\n");
+    if (cmd == "XPENDING") return FakeReply::Send("*0\r\n");
+    if (cmd == "XADD") return FakeReply::Send(bulk("9-9"));
+    if (cmd == "XACK" || cmd == "XDEL") return FakeReply::Send(":1\r\n");
+    return FakeReply::Send(":0\r\n");  // the scripts: no consumer gone; a cleanup holds alice
+  });
+  RedisClient client(OptionsFor(server.port()));
+  testing::FakeLongTerm store;
+  testing::FakeEmbedder embedder;
+  IndexerOptions options;
+  options.consumer = "c1";
+  options.linger_ms = 0;
+  Indexer indexer(client, store, embedder, options, nullptr);
+  Result<int> settled = indexer.RunOnce();
+  BOOST_REQUIRE(settled.ok());
+  BOOST_TEST(*settled == 1);  // the malformed entry; alice's waits for the cleanup
+
+  bool dead_lettered = false, acked = false, deleted = false, alice_asked = false;
+  for (const std::vector<std::string>& argv : server.commands()) {
+    for (const std::string& arg : argv) {
+      BOOST_TEST(arg.find(":u:not a user") == std::string::npos, "a key was named for a malformed id");
+      if (arg == CleanupLockKey(alice)) alice_asked = true;
+    }
+    if (argv[0] == "XADD" && argv.size() > 14 && argv[1] == DeadLetterKey(3)) {
+      dead_lettered = argv[3] == "user" && argv[4] == "not a user" && argv[13] == "reason" &&
+                      argv[14] == "invalid_user_id";
+    }
+    if (argv == std::vector<std::string>{"XACK", bad_stream, std::string(kIndexGroup), "1-1"}) acked = true;
+    if (argv == std::vector<std::string>{"XDEL", bad_stream, "1-1"}) deleted = true;
+    BOOST_TEST(!(argv[0] == "XACK" && argv.back() == "1-2"), "alice's entry must wait for the cleanup");
+  }
+  BOOST_TEST(dead_lettered);
+  BOOST_TEST(acked);
+  BOOST_TEST(deleted);
+  BOOST_TEST(alice_asked);
+}
+
 BOOST_AUTO_TEST_CASE(shards_are_stable_and_spread) {
   // The shard is part of every key name: it must never change for a user.
-  BOOST_TEST(ShardOf("alice") == 7);
-  BOOST_TEST(RecentKey("alice") == "chatd:{s7}:u:alice:recent");
+  BOOST_TEST(ShardOf(testing::Uid("alice")) == 7);
+  BOOST_TEST(RecentKey(testing::Uid("alice")) == "chatd:{s7}:u:alice:recent");
   BOOST_TEST(IndexStreamKey(7) == "chatd:{s7}:index");
   std::vector<int> seen(kRedisShards, 0);
-  for (int i = 0; i < 1600; ++i) ++seen[static_cast<size_t>(ShardOf("user" + std::to_string(i)))];
+  for (int i = 0; i < 1600; ++i) ++seen[static_cast<size_t>(ShardOf(testing::Uid("user" + std::to_string(i))))];
   for (int n : seen) BOOST_TEST(n > 0);
 }
 

@@ -12,12 +12,12 @@ namespace {
 
 class FakeUserData : public UserDataStore {
  public:
-  Result<int64_t> RestoreIfArchived(std::string_view user) override {
-    restored_for.emplace_back(user);
+  Result<int64_t> RestoreIfArchived(const UserId& user) override {
+    restored_for.push_back(user.str());
     return restore_status.ok() ? Result<int64_t>(int64_t{0}) : Result<int64_t>(restore_status);
   }
-  Result<HistoryPage> History(std::string_view user, int limit, const std::optional<HistoryCursor>& before) override {
-    history_user = user;
+  Result<HistoryPage> History(const UserId& user, int limit, const std::optional<HistoryCursor>& before) override {
+    history_user = user.str();
     history_limit = limit;
     history_before = before;
     HistoryPage page;
@@ -25,14 +25,14 @@ class FakeUserData : public UserDataStore {
     page.next = FormatCursor({TurnIndexMember(1795879061480, "t1"), Role::kUser});
     return page;
   }
-  Status Export(std::string_view user, int64_t, const std::function<bool(std::string_view)>& write) override {
-    exported_for = user;
+  Status Export(const UserId& user, int64_t, const std::function<bool(std::string_view)>& write) override {
+    exported_for = user.str();
     write("{\"messages\":[");
     write("]}");
     return Status::Ok();
   }
-  Result<int64_t> Erase(std::string_view user) override {
-    erased.emplace_back(user);
+  Result<int64_t> Erase(const UserId& user) override {
+    erased.push_back(user.str());
     return erased.size() == 1 ? 12 : 0;
   }
   std::vector<std::string> restored_for, erased;
