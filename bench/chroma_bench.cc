@@ -47,9 +47,9 @@
 #include <thread>
 #include <vector>
 
-#include "chatd/chroma.h"
+#include "chroma.h"
 #include "chatd/embeddings.h"
-#include "chatd/http_client.h"
+#include "http_client.h"
 #include "chatd/memory.h"
 #include "chatd/status.h"
 #include "chatd/user_id.h"

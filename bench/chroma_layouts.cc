@@ -54,7 +54,7 @@
 
 #include "bench_util.h"
 #include "chatd/embeddings.h"
-#include "chatd/http_client.h"
+#include "http_client.h"
 #include "chatd/status.h"
 #include "local_embedder.h"
 

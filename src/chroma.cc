@@ -1,4 +1,4 @@
-#include "chatd/chroma.h"
+#include "chroma.h"
 
 #include <algorithm>
 #include <charconv>

@@ -17,8 +17,10 @@
 #include "chatd/indexer.h"
 #include "chatd/log.h"
 #include "random_id.h"
-#include "chatd/redis_memory.h"
+#include "redis_memory.h"
 #include "chatd/redis_schema.h"
+
+#include "chroma.h"
 
 namespace chatd {
 

@@ -13,7 +13,7 @@
 #include <string>
 #include <utility>
 
-#include "chatd/http_client.h"
+#include "http_client.h"
 #include "json.h"
 #include "json_writer.h"
 #include "openai_embedder.h"

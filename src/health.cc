@@ -1,5 +1,7 @@
 #include "chatd/health.h"
 
+#include "chroma.h"
+
 
 namespace chatd {
 

@@ -8,7 +8,7 @@
 #include <random>
 #include <thread>
 
-#include "chatd/http_client.h"
+#include "http_client.h"
 #include "json.h"
 #include "chatd/log.h"
 #include "openai_chat.h"

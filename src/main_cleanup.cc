@@ -20,11 +20,11 @@
 #include <string>
 #include <vector>
 
-#include "chatd/chroma.h"
+#include "chroma.h"
 #include "chatd/cleanup.h"
 #include "chatd/config.h"
 #include "chatd/embeddings.h"
-#include "chatd/http_client.h"
+#include "http_client.h"
 #include "chatd/log.h"
 #include "chatd/redis.h"
 #include "chatd/user_id.h"

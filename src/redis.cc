@@ -12,7 +12,7 @@
 #include <thread>
 #include <utility>
 
-#include "chatd/redis_cluster.h"
+#include "redis_cluster.h"
 
 namespace chatd {
 

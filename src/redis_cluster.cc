@@ -1,4 +1,4 @@
-#include "chatd/redis_cluster.h"
+#include "redis_cluster.h"
 
 #include <algorithm>
 #include <charconv>

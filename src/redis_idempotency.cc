@@ -1,4 +1,4 @@
-#include "chatd/redis_idempotency.h"
+#include "redis_idempotency.h"
 
 #include "chatd/user_id.h"
 

@@ -1,4 +1,4 @@
-#include "chatd/redis_memory.h"
+#include "redis_memory.h"
 
 #include <rapidjson/document.h>
 

@@ -1,4 +1,4 @@
-#include "chatd/redis_rate_limiter.h"
+#include "redis_rate_limiter.h"
 
 #include <algorithm>
 

@@ -14,8 +14,10 @@
 #include "decimal.h"
 #include "json.h"
 #include "chatd/log.h"
+
+#include "chroma.h"
 #include "hot_record.h"
-#include "chatd/redis_memory.h"
+#include "redis_memory.h"
 #include "json_writer.h"
 
 namespace chatd {

@@ -84,6 +84,11 @@ OpenAIChatOptions MakeOpenAIChatOptions(const Config& c) {
   return o;
 }
 
+Adapters::Adapters() = default;
+Adapters::Adapters(Adapters&&) noexcept = default;
+Adapters& Adapters::operator=(Adapters&&) noexcept = default;
+Adapters::~Adapters() = default;
+
 Adapters Wire(const Config& config, Binary binary, std::atomic<uint64_t>* chroma_calls) {
   Adapters a;
   a.redis = MakeRedisOptions(config, binary);

@@ -5,7 +5,7 @@
 #include <atomic>
 #include <cstdint>
 
-#include "chatd/chroma.h"
+#include "chroma.h"
 #include "chatd/config.h"
 #include "chatd/redis.h"
 #include "chatd/wiring.h"

@@ -42,7 +42,6 @@
 #include <thread>
 #include <vector>
 
-#include "chatd/chroma.h"
 #include "chatd/embeddings.h"
 #include "chatd/redis.h"
 #include "chatd/redis_schema.h"
@@ -50,6 +49,9 @@
 #include "chatd/user_id.h"
 
 namespace chatd {
+
+// The long-term store's adapter (src/chroma.h): held by reference here.
+class ChromaStore;
 
 struct CleanupOptions {
   int64_t inactive_ms = 24 * 3600 * 1000;

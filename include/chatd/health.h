@@ -8,11 +8,13 @@
 #include <string>
 #include <vector>
 
-#include "chatd/chroma.h"
 #include "chatd/redis.h"
 #include "chatd/status.h"
 
 namespace chatd {
+
+// The long-term store's adapter (src/chroma.h): held by reference here.
+class ChromaStore;
 
 struct DependencyState {
   std::string name;    // "redis", "chroma", "model"

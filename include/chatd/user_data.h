@@ -19,7 +19,6 @@
 #include <string_view>
 #include <vector>
 
-#include "chatd/chroma.h"
 #include "chatd/cleanup.h"
 #include "chatd/memory.h"
 #include "chatd/redis.h"
@@ -27,6 +26,9 @@
 #include "chatd/user_id.h"
 
 namespace chatd {
+
+// The long-term store's adapter (src/chroma.h): held by reference here.
+class ChromaStore;
 
 inline constexpr int kHistoryDefaultLimit = 50;
 inline constexpr int kHistoryMaxLimit = 200;

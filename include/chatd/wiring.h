@@ -8,13 +8,15 @@
 #include <cstdint>
 #include <memory>
 
-#include "chatd/chroma.h"
 #include "chatd/config.h"
 #include "chatd/embeddings.h"
 #include "chatd/llm.h"
 #include "chatd/redis.h"
 
 namespace chatd {
+
+// The long-term store's adapter (src/chroma.h).
+class ChromaStore;
 
 // The request path answers within a deadline; the cleanup is a batch that is
 // not latency-bound, so it gives Redis and Chroma more patience and waits
@@ -28,6 +30,12 @@ struct Adapters {
   std::unique_ptr<ChromaStore> chroma;
   std::unique_ptr<Embedder> embedder;
   std::unique_ptr<Llm> llm;  // chatd only; null for the cleanup
+
+  // Out of line: ChromaStore is complete only in the sources.
+  Adapters();
+  Adapters(Adapters&&) noexcept;
+  Adapters& operator=(Adapters&&) noexcept;
+  ~Adapters();
 };
 
 // `chroma_calls`: counted once per Chroma call when not null (metrics.h).

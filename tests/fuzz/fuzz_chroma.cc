@@ -3,7 +3,7 @@
 // user must be dropped and counted, never returned.
 #include <cmath>
 
-#include "chatd/chroma.h"
+#include "chroma.h"
 #include "chatd/user_id.h"
 #include "fuzz_input.h"
 #include "chroma_json.h"

@@ -1,4 +1,4 @@
-#include "chatd/chroma.h"
+#include "chroma.h"
 #include "chroma_json.h"
 #include "uid.h"
 

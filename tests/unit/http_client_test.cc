@@ -1,4 +1,4 @@
-#include "chatd/http_client.h"
+#include "http_client.h"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>

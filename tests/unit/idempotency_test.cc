@@ -4,8 +4,8 @@
 
 #include "chatd/chat_service.h"
 #include "chatd/idempotency.h"
-#include "chatd/redis_idempotency.h"
-#include "chatd/redis_memory.h"
+#include "redis_idempotency.h"
+#include "redis_memory.h"
 #include "fakes.h"
 
 using namespace chatd;

@@ -13,7 +13,7 @@
 #include <utility>
 #include <vector>
 
-#include "chatd/redis_rate_limiter.h"
+#include "redis_rate_limiter.h"
 #include "rejection_cache.h"
 #include "uid.h"
 

@@ -1,7 +1,7 @@
 // The pure parts of the cluster client: slots, key positions, redirects and
 // the slot map. Routing against servers is in redis_test.cc (fake nodes) and
 // tests/integration/test_redis_cluster.py (a real cluster).
-#include "chatd/redis_cluster.h"
+#include "redis_cluster.h"
 
 #include <boost/test/unit_test.hpp>
 

@@ -1,7 +1,7 @@
 #include <boost/test/unit_test.hpp>
 
 #include "chatd/http_api.h"
-#include "chatd/redis_memory.h"
+#include "redis_memory.h"
 #include "chatd/user_data.h"
 #include "fakes.h"
 

@@ -22,7 +22,7 @@
 #include <string_view>
 #include <vector>
 
-#include "chatd/http_client.h"
+#include "http_client.h"
 #include "chatd/memory.h"
 #include "chatd/status.h"
 #include "chatd/user_id.h"
