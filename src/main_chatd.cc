@@ -37,7 +37,9 @@
 namespace {
 
 constexpr int kListenFd = 0;  // where spawn-fcgi puts the socket
-// The indexer blocks on the stream; its connection needs a longer timeout.
+// The indexer blocks on the stream; its connection needs a longer timeout:
+// this much beyond the longest block, which is the linger
+// (CHATD_INDEX_LINGER_MS, up to 10 s) or kIndexerBlockMs.
 constexpr int64_t kIndexerBlockMs = 500;
 constexpr int64_t kIndexerRedisTimeoutMs = 5000;
 constexpr int64_t kIndexerMarkerMarginMs = 1000;
@@ -104,7 +106,8 @@ int main() {
   const RedisOptions& redis_options = adapters.redis;
   RedisClient redis(redis_options);
   RedisOptions indexer_redis_options = redis_options;
-  indexer_redis_options.timeout_ms = kIndexerRedisTimeoutMs;
+  indexer_redis_options.timeout_ms =
+      kIndexerRedisTimeoutMs + std::max<int64_t>(config.index_linger_ms, kIndexerBlockMs);
   RedisClient indexer_redis(indexer_redis_options);
 
   std::unique_ptr<RedisClient> rate_redis_own;

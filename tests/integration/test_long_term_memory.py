@@ -19,6 +19,8 @@ from harness.stack import Chroma, Redis, concurrently, http_json, http_request, 
 INDEX_GROUP = "indexers"
 HIGH_RATE_LIMIT = "1000"
 INDEX_TIMEOUT_S = 45
+# Longer than the 5 s the indexer's Redis connection used to wait, whatever the linger.
+LONG_LINGER_MS = 6000
 POLL_INTERVAL_S = 0.2
 EXCERPT_PREAMBLE = "Quoted earlier conversation with this user"
 
@@ -309,6 +311,17 @@ def test_chroma_down_for_everyone_dead_letters_nothing(own_redis, tmp_path, new_
     assert poll_until(lambda: metrics(front.url).get("chatd_index_failures_total", 0) >= 5, INDEX_TIMEOUT_S)
     assert dead_letters(own_redis, user) == []
     assert stream_users(own_redis).count(user) == 3
+
+
+def test_an_indexer_lingering_longer_than_its_usual_redis_timeout_still_indexes(own_redis, stack, new_pool, unique):
+    # While turns arrive, the indexer's read blocks for up to the linger; the
+    # configuration allows 10 s. Its Redis connection must wait longer than
+    # that, or every lingering read times out and nothing is ever written.
+    front = new_pool(pool_env(own_redis, stack.chroma_url, CHATD_INDEX_LINGER_MS=str(LONG_LINGER_MS)), workers=1)
+    user = unique("patient")
+    chat_ok(front.url, user, f"a message worth keeping {unique('m')}")
+    wait_indexed(own_redis, stack.chroma_url, user, 2)
+    assert not [r for r in front.pool.log_records() if r.get("event") == "index_retry"]
 
 
 def test_a_dead_workers_turns_are_taken_over_by_a_live_worker(own_redis, own_chroma, proxy, new_pool, unique):
