@@ -54,7 +54,7 @@ HIGH_RATE_LIMIT = "1000"
 # request held by HoldingProxy does not time out while the test works.
 PATIENT_CHROMA_TIMEOUT_MS = "10000"
 # Long enough for the test to freeze an indexer between its read and its lock
-# check, and no longer: every chat of the test waits for it once.
+# check; every turn of the test reaches Chroma only that long after it was read.
 LINGER_MS = "4000"
 FREEZE_ATTEMPTS = 5
 MEMORY_LINE_RE = re.compile(r"^\[\d{4}-\d{2}-\d{2} \d{2}:\d{2} UTC\] (user|assistant): (.*)$")
