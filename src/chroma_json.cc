@@ -359,7 +359,11 @@ Result<RecallResult> ParseQueryResponse(std::string_view body, std::string_view 
 
 namespace {
 
-bool IsJsonSpace(char c) { return c == ' ' || c == '\n' || c == '\r' || c == '\t'; }
+// The first position from `pos` on that is not JSON whitespace.
+size_t SkipJsonSpace(std::string_view text, size_t pos) {
+  while (pos < text.size() && (text[pos] == ' ' || text[pos] == '\n' || text[pos] == '\r' || text[pos] == '\t')) ++pos;
+  return pos;
+}
 
 // Where the value of the member `name` of the top-level object in `text`
 // starts, or npos. A structural scan only: strings are skipped with their
@@ -377,13 +381,8 @@ size_t FindTopLevelValue(std::string_view text, std::string_view name) {
         end += 2;  // an escape: the next character never ends the string
       }
       if (depth == 1 && text.substr(i + 1, end - i - 1) == name) {
-        size_t at = end + 1;
-        while (at < text.size() && IsJsonSpace(text[at])) ++at;
-        if (at < text.size() && text[at] == ':') {  // a key, not a value
-          ++at;
-          while (at < text.size() && IsJsonSpace(text[at])) ++at;
-          return at;
-        }
+        const size_t colon = SkipJsonSpace(text, end + 1);
+        if (colon < text.size() && text[colon] == ':') return SkipJsonSpace(text, colon + 1);  // a key, not a value
       }
       i = end;
     } else if (c == '{' || c == '[') {
@@ -400,6 +399,7 @@ constexpr double kExactPow10[] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,
                                   1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
 constexpr int kMaxExactPow10 = 22;
 constexpr int kMaxFastDigits = 19;  // a uint64 holds any 19 decimal digits
+constexpr int kMaxExponentDigits = 6;
 
 // One JSON number at `first` as the float nearest to it, or nullptr. Chroma
 // prints each stored float as the shortest text of its double (17 digits):
@@ -440,25 +440,26 @@ const char* ReadFloat(const char* first, const char* last, float* out) {
     }
   }
   if (!any) return nullptr;
+  bool exponent_read = true;  // false: let from_chars judge
   if (p < last && (*p == 'e' || *p == 'E')) {
     ++p;
     const bool minus = p < last && *p == '-';
     if (p < last && (*p == '-' || *p == '+')) ++p;
     int e = 0, e_digits = 0;
     for (; p < last && *p >= '0' && *p <= '9'; ++p) {
-      if (e_digits++ < 6) e = e * 10 + (*p - '0');
+      if (e_digits++ < kMaxExponentDigits) e = e * 10 + (*p - '0');
     }
-    if (e_digits == 0 || e_digits > 6) digits = kMaxFastDigits + 1;  // malformed or huge: let from_chars judge
+    exponent_read = e_digits > 0 && e_digits <= kMaxExponentDigits;  // else malformed or huge
     exponent += minus ? -e : e;
   }
-  if (digits <= kMaxFastDigits && exponent >= -kMaxExactPow10 && exponent <= kMaxExactPow10) {
-    double d = static_cast<double>(mantissa);
-    d = exponent < 0 ? d / kExactPow10[-exponent] : d * kExactPow10[exponent];
-    float f = 0;
+  if (exponent_read && digits <= kMaxFastDigits && exponent >= -kMaxExactPow10 && exponent <= kMaxExactPow10) {
     if (mantissa == 0) {
       *out = negative ? -0.0f : 0.0f;
       return p;
     }
+    double d = static_cast<double>(mantissa);
+    d = exponent < 0 ? d / kExactPow10[-exponent] : d * kExactPow10[exponent];
+    float f = 0;
     if (JsonToFloat(d, &f) && std::fabs(f) < FLT_MAX && std::fabs(f) >= FLT_MIN) {
       // The float is decided when d sits well inside its rounding interval:
       // within a quarter of the smaller gap to a neighbour (d errs by ~1e-16
@@ -485,9 +486,7 @@ const char* ReadFloat(const char* first, const char* last, float* out) {
 // and "01" pass); it never yields a value JSON could not spell, and infinities
 // and NaN are refused.
 Result<size_t> ReadVectorColumn(std::string_view text, size_t pos, std::vector<std::vector<float>>& out) {
-  const auto skip_space = [&] {
-    while (pos < text.size() && IsJsonSpace(text[pos])) ++pos;
-  };
+  const auto skip_space = [&] { pos = SkipJsonSpace(text, pos); };
   const auto at = [&](char c) { return pos < text.size() && text[pos] == c; };
   if (!at('[')) return BadResponse("embeddings are not an array");
   ++pos;

@@ -524,11 +524,11 @@ Result<int> Indexer::IndexUsers(const std::map<UserId, std::vector<const IndexEn
       // Some entries must not be written: older than the user's erase, or
       // settled by someone else since we read them.
       if (r.elements.size() < 2) return Unavailable("redis_error", "beginning to index: malformed reply");
-      const size_t erased_end = 2 + static_cast<size_t>(std::max<int64_t>(r.elements[1].integer, 0));
       std::set<std::string> dropped;
       for (size_t i = 2; i < r.elements.size(); ++i) dropped.insert(r.elements[i].str);
-      const int64_t erased = static_cast<int64_t>(std::min(erased_end, r.elements.size()) - 2);
-      const int64_t gone = static_cast<int64_t>(dropped.size()) - erased;
+      const int64_t listed = static_cast<int64_t>(r.elements.size() - 2);
+      const int64_t erased = std::clamp<int64_t>(r.elements[1].integer, 0, listed);
+      const int64_t gone = listed - erased;
       if (erased > 0) LogInfo("index_dropped_erased").Str("user", user).Int("turns", erased).Emit();
       if (gone > 0) {
         Count(&SharedMetrics::index_skipped_settled, static_cast<size_t>(gone));
