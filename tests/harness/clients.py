@@ -189,6 +189,14 @@ def http_request(url: str, method: str = "GET", path: Optional[str] = None, body
     return resp.status, resp_headers, parsed
 
 
+def scrape_metrics(url: str) -> "dict[str, float]":
+    """A pool's /metrics (through `url`) as {sample, labels included: value}."""
+    status, _, text = http_request(url, "GET", "/metrics")
+    assert status == 200, text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
 def post_chat(url: str, user_id: Any = _OMIT, message: Any = _OMIT, headers: Optional[Mapping[str, str]] = None,
               raw_body: Optional[bytes | str] = None, content_type: Optional[str] = "application/json",
               method: str = "POST", timeout: float = DEFAULT_HTTP_TIMEOUT_S, path: str = "/api/chat"

@@ -31,8 +31,8 @@ from harness.chroma_proxy import ChromaProxy
 from harness.chroma_layout import (CHROMA_PREFIX, legacy_collection_name, legacy_records, shard_of, shard_records,
                                     user_records)
 from harness import keys as rkeys
-from harness.stack import (LOOPBACK, Chroma, Redis, concurrently, http_json, http_request, json_log_records, poll_until,
-                           post_chat)
+from harness.stack import (LOOPBACK, Chroma, Redis, concurrently, http_json, json_log_records, poll_until, post_chat,
+                           scrape_metrics)
 
 INDEX_GROUP = "indexers"
 EXCERPT_PREAMBLE = "Quoted earlier conversation with this user"
@@ -695,15 +695,6 @@ def test_archiving_leaves_no_collection_behind_when_a_turn_was_being_indexed(mak
         world.assert_gone_from_live_storage(user)
 
 
-def pool_metric(world: World, name: str) -> float:
-    status, _, text = http_request(world.url, "GET", "/metrics")
-    assert status == 200, text
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} missing from /metrics")
-
-
 def test_a_turn_an_indexer_read_before_the_user_was_archived_is_not_written_back(make_world, unique):
     # The indexer reads a turn and lingers for more (up to LINGER_MS) before it
     # checks the user's lock. Frozen in that gap, it wakes only after a cleanup
@@ -733,7 +724,7 @@ def test_a_turn_an_indexer_read_before_the_user_was_archived_is_not_written_back
                          records=2 * len(turns))
     finally:
         os.kill(worker, signal.SIGCONT)
-    assert poll_until(lambda: pool_metric(world, "chatd_index_skipped_settled_total") > 0,
+    assert poll_until(lambda: scrape_metrics(world.url)["chatd_index_skipped_settled_total"] > 0,
                       INDEX_TIMEOUT_S), "the indexer never reported the turn settled by the cleanup"
     # The indexer's pass is over: it wrote nothing and left no marker.
     assert world.records(user) == [], "archived, yet Chroma holds records of the user again"

@@ -14,7 +14,8 @@ import pytest
 from harness.chroma_layout import legacy_collection_name, shard_of, shard_records, user_records
 from harness.chroma_proxy import ChromaProxy
 from harness import keys as rkeys
-from harness.stack import Chroma, Redis, concurrently, http_json, http_request, poll_until, post_chat
+from harness.stack import (Chroma, Redis, concurrently, http_json, http_request, poll_until, post_chat,
+                           scrape_metrics)
 
 INDEX_GROUP = "indexers"
 HIGH_RATE_LIMIT = "1000"
@@ -92,13 +93,6 @@ def excerpts(messages) -> str:
     return " ".join(m["content"] for m in messages if EXCERPT_PREAMBLE in m["content"])
 
 
-def metrics(url) -> "dict[str, float]":
-    status, _, text = http_request(url, "GET", "/metrics")
-    assert status == 200, text
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines() if line and not line.startswith("#")}
-
-
 def hot_set(redis, user) -> "list[bytes]":
     return redis.command("HKEYS", rkeys.user_key(user, "hot"))
 
@@ -143,7 +137,7 @@ def test_a_user_without_older_memory_is_recalled_from_the_hot_set_with_no_chroma
     # The first turn left the recent window: it came back from the hot set.
     assert pet in excerpts(prompt_of(stack.fake, question))
     assert proxy.count("query") == queries_before == 0
-    assert metrics(front.url).get("chatd_recall_long_term_queries_total") == 0
+    assert scrape_metrics(front.url).get("chatd_recall_long_term_queries_total") == 0
 
 
 def test_a_new_user_costs_no_chroma_call_on_the_request_path(own_redis, proxy, new_pool, unique):
@@ -183,7 +177,7 @@ def test_the_hot_set_keeps_the_newest_messages_and_older_ones_are_read_by_id(
     # Four older messages, under CHATD_RECALL_BY_ID_MAX: read by id, never searched.
     assert proxy.count("query") == queries
     assert proxy.count("get") == gets + 1
-    assert metrics(front.url)["chatd_recall_long_term_queries_total"] >= 1
+    assert scrape_metrics(front.url)["chatd_recall_long_term_queries_total"] >= 1
 
 
 @pytest.mark.parametrize("by_id_max", ["0", "2"])
@@ -222,7 +216,7 @@ def test_a_chroma_that_answers_a_read_by_id_with_another_users_records_leaks_not
     reply = chat_ok(front.url, bob, question)
     prompt = json.dumps(prompt_of(stack.fake, question))
     assert code not in prompt and code not in reply
-    assert metrics(front.url)["chatd_recall_foreign_records_dropped_total"] >= 1
+    assert scrape_metrics(front.url)["chatd_recall_foreign_records_dropped_total"] >= 1
 
 
 def test_a_chroma_that_ignores_the_user_filter_leaks_nothing(own_redis, own_chroma, proxy, new_pool, stack, unique):
@@ -245,7 +239,7 @@ def test_a_chroma_that_ignores_the_user_filter_leaks_nothing(own_redis, own_chro
     prompt = json.dumps(prompt_of(stack.fake, question))
     assert code not in prompt and code not in reply
     assert proxy.count("query") >= 1
-    assert metrics(front.url)["chatd_recall_foreign_records_dropped_total"] >= 1
+    assert scrape_metrics(front.url)["chatd_recall_foreign_records_dropped_total"] >= 1
     logged = poll_until(lambda: [r for r in front.pool.log_records()
                                  if r.get("event") == "recall_foreign_records" and r.get("user") == bob], 10)
     assert logged
@@ -296,7 +290,7 @@ def test_a_turn_chroma_keeps_refusing_goes_to_the_dead_letters_after_max_deliver
     records = wait_indexed(own_redis, proxy.url, user, 2)
     assert [r for r in records if marker in r["document"]] == []
     assert rkeys.pending_total(own_redis) == 0
-    assert metrics(front.url)["chatd_index_dead_lettered_total"] == 1
+    assert scrape_metrics(front.url)["chatd_index_dead_lettered_total"] == 1
 
 
 def test_chroma_down_for_everyone_dead_letters_nothing(own_redis, tmp_path, new_pool, unique):
@@ -308,7 +302,7 @@ def test_chroma_down_for_everyone_dead_letters_nothing(own_redis, tmp_path, new_
     for i in range(3):
         chat_ok(front.url, user, f"waiting turn {i}")
     # Well past one delivery each: still waiting, none dead.
-    assert poll_until(lambda: metrics(front.url).get("chatd_index_failures_total", 0) >= 5, INDEX_TIMEOUT_S)
+    assert poll_until(lambda: scrape_metrics(front.url).get("chatd_index_failures_total", 0) >= 5, INDEX_TIMEOUT_S)
     assert dead_letters(own_redis, user) == []
     assert stream_users(own_redis).count(user) == 3
 
@@ -345,7 +339,7 @@ def test_a_dead_workers_turns_are_taken_over_by_a_live_worker(own_redis, own_chr
     assert sorted(r["document"] for r in records if r["metadata"]["role"] == "user") == \
         [f"orphaned turn {i}" for i in range(3)]
     assert rkeys.pending_total(own_redis) == 0
-    assert metrics(second.url)["chatd_index_claimed_total"] == 3
+    assert scrape_metrics(second.url)["chatd_index_claimed_total"] == 3
 
 
 def test_metrics_and_health_show_the_backlog(own_redis, proxy, new_pool, unique):
@@ -363,7 +357,7 @@ def test_metrics_and_health_show_the_backlog(own_redis, proxy, new_pool, unique)
     assert health, "health never said degraded while turns waited"
     assert health["index"]["oldestAgeMs"] > 500
     assert health["index"]["waiting"] + health["index"]["pending"] == 2
-    m = metrics(front.url)
+    m = scrape_metrics(front.url)
     assert m["chatd_index_waiting"] + m["chatd_index_pending"] == 2
     assert m["chatd_index_oldest_age_seconds"] > 0.5
     proxy.fail_upserts = False

@@ -7,7 +7,7 @@ import re
 
 from harness import keys as rkeys
 from harness.chroma_layout import user_records
-from harness.stack import http_request, poll_until, post_chat
+from harness.stack import http_request, poll_until, post_chat, scrape_metrics
 
 INDEX_GROUP = "indexers"
 DEAD_LETTER_CAP = 10
@@ -17,10 +17,7 @@ POLL_S = 0.2
 
 
 def metric(url: str, name: str):
-    status, _, text = http_request(url, path="/metrics")
-    assert status == 200, text
-    match = re.search(rf"^{name} ([0-9.]+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else None
+    return scrape_metrics(url).get(name)
 
 
 def consumers(redis, stream: str) -> "set[str]":

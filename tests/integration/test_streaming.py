@@ -10,7 +10,7 @@ import http.client
 import json
 import urllib.parse
 
-from harness.stack import http_json, http_request, poll_until, post_chat
+from harness.stack import http_json, http_request, poll_until, post_chat, scrape_metrics
 
 # Bound of every poll below; far above what it takes on an idle machine.
 POLL_TIMEOUT_S = 15
@@ -86,13 +86,6 @@ def fake_streams(stack, marker):
     status, doc = http_json(f"{stack.fake.base}/_fake/streams?{query}")
     assert status == 200, doc
     return doc["streams"]
-
-
-def metrics(url):
-    status, _, text = http_request(url, "GET", "/metrics")
-    assert status == 200, text
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines() if line and not line.startswith("#")}
 
 
 # --------------------------------------------------------------------------
@@ -238,7 +231,7 @@ def test_a_streamed_turn_is_recalled_by_the_next_request(stack, unique):
 
 
 def test_tokens_are_counted_in_metrics_for_both_kinds_of_reply(stack, unique):
-    before = metrics(stack.url)
+    before = scrape_metrics(stack.url)
     status, _, plain = post_chat(stack.url, unique("u"), f"count me {unique('m')}")
     assert status == 200, plain
     _, events = stream_all(stack.url, unique("u"), f"count me too {unique('m')}")
@@ -247,7 +240,7 @@ def test_tokens_are_counted_in_metrics_for_both_kinds_of_reply(stack, unique):
     want_completion = plain["usage"]["completion_tokens"] + usage["completion_tokens"]
     # Other tests may run chats at the same time on the session's pool: at least ours.
     after = poll_until(lambda: (lambda m: m if m["chatd_chat_streams_total"] > before["chatd_chat_streams_total"]
-                                else None)(metrics(stack.url)), POLL_TIMEOUT_S)
+                                else None)(scrape_metrics(stack.url)), POLL_TIMEOUT_S)
     assert after is not None
     assert after["chatd_model_prompt_tokens_total"] - before["chatd_model_prompt_tokens_total"] >= want_prompt
     assert after["chatd_model_completion_tokens_total"] - before["chatd_model_completion_tokens_total"] >= want_completion
