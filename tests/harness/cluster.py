@@ -150,10 +150,22 @@ class RedisCluster:
         return int(self.running_nodes()[0].command("CLUSTER", "KEYSLOT", key))
 
     def owner_of_slot(self, slot: int) -> ClusterNode:
-        for (first, last), address in self.slot_map().items():
-            if first <= slot <= last:
-                return self.node_at(address)
-        raise StackError(f"slot {slot} has no owner")
+        """The running primary of `slot`. After a failover the other nodes learn
+        of the promoted replica by gossip: until the node asked has, its map
+        still names the dead primary, so this waits for a map that names a
+        running one."""
+        found: "list[ClusterNode]" = []
+
+        def running_owner() -> bool:
+            for (first, last), address in self.slot_map().items():
+                if first <= slot <= last:
+                    found[:] = [self.node_at(address)]
+                    return found[0].running()
+            raise StackError(f"slot {slot} has no owner")
+
+        if not poll_until(running_owner, SETTLE_TIMEOUT_S):
+            raise StackError(f"slot {slot} is still mapped to {found[0].address}, which is not running")
+        return found[0]
 
     def owner_of(self, key: str) -> ClusterNode:
         return self.owner_of_slot(self.slot_of(key))
