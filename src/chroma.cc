@@ -96,8 +96,7 @@ Result<std::string> ChromaStore::ShardId(int shard) {
   // get_or_create: shards are shared, so whoever comes first creates one,
   // and an empty shard costs nothing.
   auto response = Call("POST", api_ + "/collections",
-                       chroma_json::CreateCollectionRequest(ChromaShardName(shard, options_.shards),
-                                                            options_.sync_threshold));
+                       chroma_json::CreateCollectionRequest(ChromaShardName(shard, options_.shards), options_.hnsw));
   if (!response.ok()) return response.status();
   if (response->status != 200) return HttpError(*response, "create collection");
   auto id = chroma_json::ParseCollectionId(response->body);

@@ -22,6 +22,7 @@
 #include <string_view>
 #include <vector>
 
+#include "chroma_json.h"
 #include "http_client.h"
 #include "chatd/memory.h"
 #include "chatd/status.h"
@@ -36,7 +37,10 @@ struct ChromaOptions {
   std::string base_url = "http://127.0.0.1:8000";
   int64_t timeout_ms = 1000;          // each HTTP call, whole
   int64_t connect_timeout_ms = 500;
-  int sync_threshold = 1000;          // HNSW persistence interval of new collections
+  // How new shard collections build their HNSW graph. chatd only ever searches
+  // with a `where user` filter, which the graph's quality barely affects; the
+  // build's cost is most of Chroma's CPU per record written (docs/memory.md).
+  chroma_json::HnswBuild hnsw;
   int shards = kDefaultChromaShards;  // fixed for a deployment: changing it needs a migration
   // Incremented once per HTTP call to Chroma (may be null): the benchmark
   // reports Chroma calls per chat request from the pool's metrics.

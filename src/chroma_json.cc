@@ -148,7 +148,7 @@ bool WriteUserFilter(StrictJsonWriter& w, std::string_view user_id) {
 
 namespace chroma_json {
 
-std::string CreateCollectionRequest(std::string_view name, int sync_threshold) {
+std::string CreateCollectionRequest(std::string_view name, const HnswBuild& hnsw) {
   rapidjson::StringBuffer buffer;
   StrictJsonWriter w(buffer);
   w.StartObject();
@@ -166,7 +166,11 @@ std::string CreateCollectionRequest(std::string_view name, int sync_threshold) {
   // archive and its restore are bit-exact.
   w.String("l2");
   w.Key("sync_threshold");
-  w.Int(sync_threshold);
+  w.Int(hnsw.sync_threshold);
+  w.Key("max_neighbors");
+  w.Int(hnsw.max_neighbors);
+  w.Key("ef_construction");
+  w.Int(hnsw.ef_construction);
   w.EndObject();
   w.EndObject();
   w.EndObject();

@@ -19,8 +19,16 @@ namespace chroma_json {
 
 inline constexpr int64_t kMaxQueryResults = 1000;
 
-// `name` with get_or_create, the l2 space and `sync_threshold`.
-std::string CreateCollectionRequest(std::string_view name, int sync_threshold);
+// How Chroma builds a new collection's HNSW graph. Chroma fixes these when it
+// creates the collection; get_or_create on an existing one keeps its own.
+struct HnswBuild {
+  int sync_threshold = 1000;
+  int max_neighbors = 8;
+  int ef_construction = 40;
+};
+
+// `name` with get_or_create, the l2 space and `hnsw`.
+std::string CreateCollectionRequest(std::string_view name, const HnswBuild& hnsw);
 // The collection's id, which must look like a UUID (it becomes part of URLs).
 Result<std::string> ParseCollectionId(std::string_view body);
 // Names of a GET /collections page.

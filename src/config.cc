@@ -179,6 +179,12 @@ constexpr int64_t kMaxHotMessages = 1000;
 // of JSON per message at 256 dimensions.
 constexpr int64_t kMaxRecallById = 1000;
 constexpr int64_t kMaxChromaShards = 4096;  // as chroma.h; config does not depend on the adapter
+// The HNSW build of new shards. Below these the graph stops being a useful
+// index even for filtered search; above, a write costs many times the default.
+constexpr int64_t kMinHnswMaxNeighbors = 4;
+constexpr int64_t kMaxHnswMaxNeighbors = 64;
+constexpr int64_t kMinHnswEfConstruction = 10;
+constexpr int64_t kMaxHnswEfConstruction = 1000;
 constexpr int64_t kMaxTokens = 1 << 20;
 constexpr int64_t kMaxRateLimit = 1'000'000;
 constexpr int64_t kMaxWindowS = 24 * 3600;
@@ -270,6 +276,9 @@ Result<Config> LoadConfig(const EnvLookup& env) {
   r.Url("CHATD_CHROMA_URL", c.chroma_url);
   r.Int("CHATD_CHROMA_TIMEOUT_MS", c.chroma_timeout_ms, 10, kMaxTimeoutMs);
   r.Int("CHATD_CHROMA_SYNC_THRESHOLD", c.chroma_sync_threshold, 2, 1'000'000);
+  r.Int("CHATD_CHROMA_HNSW_MAX_NEIGHBORS", c.chroma_hnsw_max_neighbors, kMinHnswMaxNeighbors, kMaxHnswMaxNeighbors);
+  r.Int("CHATD_CHROMA_HNSW_EF_CONSTRUCTION", c.chroma_hnsw_ef_construction, kMinHnswEfConstruction,
+        kMaxHnswEfConstruction);
   r.Int("CHATD_CHROMA_SHARDS", c.chroma_shards, 1, kMaxChromaShards);
   r.Int("CHATD_RECALL_HOT_MESSAGES", c.recall_hot_messages, 1, kMaxHotMessages);
   r.Int("CHATD_RECALL_BY_ID_MAX", c.recall_by_id_max, 0, kMaxRecallById);

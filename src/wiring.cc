@@ -46,7 +46,9 @@ ChromaOptions MakeChromaOptions(const Config& c, Binary binary, std::atomic<uint
   ChromaOptions o;
   o.base_url = c.chroma_url;
   o.timeout_ms = binary == Binary::kChatd ? c.chroma_timeout_ms : std::max(c.chroma_timeout_ms, kCleanupChromaTimeoutMs);
-  o.sync_threshold = c.chroma_sync_threshold;
+  o.hnsw.sync_threshold = c.chroma_sync_threshold;
+  o.hnsw.max_neighbors = c.chroma_hnsw_max_neighbors;
+  o.hnsw.ef_construction = c.chroma_hnsw_ef_construction;
   o.shards = c.chroma_shards;
   o.tenant = c.chroma_tenant;
   o.database = c.chroma_database;

@@ -103,6 +103,8 @@ struct Config {
   std::string chroma_url = "http://127.0.0.1:8000";  // CHATD_CHROMA_URL
   int64_t chroma_timeout_ms = 1000;   // CHATD_CHROMA_TIMEOUT_MS: per call on the request path
   int chroma_sync_threshold = 1000;   // CHATD_CHROMA_SYNC_THRESHOLD: HNSW persistence for new collections
+  int chroma_hnsw_max_neighbors = 8;  // CHATD_CHROMA_HNSW_MAX_NEIGHBORS: HNSW M of new collections
+  int chroma_hnsw_ef_construction = 40;  // CHATD_CHROMA_HNSW_EF_CONSTRUCTION: of new collections
   int chroma_shards = 16;             // CHATD_CHROMA_SHARDS: collections the users are spread over
   int recall_hot_messages = 64;       // CHATD_RECALL_HOT_MESSAGES: per-user hot set ranked in process
   int recall_by_id_max = 128;         // CHATD_RECALL_BY_ID_MAX: older messages read by id, not searched

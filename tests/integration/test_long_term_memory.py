@@ -11,7 +11,7 @@ import signal
 
 import pytest
 
-from harness.chroma_layout import legacy_collection_name, shard_of, shard_records, user_records
+from harness.chroma_layout import legacy_collection_name, shard_name, shard_of, shard_records, user_records
 from harness.chroma_proxy import ChromaProxy
 from harness import keys as rkeys
 from harness.stack import (Chroma, Redis, concurrently, http_json, http_request, poll_until, post_chat,
@@ -119,6 +119,19 @@ def test_every_user_lands_in_their_shard_and_no_per_user_collection_is_created(s
 
 def stack_collection(stack, name):
     return http_json(f"{stack.chroma_url}/api/v2/tenants/default_tenant/databases/default_database/collections/{name}")
+
+
+def test_the_shards_chatd_creates_are_built_with_the_configured_hnsw_graph(own_redis, own_chroma, new_pool, unique):
+    front = new_pool(pool_env(own_redis, own_chroma.url, CHATD_CHROMA_HNSW_MAX_NEIGHBORS="12",
+                              CHATD_CHROMA_HNSW_EF_CONSTRUCTION="60"))
+    user = unique("hnsw")
+    chat_ok(front.url, user, "hello")
+    wait_indexed(own_redis, own_chroma.url, user, 2)
+    status, body = http_json(f"{own_chroma.url}/api/v2/tenants/default_tenant/databases/default_database/"
+                             f"collections/{shard_name(shard_of(user))}")
+    assert status == 200, body
+    hnsw = body["configuration_json"]["hnsw"]
+    assert (hnsw["max_neighbors"], hnsw["ef_construction"], hnsw["space"]) == (12, 60, "l2")
 
 
 def test_a_user_without_older_memory_is_recalled_from_the_hot_set_with_no_chroma_query(

@@ -65,9 +65,13 @@ constexpr char kGetAnswer[] =
 BOOST_AUTO_TEST_SUITE(chroma)
 
 BOOST_AUTO_TEST_CASE(create_collection_request) {
-  BOOST_TEST(chroma_json::CreateCollectionRequest("chatd-s16-3", 100) ==
+  chroma_json::HnswBuild hnsw;
+  hnsw.sync_threshold = 100;
+  hnsw.max_neighbors = 12;
+  hnsw.ef_construction = 60;
+  BOOST_TEST(chroma_json::CreateCollectionRequest("chatd-s16-3", hnsw) ==
              R"({"name":"chatd-s16-3","get_or_create":true,)"
-             R"("configuration":{"hnsw":{"space":"l2","sync_threshold":100}}})");
+             R"("configuration":{"hnsw":{"space":"l2","sync_threshold":100,"max_neighbors":12,"ef_construction":60}}})");
 }
 
 BOOST_AUTO_TEST_CASE(collection_id_must_be_a_uuid) {
