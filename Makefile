@@ -62,9 +62,10 @@ $(BUILD)/bin/unit_tests: $(UNIT_OBJS) $(BUILD)/libchatd.a
 	@mkdir -p $(@D)
 	$(CXX) $(LDFLAGS) $^ $(LDLIBS) -lboost_unit_test_framework -o $@
 
-# Benchmark tools (make bench): the FastCGI ceiling and the Chroma drivers
-# (chroma_layouts: the raw-API layout study, kept to rerun its figures).
-BENCH_BINS := $(BUILD)/bin/trivial_fcgi $(BUILD)/bin/chroma_bench $(BUILD)/bin/chroma_layouts
+# Benchmark tools (make bench): the FastCGI ceiling, the Chroma drivers
+# (chroma_layouts: the raw-API layout study, kept to rerun its figures) and the
+# streaming client.
+BENCH_BINS := $(BUILD)/bin/trivial_fcgi $(BUILD)/bin/chroma_bench $(BUILD)/bin/chroma_layouts $(BUILD)/bin/sse_ttfb
 
 $(BUILD)/obj/bench/%.o: bench/%.cc
 	@mkdir -p $(@D)
@@ -73,6 +74,10 @@ $(BUILD)/obj/bench/%.o: bench/%.cc
 $(BUILD)/bin/trivial_fcgi: $(BUILD)/obj/bench/trivial_fcgi.o
 	@mkdir -p $(@D)
 	$(CXX) $(LDFLAGS) $^ -lfcgi -pthread -o $@
+
+$(BUILD)/bin/sse_ttfb: $(BUILD)/obj/bench/sse_ttfb.o
+	@mkdir -p $(@D)
+	$(CXX) $(LDFLAGS) $^ -o $@
 
 $(BUILD)/bin/chroma_bench: $(BUILD)/obj/bench/chroma_bench.o $(BUILD)/libchatd.a
 	@mkdir -p $(@D)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bench_settings import (
-    BACKLOG_DRAIN_LIMIT_S, BACKLOG_POLL_S, BACKLOG_SAMPLE_S, BASE_POOL_ENV, BENCH_DIR, CAPACITY_DELAY_MS,
+    BACKLOG_DRAIN_LIMIT_S, BACKLOG_POLL_S, BACKLOG_SAMPLE_S, BASE_POOL_ENV, CAPACITY_DELAY_MS,
     CAPACITY_P99_BREAK_FACTOR, CAPACITY_RUN_S, CAPACITY_SAMPLE_S, CAPACITY_STEPS, CAPACITY_THREADS,
     CAPACITY_WORKERS, CAP_CONNECTIONS, CAP_OFF_ENV, CAP_RUN_S, CEILING_CONNECTIONS, CEILING_RUN_S,
     CHAT_CONCURRENCY, CHAT_PREFIX, CHAT_RUN_S, CHAT_USERS, CHROMA_ADDS, CHROMA_BATCH_USERS, CHROMA_COLD_SAMPLE,
@@ -44,29 +44,12 @@ from bench_procfs import (
 
 
 def build_bench_binaries(build_dir: Path) -> None:
-    """The Makefile builds them when it has the bench rules; until it does,
-    the same flags by hand."""
-    bins = {"trivial_fcgi": [], "chroma_bench": [str(build_dir / "libchatd.a")]}
-    makefile = (REPO / "Makefile").read_text()
-    if all(f"$(BUILD)/bin/{name}" in makefile for name in bins):
-        # The BUILD spelling `make bench` used, so make sees the same targets.
-        rel = os.path.relpath(build_dir, REPO)
-        build = build_dir if rel.startswith("..") else Path(rel)
-        subprocess.run(["make", "-j2", f"BUILD={build}"] + [str(build / "bin" / n) for n in bins],
-                       cwd=REPO, check=True)
-        return
-    flags = ["-std=c++20", "-Wall", "-Wextra", "-Werror", "-Iinclude", "-pthread", "-O2", "-g"]
-    libs = ["-lfcgi", "-lhiredis", "-lcurl", "-lcrypto", "-pthread"]
-    for name, extra in bins.items():
-        source = BENCH_DIR / f"{name}.cc"
-        target = build_dir / "bin" / name
-        inputs = [source] + [Path(p) for p in extra]
-        if target.exists() and all(target.stat().st_mtime >= p.stat().st_mtime for p in inputs):
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        argv = ["g++", *flags, str(source), *extra, *libs, "-o", str(target)]
-        say("bench: " + " ".join(argv))
-        subprocess.run(argv, cwd=REPO, check=True)
+    """The bench's own binaries, through the Makefile's rules, with the BUILD
+    spelling `make bench` used so make sees the same targets."""
+    bins = ("trivial_fcgi", "chroma_bench", "sse_ttfb")
+    rel = os.path.relpath(build_dir, REPO)
+    build = build_dir if rel.startswith("..") else Path(rel)
+    subprocess.run(["make", "-j2", f"BUILD={build}"] + [str(build / "bin" / n) for n in bins], cwd=REPO, check=True)
 
 
 # ---------------------------------------------------------------------------
@@ -628,31 +611,6 @@ def _chatd_stream_request(url: str, user: str, message: str) -> "tuple[str, int,
     return parts.hostname, parts.port, head, body
 
 
-def _fake_stream_request(stack: Stack, message: str) -> "tuple[str, int, bytes, bytes]":
-    body = json.dumps({"model": "fake-chat", "stream": True, "stream_options": {"include_usage": True},
-                       "messages": [{"role": "user", "content": message}]}).encode()
-    head = (b"POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Authorization: Bearer bench\r\n")
-    return LOOPBACK, stack.fake.port, head, body
-
-
-async def _closed_loop(make, first_marker: bytes, end_marker: bytes, connections: int,
-                       duration_s: float) -> "list[dict[str, Any]]":
-    results: "list[dict[str, Any]]" = []
-    stop_at = time.monotonic() + duration_s
-
-    async def worker(w: int) -> None:
-        i = 0
-        while time.monotonic() < stop_at:
-            host, port, head, body = make(w, i)
-            result = await _sse_request(host, port, head, body, first_marker, end_marker, WRK_TIMEOUT_S)
-            result["wi"] = (w, i)
-            results.append(result)
-            i += 1
-    await asyncio.gather(*(worker(w) for w in range(connections)))
-    return results
-
-
 def _ttfb_figures(results: "list[dict[str, Any]]") -> "dict[str, Any]":
     ttfb = [r["ttfb_ms"] for r in results if r["ok"]]
     return {"requests": len(results), "errors": sum(1 for r in results if not r["ok"]),
@@ -670,25 +628,52 @@ def _model_first_content_ms(stack: Stack, marker: str) -> "dict[str, float]":
             if r.get("first_content_ms") is not None}
 
 
+def _sse_closed_loop(stack: Stack, port: int, path: str, body: str, headers: "list[str]", first: str, end: str,
+                     connections: int, duration_s: float) -> "list[dict[str, Any]]":
+    """`connections` closed loops of streamed requests for `duration_s`, by the
+    bench's C client (bench/sse_ttfb.cc): one epoll thread, so its own delay in
+    noticing a first delta is microseconds, not an asyncio loop's milliseconds
+    on the cores it shares with the server. `body` may hold {w}, {i}, {u}."""
+    argv = [str(stack.build_dir / "bin" / "sse_ttfb"), "--host", LOOPBACK, "--port", str(port), "--path", path,
+            "--connections", str(connections), "--duration-s", str(duration_s), "--timeout-s", str(WRK_TIMEOUT_S),
+            "--users", str(CHAT_USERS), "--body", body, "--first", first, "--end", end]
+    for h in headers:
+        argv += ["--header", h]
+    done = subprocess.run(argv, capture_output=True, check=True, timeout=duration_s + WRK_TIMEOUT_S + 30)
+    return [{"wi": (w, i), "ok": ok, "ttfb_ms": ttfb} for w, i, ok, ttfb in json.loads(done.stdout)["requests"]]
+
+
 def phase_stream_ttfb(stack: Stack) -> "dict[str, Any]":
     """Time to the first delta through nginx and the pool, less the model's
-    time to its first content chunk (the fake asked directly, same load)."""
+    time to its first content chunk: for the same request (the fake records
+    when each stream's request arrived and its first text left), and, as the
+    issue first defined it, less the p50/p99 of a model-only run."""
     say(f"bench: stream TTFB, {STREAM_TTFB_CONNECTIONS} streams, {STREAM_TTFB_RUN_S} s, "
         f"{STREAM_TTFB_WORKERS} x {STREAM_TTFB_THREADS} threads")
     frontend, _ = start_frontend(stack, "stream-ttfb", dict(BASE_POOL_ENV, **CAP_OFF_ENV), STREAM_TTFB_WORKERS,
                                  STREAM_TTFB_THREADS, trivial=False)
+    chatd_port = urllib.parse.urlsplit(frontend.url).port
 
     def measure(connections: int, chunk_delay_ms: int) -> "dict[str, Any]":
         pace = f" #fake:chunk_delay_ms={chunk_delay_ms}" if chunk_delay_ms else ""
         run = f"c{connections}-d{chunk_delay_ms}"
         msg = lambda kind, w, i: f"stream bench {kind} {run} {w} {i}{pace}"  # noqa: E731
-        model = asyncio.run(_closed_loop(lambda w, i: _fake_stream_request(stack, msg("model", w, i)),
-                                         b'"content":"[fake]', b"[DONE]", connections, STREAM_TTFB_RUN_S))
-        chatd = asyncio.run(_closed_loop(
-            lambda w, i: _chatd_stream_request(frontend.url, f"{CHAT_PREFIX}{(w * 7919 + i) % CHAT_USERS}",
-                                               msg("chatd", w, i)),
-            b'data: {"delta"', b'"done":true', connections, STREAM_TTFB_RUN_S))
-        out = {"connections": connections, "chunk_delay_ms": chunk_delay_ms,
+        model_body = json.dumps({"model": "fake-chat", "stream": True, "stream_options": {"include_usage": True},
+                                 "messages": [{"role": "user", "content": msg("model", "{w}", "{i}")}]})
+        model = _sse_closed_loop(stack, stack.fake.port, "/v1/chat/completions", model_body,
+                                 ["Authorization: Bearer bench"], '"content":"[fake]', "[DONE]", connections,
+                                 STREAM_TTFB_RUN_S)
+        chatd_body = json.dumps({"userId": f"{CHAT_PREFIX}{{u}}", "message": msg("chatd", "{w}", "{i}"),
+                                 "stream": True})
+        logged_before = len(frontend.pool.log_records())
+        chatd = _sse_closed_loop(stack, chatd_port, "/api/chat", chatd_body, [], 'data: {"delta"', '"done":true',
+                                 connections, STREAM_TTFB_RUN_S)
+        # chatd's own account of each stream (its request log line): from the
+        # request's start to the first delta handed to nginx, less the model's
+        # time from the call to that delta. No client, nginx or fake in it.
+        own_log = [r["first_byte_ms"] - r["model_first_delta_ms"] for r in frontend.pool.log_records()[logged_before:]
+                   if r.get("event") == "request" and "first_byte_ms" in r]
+        out = {"connections": connections, "chunk_delay_ms": chunk_delay_ms, "client": "bench/sse_ttfb.cc",
                "model": _ttfb_figures(model), "chatd": _ttfb_figures(chatd)}
         m, c = out["model"]["ttfb_ms"], out["chatd"]["ttfb_ms"]
         if m["p50"] is not None and c["p50"] is not None:
@@ -701,10 +686,12 @@ def phase_stream_ttfb(stack: Stack) -> "dict[str, Any]":
         shares = [r["ttfb_ms"] - own[msg("chatd", *r["wi"])] for r in chatd
                   if r["ok"] and msg("chatd", *r["wi"]) in own]
         out["added_same_request_ms"] = {"p50": percentile(shares, 50), "p99": percentile(shares, 99), "n": len(shares)}
+        out["chatd_own_ms"] = {"p50": percentile(own_log, 50), "p99": percentile(own_log, 99), "n": len(own_log)}
         say(f"bench:   c={connections}, chunks every {chunk_delay_ms} ms: model first chunk p50 {m['p50']} ms; "
             f"through chatd p50 {c['p50']} ms, p99 {c['p99']} ms; errors {out['chatd']['errors']}; "
             f"chatd's share per request p50 {out['added_same_request_ms']['p50']} ms, "
-            f"p99 {out['added_same_request_ms']['p99']} ms (n={len(shares)})")
+            f"p99 {out['added_same_request_ms']['p99']} ms (n={len(shares)}); by chatd's log p50 "
+            f"{out['chatd_own_ms']['p50']} ms, p99 {out['chatd_own_ms']['p99']} ms (n={len(own_log)})")
         return out
     try:
         # One stream at a time too: what chatd adds without any queueing.

@@ -291,6 +291,11 @@ def build_table(r: "dict[str, Any]") -> "list[tuple[str, str, str, str]]":
                          f"p50 {same['p50']:.1f} ms, p99 {same['p99']:.1f} ms (n={same['n']:,})",
                          f"p50 <= {TARGET_STREAM_TTFB_P50_MS:.0f} ms",
                          verdict(same["p50"] <= TARGET_STREAM_TTFB_P50_MS)))
+        own = st.get("chatd_own_ms") or {}
+        if own.get("p50") is not None:
+            # What the request log says chatd took: no client, nginx or fake in it.
+            rows.append((f"Stream: chatd's own share by its request log, c={st['connections']}",
+                         f"p50 {own['p50']:.2f} ms, p99 {own['p99']:.2f} ms (n={own['n']:,})", "", "-"))
         rows.append((f"Stream: the same, less the model-only run's first chunk, c={st['connections']}",
                      f"p50 {a['p50']:.1f} ms, p99 {a['p99']:.1f} ms (through nginx {c['p50']:.1f} / {c['p99']:.1f}, "
                      f"model {m['p50']:.1f} / {m['p99']:.1f}; errors {st['chatd']['errors']})",

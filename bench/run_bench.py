@@ -86,8 +86,8 @@ from bench_procfs import (  # noqa: F401 (re-exported)
     Probe, chroma_collections, delta, descendants, loadavg, machine_ticks, metric, open_files, pool_requests,
     proc_ticks, pss_kib, redis_breakdown, redis_info, scrape_metrics, status_kib, task_ticks)
 from bench_phases import (  # noqa: F401 (re-exported)
-    BacklogSampler, BenchNginx, PeriodicSampler, Sampler, _chatd_stream_request, _closed_loop,
-    _fake_stream_request, _sse_request, _ttfb_figures, backlog_empty, backlog_now, build_bench_binaries,
+    BacklogSampler, BenchNginx, PeriodicSampler, Sampler, _chatd_stream_request, _sse_closed_loop,
+    _sse_request, _ttfb_figures, backlog_empty, backlog_now, build_bench_binaries,
     chat_figures, chat_line, chroma_process, gateway_env, index_backlog, layout_study, measured_run, percentile,
     phase_cap, phase_capacity, phase_ceilings, phase_chat, phase_chat_memory, phase_chroma, phase_gateway,
     phase_gateway_cluster, phase_rejected, phase_stream_capacity, phase_stream_ttfb, run_chroma_bench, run_wrk, seed_memory,
