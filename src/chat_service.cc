@@ -251,7 +251,8 @@ Result<ChatReply> ChatService::Chat(const UserId& user_id, const std::string& me
   std::vector<ChatMessage> prompt = BuildPrompt(in);
 
   // 6. The model. On failure nothing of this turn is stored.
-  auto model_started = SteadyClock::now();
+  const auto model_started = SteadyClock::now();
+  trace.model_started = model_started;
   Result<LlmReply> reply = sink != nullptr ? llm_.Stream(prompt, deadline, *sink) : llm_.Complete(prompt, deadline);
   trace.upstream_ms =
       std::chrono::duration_cast<std::chrono::milliseconds>(SteadyClock::now() - model_started).count();

@@ -253,6 +253,7 @@ void FcgiServer::ThreadMain() {
     HttpRequest http;
     ReadRequest(req, max_body_bytes_, http);
     RequestContext ctx;
+    ctx.started = started;
     ctx.request_id = http.request_id;
     ctx.method = http.method;
     ctx.path = http.path;

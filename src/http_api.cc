@@ -70,13 +70,17 @@ class SseSink : public StreamSink {
       : out_(out), policy_(policy), trace_(trace) {}
 
   SinkAction OnDelta(std::string_view text) noexcept override {
+    const bool first = first_delta_at_ == SteadyClock::time_point{};
+    if (first) first_delta_at_ = SteadyClock::now();
     // Nothing may throw into the model client's C callbacks: an allocation
     // failure counts as a lost client.
     try {
       event_.assign("data: ");
       JsonWriter(event_).StartObject().Key("delta").String(text).EndObject();
       event_.append("\n\n");
-      return Send(event_) ? SinkAction::kContinue : SinkAction::kStop;
+      const bool sent = Send(event_);
+      if (first && sent) first_byte_at_ = SteadyClock::now();
+      return sent ? SinkAction::kContinue : SinkAction::kStop;
     } catch (...) {
       gone_ = true;
       return SinkAction::kStop;
@@ -106,6 +110,10 @@ class SseSink : public StreamSink {
 
   bool started() const { return started_; }
   bool gone() const { return gone_; }
+  // When the first delta came from the model, and when its event had gone
+  // to nginx (epoch: not yet).
+  SteadyClock::time_point first_delta_at() const { return first_delta_at_; }
+  SteadyClock::time_point first_byte_at() const { return first_byte_at_; }
   // An Idempotency-Key replay: the stored reply goes out as one delta, with
   // the header a JSON replay carries.
   void MarkReplayed() { replayed_ = true; }
@@ -118,7 +126,13 @@ class SseSink : public StreamSink {
   bool started_ = false;
   bool gone_ = false;
   bool replayed_ = false;
+  SteadyClock::time_point first_delta_at_{};
+  SteadyClock::time_point first_byte_at_{};
 };
+
+int64_t Microseconds(SteadyClock::duration d) {
+  return std::chrono::duration_cast<std::chrono::microseconds>(d).count();
+}
 
 void WriteUsage(JsonWriter& w, const ChatReply& reply) {
   w.Key("usage").StartObject();
@@ -274,6 +288,12 @@ HttpReply HttpApi::Chat(const HttpRequest& req, RequestContext& ctx, ResponseStr
   if (sse) {
     ctx.chat_streamed = true;
     ctx.stream_client_gone = sse->gone();
+    // A replay's one delta is not the model's: only a model's stream is timed.
+    const SteadyClock::time_point none{};
+    if (sse->first_byte_at() != none && trace.model_started != none && ctx.started != none) {
+      ctx.first_byte_us = Microseconds(sse->first_byte_at() - ctx.started);
+      ctx.model_first_delta_us = Microseconds(sse->first_delta_at() - trace.model_started);
+    }
   }
   // A reply without a single delta (an empty one) is still a stream.
   if (sse && (result.ok() || sse->started() || sse->gone())) return EndStream(*sse, result, ctx);

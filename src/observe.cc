@@ -67,6 +67,10 @@ void Observe(const RequestContext& ctx, Metrics* metrics) {
       .Str("user", ctx.user_id);
   if (!ctx.error_reason.empty()) line.Str("error", ctx.error_reason);
   if (ctx.chat_called && ctx.chat.recall_degraded) line.Bool("recall_degraded", true);
+  if (ctx.first_byte_us >= 0) {
+    line.Num("first_byte_ms", static_cast<double>(ctx.first_byte_us) / 1000.0)
+        .Num("model_first_delta_ms", static_cast<double>(ctx.model_first_delta_us) / 1000.0);
+  }
   line.Emit();
 }
 

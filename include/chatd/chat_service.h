@@ -44,6 +44,7 @@ struct ChatTrace {
   bool rate_limiter_failed_open = false;
   bool recall_degraded = false;      // embedding or long-term store failed
   int64_t upstream_ms = -1;          // model time, when it was called
+  SteadyClock::time_point model_started{};  // when the model was called (epoch: it was not)
   bool model_failed = false;
   bool model_timed_out = false;
   int model_attempts = 0;

@@ -40,6 +40,13 @@ struct RequestContext {
   Code chat_code = Code::kOk;
   bool chat_streamed = false;       // asked for as server-sent events
   bool stream_client_gone = false;  // ... and the client left before the model was done
+  // A stream's time to its first delta, split: from the request's start to
+  // the delta's event handed to nginx, and from the model call to the delta's
+  // text parsed. Their difference is what chatd itself took (-1: no delta).
+  int64_t first_byte_us = -1;
+  int64_t model_first_delta_us = -1;
+
+  SteadyClock::time_point started{};  // when the server began to read the request
 
   // The answer, set by the server when it is ready.
   int status = 0;

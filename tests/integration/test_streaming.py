@@ -143,6 +143,35 @@ def test_the_first_delta_arrives_before_the_model_has_finished(stack, unique):
     assert fake_streams(stack, marker)[0]["state"] == "completed"
 
 
+def request_log(stack, user):
+    found = []
+
+    def logged():
+        found[:] = [r for r in stack.pool.log_records() if r.get("event") == "request" and r.get("user") == user]
+        return bool(found)
+
+    assert poll_until(logged, POLL_TIMEOUT_S), f"no request line for {user}"
+    return found
+
+
+def test_a_streamed_chat_logs_how_its_time_to_the_first_delta_splits_between_chatd_and_the_model(stack, unique):
+    user = unique("u")
+    _, events = stream_all(stack.url, user, f"{unique('timed')} one two #fake:chunk_delay_ms={SLOW_CHUNK_MS}")
+    assert events[-1][1]["done"] is True
+    [line] = request_log(stack, user)
+    # The fake holds its first text back for a chunk delay, so the model's
+    # share is at least that; the time to the first byte holds the model's
+    # share and all of the whole reply's time holds both.
+    assert line["model_first_delta_ms"] >= SLOW_CHUNK_MS, line
+    assert line["latency_ms"] >= line["first_byte_ms"] >= line["model_first_delta_ms"], line
+    # An answer in one piece has no first delta to time.
+    plain = unique("u")
+    status, _, body = post_chat(stack.url, plain, "hello")
+    assert status == 200, body
+    [line] = request_log(stack, plain)
+    assert "first_byte_ms" not in line and "model_first_delta_ms" not in line, line
+
+
 def test_a_mid_stream_model_failure_ends_with_an_error_event_and_records_nothing(stack, unique):
     user, marker = unique("u"), unique("midfail")
     s, events = stream_all(stack.url, user, f"{marker} one two three #fake:stream_error_after=2")
