@@ -43,6 +43,13 @@ void AddErrorMember(std::string& body, std::string_view key, std::string_view ra
 
 // What history and export answer when an archived user's memory could not be
 // brought back first.
+// The error reply of a refused request, with its reason where the access log
+// line will find it.
+HttpReply Refuse(RequestContext& ctx, const Status& s) {
+  ctx.error_reason = s.reason();
+  return ErrorReply(s);
+}
+
 Status RestoreFailed() {
   return Unavailable("restore_failed", "The archived memory could not be restored; try again shortly");
 }
@@ -206,22 +213,19 @@ HttpReply HttpApi::Handle(const HttpRequest& req, RequestContext& ctx, ResponseS
       if (req.path == "/api/memory") return EraseMemory(req, ctx);
     }
     if (req.path == "/metrics") return MetricsText(req);
-    ctx.error_reason = "not_found";
-    return ErrorReply(Status(Code::kNotFound, "not_found", "No such endpoint"));
+    return Refuse(ctx, Status(Code::kNotFound, "not_found", "No such endpoint"));
   } catch (const std::exception& e) {
     LogError("handler_exception").Str("what", e.what()).Emit();
   } catch (...) {
     LogError("handler_exception").Str("what", "unknown").Emit();
   }
-  ctx.error_reason = "internal";
-  return ErrorReply(Internal("internal", "Internal error"));
+  return Refuse(ctx, Internal("internal", "Internal error"));
 }
 
 HttpReply HttpApi::Chat(const HttpRequest& req, RequestContext& ctx, ResponseStream* stream) {
   ChatTrace& trace = ctx.chat;
   auto fail = [&](const Status& s) {
-    ctx.error_reason = s.reason();
-    HttpReply reply = ErrorReply(s);
+    HttpReply reply = Refuse(ctx, s);
     AddRateHeaders(rate_policy_, trace, reply);
     return reply;
   };
@@ -350,8 +354,7 @@ void HttpApi::EnableUserData(UserDataStore* data, RateLimiter* limiter) {
 Result<UserId> HttpApi::DataUser(const HttpRequest& req, const char* method, RequestContext& ctx,
                                       HttpReply& refused) {
   auto fail = [&](const Status& s) {
-    ctx.error_reason = s.reason();
-    refused = ErrorReply(s);
+    refused = Refuse(ctx, s);
     return s;
   };
   if (req.method != method) {
@@ -399,10 +402,7 @@ HttpReply HttpApi::History(const HttpRequest& req, RequestContext& ctx) {
   HttpReply refused;
   Result<UserId> user = DataUser(req, "GET", ctx, refused);
   if (!user.ok()) return refused;
-  auto fail = [&](const Status& s) {
-    ctx.error_reason = s.reason();
-    return ErrorReply(s);
-  };
+  auto fail = [&](const Status& s) { return Refuse(ctx, s); };
   int limit = kHistoryDefaultLimit;
   Result<std::optional<std::string>> limit_text = QueryParam(req.query, "limit");
   if (!limit_text.ok()) return fail(limit_text.status());
@@ -422,9 +422,7 @@ HttpReply HttpApi::History(const HttpRequest& req, RequestContext& ctx) {
     if (!before) return fail(InvalidArgument("invalid_cursor", "before must be a cursor from a previous page"));
   }
   // An archived user's history is restored on read, like on a chat.
-  if (Result<int64_t> r = data_->RestoreIfArchived(*user); !r.ok()) {
-    return fail(RestoreFailed());
-  }
+  if (Result<int64_t> r = data_->RestoreIfArchived(*user); !r.ok()) return fail(RestoreFailed());
   Result<HistoryPage> page = data_->History(*user, limit, before);
   if (!page.ok()) return fail(page.status());
   HttpReply reply;
@@ -436,12 +434,9 @@ HttpReply HttpApi::Export(const HttpRequest& req, RequestContext& ctx) {
   HttpReply refused;
   Result<UserId> user = DataUser(req, "GET", ctx, refused);
   if (!user.ok()) return refused;
+  // Restored before the first byte, as History does, so a failure is still an ordinary error reply.
   Result<int64_t> restored = data_->RestoreIfArchived(*user);
-  if (!restored.ok()) {
-    const Status failed = RestoreFailed();
-    ctx.error_reason = failed.reason();
-    return ErrorReply(failed);
-  }
+  if (!restored.ok()) return Refuse(ctx, RestoreFailed());
   HttpReply reply;
   reply.headers.emplace_back("Content-Disposition", "attachment; filename=\"chatd-export.json\"");
   // Sent on as written, not gathered by nginx first (nor spooled to disk).
@@ -464,9 +459,8 @@ HttpReply HttpApi::EraseMemory(const HttpRequest& req, RequestContext& ctx) {
   if (!erased.ok()) {
     LogError("erase_failed").Str("user", *user).Str("reason", erased.status().reason())
         .Str("detail", erased.status().message()).Emit();
-    ctx.error_reason = "erase_failed";
     // Every step is idempotent: a retry finishes the job.
-    return ErrorReply(Unavailable("erase_failed", "The memory could not be erased completely; retry the request"));
+    return Refuse(ctx, Unavailable("erase_failed", "The memory could not be erased completely; retry the request"));
   }
   HttpReply reply;
   reply.body = "{\"deleted\":{\"messages\":" + std::to_string(*erased) + "}}";
