@@ -4,7 +4,7 @@
 //   chroma_bench --url URL [--users 2000] [--messages 50] [--dims 256]
 //                [--threads 4] [--first 200] [--queries 2000] [--adds 100]
 //                [--sample 50] [--timeout-ms 10000] [--pid PID] [--shards 16]
-//                [--sync-threshold 1000] [--first-user 0] [--batch-users 1]
+//                [--sync-threshold 1000] [--hnsw-max-neighbors 8] [--hnsw-ef-construction 40] [--first-user 0] [--batch-users 1]
 //                [--range-queries 50] load|query|cold
 //
 //   load   users --first-user .. --users - 1 get M messages each, upserted B
@@ -86,6 +86,8 @@ struct Options {
   int pid = 0;  // Chroma's, for its CPU time; 0: not measured
   int shards = chatd::kDefaultChromaShards;
   int sync_threshold = 1000;
+  int hnsw_max_neighbors = chatd::chroma_json::HnswBuild{}.max_neighbors;
+  int hnsw_ef_construction = chatd::chroma_json::HnswBuild{}.ef_construction;
   int first_user = 0;   // load: users before this one are already in Chroma
   int batch_users = 1;  // load: users per Upsert call (one upsert per shard inside)
   int range_queries = 50;  // query: recalls excluding a hot half by id, as for a user whose hot set is full
@@ -155,7 +157,9 @@ chatd::ChromaStore MakeStore(const Options& o, std::atomic<uint64_t>* calls) {
   co.connect_timeout_ms = kConnectTimeoutMs;
   co.call_counter = calls;
   co.shards = o.shards;
-  co.sync_threshold = o.sync_threshold;
+  co.hnsw.sync_threshold = o.sync_threshold;
+  co.hnsw.max_neighbors = o.hnsw_max_neighbors;
+  co.hnsw.ef_construction = o.hnsw_ef_construction;
   return chatd::ChromaStore(co);
 }
 
@@ -493,6 +497,8 @@ bool ParseArgs(int argc, char** argv, Options& o) {
       {"--sample", 1, 100000, &o.sample},      {"--first", 0, 1000000, &o.first},
       {"--pid", 1, 4194304, &o.pid},          {"--shards", 1, chatd::kMaxChromaShards, &o.shards},
       {"--sync-threshold", 2, 1000000, &o.sync_threshold},
+      {"--hnsw-max-neighbors", 2, 1000, &o.hnsw_max_neighbors},
+      {"--hnsw-ef-construction", 1, 100000, &o.hnsw_ef_construction},
       {"--first-user", 0, 1000000, &o.first_user},   {"--batch-users", 1, 10000, &o.batch_users},
       {"--range-queries", 0, 1000000, &o.range_queries},
   };
@@ -534,7 +540,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr,
                  "usage: chroma_bench --url URL [--users N] [--messages M] [--dims D] [--threads P] "
                  "[--first F] [--queries Q] [--adds A] [--sample S] [--timeout-ms T] [--pid PID] [--shards N] "
-                 "[--sync-threshold S] [--first-user U] [--batch-users B] [--range-queries R] load|query|cold\n");
+                 "[--sync-threshold S] [--hnsw-max-neighbors M] [--hnsw-ef-construction E] [--first-user U] [--batch-users B] [--range-queries R] load|query|cold\n");
     return 2;
   }
   chatd::InitHttpGlobal();
