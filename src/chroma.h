@@ -38,8 +38,9 @@ struct ChromaOptions {
   int64_t timeout_ms = 1000;          // each HTTP call, whole
   int64_t connect_timeout_ms = 500;
   // How new shard collections build their HNSW graph. chatd only ever searches
-  // with a `where user` filter, which the graph's quality barely affects; the
-  // build's cost is most of Chroma's CPU per record written (docs/memory.md).
+  // with a `where user` filter, for which a sparser graph found the same
+  // records; building the graph was half of Chroma's CPU per record written
+  // (docs/memory.md).
   chroma_json::HnswBuild hnsw;
   int shards = kDefaultChromaShards;  // fixed for a deployment: changing it needs a migration
   // Incremented once per HTTP call to Chroma (may be null): the benchmark

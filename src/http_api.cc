@@ -41,8 +41,6 @@ void AddErrorMember(std::string& body, std::string_view key, std::string_view ra
   body.append(",\"").append(key).append("\":").append(raw_json).push_back('}');
 }
 
-// What history and export answer when an archived user's memory could not be
-// brought back first.
 // The error reply of a refused request, with its reason where the access log
 // line will find it.
 HttpReply Refuse(RequestContext& ctx, const Status& s) {
@@ -50,6 +48,8 @@ HttpReply Refuse(RequestContext& ctx, const Status& s) {
   return ErrorReply(s);
 }
 
+// What history and export answer when an archived user's memory could not be
+// brought back first.
 Status RestoreFailed() {
   return Unavailable("restore_failed", "The archived memory could not be restored; try again shortly");
 }
