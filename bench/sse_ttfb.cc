@@ -1,4 +1,4 @@
-// sse_ttfb: the stream benchmark's client. C closed-loop connections, each
+// sse_ttfb: the stream benchmark's client. `--connections` closed loops, each
 // sending one streamed request over HTTP/1.0 after another for a fixed time,
 // and recording for each the time from writing the request to the first byte
 // of the first event that carries text (`--first`), and whether the end marker
@@ -18,7 +18,6 @@
 // object: {"requests":[[w,i,ok,ttfb_ms],...]}; ttfb_ms is null when no first
 // marker came. Exit 2 on a usage error.
 #include <arpa/inet.h>
-#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/epoll.h>
@@ -29,7 +28,6 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <string>
 #include <string_view>
 #include <vector>
