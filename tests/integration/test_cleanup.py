@@ -352,14 +352,21 @@ def check_archive_file(world: World, user: str, last_activity: int, expected_rec
 # Archive
 
 
-def test_inactive_users_are_archived_and_removed_and_active_ones_untouched(world, unique):
+# A rate key that outlives the test: the sliding log's TTL runs a window from
+# each admission, where a fixed window's ends at a wall-clock boundary, which a
+# chat in the last second of a minute would cross before the test looks.
+LASTING_RATE_ENV = {"CHATD_RATE_ALGORITHM": "sliding", "CHATD_RATE_WINDOW_S": "3600"}
+
+
+def test_inactive_users_are_archived_and_removed_and_active_ones_untouched(make_world, unique):
+    world = make_world(pool_env=LASTING_RATE_ENV)
     sleepers = {unique("sleeper"): 2, unique("sleeper"): 1}
     for user, turns in sleepers.items():
         converse(world, user, [f"old message {i} of {user}" for i in range(turns)])
     before = {u: world.wait_indexed(u, 2 * n)[u] for u, n in sleepers.items()}
     last_seen = {u: activity(world.redis, u) for u in sleepers}
     for user in sleepers:
-        assert world.redis.command("EXISTS", rkeys.user_key(user, "rl:fixed")) == 1  # so its removal means something
+        assert world.redis.command("EXISTS", rkeys.user_key(user, "rl:sliding")) == 1  # so its removal means something
     cutoff = max(last_seen.values()) + 1
 
     active = unique("active")
