@@ -631,7 +631,7 @@ def _model_first_content_ms(stack: Stack, marker: str) -> "dict[str, float]":
 def _sse_closed_loop(stack: Stack, port: int, path: str, body: str, headers: "list[str]", first: str, end: str,
                      connections: int, duration_s: float) -> "list[dict[str, Any]]":
     """`connections` closed loops of streamed requests for `duration_s`, by the
-    bench's C client (bench/sse_ttfb.cc): one epoll thread, so its own delay in
+    bench's C++ client (bench/sse_ttfb.cc): one epoll thread, so its own delay in
     noticing a first delta is microseconds, not an asyncio loop's milliseconds
     on the cores it shares with the server. `body` may hold {w}, {i}, {u}."""
     argv = [str(stack.build_dir / "bin" / "sse_ttfb"), "--host", LOOPBACK, "--port", str(port), "--path", path,
