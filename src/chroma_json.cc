@@ -492,6 +492,20 @@ const char* ReadFloat(const char* first, const char* last, float* out) {
 Result<size_t> ReadVectorColumn(std::string_view text, size_t pos, std::vector<std::vector<float>>& out) {
   const auto skip_space = [&] { pos = SkipJsonSpace(text, pos); };
   const auto at = [&](char c) { return pos < text.size() && text[pos] == c; };
+  // After an element of either array: a comma (another follows), the closing
+  // bracket (passed), or anything else (malformed).
+  enum class Next { kMore, kEnd, kBad };
+  const auto next = [&] {
+    skip_space();
+    if (at(',')) {
+      ++pos;
+      skip_space();
+      return Next::kMore;
+    }
+    if (!at(']')) return Next::kBad;
+    ++pos;
+    return Next::kEnd;
+  };
   if (!at('[')) return BadResponse("embeddings are not an array");
   ++pos;
   skip_space();
@@ -517,28 +531,15 @@ Result<size_t> ReadVectorColumn(std::string_view text, size_t pos, std::vector<s
         if (end == nullptr) return BadResponse("embedding value out of float range");
         v.push_back(f);
         pos = static_cast<size_t>(end - text.data());
-        skip_space();
-        if (at(',')) {
-          ++pos;
-          skip_space();
-          continue;
-        }
-        if (at(']')) {
-          ++pos;
-          break;
-        }
-        return BadResponse("embedding holds a non-number");
+        const Next after = next();
+        if (after == Next::kBad) return BadResponse("embedding holds a non-number");
+        if (after == Next::kEnd) break;
       }
     }
     dimensions = v.size();
-    skip_space();
-    if (at(',')) {
-      ++pos;
-      skip_space();
-      continue;
-    }
-    if (at(']')) return pos + 1;
-    return BadResponse("embeddings are not an array of vectors");
+    const Next after = next();
+    if (after == Next::kBad) return BadResponse("embeddings are not an array of vectors");
+    if (after == Next::kEnd) return pos;
   }
 }
 
