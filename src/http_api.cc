@@ -402,29 +402,28 @@ HttpReply HttpApi::History(const HttpRequest& req, RequestContext& ctx) {
   HttpReply refused;
   Result<UserId> user = DataUser(req, "GET", ctx, refused);
   if (!user.ok()) return refused;
-  auto fail = [&](const Status& s) { return Refuse(ctx, s); };
   int limit = kHistoryDefaultLimit;
   Result<std::optional<std::string>> limit_text = QueryParam(req.query, "limit");
-  if (!limit_text.ok()) return fail(limit_text.status());
+  if (!limit_text.ok()) return Refuse(ctx, limit_text.status());
   if (*limit_text) {
     std::optional<int64_t> n = ParseDecimal(**limit_text);
     if (!n || *n < 1 || *n > kHistoryMaxLimit) {
-      return fail(InvalidArgument("invalid_limit", "limit must be a whole number from 1 to " +
-                                                        std::to_string(kHistoryMaxLimit)));
+      return Refuse(ctx, InvalidArgument("invalid_limit", "limit must be a whole number from 1 to " +
+                                                              std::to_string(kHistoryMaxLimit)));
     }
     limit = static_cast<int>(*n);
   }
   std::optional<HistoryCursor> before;
   Result<std::optional<std::string>> before_text = QueryParam(req.query, "before");
-  if (!before_text.ok()) return fail(before_text.status());
+  if (!before_text.ok()) return Refuse(ctx, before_text.status());
   if (*before_text) {
     before = ParseCursor(**before_text);
-    if (!before) return fail(InvalidArgument("invalid_cursor", "before must be a cursor from a previous page"));
+    if (!before) return Refuse(ctx, InvalidArgument("invalid_cursor", "before must be a cursor from a previous page"));
   }
   // An archived user's history is restored on read, like on a chat.
-  if (Result<int64_t> r = data_->RestoreIfArchived(*user); !r.ok()) return fail(RestoreFailed());
+  if (Result<int64_t> r = data_->RestoreIfArchived(*user); !r.ok()) return Refuse(ctx, RestoreFailed());
   Result<HistoryPage> page = data_->History(*user, limit, before);
-  if (!page.ok()) return fail(page.status());
+  if (!page.ok()) return Refuse(ctx, page.status());
   HttpReply reply;
   reply.body = HistoryBody(*page);
   return reply;
