@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "archive.h"
+#include "chroma.h"
 #include "chatd/clock.h"
 #include "decimal.h"
 #include "chatd/indexer.h"
@@ -19,8 +20,6 @@
 #include "random_id.h"
 #include "redis_memory.h"
 #include "chatd/redis_schema.h"
-
-#include "chroma.h"
 
 namespace chatd {
 

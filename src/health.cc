@@ -2,7 +2,6 @@
 
 #include "chroma.h"
 
-
 namespace chatd {
 
 namespace {

@@ -10,12 +10,11 @@
 #include <set>
 
 #include "archive.h"
+#include "chroma.h"
 #include "chatd/clock.h"
 #include "decimal.h"
 #include "json.h"
 #include "chatd/log.h"
-
-#include "chroma.h"
 #include "hot_record.h"
 #include "redis_memory.h"
 #include "json_writer.h"
