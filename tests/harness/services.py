@@ -273,6 +273,10 @@ class Pool(_Service):
         """The JSON lines of the log (other lines, e.g. multiwatch's, skipped)."""
         return json_log_records(self.log_text())
 
+    def request_lines(self, user: str) -> "list[dict]":
+        """The access log lines (event "request") of one user's requests."""
+        return [r for r in self.log_records() if r.get("event") == "request" and r.get("user") == user]
+
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> float:
         """SIGTERM to multiwatch (spawn-fcgi exec'd it), which asks the workers
         to finish (SIGUSR1) and exits when they have. Returns the seconds it took;

@@ -10,7 +10,7 @@ import http.client
 import json
 import urllib.parse
 
-from harness.stack import http_json, http_request, poll_until, post_chat, scrape_metrics
+from harness.stack import http_json, poll_until, post_chat, scrape_metrics
 
 # Bound of every poll below; far above what it takes on an idle machine.
 POLL_TIMEOUT_S = 15
@@ -147,7 +147,7 @@ def request_log(stack, user):
     found = []
 
     def logged():
-        found[:] = [r for r in stack.pool.log_records() if r.get("event") == "request" and r.get("user") == user]
+        found[:] = stack.pool.request_lines(user)
         return bool(found)
 
     assert poll_until(logged, POLL_TIMEOUT_S), f"no request line for {user}"
