@@ -1,4 +1,4 @@
-// Helpers shared by the Chroma bench drivers (chroma_bench, chroma_layouts):
+// Helpers shared by the bench drivers (chroma_bench, chroma_layouts, sse_ttfb):
 // timing, latency series as JSON, flag parsing and the synthetic topics.
 #pragma once
 

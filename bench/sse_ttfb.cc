@@ -27,10 +27,11 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
-#include <cstdlib>
 #include <string>
 #include <string_view>
 #include <vector>
+
+#include "bench_util.h"
 
 namespace {
 
@@ -44,12 +45,12 @@ constexpr int kMaxEvents = 256;
 
 struct Options {
   std::string host = "127.0.0.1";
-  int port = 0;
+  int64_t port = 0;
   std::string path = "/api/chat";
-  int connections = 1;
-  double duration_s = 10;
-  double timeout_s = 60;
-  long users = 2000;
+  int64_t connections = 1;
+  int64_t duration_s = 10;
+  int64_t timeout_s = 60;
+  int64_t users = 2000;
   std::string body;
   std::string first;
   std::string end;
@@ -85,7 +86,7 @@ std::string Replace(std::string s, std::string_view key, const std::string& valu
 std::string Request(const Options& o, int w, long i) {
   std::string body = Replace(o.body, "{w}", std::to_string(w));
   body = Replace(body, "{i}", std::to_string(i));
-  body = Replace(body, "{u}", std::to_string((static_cast<long>(w) * kUserStride + i) % o.users));
+  body = Replace(body, "{u}", std::to_string((static_cast<int64_t>(w) * kUserStride + i) % o.users));
   std::string head = "POST " + o.path + " HTTP/1.0\r\nHost: bench\r\nContent-Type: application/json\r\n";
   for (const auto& h : o.headers) head += h + "\r\n";
   return head + "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
@@ -160,24 +161,42 @@ void Finish(int epfd, Conn& c, std::vector<Result>& results) {
 }
 
 bool ParseArgs(int argc, char** argv, Options& o) {
+  struct IntFlag {
+    const char* name;
+    int64_t min, max;
+    int64_t* target;
+  };
+  const IntFlag ints[] = {
+      {"--port", 1, 65535, &o.port},          {"--connections", 1, 100000, &o.connections},
+      {"--duration-s", 1, 86400, &o.duration_s}, {"--timeout-s", 1, 3600, &o.timeout_s},
+      {"--users", 1, 1000000000, &o.users},
+  };
   for (int k = 1; k + 1 < argc; k += 2) {
     std::string_view flag = argv[k];
     const char* v = argv[k + 1];
-    if (flag == "--host") o.host = v;
-    else if (flag == "--port") o.port = std::atoi(v);
-    else if (flag == "--path") o.path = v;
-    else if (flag == "--connections") o.connections = std::atoi(v);
-    else if (flag == "--duration-s") o.duration_s = std::atof(v);
-    else if (flag == "--timeout-s") o.timeout_s = std::atof(v);
-    else if (flag == "--users") o.users = std::atol(v);
-    else if (flag == "--body") o.body = v;
-    else if (flag == "--first") o.first = v;
-    else if (flag == "--end") o.end = v;
-    else if (flag == "--header") o.headers.emplace_back(v);
-    else return false;
+    const IntFlag* number = nullptr;
+    for (const IntFlag& f : ints) {
+      if (flag == f.name) number = &f;
+    }
+    if (number != nullptr) {
+      if (!bench::ParseInt(v, number->min, number->max, *number->target)) return false;
+    } else if (flag == "--host") {
+      o.host = v;
+    } else if (flag == "--path") {
+      o.path = v;
+    } else if (flag == "--body") {
+      o.body = v;
+    } else if (flag == "--first") {
+      o.first = v;
+    } else if (flag == "--end") {
+      o.end = v;
+    } else if (flag == "--header") {
+      o.headers.emplace_back(v);
+    } else {
+      return false;
+    }
   }
-  return argc % 2 == 1 && o.port > 0 && o.port < 65536 && o.connections > 0 && o.users > 0 &&
-         o.duration_s > 0 && o.timeout_s > 0 && !o.body.empty() && !o.first.empty() && !o.end.empty();
+  return argc % 2 == 1 && o.port > 0 && !o.body.empty() && !o.first.empty() && !o.end.empty();
 }
 
 }  // namespace
@@ -194,11 +213,10 @@ int main(int argc, char** argv) {
   if (epfd < 0) return 1;
   std::vector<Conn> conns(static_cast<size_t>(o.connections));
   std::vector<Result> results;
-  const auto stop_at = Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                          std::chrono::duration<double>(o.duration_s));
-  const auto timeout = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.timeout_s));
+  const auto stop_at = Clock::now() + std::chrono::seconds(o.duration_s);
+  const auto timeout = std::chrono::seconds(o.timeout_s);
   int open = 0;
-  for (int w = 0; w < o.connections; ++w) {
+  for (int w = 0; w < static_cast<int>(o.connections); ++w) {
     conns[static_cast<size_t>(w)].w = w;
     if (!Open(o, epfd, conns[static_cast<size_t>(w)])) {
       std::perror("sse_ttfb: connect");
