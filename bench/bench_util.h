@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace bench {
@@ -92,6 +93,28 @@ inline bool ParseInt(const char* text, int64_t min, int64_t max, int64_t& out) {
   if (errno != 0 || end == text || *end != '\0' || v < min || v > max) return false;
   out = v;
   return true;
+}
+
+// A flag that takes a whole number within [min, max].
+template <typename T>
+struct IntFlag {
+  const char* name;
+  int64_t min, max;
+  T* target;
+};
+enum class FlagParse { kUnknown, kBad, kSet };
+
+// Sets the flag of `flags` named `name` from `value`.
+template <typename T, size_t N>
+FlagParse ParseIntFlag(std::string_view name, const char* value, const IntFlag<T> (&flags)[N]) {
+  for (const IntFlag<T>& f : flags) {
+    if (name != f.name) continue;
+    int64_t v = 0;
+    if (!ParseInt(value, f.min, f.max, v)) return FlagParse::kBad;
+    *f.target = static_cast<T>(v);
+    return FlagParse::kSet;
+  }
+  return FlagParse::kUnknown;
 }
 
 }  // namespace bench

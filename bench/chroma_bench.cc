@@ -485,12 +485,7 @@ int RunCold(const Options& o) {
 }
 
 bool ParseArgs(int argc, char** argv, Options& o) {
-  struct IntFlag {
-    const char* name;
-    int64_t min, max;
-    int* target;
-  };
-  const IntFlag flags[] = {
+  const IntFlag<int> flags[] = {
       {"--users", 2, 1000000, &o.users},       {"--messages", 6, 100000, &o.messages},
       {"--dims", 1, 16384, &o.dims},           {"--threads", 1, 256, &o.threads},
       {"--queries", 0, 10000000, &o.queries},  {"--adds", 0, 10000000, &o.adds},
@@ -520,14 +515,7 @@ bool ParseArgs(int argc, char** argv, Options& o) {
       o.timeout_ms = v;
       continue;
     }
-    bool known = false;
-    for (const IntFlag& f : flags) {
-      if (arg != f.name) continue;
-      if (!ParseInt(value, f.min, f.max, v)) return false;
-      *f.target = static_cast<int>(v);
-      known = true;
-    }
-    if (!known) return false;
+    if (ParseIntFlag(arg, value, flags) != FlagParse::kSet) return false;
   }
   return !o.url.empty() && !o.command.empty();
 }

@@ -659,31 +659,19 @@ std::string LoadAvg() {
 }
 
 bool ParseArgs(int argc, char** argv, Options& o) {
-  struct IntFlag {
-    const char* name;
-    int* target;
-    int64_t min, max;
-  };
-  const IntFlag ints[] = {
-      {"--shards", &o.shards, 0, 100000},  {"--from", &o.from, 0, 10000000}, {"--to", &o.to, 1, 10000000},
-      {"--messages", &o.messages, 2, 10000}, {"--dims", &o.dims, 1, 4096},   {"--threads", &o.threads, 1, 64},
-      {"--batch", &o.batch, 1, 10000},     {"--queries", &o.queries, 0, 1000000}, {"--adds", &o.adds, 0, 100000},
-      {"--pid", &o.pid, 0, 1 << 30},
+  const IntFlag<int> ints[] = {
+      {"--shards", 0, 100000, &o.shards},  {"--from", 0, 10000000, &o.from}, {"--to", 1, 10000000, &o.to},
+      {"--messages", 2, 10000, &o.messages}, {"--dims", 1, 4096, &o.dims},   {"--threads", 1, 64, &o.threads},
+      {"--batch", 1, 10000, &o.batch},     {"--queries", 0, 1000000, &o.queries}, {"--adds", 0, 100000, &o.adds},
+      {"--pid", 0, 1 << 30, &o.pid},
   };
   for (int i = 1; i < argc; ++i) {
     std::string_view flag = argv[i];
     if (i + 1 >= argc) return false;
     const char* value = argv[++i];
-    bool known = false;
-    for (const IntFlag& f : ints) {
-      if (flag == f.name) {
-        int64_t v;
-        if (!ParseInt(value, f.min, f.max, v)) return false;
-        *f.target = static_cast<int>(v);
-        known = true;
-      }
-    }
-    if (known) continue;
+    const FlagParse number = ParseIntFlag(flag, value, ints);
+    if (number == FlagParse::kBad) return false;
+    if (number == FlagParse::kSet) continue;
     if (flag == "--url") {
       o.url = value;
     } else if (flag == "--layout") {

@@ -161,12 +161,7 @@ void Finish(int epfd, Conn& c, std::vector<Result>& results) {
 }
 
 bool ParseArgs(int argc, char** argv, Options& o) {
-  struct IntFlag {
-    const char* name;
-    int64_t min, max;
-    int64_t* target;
-  };
-  const IntFlag ints[] = {
+  const bench::IntFlag<int64_t> ints[] = {
       {"--port", 1, 65535, &o.port},          {"--connections", 1, 100000, &o.connections},
       {"--duration-s", 1, 86400, &o.duration_s}, {"--timeout-s", 1, 3600, &o.timeout_s},
       {"--users", 1, 1000000000, &o.users},
@@ -174,13 +169,10 @@ bool ParseArgs(int argc, char** argv, Options& o) {
   for (int k = 1; k + 1 < argc; k += 2) {
     std::string_view flag = argv[k];
     const char* v = argv[k + 1];
-    const IntFlag* number = nullptr;
-    for (const IntFlag& f : ints) {
-      if (flag == f.name) number = &f;
-    }
-    if (number != nullptr) {
-      if (!bench::ParseInt(v, number->min, number->max, *number->target)) return false;
-    } else if (flag == "--host") {
+    const bench::FlagParse number = bench::ParseIntFlag(flag, v, ints);
+    if (number == bench::FlagParse::kBad) return false;
+    if (number == bench::FlagParse::kSet) continue;
+    if (flag == "--host") {
       o.host = v;
     } else if (flag == "--path") {
       o.path = v;
