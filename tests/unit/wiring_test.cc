@@ -73,6 +73,25 @@ BOOST_AUTO_TEST_CASE(both_binaries_reach_the_same_redis_and_chroma_the_same_way)
   BOOST_TEST(cleanup_chroma.timeout_ms >= chatd_chroma.timeout_ms);
 }
 
+BOOST_AUTO_TEST_CASE(the_hnsw_build_of_new_shards_is_the_configured_one_and_defaults_to_the_adapters_own) {
+  // Config (public) cannot include the adapter's header, so the defaults are
+  // written in both: this keeps them one.
+  const chroma_json::HnswBuild adapter_default;
+  Config defaults = Load({});
+  Config set = Load({{"CHATD_CHROMA_HNSW_MAX_NEIGHBORS", "12"}, {"CHATD_CHROMA_HNSW_EF_CONSTRUCTION", "60"},
+                     {"CHATD_CHROMA_SYNC_THRESHOLD", "500"}});
+  for (Binary b : kBoth) {  // the cleanup's migration creates shards too
+    const chroma_json::HnswBuild d = MakeChromaOptions(defaults, b, nullptr).hnsw;
+    BOOST_TEST(d.max_neighbors == adapter_default.max_neighbors);
+    BOOST_TEST(d.ef_construction == adapter_default.ef_construction);
+    BOOST_TEST(d.sync_threshold == adapter_default.sync_threshold);
+    const chroma_json::HnswBuild o = MakeChromaOptions(set, b, nullptr).hnsw;
+    BOOST_TEST(o.max_neighbors == 12);
+    BOOST_TEST(o.ef_construction == 60);
+    BOOST_TEST(o.sync_threshold == 500);
+  }
+}
+
 BOOST_AUTO_TEST_CASE(only_chatd_gets_a_model) {
   Config c = Load({});
   BOOST_TEST((Wire(c, Binary::kChatd).llm != nullptr));
