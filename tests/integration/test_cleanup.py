@@ -33,6 +33,7 @@ from harness.chroma_layout import (CHROMA_PREFIX, legacy_collection_name, legacy
 from harness import keys as rkeys
 from harness.stack import (LOOPBACK, Chroma, Redis, concurrently, http_json, json_log_records, poll_until, post_chat,
                            scrape_metrics)
+from harness.windows import LASTING_RATE_ENV
 
 INDEX_GROUP = "indexers"
 EXCERPT_PREAMBLE = "Quoted earlier conversation with this user"
@@ -316,6 +317,9 @@ def make_world(module_chroma, tmp_path, build_dir, stack, new_pool):
                              "CHATD_CHROMA_URL": pool_chroma_url or module_chroma.url,
                              "CHATD_RATE_LIMIT": HIGH_RATE_LIMIT,
                              "CHATD_CHROMA_TIMEOUT_MS": PATIENT_CHROMA_TIMEOUT_MS,
+                             # Tests compare a user's keys before and after a run: a
+                             # fixed window's counter would expire at the next minute.
+                             **LASTING_RATE_ENV,
                              **(pool_env or {})}, workers=workers, threads=2)
         started[0] = (redis, frontend)
         return World(stack, redis, module_chroma, frontend, tmp_path / "archive",
@@ -352,14 +356,8 @@ def check_archive_file(world: World, user: str, last_activity: int, expected_rec
 # Archive
 
 
-# A rate key that outlives the test: the sliding log's TTL runs a window from
-# each admission, where a fixed window's ends at a wall-clock boundary, which a
-# chat in the last second of a minute would cross before the test looks.
-LASTING_RATE_ENV = {"CHATD_RATE_ALGORITHM": "sliding", "CHATD_RATE_WINDOW_S": "3600"}
-
-
 def test_inactive_users_are_archived_and_removed_and_active_ones_untouched(make_world, unique):
-    world = make_world(pool_env=LASTING_RATE_ENV)
+    world = make_world()
     sleepers = {unique("sleeper"): 2, unique("sleeper"): 1}
     for user, turns in sleepers.items():
         converse(world, user, [f"old message {i} of {user}" for i in range(turns)])

@@ -13,44 +13,18 @@ import pytest
 
 from harness import keys as rkeys
 from harness.stack import UNCAPPED, Redis, concurrently, poll_until, post_chat
+from harness.windows import in_one_fixed_window
 
 DEFAULT_LIMIT = 30  # include/chatd/config.h
 DEFAULT_WINDOW_S = 60
 ALGORITHMS = ("fixed", "sliding")
 
-# A fixed window can end in the middle of a burst, and then the burst is
-# legitimately split over two windows; such an attempt proves nothing and is
-# run again with a fresh user. A burst starts only with this much of its
-# window left (at most half the window), so a retry is rare.
-WINDOW_ATTEMPTS = 3
-FIXED_WINDOW_MARGIN_MS = 5000
 RATELIMIT_RE = re.compile(r'^"default";r=(\d+);t=(\d+)$')
 RECOVERY_TIMEOUT_S = 20.0
 
 
 def rl_key(user: str, algorithm: str) -> str:
     return rkeys.user_key(user, f"rl:{algorithm}")
-
-
-def redis_now_ms(stack) -> int:
-    seconds, micros = stack.redis.command("TIME")
-    return int(seconds) * 1000 + int(micros) // 1000
-
-
-def in_one_fixed_window(stack, window_s: int, attempt):
-    """Runs attempt() until one run began and ended in the same fixed window of
-    Redis time (so the window cannot have reset during it); returns its result."""
-    window_ms = window_s * 1000
-    margin_ms = min(window_ms // 2, FIXED_WINDOW_MARGIN_MS)
-    for _ in range(WINDOW_ATTEMPTS):
-        left_ms = window_ms - redis_now_ms(stack) % window_ms
-        if left_ms < margin_ms:
-            time.sleep((left_ms + 10) / 1000)  # until the next window starts, by Redis's clock
-        before = redis_now_ms(stack) // window_ms
-        result = attempt()
-        if redis_now_ms(stack) // window_ms == before:
-            return result
-    pytest.fail(f"{WINDOW_ATTEMPTS} attempts all straddled a window boundary")
 
 
 def statuses(results) -> Counter:
@@ -85,7 +59,7 @@ def test_seed_31_concurrent_requests_for_one_user(stack, unique):
         return concurrently(chat, [(stack.url, user) for _ in range(DEFAULT_LIMIT + 1)],
                             max_workers=DEFAULT_LIMIT + 1)
 
-    results = in_one_fixed_window(stack, DEFAULT_WINDOW_S, attempt)
+    results = in_one_fixed_window(stack.redis, DEFAULT_WINDOW_S, attempt)
     counts = statuses(results)
     assert counts == {200: DEFAULT_LIMIT, 429: 1}, counts
     for status, headers, body in results:
@@ -112,21 +86,22 @@ def test_exactly_the_limit_is_admitted_under_concurrency(stack, new_pool, unique
         results = concurrently(chat, calls, max_workers=len(calls))
         mine = [r for call, r in zip(calls, results) if call[1] == user]
         theirs = [r for call, r in zip(calls, results) if call[1] == bystander]
-        return user, mine, theirs
-
-    for _ in range(rounds):
-        if algorithm == "fixed":
-            user, mine, theirs = in_one_fixed_window(stack, window_s, one_round)
-        else:
-            user, mine, theirs = one_round()
-        assert statuses(mine) == {200: limit, 429: burst - limit}
-        assert statuses(theirs) == {200: bystander_requests}
-        # Rejections did not consume quota: Redis holds exactly the admissions.
+        # Read in the round, so in the same fixed window as the burst.
         key = rl_key(user, algorithm)
         stored = int(stack.redis.command("HGET", key, "n")) if algorithm == "fixed" \
             else stack.redis.command("ZCARD", key)
+        return mine, theirs, stored, stack.redis.command("PTTL", key)
+
+    for _ in range(rounds):
+        if algorithm == "fixed":
+            mine, theirs, stored, ttl = in_one_fixed_window(stack.redis, window_s, one_round)
+        else:
+            mine, theirs, stored, ttl = one_round()
+        assert statuses(mine) == {200: limit, 429: burst - limit}
+        assert statuses(theirs) == {200: bystander_requests}
+        # Rejections did not consume quota: Redis holds exactly the admissions.
         assert stored == limit
-        assert stack.redis.command("PTTL", key) > 0
+        assert ttl > 0
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -141,7 +116,7 @@ def test_user_is_admitted_again_once_the_window_passed(stack, new_pool, unique, 
         return user, results
 
     if algorithm == "fixed":
-        user, results = in_one_fixed_window(stack, window_s, fill_until_rejected)
+        user, results = in_one_fixed_window(stack.redis, window_s, fill_until_rejected)
     else:
         user, results = fill_until_rejected()
     assert [s for s, _, _ in results] == [200] * limit + [429]
@@ -211,22 +186,30 @@ def test_sliding_log_never_admits_more_than_the_limit_in_any_rolling_window(stac
 def test_every_rate_limit_key_has_a_ttl(stack, new_pool, unique):
     sliding = new_pool({"CHATD_RATE_LIMIT": "2", "CHATD_RATE_ALGORITHM": "sliding"})
     fixed = new_pool({"CHATD_RATE_LIMIT": "2", "CHATD_RATE_ALGORITHM": "fixed"})
-    users = {}
-    for algorithm, frontend in (("sliding", sliding), ("fixed", fixed)):
+
+    def rate_keys():
+        keys, cursor = [], b"0"
+        while True:
+            cursor, batch = stack.redis.command("SCAN", cursor, "MATCH", "chatd:*:u:*:rl:*", "COUNT", 1000)
+            keys.extend(batch)
+            if cursor == b"0":
+                return keys
+
+    def exercise(algorithm, frontend):
         user = unique("ttl")
-        users[algorithm] = user
         # Admissions and rejections: neither may leave a key without a TTL.
         codes = [chat(frontend.url, user)[0] for _ in range(4)]
-        assert 429 in codes and 200 in codes
+        return user, codes, rate_keys()
 
-    keys, cursor = [], b"0"
-    while True:
-        cursor, batch = stack.redis.command("SCAN", cursor, "MATCH", "chatd:*:u:*:rl:*", "COUNT", 1000)
-        keys.extend(batch)
-        if cursor == b"0":
-            break
-    for algorithm, user in users.items():
-        assert rl_key(user, algorithm).encode() in keys
+    # The fixed window's four chats and its key's look-up in one window: a
+    # boundary between them resets the count and expires the key.
+    runs = {"sliding": exercise("sliding", sliding),
+            "fixed": in_one_fixed_window(stack.redis, DEFAULT_WINDOW_S, lambda: exercise("fixed", fixed))}
+    keys = set()
+    for algorithm, (user, codes, seen) in runs.items():
+        assert 429 in codes and 200 in codes, (algorithm, codes)
+        assert rl_key(user, algorithm).encode() in seen, algorithm
+        keys.update(seen)
     for key in keys:
         ttl = stack.redis.command("PTTL", key)
         # -2: expired since the SCAN, which is fine; -1 would be immortal.
@@ -262,14 +245,17 @@ def test_counter_redis_outage_follows_the_failure_mode_and_recovers_without_rest
     counters = Redis(tmp_path).start()
     try:
         # Bursts of one user test the failure mode only: cap raised on purpose.
+        # The sliding log's key lasts a window from each admission, where a
+        # fixed window's would expire at the next minute, before it is looked for.
         env = {"CHATD_RATE_REDIS_HOST": counters.host, "CHATD_RATE_REDIS_PORT": str(counters.port),
-               "CHATD_RATE_LIMIT": "1000", "CHATD_MAX_CONCURRENT_PER_USER": UNCAPPED}
+               "CHATD_RATE_LIMIT": "1000", "CHATD_MAX_CONCURRENT_PER_USER": UNCAPPED,
+               "CHATD_RATE_ALGORITHM": "sliding"}
         closed = new_pool({**env, "CHATD_RATE_FAILURE_MODE": "closed"})
         opened = new_pool({**env, "CHATD_RATE_FAILURE_MODE": "open"})
         user = unique("outage")
         for frontend in (closed, opened):
             assert chat(frontend.url, user)[0] == 200
-        assert counters.command("EXISTS", rl_key(user, "fixed")) == 1, "counters are not in the dedicated Redis"
+        assert counters.command("EXISTS", rl_key(user, "sliding")) == 1, "counters are not in the dedicated Redis"
         pids = {id(f): sorted(f.pool.worker_pids()) for f in (closed, opened)}
 
         counters.stop()
@@ -292,7 +278,7 @@ def test_counter_redis_outage_follows_the_failure_mode_and_recovers_without_rest
             assert recovered, "no 200 after Redis came back"
             assert sorted(frontend.pool.worker_pids()) == pids[id(frontend)], "a worker crashed or was restarted"
         # Counting resumed in the dedicated Redis.
-        assert counters.command("EXISTS", rl_key(user, "fixed")) == 1
+        assert counters.command("EXISTS", rl_key(user, "sliding")) == 1
     finally:
         counters.stop()
 
@@ -305,7 +291,10 @@ def test_a_flood_from_a_limited_user_costs_redis_at_most_one_call_per_worker_thr
         workers, threads, flood_size = 2, 4, 200
         # The flood counts rate-limit calls only: cap raised on purpose.
         front = new_pool({"CHATD_RATE_REDIS_HOST": counters.host, "CHATD_RATE_REDIS_PORT": str(counters.port),
-                          "CHATD_RATE_LIMIT": "2", "CHATD_MAX_CONCURRENT_PER_USER": UNCAPPED},
+                          "CHATD_RATE_LIMIT": "2", "CHATD_MAX_CONCURRENT_PER_USER": UNCAPPED,
+                          # The flood must all fall in the rejection; the sliding
+                          # log has no window boundary to reopen the quota mid-flood.
+                          "CHATD_RATE_ALGORITHM": "sliding"},
                          workers=workers, threads=threads)
         user = unique("flood")
         assert [chat(front.url, user)[0] for _ in range(2)] == [200, 200]

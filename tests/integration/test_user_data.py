@@ -24,6 +24,7 @@ import pytest
 from harness.chroma_layout import legacy_collection_name, user_records
 from harness import keys as rkeys
 from harness.stack import Redis, http_request, json_log_records, poll_until, post_chat
+from harness.windows import in_one_fixed_window
 
 MODES = ("off", "service", "jwt")
 ISSUER = "https://idp.test.example"
@@ -35,6 +36,8 @@ CLEANUP_TIMEOUT_S = 180
 INACTIVE_S = 3600
 FAR_FUTURE_MS = 30 * 24 * 3600 * 1000
 HIGH_LIMIT = "1000"
+# CHATD_DATA_RATE_WINDOW_S default (include/chatd/config.h).
+DATA_WINDOW_S = 60
 # A chat held by the fake model this long is in flight while the test erases.
 SLOW_CHAT_MS = 4000
 EXCERPT_PREAMBLE = "Quoted earlier conversation with this user"
@@ -491,23 +494,33 @@ def test_the_data_endpoints_have_a_rate_limit_of_their_own(stack, tmp_path, uniq
     redis = Redis(tmp_path / "redis").start()
     frontend = None
     try:
+        # The chat limit on the sliding log, which has no window boundary to
+        # give the quota back mid-test; the data limit always counts in fixed
+        # windows, so its part runs in one.
         frontend = stack.new_pool(pool_env(redis, tmp_path / "archive",
-                                           {"CHATD_DATA_RATE_LIMIT": "3", "CHATD_RATE_LIMIT": "2"}),
+                                           {"CHATD_DATA_RATE_LIMIT": "3", "CHATD_RATE_LIMIT": "2",
+                                            "CHATD_RATE_ALGORITHM": "sliding"}),
                                   workers=1, threads=2)
         client = Client("off", frontend)
-        user = unique("limits")
-        for _ in range(2):
-            client.chat_ok(user, f"hi {unique('m')}")
-        status, _, body = client.chat(user, f"one too many {unique('m')}")
+
+        def attempt():
+            user = unique("limits")
+            for _ in range(2):
+                client.chat_ok(user, f"hi {unique('m')}")
+            chat_refused = client.chat(user, f"one too many {unique('m')}")
+            # The chat quota is spent; the data quota is whole.
+            reads = [client.data("GET", "/api/history", user) for _ in range(4)]
+            return chat_refused, reads, client.data("DELETE", "/api/memory", user)
+
+        chat_refused, reads, erase = in_one_fixed_window(redis, DATA_WINDOW_S, attempt)
+        status, _, body = chat_refused
         assert (status, body["code"]) == (429, "rate_limited")
-        # The chat quota is spent; the data quota is whole.
-        for _ in range(3):
-            status, _, body = client.data("GET", "/api/history", user)
+        for status, _, body in reads[:3]:
             assert status == 200 and len(body["messages"]) == 4
-        status, headers, body = client.data("GET", "/api/history", user)
+        status, headers, body = reads[3]
         assert (status, body["code"]) == (429, "rate_limited")
         assert int(headers["retry-after"]) >= 1 and body["retryAfter"] >= 1
-        status, _, body = client.data("DELETE", "/api/memory", user)
+        status, _, body = erase
         assert (status, body["code"]) == (429, "rate_limited"), "the erase counts against the data limit too"
     finally:
         if frontend is not None:
