@@ -65,6 +65,12 @@ void Observe(const RequestContext& ctx, Metrics* metrics) {
       .Num("latency_ms", std::chrono::duration<double, std::milli>(ctx.latency).count())
       .Int("upstream_ms", ctx.chat_called ? ctx.chat.upstream_ms : -1)
       .Str("user", ctx.user_id);
+  // Where a chat's own time went: before the model call (admission, memory,
+  // recall, prompt) is this; after it is latency - upstream - this.
+  if (ctx.chat_called && ctx.chat.model_started != SteadyClock::time_point{} &&
+      ctx.started != SteadyClock::time_point{}) {
+    line.Num("before_model_ms", std::chrono::duration<double, std::milli>(ctx.chat.model_started - ctx.started).count());
+  }
   if (!ctx.error_reason.empty()) line.Str("error", ctx.error_reason);
   if (ctx.chat_called && ctx.chat.recall_degraded) line.Bool("recall_degraded", true);
   if (ctx.first_byte_us >= 0) {

@@ -372,6 +372,19 @@ def test_each_request_logs_one_json_line_without_the_message_text(stack, unique)
     for line in lines:
         if line["status"] == 200:
             assert isinstance(line["upstream_ms"], (int, float)) and line["upstream_ms"] >= 0, line
+        # Every line here called the model (the 502 too): the time before the
+        # call fits in what the model did not take (upstream_ms is rounded down).
+        assert 0 <= line["before_model_ms"] <= line["latency_ms"] - line["upstream_ms"], line
+    # A replay answers without the model: no time before a call it never made.
+    replayed = unique("loguser-replay")
+    for _ in range(2):
+        assert post_chat(stack.url, replayed, "once", headers={"Idempotency-Key": "k1"})[0] == 200
+    pair = poll_until(lambda: (lambda found: found if len(found) >= 2 else None)(
+        [r for r in stack.pool.log_records() if r.get("user") == replayed and r.get("event") == "request"]),
+        LOG_TIMEOUT_S)
+    assert pair and sorted(r["upstream_ms"] >= 0 for r in pair) == [False, True], pair
+    for line in pair:
+        assert ("before_model_ms" in line) == (line["upstream_ms"] >= 0), line
     assert secret not in stack.pool.log_text()
     assert "my secret message" not in stack.pool.log_text()
 
