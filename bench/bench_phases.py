@@ -438,6 +438,20 @@ def percentile(values: "list[float]", p: float) -> Optional[float]:
     return v[min(len(v), rank) - 1]
 
 
+def chatd_own_split(records: "list[dict]") -> "dict[str, Any]":
+    """From the pool's request log: where each chat's own time went, before
+    the model call (admission, memory, recall) and after it (the record),
+    p50 and p99 in ms over the chats that called the model."""
+    timed = [r for r in records if r.get("event") == "request" and "before_model_ms" in r]
+    before = [r["before_model_ms"] for r in timed]
+    after = [r["latency_ms"] - r["upstream_ms"] - r["before_model_ms"] for r in timed]
+
+    def summary(values: "list[float]") -> "dict[str, Any]":
+        return {"p50": round(percentile(values, 50), 1) if values else None,
+                "p99": round(percentile(values, 99), 1) if values else None}
+    return {"n": len(timed), "before_model": summary(before), "after_model": summary(after)}
+
+
 def seed_memory(stack: Stack, url: str) -> "dict[str, Any]":
     """Every bench user gets MEMORY_TURNS turns through chatd itself (so
     Redis holds its recent list and hot set and the indexer writes them to
@@ -822,6 +836,7 @@ def phase_capacity(stack: Stack, name: str, env_extra: "dict[str, str]") -> "dic
             idle_rss = sum(status_kib(p, "VmRSS") for p in pids)
             idle_pss = sum(pss_kib(p) for p in pids)
             sampler = Sampler(stack, frontend.pool)
+            logged_before = len(frontend.pool.log_records())
             say(f"bench: capacity ({name}), {connections} connections, {CAPACITY_RUN_S} s")
             sampler.start()
             try:
@@ -860,9 +875,12 @@ def phase_capacity(stack: Stack, name: str, env_extra: "dict[str, str]") -> "dic
                 "cpu_s": figures["cpu_s"], "machine_cpus_busy": figures["machine_cpus_busy"],
                 "loadavg_before": figures["loadavg_before"],
             }
+            step["chatd_own_ms"] = own = chatd_own_split(frontend.pool.log_records()[logged_before:])
             steps.append(step)
             say(f"bench:   held={held} errors={errors} p99 {p99_s:.2f} s, {little_rps:.0f} req/s "
-                f"({step['share_of_ideal']:.0%} of ideal), pool RSS {peak['rss_kib'] / 1024:.0f} MiB")
+                f"({step['share_of_ideal']:.0%} of ideal), pool RSS {peak['rss_kib'] / 1024:.0f} MiB; "
+                f"chatd's own p99 {own['before_model']['p99']} ms before the model, "
+                f"{own['after_model']['p99']} ms after")
             if not held:
                 break
     finally:
