@@ -706,6 +706,15 @@ def phase_stream_ttfb(stack: Stack) -> "dict[str, Any]":
                   if r["ok"] and msg("chatd", *r["wi"]) in own]
         out["added_same_request_ms"] = {"p50": percentile(shares, 50), "p99": percentile(shares, 99), "n": len(shares)}
         out["chatd_own_ms"] = {"p50": percentile(own_log, 50), "p99": percentile(own_log, 99), "n": len(own_log)}
+        # chatd's own share in two: before the model call (admission, memory,
+        # recall, prompt), and from the model's first text to its event
+        # handed to nginx.
+        before = [r["before_model_ms"] for r in timed if "before_model_ms" in r]
+        relay = [r["first_byte_ms"] - r["model_first_delta_ms"] - r["before_model_ms"] for r in timed
+                 if "before_model_ms" in r]
+        out["chatd_own_split_ms"] = {
+            "before_model": {"p50": percentile(before, 50), "p99": percentile(before, 99)},
+            "first_text_to_nginx": {"p50": percentile(relay, 50), "p99": percentile(relay, 99)}}
         fake_own = list(own.values())
         out["model_first_text_ms"] = {
             "seen_by_chatd": {"p50": percentile(model_seen_by_chatd, 50), "p99": percentile(model_seen_by_chatd, 99)},
@@ -716,7 +725,9 @@ def phase_stream_ttfb(stack: Stack) -> "dict[str, Any]":
             f"p99 {out['added_same_request_ms']['p99']} ms (n={len(shares)}); by chatd's log p50 "
             f"{out['chatd_own_ms']['p50']} ms, p99 {out['chatd_own_ms']['p99']} ms (n={len(own_log)}); model's first "
             f"text p50 as chatd waited {out['model_first_text_ms']['seen_by_chatd']['p50']} ms, by the fake "
-            f"{out['model_first_text_ms']['by_the_fake']['p50']} ms")
+            f"{out['model_first_text_ms']['by_the_fake']['p50']} ms; chatd's own p50 before the model "
+            f"{out['chatd_own_split_ms']['before_model']['p50']} ms, first text to nginx "
+            f"{out['chatd_own_split_ms']['first_text_to_nginx']['p50']} ms")
         return out
     try:
         # One stream at a time too: what chatd adds without any queueing.
