@@ -33,6 +33,7 @@ from bench_settings import (
     StackError, TARGET_CAPACITY_RSS_BYTES, WARMUP_CONNECTIONS, WARMUP_RUN_S, WRK_SCRIPT, WRK_THREADS,
     WRK_TIMEOUT_S, concurrently, free_port, http_json, nginx_limits_for, post_chat, raise_nofile_limit, say)
 from harness import keys as rkeys
+from harness.clients import redis_now_ms
 from harness.cluster import RedisCluster
 from bench_procfs import (
     Probe, chroma_collections, delta, descendants, loadavg, metric, open_files, pool_requests, proc_ticks,
@@ -376,8 +377,7 @@ def backlog_now(stack: Stack, url: str) -> "dict[str, Any]":
     r = stack.redis
     out["stream_len"] = rkeys.total_len(r, rkeys.all_index_streams())
     firsts = [f for k in rkeys.all_index_streams() for f in (r.command("XRANGE", k, "-", "+", "COUNT", "1") or [])]
-    now = r.command("TIME")
-    now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
+    now_ms = redis_now_ms(r)
     # Entry ids are "<ms>-<seq>": the oldest entry's age over the shards, as chatd computes it.
     oldest = min((int(f[0].split(b"-")[0]) for f in firsts), default=None)
     out["stream_oldest_age_s"] = (now_ms - oldest) / 1000 if oldest is not None else 0.0

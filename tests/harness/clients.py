@@ -83,6 +83,13 @@ def resp_command(port: int, *args: Any, host: str = LOOPBACK, timeout: float = 5
     return reply
 
 
+def redis_now_ms(redis: Any) -> int:
+    """Redis's clock in ms, from anything with a `command` method (a Redis, a
+    cluster node): the clock chatd's timestamps and windows come from."""
+    seconds, micros = redis.command("TIME")
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
 # Error replies of a Redis that cannot serve yet but will (chatd treats the same
 # ones as transient: src/redis.cc).
 

@@ -34,7 +34,7 @@ from harness.processes import (  # noqa: F401 (re-exported)
 from harness.clients import (  # noqa: F401 (re-exported)
     PROBE_REQUEST_ID, PROBE_TIMEOUT_S, RedisError, _FCGI_BEGIN_REQUEST, _FCGI_END_REQUEST, _FCGI_PARAMS,
     _FCGI_RESPONDER, _FCGI_STDIN, _FCGI_STDOUT, _OMIT, _RespReader, _fcgi_pair, _fcgi_record, _resp_encode,
-    concurrently, fastcgi_get, http_json, http_request, post_chat, resp_command, scrape_metrics)
+    concurrently, fastcgi_get, http_json, http_request, post_chat, redis_now_ms, resp_command, scrape_metrics)
 from harness.services import Chroma, FakeModel, Nginx, Pool, REDIS_TRANSIENT_ERRORS, Redis  # noqa: F401 (re-exported)
 
 

@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from harness.clients import redis_now_ms
+
 # An attempt starts only with this much of its window left (at most half the
 # window), so that a retry is rare; it is retried, with fresh state, when it
 # straddled a boundary all the same.
@@ -22,11 +24,6 @@ FIXED_WINDOW_MARGIN_MS = 5000
 # Pool settings under which a user's chat counter outlives any test: the
 # sliding log, an hour's window.
 LASTING_RATE_ENV = {"CHATD_RATE_ALGORITHM": "sliding", "CHATD_RATE_WINDOW_S": "3600"}
-
-
-def redis_now_ms(redis) -> int:
-    seconds, micros = redis.command("TIME")
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 def in_one_fixed_window(redis, window_s: int, attempt):

@@ -353,12 +353,8 @@ def test_each_request_logs_one_json_line_without_the_message_text(stack, unique)
     failing = f"{secret} #fake:status=400"
     assert_json_error(post_chat(stack.url, user, failing), 502)
 
-    def lines_of_user():
-        # Request lines only: other events (warnings about this user) may exist.
-        return [r for r in stack.pool.log_records()
-                if r.get("user") == user and r.get("event", "request") == "request" and "status" in r]
-
-    lines = poll_until(lambda: (lambda found: found if len(found) >= 3 else None)(lines_of_user()),
+    # Request lines only: other events (warnings about this user) may exist.
+    lines = poll_until(lambda: (lambda found: found if len(found) >= 3 else None)(stack.pool.request_lines(user)),
                        LOG_TIMEOUT_S)
     assert lines, f"request lines of {user} missing; log tail:\n{stack.pool.log_text()[-2000:]}"
     assert len(lines) == 3, lines
@@ -379,9 +375,8 @@ def test_each_request_logs_one_json_line_without_the_message_text(stack, unique)
     replayed = unique("loguser-replay")
     for _ in range(2):
         assert post_chat(stack.url, replayed, "once", headers={"Idempotency-Key": "k1"})[0] == 200
-    pair = poll_until(lambda: (lambda found: found if len(found) >= 2 else None)(
-        [r for r in stack.pool.log_records() if r.get("user") == replayed and r.get("event") == "request"]),
-        LOG_TIMEOUT_S)
+    pair = poll_until(lambda: (lambda found: found if len(found) >= 2 else None)(stack.pool.request_lines(replayed)),
+                      LOG_TIMEOUT_S)
     assert pair and sorted(r["upstream_ms"] >= 0 for r in pair) == [False, True], pair
     for line in pair:
         assert ("before_model_ms" in line) == (line["upstream_ms"] >= 0), line

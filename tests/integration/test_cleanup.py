@@ -32,7 +32,7 @@ from harness.chroma_layout import (CHROMA_PREFIX, legacy_collection_name, legacy
                                     user_records)
 from harness import keys as rkeys
 from harness.stack import (LOOPBACK, Chroma, Redis, concurrently, http_json, json_log_records, poll_until, post_chat,
-                           scrape_metrics)
+                           redis_now_ms, scrape_metrics)
 from harness.windows import LASTING_RATE_ENV
 
 INDEX_GROUP = "indexers"
@@ -115,11 +115,6 @@ def stream_users(redis, streams: "Optional[list[str]]" = None) -> "list[str]":
 def activity(redis, user: str) -> Optional[int]:
     score = redis.command("ZSCORE", rkeys.activity_of(user), user)
     return None if score is None else int(float(score))
-
-
-def redis_now_ms(redis) -> int:
-    seconds, micros = redis.command("TIME")
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 def archive_dir_of(archive_root: Path, user: str) -> Path:

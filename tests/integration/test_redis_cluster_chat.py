@@ -17,7 +17,7 @@ from collections import Counter
 import pytest
 
 from harness import keys as rkeys
-from harness.stack import Stack, http_request, poll_until, post_chat
+from harness.stack import Stack, http_request, poll_until, post_chat, redis_now_ms
 
 RECENT_MESSAGES = 4  # CHATD_RECENT_MESSAGES default: two whole turns
 HIGH_LIMIT = "1000"
@@ -150,8 +150,7 @@ def test_cleanup_archives_an_inactive_user_and_restore_brings_them_back(cluster_
     said = f"remember the blue door {unique('m')}"
     chat_ok(cluster_stack.url, user, said)
     node = cluster_stack.redis_cluster.running_nodes()[0]
-    seconds, micros = node.command("TIME")
-    far_future_ms = int(seconds) * 1000 + int(micros) // 1000 + 30 * DAY_MS
+    far_future_ms = redis_now_ms(node) + 30 * DAY_MS
 
     def cleanup(*args):
         env = {k: v for k, v in cluster_stack.pool_env(threads=1, overrides={

@@ -23,7 +23,7 @@ import pytest
 
 from harness.chroma_layout import legacy_collection_name, user_records
 from harness import keys as rkeys
-from harness.stack import Redis, http_request, json_log_records, poll_until, post_chat
+from harness.stack import Redis, http_request, json_log_records, poll_until, post_chat, redis_now_ms
 from harness.windows import in_one_fixed_window
 
 MODES = ("off", "service", "jwt")
@@ -178,10 +178,6 @@ class World:
         done = subprocess.run([str(self.build_dir / "bin" / "chatd-cleanup"), *args], env=env, capture_output=True,
                               text=True, timeout=CLEANUP_TIMEOUT_S)
         return done.returncode, json_log_records(done.stderr), done.stderr
-
-    def redis_now_ms(self) -> int:
-        seconds, micros = self.redis.command("TIME")
-        return int(seconds) * 1000 + int(micros) // 1000
 
 
 def pool_env(redis: Redis, archive_root: Path, extra=None) -> "dict[str, str]":
@@ -462,7 +458,7 @@ def test_an_archived_users_next_chat_recalls_what_they_said_before(stack, build_
         dog = f"my dog is called Rex{unique('d')}"
         client.chat_ok(user, dog)
         world.wait_indexed(user, 2)
-        code, events, stderr = world.cleanup(now_ms=world.redis_now_ms() + FAR_FUTURE_MS)
+        code, events, stderr = world.cleanup(now_ms=redis_now_ms(world.redis) + FAR_FUTURE_MS)
         assert code == 0, stderr[-3000:]
         assert events[-1]["archived"] == 1
         assert (archive_root / legacy_collection_name(user)).exists()
