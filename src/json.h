@@ -1,7 +1,9 @@
 // JSON at the request boundary: strict parsing of what clients send and
-// escaping-safe writing of what we answer (RapidJSON, with the traps from
-// shared/notes.md handled: encoding validated, iterative parser, every member
-// type-checked before access).
+// escaping-safe writing of what we answer. RapidJSON validates UTF-8 only when
+// asked, its default parser recurses (a deeply nested body crashes it), and a
+// wrong type or a missing member is an assert (undefined behaviour in release
+// builds): so encoding is validated, the parser is iterative, and every member
+// is type-checked before access.
 #pragma once
 
 #include <optional>

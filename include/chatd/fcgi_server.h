@@ -4,7 +4,7 @@
 // the HttpReply back.
 //
 // Stopping: libfcgi's own shutdown flag reaches only the thread that takes the
-// signal, while the others stay blocked in accept() (shared/notes.md). So the
+// signal, while the others stay blocked in accept() (libfcgi's os_unix.c). So the
 // threads never block in accept(): the listening socket is made non-blocking
 // and each thread waits in epoll for either a connection (EPOLLEXCLUSIVE, so a
 // connection wakes one thread, not all) or the stop eventfd. Stop() makes the
