@@ -15,6 +15,7 @@
 
 #include "decimal.h"
 #include "json.h"
+#include "json_document.h"
 #include "random_id.h"
 #include "chatd/user_id.h"
 #include "unique_fd.h"
@@ -98,7 +99,8 @@ std::string SerializeArchive(const Archive& a) {
 
 Result<Archive> ParseArchive(std::string_view json) {
   auto bad = [](const std::string& why) { return Status(Code::kInternal, "bad_archive", "archive: " + why); };
-  rapidjson::Document doc;
+  LocalJsonDocument parsed;
+  LocalJsonDocument::Document& doc = *parsed;
   // Not kParseFullPrecisionFlag: in RapidJSON 1.1.0 that path misreads a zero
   // with a large exponent ("0e39" becomes -1.5e228, through an undefined
   // __builtin_clzll(0); found by tests/fuzz/fuzz_archive.cc). The default

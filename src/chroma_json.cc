@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "json.h"
+#include "json_document.h"
 #include "json_writer.h"
 
 namespace chatd {
@@ -178,7 +179,8 @@ std::string CreateCollectionRequest(std::string_view name, const HnswBuild& hnsw
 }
 
 Result<std::string> ParseCollectionId(std::string_view body) {
-  rapidjson::Document doc;
+  LocalJsonDocument parsed;
+  LocalJsonDocument::Document& doc = *parsed;
   doc.Parse<kParseFlags>(body.data(), body.size());
   if (doc.HasParseError() || !doc.IsObject()) return BadResponse("collection is not a JSON object");
   auto id = doc.FindMember("id");
@@ -189,7 +191,8 @@ Result<std::string> ParseCollectionId(std::string_view body) {
 }
 
 Result<std::vector<std::string>> ParseCollectionNames(std::string_view body) {
-  rapidjson::Document doc;
+  LocalJsonDocument parsed;
+  LocalJsonDocument::Document& doc = *parsed;
   doc.Parse<kParseFlags>(body.data(), body.size());
   if (doc.HasParseError() || !doc.IsArray()) return BadResponse("collection list is not an array");
   std::vector<std::string> names;
@@ -314,7 +317,8 @@ std::string DeleteIdsRequest(const std::vector<std::string>& record_ids) {
 }
 
 Result<RecallResult> ParseQueryResponse(std::string_view body, std::string_view user_id) {
-  rapidjson::Document doc;
+  LocalJsonDocument parsed;
+  LocalJsonDocument::Document& doc = *parsed;
   doc.Parse<kParseFlags>(body.data(), body.size());
   if (doc.HasParseError() || !doc.IsObject()) return BadResponse("query answer is not a JSON object");
   // Each field is a list with one entry per query embedding; we send one.
@@ -565,7 +569,8 @@ Result<std::vector<StoredMessage>> ParseGet(std::string_view body, std::string_v
       column_read = true;
     }
   }
-  rapidjson::Document doc;
+  LocalJsonDocument parsed;
+  LocalJsonDocument::Document& doc = *parsed;
   doc.Parse<kParseFlags>(json.data(), json.size());
   if (doc.HasParseError() || !doc.IsObject()) return BadResponse("get answer is not a JSON object");
   const rapidjson::Value* ids = ArrayMember(doc, "ids");
@@ -614,7 +619,8 @@ Result<std::vector<StoredMessage>> ParseGetDocumentsResponse(std::string_view bo
 }
 
 Result<int64_t> ParseCount(std::string_view body) {
-  rapidjson::Document doc;
+  LocalJsonDocument parsed;
+  LocalJsonDocument::Document& doc = *parsed;
   doc.Parse<kParseFlags>(body.data(), body.size());
   if (doc.HasParseError() || !doc.IsInt64() || doc.GetInt64() < 0) return BadResponse("count is not a count");
   return doc.GetInt64();
@@ -625,7 +631,8 @@ Status ErrorFromResponse(long http_status, std::string_view body, std::string_vi
   // show; its message can quote our request and stays out of the Status.
   std::string kind;
   bool mentions_dimension = false;
-  rapidjson::Document doc;
+  LocalJsonDocument parsed;
+  LocalJsonDocument::Document& doc = *parsed;
   doc.Parse<kParseFlags>(body.data(), body.size());
   if (!doc.HasParseError() && doc.IsObject()) {
     auto error = doc.FindMember("error");

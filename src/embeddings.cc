@@ -15,6 +15,7 @@
 
 #include "http_client.h"
 #include "json.h"
+#include "json_document.h"
 #include "json_writer.h"
 #include "openai_embedder.h"
 #include "local_embedder.h"
@@ -152,7 +153,8 @@ Result<std::string> BuildEmbeddingsRequest(std::string_view model, const std::ve
 
 Result<std::vector<std::vector<float>>> ParseEmbeddingsResponse(std::string_view body, size_t count,
                                                                 size_t dimensions) {
-  rapidjson::Document doc;
+  LocalJsonDocument parsed;
+  LocalJsonDocument::Document& doc = *parsed;
   doc.Parse<rapidjson::kParseValidateEncodingFlag | rapidjson::kParseIterativeFlag>(body.data(), body.size());
   if (doc.HasParseError()) return EmbedderUnavailable("embeddings API answered invalid JSON");
   if (!doc.IsObject()) return EmbedderUnavailable("embeddings API answered a non-object");

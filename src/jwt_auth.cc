@@ -26,6 +26,7 @@
 #include "auth_internal.h"
 #include "chatd/log.h"
 #include "chatd/user_id.h"
+#include "json_document.h"
 #include "openssl_util.h"
 #include "secret_file.h"
 #include "secret_strength.h"
@@ -43,16 +44,8 @@ constexpr size_t kEs256CoordinateBytes = 32;
 // SEQUENCE of two INTEGERs of at most 33 bytes each.
 constexpr size_t kMaxEs256DerBytes = 80;
 
-// A header and a payload of a few hundred bytes parse without touching the
-// heap; larger ones (up to the token limit) fall back to malloc.
-constexpr size_t kJsonValueBufferBytes = 4096;
-constexpr size_t kJsonStackBufferBytes = 1024;
-constexpr size_t kJsonStackCapacity = 512;
 // Iterative: no recursion on nesting. Encoding validated, as for request bodies.
 constexpr unsigned kJsonParseFlags = rapidjson::kParseValidateEncodingFlag | rapidjson::kParseIterativeFlag;
-
-using JsonAllocator = rapidjson::MemoryPoolAllocator<>;
-using JsonDocument = rapidjson::GenericDocument<rapidjson::UTF8<>, JsonAllocator, JsonAllocator>;
 
 std::string_view AsView(const rapidjson::Value& v) { return std::string_view(v.GetString(), v.GetStringLength()); }
 
@@ -97,29 +90,20 @@ DecodeScratch& ThreadScratch() {
   return scratch;
 }
 
-// A parsed JSON object on a stack buffer; valid while the parser lives.
+// A parsed JSON object; valid while the parser lives. A header and a payload
+// of a few hundred bytes parse without touching the heap; larger ones (up to
+// the token limit) spill to malloc.
 class JsonObjectParser {
  public:
-  JsonObjectParser()
-      : values_(value_buffer_, sizeof(value_buffer_)),
-        stack_(stack_buffer_, sizeof(stack_buffer_)),
-        doc_(&values_, kJsonStackCapacity, &stack_) {}
-  JsonObjectParser(const JsonObjectParser&) = delete;
-  JsonObjectParser& operator=(const JsonObjectParser&) = delete;
-
   // The root value when `text` is exactly one JSON object, else nullptr.
   const rapidjson::Value* Parse(std::string_view text) {
-    doc_.Parse<kJsonParseFlags>(text.data(), text.size());
-    if (doc_.HasParseError() || !doc_.IsObject()) return nullptr;
-    return &doc_;
+    doc_->Parse<kJsonParseFlags>(text.data(), text.size());
+    if (doc_->HasParseError() || !doc_->IsObject()) return nullptr;
+    return &*doc_;
   }
 
  private:
-  alignas(std::max_align_t) char value_buffer_[kJsonValueBufferBytes];
-  alignas(std::max_align_t) char stack_buffer_[kJsonStackBufferBytes];
-  JsonAllocator values_;
-  JsonAllocator stack_;
-  JsonDocument doc_;
+  LocalJsonDocument doc_;
 };
 
 class JwtAuthenticator final : public Authenticator {

@@ -10,6 +10,7 @@
 
 #include "http_client.h"
 #include "json.h"
+#include "json_document.h"
 #include "chatd/log.h"
 #include "openai_chat.h"
 #include "json_writer.h"
@@ -79,7 +80,8 @@ BodyShape DescribeBody(std::string_view body) {
     shape.kind = "empty";
     return shape;
   }
-  rapidjson::Document doc;
+  LocalJsonDocument parsed;
+  LocalJsonDocument::Document& doc = *parsed;
   doc.Parse<rapidjson::kParseIterativeFlag>(body.data(), body.size());
   if (doc.HasParseError()) {
     auto c = static_cast<unsigned char>(body[first]);
@@ -129,7 +131,8 @@ std::string BuildChatCompletionBody(const OpenAIChatOptions& options, const std:
 
 Result<LlmReply> ParseChatCompletion(std::string_view body) {
   auto bad = [](const char* why) { return Status(Code::kUpstream, "model_error", why); };
-  rapidjson::Document doc;
+  LocalJsonDocument parsed;
+  LocalJsonDocument::Document& doc = *parsed;
   doc.Parse<rapidjson::kParseIterativeFlag>(body.data(), body.size());
   if (doc.HasParseError() || !doc.IsObject()) return bad("The model returned a malformed reply");
   auto choices = doc.FindMember("choices");
@@ -177,7 +180,8 @@ Status ChatStreamDecoder::Chunk(std::string_view data) {
     done_ = true;
     return Status::Ok();
   }
-  rapidjson::Document doc;
+  LocalJsonDocument parsed;
+  LocalJsonDocument::Document& doc = *parsed;
   doc.Parse<rapidjson::kParseIterativeFlag | rapidjson::kParseValidateEncodingFlag>(data.data(), data.size());
   if (doc.HasParseError() || !doc.IsObject()) return ModelError("The model streamed a malformed chunk");
   // A stream that already answered 200 reports a failure as an error object.

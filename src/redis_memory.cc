@@ -9,6 +9,7 @@
 #include <unordered_set>
 
 #include "chatd/user_id.h"
+#include "json_document.h"
 #include "hot_record.h"
 
 namespace chatd {
@@ -17,7 +18,8 @@ std::string_view RoleName(Role role) { return role == Role::kUser ? "user" : "as
 
 Result<Message> ParseRecentEntry(std::string_view json) {
   auto bad = [] { return Internal("bad_memory_entry", "A stored message is malformed"); };
-  rapidjson::Document doc;
+  LocalJsonDocument parsed;
+  LocalJsonDocument::Document& doc = *parsed;
   doc.Parse<rapidjson::kParseIterativeFlag>(json.data(), json.size());
   if (doc.HasParseError() || !doc.IsObject()) return bad();
   auto role = doc.FindMember("role");

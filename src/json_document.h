@@ -1,0 +1,50 @@
+// A RapidJSON document that parses small JSON without touching the heap.
+//
+// RapidJSON's default Document takes a 64 KiB chunk from malloc for its values
+// on every parse, and glibc merges its free lists before every allocation that
+// large. A chat parses several small documents (its body, each recent message
+// read from Redis, the model's reply or each streamed chunk), and for them that
+// allocation cost more than the parse. This document starts in two buffers of
+// its own, on the caller's stack, and spills to malloc only when a document
+// outgrows them.
+#pragma once
+
+#include <rapidjson/document.h>
+
+#include <cstddef>
+
+namespace chatd {
+
+// Sized for the documents of a chat's request path: a stored message or a
+// model reply of a few KiB fits; a large body or a Chroma answer spills.
+inline constexpr size_t kLocalJsonValueBytes = 8 * 1024;
+// The parser's stack (nesting, and each string before it is copied into the
+// values) and the document's stack of values under construction share it.
+inline constexpr size_t kLocalJsonStackBytes = 4 * 1024;
+inline constexpr size_t kLocalJsonDocumentStackBytes = 1024;
+
+class LocalJsonDocument {
+ public:
+  using Allocator = rapidjson::MemoryPoolAllocator<>;
+  using Document = rapidjson::GenericDocument<rapidjson::UTF8<>, Allocator, Allocator>;
+
+  LocalJsonDocument()
+      : values_(value_buffer_, sizeof(value_buffer_)),
+        stack_(stack_buffer_, sizeof(stack_buffer_)),
+        doc_(&values_, kLocalJsonDocumentStackBytes, &stack_) {}
+  // The document points into this object's own buffers.
+  LocalJsonDocument(const LocalJsonDocument&) = delete;
+  LocalJsonDocument& operator=(const LocalJsonDocument&) = delete;
+
+  Document& operator*() { return doc_; }
+  Document* operator->() { return &doc_; }
+
+ private:
+  alignas(std::max_align_t) char value_buffer_[kLocalJsonValueBytes];
+  alignas(std::max_align_t) char stack_buffer_[kLocalJsonStackBytes];
+  Allocator values_;
+  Allocator stack_;
+  Document doc_;
+};
+
+}  // namespace chatd
