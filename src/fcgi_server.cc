@@ -35,7 +35,9 @@ std::string Param(FCGX_Request& req, const char* name) {
   return v ? std::string(v) : std::string();
 }
 
-void ReadRequest(FCGX_Request& req, size_t max_body, HttpRequest& out) {
+// Returns whether nginx's whole request was read: the body and the end of the
+// input stream. Only then may the connection close without waiting for nginx.
+bool ReadRequest(FCGX_Request& req, size_t max_body, HttpRequest& out) {
   out.method = Param(req, "REQUEST_METHOD");
   out.path = Param(req, "DOCUMENT_URI");
   if (out.path.empty()) {
@@ -55,11 +57,11 @@ void ReadRequest(FCGX_Request& req, size_t max_body, HttpRequest& out) {
   size_t length = 0;
   if (!length_text.empty() && !ParseContentLength(length_text, length)) {
     out.body_unreadable = true;  // never read a body of unknown size
-    return;
+    return false;
   }
   if (length > max_body) {
     out.body_too_large = true;
-    return;
+    return false;
   }
   out.body.resize(length);
   size_t got = 0;
@@ -72,7 +74,11 @@ void ReadRequest(FCGX_Request& req, size_t max_body, HttpRequest& out) {
   if (got != length) {
     out.body.clear();
     out.body_unreadable = true;  // truncated: the client went away mid-body
+    return false;
   }
+  // nginx ends the input with an empty record, sent with the body; a byte
+  // here instead would be a body longer than CONTENT_LENGTH.
+  return FCGX_GetChar(req.in) == EOF;
 }
 
 // The CGI response head; a streamed reply has no length.
@@ -251,7 +257,7 @@ void FcgiServer::ThreadMain() {
 
     auto started = SteadyClock::now();
     HttpRequest http;
-    ReadRequest(req, max_body_bytes_, http);
+    const bool read_whole = ReadRequest(req, max_body_bytes_, http);
     RequestContext ctx;
     ctx.started = started;
     ctx.request_id = http.request_id;
@@ -268,6 +274,13 @@ void FcgiServer::ThreadMain() {
     Observe(ctx, metrics_);
 
     if (!reply.streamed) WriteReply(req, reply);
+    // libfcgi's close shuts down our side and then waits, up to 2 s, for
+    // nginx to close its own, reading and dropping what it still sends: input
+    // left unread can turn a close into a reset that loses the reply. With the
+    // whole request read there is nothing left to drop, so the connection
+    // closes at once (detached: no shutdown and no wait), which saves the
+    // thread a wake-up and frees it for the next request sooner.
+    if (read_whole) FCGX_Detach(&req);
     FCGX_Finish_r(&req);
   }
   FCGX_Free(&req, 1);
