@@ -10,6 +10,7 @@
 #include <cfloat>
 #include <charconv>
 #include <cmath>
+#include <optional>
 #include <string>
 #include <utility>
 
@@ -38,6 +39,33 @@ constexpr char kMetaTurn[] = "turn";
 constexpr char kMetaText[] = "text";
 constexpr char kRoleUser[] = "user";
 constexpr char kRoleAssistant[] = "assistant";
+// A message's id is its turn's id and the role's suffix (the indexer's
+// "<turn>:u" and "<turn>:a"), so role and turn are not written as metadata
+// for such a message: ReadRecord takes them from the id. Every metadata key
+// is one more row, and index entries, in Chroma's SQLite for every record;
+// leaving these two out made a write about 10% cheaper (docs/memory.md).
+// Records written before carry them, and readers prefer them.
+constexpr std::string_view kUserIdSuffix = ":u";
+constexpr std::string_view kAssistantIdSuffix = ":a";
+
+struct TurnAndRole {
+  std::string_view turn;
+  Role role = Role::kUser;
+};
+
+std::optional<TurnAndRole> SplitMessageId(std::string_view id) {
+  const size_t n = kUserIdSuffix.size();
+  if (id.size() <= n) return std::nullopt;
+  const std::string_view suffix = id.substr(id.size() - n);
+  if (suffix != kUserIdSuffix && suffix != kAssistantIdSuffix) return std::nullopt;
+  return TurnAndRole{id.substr(0, id.size() - n), suffix == kUserIdSuffix ? Role::kUser : Role::kAssistant};
+}
+
+// Whether the message's id says its turn and role, so neither is stored.
+bool IdSaysTurnAndRole(const StoredMessage& m) {
+  const std::optional<TurnAndRole> parts = SplitMessageId(m.id);
+  return parts && parts->turn == m.turn_id && parts->role == m.role;
+}
 
 constexpr unsigned kParseFlags = rapidjson::kParseValidateEncodingFlag | rapidjson::kParseIterativeFlag;
 
@@ -106,21 +134,34 @@ Status ReadRecord(const rapidjson::Value& id, const rapidjson::Value& meta, std:
     return Status(Code::kNotFound, "chroma_foreign_record", "a Chroma record belongs to another user");
   }
   out.id.assign(slash == std::string_view::npos ? raw : raw.substr(slash + 1));
+  const std::optional<TurnAndRole> from_id = SplitMessageId(out.id);
   auto role = meta.FindMember(kMetaRole);
-  if (role == meta.MemberEnd() || !role->value.IsString()) return BadResponse("metadata has no role");
-  if (View(role->value) == kRoleUser) {
-    out.role = Role::kUser;
-  } else if (View(role->value) == kRoleAssistant) {
-    out.role = Role::kAssistant;
+  if (role != meta.MemberEnd()) {
+    if (!role->value.IsString()) return BadResponse("metadata has a role that is not a string");
+    if (View(role->value) == kRoleUser) {
+      out.role = Role::kUser;
+    } else if (View(role->value) == kRoleAssistant) {
+      out.role = Role::kAssistant;
+    } else {
+      return BadResponse("metadata has an unknown role");
+    }
+  } else if (from_id) {
+    out.role = from_id->role;
   } else {
-    return BadResponse("metadata has an unknown role");
+    return BadResponse("record has no role");
   }
   auto ts = meta.FindMember(kMetaTs);
   if (ts == meta.MemberEnd() || !ts->value.IsInt64()) return BadResponse("metadata has no integer ts");
   out.ts_ms = ts->value.GetInt64();
   auto turn = meta.FindMember(kMetaTurn);
-  if (turn == meta.MemberEnd() || !turn->value.IsString()) return BadResponse("metadata has no turn");
-  out.turn_id.assign(View(turn->value));
+  if (turn != meta.MemberEnd()) {
+    if (!turn->value.IsString()) return BadResponse("metadata has a turn that is not a string");
+    out.turn_id.assign(View(turn->value));
+  } else if (from_id) {
+    out.turn_id.assign(from_id->turn);
+  } else {
+    return BadResponse("record has no turn");
+  }
   out.user_id.assign(user_id);
   return Status::Ok();
 }
@@ -233,10 +274,12 @@ Result<std::string> UpsertRequest(const std::vector<StoredMessage>& messages) {
   ok = w.Key("metadatas") && w.StartArray();
   for (const StoredMessage& m : messages) {
     ok = ok && w.StartObject();
-    ok = ok && w.Key(kMetaRole) && w.String(m.role == Role::kUser ? kRoleUser : kRoleAssistant);
+    if (!IdSaysTurnAndRole(m)) {
+      ok = ok && w.Key(kMetaRole) && w.String(m.role == Role::kUser ? kRoleUser : kRoleAssistant);
+      ok = ok && w.Key(kMetaTurn) && WriteString(w, m.turn_id);
+    }
     ok = ok && w.Key(kMetaTs) && w.Int64(m.ts_ms);
     ok = ok && w.Key(kMetaUser) && WriteString(w, m.user_id);
-    ok = ok && w.Key(kMetaTurn) && WriteString(w, m.turn_id);
     ok = ok && w.Key(kMetaText) && WriteString(w, m.content);
     ok = ok && w.EndObject();
   }

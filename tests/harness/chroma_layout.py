@@ -55,11 +55,20 @@ def _get_all(chroma_url: str, collection: str, where: Optional[dict]) -> "list[d
         for i, d, m, e in zip(got["ids"], got["documents"], got["metadatas"], got["embeddings"]):
             # chatd writes a message's text into the metadata ("text"); records
             # written before carry it as the document. Either way it is the
-            # record's document here, and the metadata is what chatd reads.
+            # record's document here. chatd leaves role and turn out of the
+            # metadata when the message id says them ("<turn>:u" / ":a") and
+            # reads them from the id; they are put back here the same way, so
+            # "metadata" is what chatd reads and "stored_keys" what Chroma holds.
             m = dict(m or {})
+            stored_keys = sorted(m)
             text = m.pop("text", None)
-            out.append({"raw_id": i, "id": i.split("/", 1)[-1], "document": text if text is not None else d,
-                        "metadata": m, "embedding": e})
+            message_id = i.split("/", 1)[-1]
+            turn, _, half = message_id.rpartition(":")
+            if turn and half in ("u", "a"):
+                m.setdefault("role", "user" if half == "u" else "assistant")
+                m.setdefault("turn", turn)
+            out.append({"raw_id": i, "id": message_id, "document": text if text is not None else d,
+                        "metadata": m, "stored_keys": stored_keys, "embedding": e})
         if len(got["ids"]) < PAGE:
             return out
         offset += PAGE

@@ -148,6 +148,10 @@ def check_turns_stored_once(records, turns):
         assert answer["document"] == reply
         assert answer["metadata"]["role"] == "assistant" and answer["metadata"]["turn"] == turn
         assert answer["metadata"]["ts"] == record["metadata"]["ts"]
+    # What Chroma holds: the ids say each record's turn and role, so the
+    # metadata is only what chatd filters on (user) or cannot derive.
+    assert all(r["stored_keys"] == ["text", "ts", "user"] for r in records), \
+        sorted({tuple(r["stored_keys"]) for r in records})
 
 
 def own_pool_env(redis, chroma=None, **extra):

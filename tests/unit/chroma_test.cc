@@ -91,14 +91,77 @@ BOOST_AUTO_TEST_CASE(collection_id_must_be_a_uuid) {
 }
 
 BOOST_AUTO_TEST_CASE(upsert_request_carries_ids_vectors_and_metadata_with_the_text) {
-  // No documents: Chroma would index them for a full-text search chatd never runs.
+  // No documents: Chroma would index them for a full-text search chatd never
+  // runs. No role and no turn either: the ids say them.
   auto body = chroma_json::UpsertRequest({Record("t1:u", Role::kUser, "hi \"there\"", {0.1f, -0.5f}),
                                           Record("t1:a", Role::kAssistant, "caf\xc3\xa9", {1.0f, 0.0f})});
   BOOST_REQUIRE(body.ok());
   BOOST_TEST(*body ==
              R"({"ids":["alice/t1:u","alice/t1:a"],"embeddings":[[0.1,-0.5],[1,0]],)"
-             R"("metadatas":[{"role":"user","ts":1700000000123,"user":"alice","turn":"t1","text":"hi \"there\""},)"
-             R"({"role":"assistant","ts":1700000000123,"user":"alice","turn":"t1","text":"café"}]})");
+             R"("metadatas":[{"ts":1700000000123,"user":"alice","text":"hi \"there\""},)"
+             R"({"ts":1700000000123,"user":"alice","text":"café"}]})");
+}
+
+BOOST_AUTO_TEST_CASE(a_message_whose_id_does_not_say_its_turn_and_role_keeps_them_in_the_metadata) {
+  StoredMessage odd = Record("t1:u", Role::kUser, "hi", {1.0f});
+  odd.id = "t1-question";  // not "<turn>:u"
+  StoredMessage mislabelled = Record("t2:a", Role::kUser, "yo", {1.0f});  // ":a" but a user's message
+  StoredMessage other_turn = Record("t3:u", Role::kUser, "hey", {1.0f});
+  other_turn.turn_id = "t9";
+  auto body = chroma_json::UpsertRequest({odd, mislabelled, other_turn});
+  BOOST_REQUIRE(body.ok());
+  BOOST_TEST(*body == R"({"ids":["alice/t1-question","alice/t2:a","alice/t3:u"],"embeddings":[[1],[1],[1]],)"
+                      R"("metadatas":[{"role":"user","turn":"t1","ts":1700000000123,"user":"alice","text":"hi"},)"
+                      R"({"role":"user","turn":"t2","ts":1700000000123,"user":"alice","text":"yo"},)"
+                      R"({"role":"user","turn":"t9","ts":1700000000123,"user":"alice","text":"hey"}]})");
+  // And each reads back as it was written.
+  const std::string get = R"({"ids":["alice/t1-question","alice/t2:a","alice/t3:u"],"documents":[null,null,null],)"
+                          R"("metadatas":[{"role":"user","turn":"t1","ts":1,"user":"alice","text":"hi"},)"
+                          R"({"role":"user","turn":"t2","ts":1,"user":"alice","text":"yo"},)"
+                          R"({"role":"user","turn":"t9","ts":1,"user":"alice","text":"hey"}]})";
+  auto records = chroma_json::ParseGetDocumentsResponse(get, "alice", nullptr);
+  BOOST_REQUIRE(records.ok());
+  BOOST_REQUIRE_EQUAL(records->size(), 3u);
+  BOOST_TEST((*records)[0].turn_id == "t1");
+  BOOST_TEST(((*records)[1].role == Role::kUser));
+  BOOST_TEST((*records)[1].turn_id == "t2");
+  BOOST_TEST((*records)[2].turn_id == "t9");
+}
+
+BOOST_AUTO_TEST_CASE(role_and_turn_are_read_from_the_id_when_the_metadata_leaves_them_out) {
+  // As written now (ids only), as written before (metadata too), and a
+  // record with neither: the last is malformed, in /get and /query answers.
+  const std::string get = R"({"ids":["alice/t1:u","alice/t1:a","alice/t0:a"],"documents":[null,null,null],)"
+                          R"("metadatas":[{"ts":1,"user":"alice","text":"q"},{"ts":1,"user":"alice","text":"a"},)"
+                          R"({"role":"assistant","ts":0,"user":"alice","turn":"t0","text":"old"}]})";
+  auto records = chroma_json::ParseGetDocumentsResponse(get, "alice", nullptr);
+  BOOST_REQUIRE(records.ok());
+  BOOST_REQUIRE_EQUAL(records->size(), 3u);
+  BOOST_TEST(((*records)[0].role == Role::kUser));
+  BOOST_TEST((*records)[0].turn_id == "t1");
+  BOOST_TEST(((*records)[1].role == Role::kAssistant));
+  BOOST_TEST((*records)[1].turn_id == "t1");
+  BOOST_TEST(((*records)[2].role == Role::kAssistant));
+  BOOST_TEST((*records)[2].turn_id == "t0");
+
+  const std::string query = R"({"ids":[["alice/t5:a"]],"documents":[[null]],)"
+                            R"("metadatas":[[{"ts":5,"user":"alice","text":"answer"}]],"distances":[[0.1]]})";
+  auto recalled = chroma_json::ParseQueryResponse(query, "alice");
+  BOOST_REQUIRE(recalled.ok());
+  BOOST_REQUIRE_EQUAL(recalled->messages.size(), 1u);
+  BOOST_TEST(((recalled->messages[0].message.role == Role::kAssistant)));
+  BOOST_TEST(recalled->messages[0].message.turn_id == "t5");
+
+  for (const char* bad : {R"({"ids":["alice/t1"],"documents":[null],"metadatas":[{"ts":1,"user":"alice","text":"x"}]})",
+                          R"({"ids":["alice/:u"],"documents":[null],"metadatas":[{"ts":1,"user":"alice","text":"x"}]})",
+                          R"({"ids":["alice/t1:u"],"documents":[null],"metadatas":[{"role":7,"ts":1,"user":"alice","text":"x"}]})",
+                          R"({"ids":["alice/t1:u"],"documents":[null],"metadatas":[{"turn":7,"ts":1,"user":"alice","text":"x"}]})"}) {
+    BOOST_TEST_CONTEXT(bad) {
+      auto r = chroma_json::ParseGetDocumentsResponse(bad, "alice", nullptr);
+      BOOST_REQUIRE(!r.ok());
+      BOOST_TEST(r.status().reason() == "chroma_unavailable");
+    }
+  }
 }
 
 BOOST_AUTO_TEST_CASE(upsert_request_refuses_bad_records) {
