@@ -247,7 +247,13 @@ def redis_breakdown(d: "dict[str, Any]") -> "dict[str, float]":
     (recent messages) and HVALS (the hot set): two commands, one round
     trip. Round trips are counted, not commands, so LRANGE counts the
     pipeline and HVALS is reported apart, to show it rides along (as many
-    HVALS as LRANGE). Nothing else sends HVALS."""
+    HVALS as LRANGE). Nothing else sends HVALS.
+
+    Since the admission's script carries the memory read in its round trip
+    (RedisChatStart), commands cannot tell round trips apart any more: the
+    request path's figure is chatd's own count (chatd_redis_round_trips_total)
+    when the pool reports it, and the command-derived sum only for a pool
+    that does not."""
     r = d.get("redis", {})
     c = lambda name: r.get("cmd." + name, 0.0)  # noqa: E731
     # With the per-user cap the limiter's script also runs ZCARD (on the
@@ -256,8 +262,9 @@ def redis_breakdown(d: "dict[str, Any]") -> "dict[str, float]":
     limiter = c("hmget") or c("zcard")
     record = c("rpush")
     other_scripts = max(0.0, c("evalsha") + c("eval") - limiter - record)
+    counted = metric(d, "chatd_redis_round_trips_total")
     return {
-        "request_path": limiter + record + c("lrange"),
+        "request_path": counted or limiter + record + c("lrange"),
         "limiter_scripts": limiter,
         "record_scripts": record,
         "lrange": c("lrange"),

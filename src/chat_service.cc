@@ -141,8 +141,17 @@ Result<ChatReply> ChatService::Chat(const UserId& user_id, const std::string& me
   ClaimGuard claim_guard(idempotency_, user_id, ticket);
 
   // 1. Rate limit and the cap on chats in flight first, in one call: a
-  // rejected request costs this call and nothing more.
-  Result<RateDecision> decision = limiter_.Check(user_id);
+  // rejected request costs this call and nothing more. A starter reads the
+  // memory in the same round trip.
+  Result<RateDecision> decision = RateDecision{};
+  std::optional<Result<UserMemory>> read_with_decision;
+  if (options_.starter != nullptr) {
+    ChatStart start = options_.starter->Start(user_id);
+    decision = std::move(start.decision);
+    read_with_decision = std::move(start.memory);
+  } else {
+    decision = limiter_.Check(user_id);
+  }
   if (decision.ok()) {
     trace.rate = *decision;
     if (decision->too_many_concurrent) {
@@ -164,6 +173,7 @@ Result<ChatReply> ChatService::Chat(const UserId& user_id, const std::string& me
     Result<int64_t> restored = options_.archived->RestoreIfArchived(user_id);
     if (restored.ok()) {
       trace.restored_records = *restored;
+      if (*restored > 0) read_with_decision.reset();  // read before the memory came back
     } else {
       trace.recall_degraded = true;
     }
@@ -172,7 +182,7 @@ Result<ChatReply> ChatService::Chat(const UserId& user_id, const std::string& me
   // 2. Memory: the recent messages and the hot set, in one round trip.
   // Without it we could neither show the conversation nor record this turn,
   // so there is no degraded mode.
-  Result<UserMemory> memory = recent_.Read(user_id);
+  Result<UserMemory> memory = read_with_decision ? std::move(*read_with_decision) : recent_.Read(user_id);
   if (!memory.ok()) {
     return UnlessNotReady(memory.status(),
                           Unavailable("memory_unavailable", "Conversation memory is unavailable; try again shortly"));

@@ -27,6 +27,7 @@
 #include "chatd/log.h"
 #include "chatd/metrics.h"
 #include "chatd/redis.h"
+#include "redis_chat_start.h"
 #include "redis_idempotency.h"
 #include "redis_memory.h"
 #include "redis_rate_limiter.h"
@@ -104,7 +105,9 @@ int main() {
   }
   Adapters adapters = Wire(config, Binary::kChatd, &(*metrics)->shared().chroma_calls);
   const RedisOptions& redis_options = adapters.redis;
-  RedisClient redis(redis_options);
+  RedisOptions request_redis_options = redis_options;
+  request_redis_options.round_trips = &(*metrics)->shared().redis_round_trips;
+  RedisClient redis(request_redis_options);
   RedisOptions indexer_redis_options = redis_options;
   indexer_redis_options.timeout_ms =
       kIndexerRedisTimeoutMs + std::max<int64_t>(config.index_linger_ms, kIndexerBlockMs);
@@ -114,7 +117,7 @@ int main() {
   if (config.rate_redis_host != config.redis_host || config.rate_redis_port != config.redis_port ||
       *config.rate_redis_username != config.redis_username || *config.rate_redis_password != config.redis_password ||
       config.rate_redis_cluster != config.redis_cluster) {
-    RedisOptions o = redis_options;
+    RedisOptions o = request_redis_options;
     o.host = config.rate_redis_host;
     o.port = config.rate_redis_port;
     o.cluster_seeds = config.rate_redis_cluster;
@@ -168,6 +171,9 @@ int main() {
   // When the counters share the memory Redis, recording the turn gives the
   // lease back in the same script; otherwise a ZREM on the counters' Redis.
   chat_options.record_turn_releases_lease = !rate_redis_own;
+  // And the admission and the memory read go in one round trip.
+  RedisChatStart chat_start(redis, redis_limiter, &limiter, recent);
+  if (!rate_redis_own) chat_options.starter = &chat_start;
   chat_options.idempotency_keep_ms = config.idempotency_ttl_s * 1000;
   ChatService chat(limiter, recent, chroma, embedder, llm, chat_options, &idempotency);
   Result<std::unique_ptr<Authenticator>> auth = MakeAuthenticator(config.auth_mode, config.auth);

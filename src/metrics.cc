@@ -23,7 +23,7 @@ static_assert(std::atomic<uint64_t>::is_always_lock_free && std::atomic<int64_t>
               "shared-memory counters need address-free (lock-free) atomics");
 
 // Changes whenever SharedMetrics changes, so a stale file is never misread.
-constexpr uint64_t kMagic = 0x63686174'64000006ULL;  // "chatd", layout 6
+constexpr uint64_t kMagic = 0x63686174'64000007ULL;  // "chatd", layout 7
 
 int StatusSlot(int status) {
   for (int i = 0; i < kStatusSlots - 1; ++i) {
@@ -196,6 +196,10 @@ std::string Metrics::RenderPrometheus(std::string_view extra) const {
   Counter(out, "chatd_chat_streams_client_gone_total", "Streamed chats whose client left before the end; the model was cut off.", m_->chat_streams_client_gone);
   Counter(out, "chatd_recall_degraded_total", "Chats answered without long-term recall (Chroma or embedder down).", m_->recall_degraded);
   Counter(out, "chatd_chroma_calls_total", "HTTP calls to Chroma (request path and indexer).", m_->chroma_calls);
+  Counter(out, "chatd_redis_round_trips_total",
+          "Round trips to Redis of the request path: chats, the user-data endpoints and health checks, not the "
+          "indexer.",
+          m_->redis_round_trips);
   Counter(out, "chatd_turns_indexed_total", "Turns moved from Redis into Chroma by the indexers.", m_->turns_indexed);
   Counter(out, "chatd_index_failures_total", "Indexer batches that failed and will be retried.", m_->index_failures);
   Counter(out, "chatd_index_dead_lettered_total", "Turns that could not be indexed and went to the dead letters (chatd:{s<n>}:index:dead).", m_->index_dead_lettered);

@@ -34,27 +34,36 @@ RejectionCache::RejectionCache(RateLimiter& inner, size_t max_users, MonotonicMs
     : inner_(inner), max_users_(max_users), now_(std::move(now)) {}
 
 Result<RateDecision> RejectionCache::Check(const UserId& user_id) {
-  int64_t now = now_();
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    auto it = rejected_.find(user_id.str());
-    if (it != rejected_.end()) {
-      if (now < it->second.until_ms) {
-        RateDecision d = it->second.decision;
-        int64_t elapsed = now - it->second.decided_ms;
-        d.retry_after_ms = it->second.until_ms - now;
-        d.reset_ms = std::max<int64_t>(d.reset_ms - elapsed, 0);
-        d.remaining = 0;
-        return d;
-      }
-      rejected_.erase(it);
-    }
-  }
+  if (std::optional<RateDecision> known = Remembered(user_id)) return *known;
   Result<RateDecision> decision = inner_.Check(user_id);
-  if (!decision.ok() || decision->allowed || decision->too_many_concurrent || decision->retry_after_ms <= 0) {
-    return decision;
-  }
+  Remember(user_id, decision);
+  return decision;
+}
 
+std::optional<RateDecision> RejectionCache::Remembered(const UserId& user_id) {
+  const int64_t now = now_();
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = rejected_.find(user_id.str());
+  if (it == rejected_.end()) return std::nullopt;
+  if (now >= it->second.until_ms) {
+    rejected_.erase(it);
+    return std::nullopt;
+  }
+  RateDecision d = it->second.decision;
+  int64_t elapsed = now - it->second.decided_ms;
+  d.retry_after_ms = it->second.until_ms - now;
+  d.reset_ms = std::max<int64_t>(d.reset_ms - elapsed, 0);
+  d.remaining = 0;
+  return d;
+}
+
+void RejectionCache::Remember(const UserId& user_id, const Result<RateDecision>& decision) {
+  if (!decision.ok() || decision->allowed || decision->too_many_concurrent || decision->retry_after_ms <= 0) {
+    return;
+  }
+  // The local deadline starts after the shared limiter decided, so it errs on
+  // the side of rejecting.
+  const int64_t now = now_();
   std::lock_guard<std::mutex> lock(mu_);
   if (rejected_.size() >= max_users_) {
     // Bounded memory: drop what has expired, and everything if that is not enough.
@@ -66,7 +75,6 @@ Result<RateDecision> RejectionCache::Check(const UserId& user_id) {
   r.decided_ms = now;
   r.until_ms = now + decision->retry_after_ms;
   rejected_.insert_or_assign(user_id.str(), r);
-  return decision;
 }
 
 Status RejectionCache::Release(const UserId& user_id, std::string_view lease_id) {

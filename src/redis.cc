@@ -42,6 +42,25 @@ constexpr std::array<std::string_view, 9> kTransientErrors = {
 constexpr std::chrono::milliseconds kFirstTransientPause{50};
 constexpr std::chrono::milliseconds kMaxTransientPause{1000};
 
+// Redis does not know the script (a restart, SCRIPT FLUSH): it did not run.
+bool IsNoScript(const RedisValue& v) {
+  return v.is_error() && std::string_view(v.str).substr(0, kNoScriptPrefix.size()) == kNoScriptPrefix;
+}
+
+// EVALSHA sha numkeys keys... args...; views of its arguments.
+std::vector<std::string_view> EvalShaCommand(const RedisScript& script, std::string_view num_keys,
+                                             const std::vector<std::string_view>& keys,
+                                             const std::vector<std::string_view>& args) {
+  std::vector<std::string_view> argv;
+  argv.reserve(3 + keys.size() + args.size());
+  argv.push_back("EVALSHA");
+  argv.push_back(script.sha1());
+  argv.push_back(num_keys);
+  argv.insert(argv.end(), keys.begin(), keys.end());
+  argv.insert(argv.end(), args.begin(), args.end());
+  return argv;
+}
+
 bool AllTransient(const std::vector<RedisValue>& values) {
   return !values.empty() && std::all_of(values.begin(), values.end(), [](const RedisValue& v) {
     return v.is_error() && IsTransientRedisError(v.str);
@@ -245,6 +264,7 @@ void RedisClient::Return(Context c) {
 
 Result<std::vector<RedisValue>> RedisClient::RoundTrip(
     redisContext* c, const std::vector<std::vector<std::string_view>>& commands) const {
+  if (options_.round_trips != nullptr) options_.round_trips->fetch_add(1, std::memory_order_relaxed);
   std::vector<const char*> ptrs;
   std::vector<size_t> lens;
   for (const auto& argv : commands) {
@@ -323,44 +343,17 @@ Result<RedisValue> RedisClient::Command(const std::vector<std::string_view>& arg
   return std::move(values->front());
 }
 
-Result<RedisValue> RedisClient::EvalOnce(const RedisScript& script, std::vector<std::string_view>& argv, bool& sent) {
-  argv[0] = "EVALSHA";
-  argv[1] = script.sha1();
-  auto c = Borrow();
-  if (!c.ok()) return c.status();
-  sent = true;
-  auto values = RoundTrip(c->get(), {argv});
-  if (!values.ok()) return values.status();
-  const RedisValue& first = values->front();
-  if (first.is_error() && std::string_view(first.str).substr(0, kNoScriptPrefix.size()) == kNoScriptPrefix) {
-    // EVAL also caches the script, so later calls are one round trip again.
-    argv[0] = "EVAL";
-    argv[1] = script.source();
-    values = RoundTrip(c->get(), {argv});
-    if (!values.ok()) return values.status();
-  }
-  Return(std::move(*c));
-  return std::move(values->front());
-}
-
 Result<RedisValue> RedisClient::Eval(const RedisScript& script, const std::vector<std::string_view>& keys,
                                      const std::vector<std::string_view>& args, bool* may_have_run) {
   if (may_have_run != nullptr) *may_have_run = false;
   if (cluster_) return cluster_->Eval(script, keys, args, may_have_run);
   const std::string num_keys = std::to_string(keys.size());
-  std::vector<std::string_view> argv;
-  argv.reserve(3 + keys.size() + args.size());
-  argv.push_back("EVALSHA");
-  argv.push_back(script.sha1());
-  argv.push_back(num_keys);
-  argv.insert(argv.end(), keys.begin(), keys.end());
-  argv.insert(argv.end(), args.begin(), args.end());
+  std::vector<std::vector<std::string_view>> call = {EvalShaCommand(script, num_keys, keys, args)};
   bool any_sent = false;
-  auto values = Retrying([&](bool& sent) -> Result<std::vector<RedisValue>> {
-    auto one = EvalOnce(script, argv, sent);
+  auto values = Retrying([&](bool& sent) {
+    auto r = EvalThenOnce(script, call, sent);
     any_sent = any_sent || sent;
-    if (!one.ok()) return one.status();
-    return std::vector<RedisValue>{std::move(*one)};
+    return r;
   });
   if (!values.ok()) {
     // A transport failure after the script was sent: it may have run.
@@ -381,8 +374,7 @@ Result<std::vector<RedisValue>> RedisClient::EvalManyOnce(const RedisScript& scr
   std::vector<size_t> missing;
   std::vector<std::vector<std::string_view>> retry;
   for (size_t i = 0; i < values->size(); ++i) {
-    const RedisValue& v = (*values)[i];
-    if (v.is_error() && std::string_view(v.str).substr(0, kNoScriptPrefix.size()) == kNoScriptPrefix) {
+    if (IsNoScript((*values)[i])) {
       missing.push_back(i);
       retry.push_back(commands[i]);
       retry.back()[0] = "EVAL";
@@ -398,6 +390,54 @@ Result<std::vector<RedisValue>> RedisClient::EvalManyOnce(const RedisScript& scr
   return values;
 }
 
+Result<std::vector<RedisValue>> RedisClient::EvalThenOnce(const RedisScript& script,
+                                                         std::vector<std::vector<std::string_view>>& commands,
+                                                         bool& sent) {
+  auto c = Borrow();
+  if (!c.ok()) return c.status();
+  sent = true;
+  auto values = RoundTrip(c->get(), commands);
+  if (!values.ok()) return values.status();
+  if (IsNoScript(values->front())) {
+    // EVAL also caches the script, so later calls are one round trip again.
+    // The commands after it ran without it: they go again, after it.
+    commands[0][0] = "EVAL";
+    commands[0][1] = script.source();
+    values = RoundTrip(c->get(), commands);
+    if (!values.ok()) return values.status();
+  }
+  Return(std::move(*c));
+  return values;
+}
+
+Result<std::vector<RedisValue>> RedisClient::EvalThen(const RedisScript& script,
+                                                     const std::vector<std::string_view>& keys,
+                                                     const std::vector<std::string_view>& args,
+                                                     const std::vector<std::vector<std::string_view>>& commands) {
+  for (const auto& argv : commands) {
+    if (argv.empty()) return Internal("redis_empty_command", "internal error: empty redis command");
+  }
+  if (cluster_) {
+    // A slot's node may move between the two; each call follows it.
+    auto first = cluster_->Eval(script, keys, args, nullptr);
+    if (!first.ok()) return first.status();
+    std::vector<RedisValue> values;
+    values.reserve(1 + commands.size());
+    values.push_back(std::move(*first));
+    if (commands.empty()) return values;
+    auto rest = cluster_->Pipeline(commands, nullptr);
+    if (!rest.ok()) return rest.status();
+    for (RedisValue& v : *rest) values.push_back(std::move(v));
+    return values;
+  }
+  const std::string num_keys = std::to_string(keys.size());
+  std::vector<std::vector<std::string_view>> all;
+  all.reserve(1 + commands.size());
+  all.push_back(EvalShaCommand(script, num_keys, keys, args));
+  all.insert(all.end(), commands.begin(), commands.end());
+  return Retrying([&](bool& sent) { return EvalThenOnce(script, all, sent); });
+}
+
 Result<std::vector<RedisValue>> RedisClient::EvalMany(const RedisScript& script,
                                                      const std::vector<ScriptCall>& calls) {
   if (calls.empty()) return std::vector<RedisValue>{};
@@ -407,11 +447,8 @@ Result<std::vector<RedisValue>> RedisClient::EvalMany(const RedisScript& script,
   std::vector<std::vector<std::string_view>> commands;
   commands.reserve(calls.size());
   for (const ScriptCall& call : calls) {
-    num_keys.push_back(std::to_string(call.keys.size()));
-    std::vector<std::string_view> argv = {"EVALSHA", script.sha1(), num_keys.back()};
-    argv.insert(argv.end(), call.keys.begin(), call.keys.end());
-    argv.insert(argv.end(), call.args.begin(), call.args.end());
-    commands.push_back(std::move(argv));
+    num_keys.push_back(std::to_string(call.keys.size()));  // reserved: the views stay valid
+    commands.push_back(EvalShaCommand(script, num_keys.back(), call.keys, call.args));
   }
   return Retrying([&](bool& sent) { return EvalManyOnce(script, commands, sent); });
 }

@@ -58,18 +58,29 @@ RedisShortTermStore::RedisShortTermStore(RedisClient& redis, int recent_messages
       last_turn_rank_(std::to_string(turns_asked_ - 1)) {}
 
 Result<UserMemory> RedisShortTermStore::Read(const UserId& user_id) {
-  const std::string recent_key = RecentKey(user_id);
-  const std::string hot_key = HotKey(user_id);
-  const std::string tombstone_key = TombstoneKey(user_id);
-  const std::string turns_key = TurnIndexKey(user_id);
-  std::vector<std::vector<std::string_view>> commands = {
-      {"LRANGE", recent_key, "0", "-1"}, {"HVALS", hot_key}, {"GET", tombstone_key}};
-  // Newest first: members sort by time (TurnIndexMember) under one score.
-  if (older_by_id_max_ > 0) commands.push_back({"ZREVRANGE", turns_key, "0", last_turn_rank_});
-  auto replies = redis_.Pipeline(commands);
+  const ReadKeys keys = KeysToRead(user_id);
+  auto replies = redis_.Pipeline(ReadCommands(keys));
   if (!replies.ok()) return replies.status();
-  const RedisValue& recent = (*replies)[0];
-  const RedisValue& hot = (*replies)[1];
+  return FromReplies(std::move(*replies));
+}
+
+RedisShortTermStore::ReadKeys RedisShortTermStore::KeysToRead(const UserId& user_id) const {
+  return ReadKeys{RecentKey(user_id), HotKey(user_id), TombstoneKey(user_id), TurnIndexKey(user_id)};
+}
+
+std::vector<std::vector<std::string_view>> RedisShortTermStore::ReadCommands(const ReadKeys& keys) const {
+  std::vector<std::vector<std::string_view>> commands = {
+      {"LRANGE", keys.recent, "0", "-1"}, {"HVALS", keys.hot}, {"GET", keys.tombstone}};
+  // Newest first: members sort by time (TurnIndexMember) under one score.
+  if (older_by_id_max_ > 0) commands.push_back({"ZREVRANGE", keys.turns, "0", last_turn_rank_});
+  return commands;
+}
+
+Result<UserMemory> RedisShortTermStore::FromReplies(std::vector<RedisValue> replies) const {
+  const size_t expected = older_by_id_max_ > 0 ? 4 : 3;
+  if (replies.size() != expected) return Internal("redis_bad_reply", "internal error: the memory read lost replies");
+  const RedisValue& recent = replies[0];
+  const RedisValue& hot = replies[1];
   // A Redis still loading its data says so: the caller answers "retry soon".
   if (recent.is_error()) return RedisReplyError(recent.str, "LRANGE");
   if (hot.is_error()) return RedisReplyError(hot.str, "HVALS");
@@ -84,14 +95,14 @@ Result<UserMemory> RedisShortTermStore::Read(const UserId& user_id) {
     if (m.ok()) out.recent.push_back(std::move(*m));  // a corrupt entry is skipped, not fatal
   }
   out.hot.reserve(hot.elements.size());
-  for (auto& e : (*replies)[1].elements) {
+  for (auto& e : replies[1].elements) {
     if (e.type == RedisValue::Type::kString) out.hot.push_back(std::move(e.str));  // decoded by recall
   }
   out.older_in_long_term = static_cast<int64_t>(hot.elements.size()) >= hot_messages_;
-  const RedisValue& tombstone = (*replies)[2];
+  const RedisValue& tombstone = replies[2];
   if (tombstone.is_error()) return Unavailable("redis_error", "GET failed: " + tombstone.str);
   out.fence = tombstone.str;  // nil: no tombstone, empty
-  if (out.older_in_long_term && older_by_id_max_ > 0) ListOlder((*replies)[3], out);
+  if (out.older_in_long_term && older_by_id_max_ > 0) ListOlder(replies[3], out);
   return out;
 }
 

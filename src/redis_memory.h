@@ -8,6 +8,7 @@
 
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "chatd/memory.h"
 #include "chatd/redis.h"
@@ -29,6 +30,17 @@ class RedisShortTermStore : public ShortTermStore {
   // LRANGE of the recent list, HVALS of the hot set, the tombstone and the
   // newest turns of the turn index (to list the older messages), pipelined.
   Result<UserMemory> Read(const UserId& user_id) override;
+
+  // Read in two halves, for a caller that sends the commands in a pipeline of
+  // its own (RedisChatStart): Read is ReadKeys, ReadCommands, the round trip,
+  // then FromReplies.
+  struct ReadKeys {
+    std::string recent, hot, tombstone, turns;
+  };
+  ReadKeys KeysToRead(const UserId& user_id) const;
+  // Views of `keys`, which must outlive them.
+  std::vector<std::vector<std::string_view>> ReadCommands(const ReadKeys& keys) const;
+  Result<UserMemory> FromReplies(std::vector<RedisValue> replies) const;
   // One script call; after a transport error, one more (the script is
   // idempotent by turn id), whose answer tells whether the turn landed.
   Status RecordTurn(const Turn& turn) override;

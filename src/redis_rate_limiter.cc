@@ -138,22 +138,34 @@ std::string RedisRateLimiter::KeyFor(const UserId& user_id) const {
   return RateKey(user_id, counter_);
 }
 
-Result<RateDecision> RedisRateLimiter::Check(const UserId& user_id) {
-  const std::string key = KeyFor(user_id);
-  const RedisScript& script = algorithm_ == RateAlgorithm::kSliding ? SlidingLogScript() : FixedWindowScript();
-  if (cap_.max_in_flight == 0) {
-    auto reply = redis_.Eval(script, {key}, {limit_arg_, window_ms_arg_});
-    if (!reply.ok()) return reply.status();
-    return RateDecisionFromReply(*reply, limit_, window_s_);
+RedisRateLimiter::Call RedisRateLimiter::MakeCall(const UserId& user_id) const {
+  Call call;
+  call.script = algorithm_ == RateAlgorithm::kSliding ? &SlidingLogScript() : &FixedWindowScript();
+  call.keys.push_back(KeyFor(user_id));
+  if (cap_.max_in_flight > 0) {
+    // Same hash tag as the rate key: one slot, one script, one round trip.
+    call.keys.push_back(InflightKey(user_id));
+    call.lease = RandomHexId();
   }
-  // Same hash tag as the rate key: one slot, one script, one round trip.
-  const std::string inflight = InflightKey(user_id);
-  std::string lease = RandomHexId();
-  auto reply = redis_.Eval(script, {key, inflight}, {limit_arg_, window_ms_arg_, cap_arg_, lease_ttl_ms_arg_, lease});
-  if (!reply.ok()) return reply.status();
-  Result<RateDecision> decision = RateDecisionFromReply(*reply, limit_, window_s_);
-  if (decision.ok() && decision->allowed) decision->lease_id = std::move(lease);
+  return call;
+}
+
+std::vector<std::string_view> RedisRateLimiter::Args(const Call& call) const {
+  if (cap_.max_in_flight == 0) return {limit_arg_, window_ms_arg_};
+  return {limit_arg_, window_ms_arg_, cap_arg_, lease_ttl_ms_arg_, call.lease};
+}
+
+Result<RateDecision> RedisRateLimiter::Decide(Call& call, const RedisValue& reply) const {
+  Result<RateDecision> decision = RateDecisionFromReply(reply, limit_, window_s_);
+  if (decision.ok() && decision->allowed) decision->lease_id = std::move(call.lease);
   return decision;
+}
+
+Result<RateDecision> RedisRateLimiter::Check(const UserId& user_id) {
+  Call call = MakeCall(user_id);
+  auto reply = redis_.Eval(*call.script, {call.keys.begin(), call.keys.end()}, Args(call));
+  if (!reply.ok()) return reply.status();
+  return Decide(call, *reply);
 }
 
 Status RedisRateLimiter::Release(const UserId& user_id, std::string_view lease_id) {

@@ -47,6 +47,18 @@ class RedisRateLimiter final : public RateLimiter {
   // The one key a user's decisions touch.
   std::string KeyFor(const UserId& user_id) const;
 
+  // One decision's script call, for a caller that sends it in a pipeline of
+  // its own (RedisChatStart): Check is Call, then the script, then Decide.
+  struct Call {
+    const RedisScript* script = nullptr;
+    std::vector<std::string> keys;
+    std::string lease;  // with a cap: the lease the call takes when it admits
+  };
+  Call MakeCall(const UserId& user_id) const;
+  // The script's arguments; views of `call` and of this limiter.
+  std::vector<std::string_view> Args(const Call& call) const;
+  Result<RateDecision> Decide(Call& call, const RedisValue& reply) const;
+
  private:
   RedisClient& redis_;
   const int64_t limit_;

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <functional>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -29,6 +30,12 @@ class RejectionCache : public RateLimiter {
   RejectionCache(RateLimiter& inner, size_t max_users, MonotonicMs now);
   Result<RateDecision> Check(const UserId& user_id) override;
   Status Release(const UserId& user_id, std::string_view lease_id) override;
+
+  // Check in two halves, for a caller that asks the shared limiter itself
+  // (RedisChatStart): the remembered rejection of the user, if any, and then
+  // what the shared limiter decided.
+  std::optional<RateDecision> Remembered(const UserId& user_id);
+  void Remember(const UserId& user_id, const Result<RateDecision>& decision);
 
  private:
   struct Rejection {

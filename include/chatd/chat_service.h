@@ -1,5 +1,6 @@
 // The chat use case, top to bottom in one function (ChatService::Chat):
 //   rate limit -> recent memory -> embed -> recall -> prompt -> model -> record.
+// (The first two may come from one call: chat_start.h.)
 // It talks only to the interfaces in rate_limiter.h, memory.h, embeddings.h and
 // llm.h, so it is unit-tested with fakes and knows nothing of Redis, Chroma,
 // curl or FastCGI.
@@ -9,6 +10,7 @@
 #include <optional>
 #include <string>
 
+#include "chatd/chat_start.h"
 #include "chatd/clock.h"
 #include "chatd/embeddings.h"
 #include "chatd/idempotency.h"
@@ -35,6 +37,9 @@ struct ChatServiceOptions {
   // When set, an archived user's memory is restored before their chat reads
   // it (user_data.h); a failed restore degrades to a chat without it.
   ArchivedMemory* archived = nullptr;
+  // When set, the admission and the memory read go through it, in one call
+  // (chat_start.h), instead of the limiter's Check and the store's Read.
+  ChatStarter* starter = nullptr;
 };
 
 // What happened along the way, for headers, logs and metrics; filled even when

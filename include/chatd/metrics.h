@@ -73,6 +73,7 @@ struct SharedMetrics {
   std::atomic<int64_t> redis_maxmemory;  // 0: no limit set
   std::atomic<uint64_t> dead_letters_trimmed;  // dropped past CHATD_INDEX_DEAD_LETTER_MAX
   std::atomic<uint64_t> index_consumers_removed;  // dead workers' consumers removed from the group
+  std::atomic<uint64_t> redis_round_trips;  // by the request path's clients (RedisOptions::round_trips)
   struct Worker {
     std::atomic<int64_t> pid;
     std::atomic<int64_t> heartbeat_ms;

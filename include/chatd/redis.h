@@ -9,6 +9,7 @@
 // this client, or a write to a connection Redis closed kills it.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -87,6 +88,9 @@ struct RedisOptions {
   // Seed nodes of a Redis Cluster; when set, host and port are ignored and
   // every call is routed by its first key (redis_cluster.h).
   std::vector<RedisAddress> cluster_seeds;
+  // Counted once per round trip (a pipeline is one) when not null: the
+  // request path's figure in /metrics (metrics.h).
+  std::atomic<uint64_t>* round_trips = nullptr;
 };
 
 class RedisCluster;
@@ -121,6 +125,15 @@ class RedisClient {
   };
   Result<std::vector<RedisValue>> EvalMany(const RedisScript& script, const std::vector<ScriptCall>& calls);
 
+  // A script, then commands, in one round trip; replies in order, the
+  // script's first. After NOSCRIPT the whole pipeline goes again with the
+  // script's text (a second round trip), so the commands always run after the
+  // script. Keep them reads of the script's slot: on a cluster this is two
+  // calls, the script and then the commands.
+  Result<std::vector<RedisValue>> EvalThen(const RedisScript& script, const std::vector<std::string_view>& keys,
+                                           const std::vector<std::string_view>& args,
+                                           const std::vector<std::vector<std::string_view>>& commands);
+
   // Several commands in one round trip; replies in order. `may_have_run` as
   // for Eval. On a cluster, one round trip per node the keys live on: keep one
   // pipeline to one user's keys (one slot).
@@ -148,10 +161,12 @@ class RedisClient {
   Result<std::vector<RedisValue>> Retrying(Attempt&& attempt);
   Result<std::vector<RedisValue>> PipelineOnce(const std::vector<std::vector<std::string_view>>& commands,
                                                bool& sent);
-  Result<RedisValue> EvalOnce(const RedisScript& script, std::vector<std::string_view>& argv, bool& sent);
   Result<std::vector<RedisValue>> EvalManyOnce(const RedisScript& script,
                                                const std::vector<std::vector<std::string_view>>& commands,
                                                bool& sent);
+  // `commands` starts with the script's EVALSHA; it is made an EVAL on NOSCRIPT.
+  Result<std::vector<RedisValue>> EvalThenOnce(const RedisScript& script,
+                                               std::vector<std::vector<std::string_view>>& commands, bool& sent);
   Result<Context> Borrow();
   Result<Context> Connect() const;
   void Return(Context c);

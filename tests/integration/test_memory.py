@@ -22,7 +22,8 @@ import pytest
 
 from harness.chroma_layout import user_records
 from harness import keys as rkeys
-from harness.stack import Chroma, Redis, concurrently, free_port, http_json, poll_until, post_chat
+from harness.stack import (
+    Chroma, Redis, concurrently, free_port, http_json, poll_until, post_chat, scrape_metrics)
 
 RECENT_MESSAGES = 4  # CHATD_RECENT_MESSAGES default: two whole turns
 CHROMA_PREFIX = "/api/v2/tenants/default_tenant/databases/default_database"
@@ -359,6 +360,32 @@ def test_turns_left_pending_by_a_killed_worker_are_claimed_and_indexed_once(
     records = wait_indexed(own_redis, own_chroma.url, user, 2 * len(turns))[user]
     check_turns_stored_once(records, turns)
     assert rkeys.pending_total(own_redis) == 0, "entries still pending"
+
+
+def test_a_chat_waits_for_redis_twice_when_counters_and_memory_share_it(stack, new_pool, unique, tmp_path):
+    # Shared: the limiter's script and the memory read go in one round trip,
+    # the record of the turn in another. Apart (CHATD_RATE_REDIS_*), the
+    # admission and the read cannot share one: three.
+    counters = Redis(tmp_path).start()
+    try:
+        # No cap apart (0 turns it off), or releasing the lease there would be
+        # a fourth round trip; shared, the record releases it.
+        shared = new_pool({"CHATD_RATE_LIMIT": HIGH_RATE_LIMIT})
+        apart = new_pool({"CHATD_RATE_LIMIT": HIGH_RATE_LIMIT, "CHATD_RATE_REDIS_HOST": counters.host,
+                          "CHATD_RATE_REDIS_PORT": str(counters.port), "CHATD_MAX_CONCURRENT_PER_USER": "0"})
+        for front, expected in ((shared, 2), (apart, 3)):
+            user = unique("trips")
+            first = f"first of {user}, remembered by the second"
+            chat_ok(front.url, user, first)
+            before = scrape_metrics(front.url)["chatd_redis_round_trips_total"]
+            chat_ok(front.url, user, f"second of {user}")
+            after = scrape_metrics(front.url)["chatd_redis_round_trips_total"]
+            assert after - before == expected, (expected, after - before)
+            # And the second chat saw the first: the memory read rode along.
+            prompt = recorded_prompt(stack.fake, f"second of {user}")
+            assert any(m["role"] == "user" and m["content"] == first for m in prompt), prompt
+    finally:
+        counters.stop()
 
 
 def test_a_failed_model_call_stores_nothing(stack, unique):

@@ -370,4 +370,100 @@ BOOST_FIXTURE_TEST_CASE(a_failed_restore_degrades_the_chat_and_loses_nothing, Se
   BOOST_TEST(recent.turns.size() == 1u);
 }
 
+// A starter over the fakes: the limiter's decision and the store's read, in
+// "one call", counted apart from the fakes' own calls.
+struct FakeStarter : ChatStarter {
+  FakeStarter(FakeLimiter& limiter, FakeShortTerm& recent) : limiter(limiter), recent(recent) {}
+  ChatStart Start(const UserId& user) override {
+    ++calls;
+    ChatStart start;
+    if (remembered) {
+      start.decision = *remembered;
+      return start;
+    }
+    start.decision = limiter.Check(user);
+    start.memory = recent.Read(user);
+    if (!transport.ok()) {
+      start.decision = transport;
+      start.memory = transport;
+    }
+    return start;
+  }
+  FakeLimiter& limiter;
+  FakeShortTerm& recent;
+  std::optional<RateDecision> remembered;
+  Status transport;
+  int calls = 0;
+};
+
+BOOST_FIXTURE_TEST_CASE(with_a_starter_the_admission_and_the_memory_come_from_one_call, ServiceFixture) {
+  recent.messages["alice"] = {{Role::kUser, "earlier", 1, "t0:u"}, {Role::kAssistant, "answer", 1, "t0:a"}};
+  FakeStarter starter(limiter, recent);
+  options.starter = &starter;
+  auto r = Chat("alice", "Hi");
+  BOOST_REQUIRE(r.ok());
+  BOOST_TEST(starter.calls == 1);
+  BOOST_TEST(limiter.calls == 1);        // inside the starter only
+  BOOST_TEST(recent.recent_calls == 1);  // the read the starter made, not a second one
+  BOOST_TEST(trace.recent_used == 2u);
+  BOOST_REQUIRE(llm.last_prompt.size() >= 3u);
+  BOOST_TEST(llm.last_prompt[1].content == "earlier");
+}
+
+BOOST_FIXTURE_TEST_CASE(with_a_starter_a_rejection_uses_nothing_it_read, ServiceFixture) {
+  FakeStarter starter(limiter, recent);
+  options.starter = &starter;
+  limiter.allowed = false;
+  auto r = Chat("alice", "Hi");
+  BOOST_REQUIRE(!r.ok());
+  BOOST_TEST(r.status().reason() == "rate_limited");
+  BOOST_TEST(recent.recent_calls == 1);  // read along with the decision, then ignored
+  BOOST_TEST(embedder.calls == 0);
+  BOOST_TEST(llm.calls == 0);
+
+  // A rejection the process remembers reads nothing at all.
+  RateDecision known;
+  known.limit = 30;
+  known.retry_after_ms = 900;
+  starter.remembered = known;
+  auto again = Chat("alice", "Hi");
+  BOOST_REQUIRE(!again.ok());
+  BOOST_TEST(again.status().reason() == "rate_limited");
+  BOOST_TEST(recent.recent_calls == 1);
+}
+
+BOOST_FIXTURE_TEST_CASE(with_a_starter_memory_restored_from_an_archive_is_read_again, ServiceFixture) {
+  // The starter read the memory before the restore landed; what the chat
+  // uses must include what came back.
+  FakeStarter starter(limiter, recent);
+  options.starter = &starter;
+  FakeArchive archive;
+  archive.restored = 2;
+  options.archived = &archive;
+  BOOST_REQUIRE(Chat("bob", "Hi").ok());
+  BOOST_TEST(recent.recent_calls == 2);
+
+  // Nothing restored: the starter's read stands.
+  archive.restored = 0;
+  BOOST_REQUIRE(Chat("bob", "Hi again").ok());
+  BOOST_TEST(recent.recent_calls == 3);
+}
+
+BOOST_FIXTURE_TEST_CASE(with_a_starter_a_redis_failure_is_a_memory_failure_even_failing_open, ServiceFixture) {
+  FakeStarter starter(limiter, recent);
+  options.starter = &starter;
+  starter.transport = Unavailable("redis_unavailable", "down");
+  auto closed = Chat("alice", "Hi");
+  BOOST_REQUIRE(!closed.ok());
+  BOOST_TEST(closed.status().reason() == "rate_limiter_unavailable");
+
+  options.rate_failure_mode = FailureMode::kOpen;
+  auto open = Chat("alice", "Hi");
+  BOOST_REQUIRE(!open.ok());
+  BOOST_TEST(open.status().reason() == "memory_unavailable");
+  BOOST_TEST(trace.rate_limiter_failed_open);
+  BOOST_TEST(llm.calls == 0);
+  BOOST_TEST(recent.turns.empty());
+}
+
 BOOST_AUTO_TEST_SUITE_END()

@@ -424,19 +424,26 @@ BOOST_AUTO_TEST_CASE(empty_command_is_refused_without_a_round_trip) {
   BOOST_TEST(server.commands().empty());
 }
 
-BOOST_AUTO_TEST_CASE(eval_sends_evalsha_and_falls_back_to_eval_on_noscript) {
-  const RedisScript script("return redis.call('INCR', KEYS[1]) + ARGV[1]");
-  bool loaded = false;  // touched by the server thread only
-  FakeRedis server([&](const std::vector<std::string>& argv) {
+// A Redis that does not know the script until an EVAL brings it (as after a
+// restart): its scripts answer 7, ECHO echoes, anything else is an error.
+FakeRedis::Handler ScriptLoadingHandler() {
+  auto loaded = std::make_shared<bool>(false);  // touched by the server thread only
+  return [loaded](const std::vector<std::string>& argv) {
     if (argv[0] == "EVALSHA") {
-      return loaded ? FakeReply::Send(":7\r\n") : FakeReply::Send("-NOSCRIPT No matching script. Please use EVAL.\r\n");
+      return *loaded ? FakeReply::Send(":7\r\n") : FakeReply::Send("-NOSCRIPT No matching script. Please use EVAL.\r\n");
     }
     if (argv[0] == "EVAL") {
-      loaded = true;
+      *loaded = true;
       return FakeReply::Send(":7\r\n");
     }
+    if (argv[0] == "ECHO") return FakeReply::Send(Bulk(argv[1]));
     return FakeReply::Send("-ERR unexpected\r\n");
-  });
+  };
+}
+
+BOOST_AUTO_TEST_CASE(eval_sends_evalsha_and_falls_back_to_eval_on_noscript) {
+  const RedisScript script("return redis.call('INCR', KEYS[1]) + ARGV[1]");
+  FakeRedis server(ScriptLoadingHandler());
   RedisClient client(OptionsFor(server.port()));
   for (int i = 0; i < 2; ++i) {
     auto r = client.Eval(script, {"chat:{a}:k"}, {"6"});
@@ -450,6 +457,37 @@ BOOST_AUTO_TEST_CASE(eval_sends_evalsha_and_falls_back_to_eval_on_noscript) {
   };
   BOOST_TEST((server.commands() == expected));
   BOOST_TEST(server.accepted() == 1);
+}
+
+BOOST_AUTO_TEST_CASE(eval_then_sends_the_script_and_the_commands_in_one_round_trip) {
+  // The script's EVALSHA first, the commands after it, one write; after
+  // NOSCRIPT all of them again with EVAL, so the commands never run before
+  // the script does.
+  const RedisScript script("return redis.call('INCR', KEYS[1])");
+  FakeRedis server(ScriptLoadingHandler());
+  RedisClient client(OptionsFor(server.port()));
+  for (int i = 0; i < 2; ++i) {
+    auto r = client.EvalThen(script, {"chat:{a}:k"}, {"x"}, {{"ECHO", "first"}, {"ECHO", "second"}});
+    BOOST_REQUIRE(r.ok());
+    BOOST_REQUIRE_EQUAL(r->size(), 3u);
+    BOOST_TEST((*r)[0].integer == 7);
+    BOOST_TEST((*r)[1].str == "first");
+    BOOST_TEST((*r)[2].str == "second");
+  }
+  const std::vector<std::string> evalsha = {"EVALSHA", script.sha1(), "1", "chat:{a}:k", "x"};
+  const std::vector<std::string> eval = {"EVAL", script.source(), "1", "chat:{a}:k", "x"};
+  const std::vector<std::string> first = {"ECHO", "first"}, second = {"ECHO", "second"};
+  const std::vector<std::vector<std::string>> expected = {evalsha, first, second, eval,  first,
+                                                          second,  evalsha, first, second};
+  BOOST_TEST((server.commands() == expected));
+  BOOST_TEST(server.accepted() == 1);
+
+  auto alone = client.EvalThen(script, {"chat:{a}:k"}, {}, {});
+  BOOST_REQUIRE(alone.ok());
+  BOOST_TEST(alone->size() == 1u);
+  auto empty = client.EvalThen(script, {"chat:{a}:k"}, {}, {{}});
+  BOOST_REQUIRE(!empty.ok());
+  BOOST_TEST((empty.status().code() == Code::kInternal));
 }
 
 BOOST_AUTO_TEST_CASE(eval_returns_other_errors_without_retrying) {
