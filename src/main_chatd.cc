@@ -171,7 +171,7 @@ int main() {
   // When the counters share the memory Redis, recording the turn gives the
   // lease back in the same script; otherwise a ZREM on the counters' Redis.
   chat_options.record_turn_releases_lease = !rate_redis_own;
-  // And the admission and the memory read go in one round trip.
+  // And then the admission and the memory read go in one round trip.
   RedisChatStart chat_start(redis, redis_limiter, &limiter, recent);
   if (!rate_redis_own) chat_options.starter = &chat_start;
   chat_options.idempotency_keep_ms = config.idempotency_ttl_s * 1000;

@@ -32,8 +32,8 @@ class RedisShortTermStore : public ShortTermStore {
   Result<UserMemory> Read(const UserId& user_id) override;
 
   // Read in two halves, for a caller that sends the commands in a pipeline of
-  // its own (RedisChatStart): Read is ReadKeys, ReadCommands, the round trip,
-  // then FromReplies.
+  // its own (RedisChatStart): Read is KeysToRead, ReadCommands, the round
+  // trip, then FromReplies.
   struct ReadKeys {
     std::string recent, hot, tombstone, turns;
   };

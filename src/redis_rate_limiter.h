@@ -48,7 +48,8 @@ class RedisRateLimiter final : public RateLimiter {
   std::string KeyFor(const UserId& user_id) const;
 
   // One decision's script call, for a caller that sends it in a pipeline of
-  // its own (RedisChatStart): Check is Call, then the script, then Decide.
+  // its own (RedisChatStart): Check is MakeCall, the script with Args, then
+  // Decide.
   struct Call {
     const RedisScript* script = nullptr;
     std::vector<std::string> keys;
