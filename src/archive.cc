@@ -99,8 +99,7 @@ std::string SerializeArchive(const Archive& a) {
 
 Result<Archive> ParseArchive(std::string_view json) {
   auto bad = [](const std::string& why) { return Status(Code::kInternal, "bad_archive", "archive: " + why); };
-  LocalJsonDocument parsed;
-  LocalJsonDocument::Document& doc = *parsed;
+  LocalJsonDocument doc;
   // Not kParseFullPrecisionFlag: in RapidJSON 1.1.0 that path misreads a zero
   // with a large exponent ("0e39" becomes -1.5e228, through an undefined
   // __builtin_clzll(0); found by tests/fuzz/fuzz_archive.cc). The default

@@ -220,8 +220,7 @@ std::string CreateCollectionRequest(std::string_view name, const HnswBuild& hnsw
 }
 
 Result<std::string> ParseCollectionId(std::string_view body) {
-  LocalJsonDocument parsed;
-  LocalJsonDocument::Document& doc = *parsed;
+  LocalJsonDocument doc;
   doc.Parse<kParseFlags>(body.data(), body.size());
   if (doc.HasParseError() || !doc.IsObject()) return BadResponse("collection is not a JSON object");
   auto id = doc.FindMember("id");
@@ -232,8 +231,7 @@ Result<std::string> ParseCollectionId(std::string_view body) {
 }
 
 Result<std::vector<std::string>> ParseCollectionNames(std::string_view body) {
-  LocalJsonDocument parsed;
-  LocalJsonDocument::Document& doc = *parsed;
+  LocalJsonDocument doc;
   doc.Parse<kParseFlags>(body.data(), body.size());
   if (doc.HasParseError() || !doc.IsArray()) return BadResponse("collection list is not an array");
   std::vector<std::string> names;
@@ -360,8 +358,7 @@ std::string DeleteIdsRequest(const std::vector<std::string>& record_ids) {
 }
 
 Result<RecallResult> ParseQueryResponse(std::string_view body, std::string_view user_id) {
-  LocalJsonDocument parsed;
-  LocalJsonDocument::Document& doc = *parsed;
+  LocalJsonDocument doc;
   doc.Parse<kParseFlags>(body.data(), body.size());
   if (doc.HasParseError() || !doc.IsObject()) return BadResponse("query answer is not a JSON object");
   // Each field is a list with one entry per query embedding; we send one.
@@ -612,8 +609,7 @@ Result<std::vector<StoredMessage>> ParseGet(std::string_view body, std::string_v
       column_read = true;
     }
   }
-  LocalJsonDocument parsed;
-  LocalJsonDocument::Document& doc = *parsed;
+  LocalJsonDocument doc;
   doc.Parse<kParseFlags>(json.data(), json.size());
   if (doc.HasParseError() || !doc.IsObject()) return BadResponse("get answer is not a JSON object");
   const rapidjson::Value* ids = ArrayMember(doc, "ids");
@@ -662,8 +658,7 @@ Result<std::vector<StoredMessage>> ParseGetDocumentsResponse(std::string_view bo
 }
 
 Result<int64_t> ParseCount(std::string_view body) {
-  LocalJsonDocument parsed;
-  LocalJsonDocument::Document& doc = *parsed;
+  LocalJsonDocument doc;
   doc.Parse<kParseFlags>(body.data(), body.size());
   if (doc.HasParseError() || !doc.IsInt64() || doc.GetInt64() < 0) return BadResponse("count is not a count");
   return doc.GetInt64();
@@ -674,8 +669,7 @@ Status ErrorFromResponse(long http_status, std::string_view body, std::string_vi
   // show; its message can quote our request and stays out of the Status.
   std::string kind;
   bool mentions_dimension = false;
-  LocalJsonDocument parsed;
-  LocalJsonDocument::Document& doc = *parsed;
+  LocalJsonDocument doc;
   doc.Parse<kParseFlags>(body.data(), body.size());
   if (!doc.HasParseError() && doc.IsObject()) {
     auto error = doc.FindMember("error");

@@ -153,8 +153,7 @@ Result<std::string> BuildEmbeddingsRequest(std::string_view model, const std::ve
 
 Result<std::vector<std::vector<float>>> ParseEmbeddingsResponse(std::string_view body, size_t count,
                                                                 size_t dimensions) {
-  LocalJsonDocument parsed;
-  LocalJsonDocument::Document& doc = *parsed;
+  LocalJsonDocument doc;
   doc.Parse<rapidjson::kParseValidateEncodingFlag | rapidjson::kParseIterativeFlag>(body.data(), body.size());
   if (doc.HasParseError()) return EmbedderUnavailable("embeddings API answered invalid JSON");
   if (!doc.IsObject()) return EmbedderUnavailable("embeddings API answered a non-object");

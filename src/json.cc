@@ -124,9 +124,7 @@ Result<ChatRequest> ParseChatRequest(std::string_view body, size_t max_message_b
   // Checked up front so a bad byte outside any string is reported as what it is.
   if (!IsValidUtf8(body)) return InvalidArgument("invalid_utf8", "The request body is not valid UTF-8");
 
-  LocalJsonDocument parsed;
-
-  LocalJsonDocument::Document& doc = *parsed;
+  LocalJsonDocument doc;
   doc.Parse<kParseFlags>(body.data(), body.size());
   if (doc.HasParseError()) {
     // A high surrogate escape without its low half is the same defect as a

@@ -24,28 +24,31 @@ inline constexpr size_t kLocalJsonValueBytes = 8 * 1024;
 inline constexpr size_t kLocalJsonStackBytes = 4 * 1024;
 inline constexpr size_t kLocalJsonDocumentStackBytes = 1024;
 
-class LocalJsonDocument {
- public:
-  using Allocator = rapidjson::MemoryPoolAllocator<>;
-  using Document = rapidjson::GenericDocument<rapidjson::UTF8<>, Allocator, Allocator>;
+// The buffers and their allocators, in a base class so that they exist
+// before the document (the other base) is built to point into them.
+class LocalJsonStorage {
+ protected:
+  LocalJsonStorage()
+      : json_values_(value_buffer_, sizeof(value_buffer_)), json_stack_(stack_buffer_, sizeof(stack_buffer_)) {}
 
-  LocalJsonDocument()
-      : values_(value_buffer_, sizeof(value_buffer_)),
-        stack_(stack_buffer_, sizeof(stack_buffer_)),
-        doc_(&values_, kLocalJsonDocumentStackBytes, &stack_) {}
+  alignas(std::max_align_t) char value_buffer_[kLocalJsonValueBytes];
+  alignas(std::max_align_t) char stack_buffer_[kLocalJsonStackBytes];
+  rapidjson::MemoryPoolAllocator<> json_values_;
+  rapidjson::MemoryPoolAllocator<> json_stack_;
+};
+
+// Used as a rapidjson::Document is: `LocalJsonDocument doc; doc.Parse<...>(...)`.
+class LocalJsonDocument
+    : private LocalJsonStorage,
+      public rapidjson::GenericDocument<rapidjson::UTF8<>, rapidjson::MemoryPoolAllocator<>,
+                                        rapidjson::MemoryPoolAllocator<>> {
+ public:
+  LocalJsonDocument() : GenericDocument(&json_values_, kLocalJsonDocumentStackBytes, &json_stack_) {}
   // The document points into this object's own buffers.
   LocalJsonDocument(const LocalJsonDocument&) = delete;
   LocalJsonDocument& operator=(const LocalJsonDocument&) = delete;
-
-  Document& operator*() { return doc_; }
-  Document* operator->() { return &doc_; }
-
- private:
-  alignas(std::max_align_t) char value_buffer_[kLocalJsonValueBytes];
-  alignas(std::max_align_t) char stack_buffer_[kLocalJsonStackBytes];
-  Allocator values_;
-  Allocator stack_;
-  Document doc_;
+  LocalJsonDocument(LocalJsonDocument&&) = delete;
+  LocalJsonDocument& operator=(LocalJsonDocument&&) = delete;
 };
 
 }  // namespace chatd

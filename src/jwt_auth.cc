@@ -97,9 +97,9 @@ class JsonObjectParser {
  public:
   // The root value when `text` is exactly one JSON object, else nullptr.
   const rapidjson::Value* Parse(std::string_view text) {
-    doc_->Parse<kJsonParseFlags>(text.data(), text.size());
-    if (doc_->HasParseError() || !doc_->IsObject()) return nullptr;
-    return &*doc_;
+    doc_.Parse<kJsonParseFlags>(text.data(), text.size());
+    if (doc_.HasParseError() || !doc_.IsObject()) return nullptr;
+    return &doc_;
   }
 
  private:

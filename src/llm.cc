@@ -80,8 +80,7 @@ BodyShape DescribeBody(std::string_view body) {
     shape.kind = "empty";
     return shape;
   }
-  LocalJsonDocument parsed;
-  LocalJsonDocument::Document& doc = *parsed;
+  LocalJsonDocument doc;
   doc.Parse<rapidjson::kParseIterativeFlag>(body.data(), body.size());
   if (doc.HasParseError()) {
     auto c = static_cast<unsigned char>(body[first]);
@@ -131,8 +130,7 @@ std::string BuildChatCompletionBody(const OpenAIChatOptions& options, const std:
 
 Result<LlmReply> ParseChatCompletion(std::string_view body) {
   auto bad = [](const char* why) { return Status(Code::kUpstream, "model_error", why); };
-  LocalJsonDocument parsed;
-  LocalJsonDocument::Document& doc = *parsed;
+  LocalJsonDocument doc;
   doc.Parse<rapidjson::kParseIterativeFlag>(body.data(), body.size());
   if (doc.HasParseError() || !doc.IsObject()) return bad("The model returned a malformed reply");
   auto choices = doc.FindMember("choices");
@@ -180,8 +178,7 @@ Status ChatStreamDecoder::Chunk(std::string_view data) {
     done_ = true;
     return Status::Ok();
   }
-  LocalJsonDocument parsed;
-  LocalJsonDocument::Document& doc = *parsed;
+  LocalJsonDocument doc;
   doc.Parse<rapidjson::kParseIterativeFlag | rapidjson::kParseValidateEncodingFlag>(data.data(), data.size());
   if (doc.HasParseError() || !doc.IsObject()) return ModelError("The model streamed a malformed chunk");
   // A stream that already answered 200 reports a failure as an error object.

@@ -18,8 +18,7 @@ std::string_view RoleName(Role role) { return role == Role::kUser ? "user" : "as
 
 Result<Message> ParseRecentEntry(std::string_view json) {
   auto bad = [] { return Internal("bad_memory_entry", "A stored message is malformed"); };
-  LocalJsonDocument parsed;
-  LocalJsonDocument::Document& doc = *parsed;
+  LocalJsonDocument doc;
   doc.Parse<rapidjson::kParseIterativeFlag>(json.data(), json.size());
   if (doc.HasParseError() || !doc.IsObject()) return bad();
   auto role = doc.FindMember("role");
