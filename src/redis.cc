@@ -308,15 +308,19 @@ Result<std::vector<RedisValue>> RedisClient::Retrying(Attempt&& attempt) {
   }
 }
 
-Result<std::vector<RedisValue>> RedisClient::PipelineOnce(const std::vector<std::vector<std::string_view>>& commands,
-                                                          bool& sent) {
+template <typename Exchange>
+Result<std::vector<RedisValue>> RedisClient::OnConnection(bool& sent, Exchange&& exchange) {
   auto c = Borrow();
   if (!c.ok()) return c.status();
   sent = true;
-  auto values = RoundTrip(c->get(), commands);
-  if (!values.ok()) return values.status();  // the connection is dropped with c
-  Return(std::move(*c));
+  Result<std::vector<RedisValue>> values = exchange(c->get());
+  if (values.ok()) Return(std::move(*c));  // else the connection is dropped with c
   return values;
+}
+
+Result<std::vector<RedisValue>> RedisClient::PipelineOnce(const std::vector<std::vector<std::string_view>>& commands,
+                                                          bool& sent) {
+  return OnConnection(sent, [&](redisContext* c) { return RoundTrip(c, commands); });
 }
 
 Result<std::vector<RedisValue>> RedisClient::Pipeline(const std::vector<std::vector<std::string_view>>& commands,
@@ -366,48 +370,39 @@ Result<RedisValue> RedisClient::Eval(const RedisScript& script, const std::vecto
 Result<std::vector<RedisValue>> RedisClient::EvalManyOnce(const RedisScript& script,
                                                          const std::vector<std::vector<std::string_view>>& commands,
                                                          bool& sent) {
-  auto c = Borrow();
-  if (!c.ok()) return c.status();
-  sent = true;
-  auto values = RoundTrip(c->get(), commands);
-  if (!values.ok()) return values.status();
-  std::vector<size_t> missing;
-  std::vector<std::vector<std::string_view>> retry;
-  for (size_t i = 0; i < values->size(); ++i) {
-    if (IsNoScript((*values)[i])) {
-      missing.push_back(i);
-      retry.push_back(commands[i]);
-      retry.back()[0] = "EVAL";
-      retry.back()[1] = script.source();
+  return OnConnection(sent, [&](redisContext* c) -> Result<std::vector<RedisValue>> {
+    auto values = RoundTrip(c, commands);
+    if (!values.ok()) return values;
+    std::vector<size_t> missing;
+    std::vector<std::vector<std::string_view>> retry;
+    for (size_t i = 0; i < values->size(); ++i) {
+      if (IsNoScript((*values)[i])) {
+        missing.push_back(i);
+        retry.push_back(commands[i]);
+        retry.back()[0] = "EVAL";
+        retry.back()[1] = script.source();
+      }
     }
-  }
-  if (!retry.empty()) {
-    auto again = RoundTrip(c->get(), retry);
-    if (!again.ok()) return again.status();
+    if (retry.empty()) return values;
+    auto again = RoundTrip(c, retry);
+    if (!again.ok()) return again;
     for (size_t j = 0; j < missing.size(); ++j) (*values)[missing[j]] = std::move((*again)[j]);
-  }
-  Return(std::move(*c));
-  return values;
+    return values;
+  });
 }
 
 Result<std::vector<RedisValue>> RedisClient::EvalThenOnce(const RedisScript& script,
                                                          std::vector<std::vector<std::string_view>>& commands,
                                                          bool& sent) {
-  auto c = Borrow();
-  if (!c.ok()) return c.status();
-  sent = true;
-  auto values = RoundTrip(c->get(), commands);
-  if (!values.ok()) return values.status();
-  if (IsNoScript(values->front())) {
+  return OnConnection(sent, [&](redisContext* c) {
+    auto values = RoundTrip(c, commands);
+    if (!values.ok() || !IsNoScript(values->front())) return values;
     // EVAL also caches the script, so later calls are one round trip again.
     // The commands after it ran without it: they go again, after it.
     commands[0][0] = "EVAL";
     commands[0][1] = script.source();
-    values = RoundTrip(c->get(), commands);
-    if (!values.ok()) return values.status();
-  }
-  Return(std::move(*c));
-  return values;
+    return RoundTrip(c, commands);
+  });
 }
 
 Result<std::vector<RedisValue>> RedisClient::EvalThen(const RedisScript& script,

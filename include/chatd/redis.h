@@ -159,6 +159,11 @@ class RedisClient {
   // while transient_wait_ms allows and nothing can have run (see RedisOptions).
   template <typename Attempt>
   Result<std::vector<RedisValue>> Retrying(Attempt&& attempt);
+  // Runs `exchange` (redisContext* -> Result<std::vector<RedisValue>>) on a
+  // pooled connection, setting `sent` once a command may have left. The
+  // connection goes back to the pool only when the whole exchange succeeded.
+  template <typename Exchange>
+  Result<std::vector<RedisValue>> OnConnection(bool& sent, Exchange&& exchange);
   Result<std::vector<RedisValue>> PipelineOnce(const std::vector<std::vector<std::string_view>>& commands,
                                                bool& sent);
   Result<std::vector<RedisValue>> EvalManyOnce(const RedisScript& script,
