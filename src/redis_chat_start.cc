@@ -1,6 +1,5 @@
 #include "redis_chat_start.h"
 
-#include <iterator>
 #include <utility>
 #include <vector>
 
@@ -29,8 +28,8 @@ ChatStart RedisChatStart::Start(const UserId& user_id) {
   }
   start.decision = limiter_.Decide(call, replies->front());
   if (rejections_ != nullptr) rejections_->Remember(user_id, start.decision);
-  start.memory = store_.FromReplies(
-      std::vector<RedisValue>(std::make_move_iterator(replies->begin() + 1), std::make_move_iterator(replies->end())));
+  replies->erase(replies->begin());  // the rest are the reads'
+  start.memory = store_.FromReplies(std::move(*replies));
   return start;
 }
 
