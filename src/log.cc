@@ -13,6 +13,13 @@
 namespace chatd {
 
 namespace {
+// glibc no longer caches getpid(), and every request logs a line. chatd's
+// processes never fork, so the first answer stays true.
+pid_t ProcessId() {
+  static const pid_t pid = getpid();
+  return pid;
+}
+
 std::string IsoTimeNow() {
   auto now = std::chrono::system_clock::now();
   auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(now.time_since_epoch()).count();
@@ -31,7 +38,7 @@ LogLine::LogLine(std::string_view level, std::string_view event) {
   buf_.append("{\"time\":\"").append(IsoTimeNow()).append("\"");
   Str("level", level);
   Str("event", event);
-  Int("pid", getpid());
+  Int("pid", ProcessId());
 }
 
 void LogLine::Key(std::string_view key) {

@@ -14,17 +14,21 @@ namespace {
 // their expiry in ms of Redis time. ARGV[3]: the cap, ARGV[4]: the lease TTL
 // in ms, ARGV[5]: this request's lease id.
 //
-// Expired leases (their worker died before releasing) are dropped before
-// counting, so a crash costs a slot for one TTL at most. Every lease expires
-// within the TTL, so re-arming the key's TTL on each admission keeps the key
-// alive exactly as long as a lease may be in it. The scripts below ask only
+// Expired leases (their worker died before releasing) are dropped before a
+// full set refuses anyone, so a crash costs a slot for one TTL at most. Only
+// a full set is pruned: below the cap an expired lease changes no answer, and
+// admissions stop at the cap, so the common admission saves Redis the prune.
+// Every lease expires within the TTL, so re-arming the key's TTL on each
+// admission keeps the key alive exactly as long as a lease may be in it. The scripts below ask only
 // after the rate check has passed and before anything is counted: a request
 // over the cap consumes no quota.
 constexpr char kInflightLua[] = R"lua(
 local function inflight_full(now_ms)
   if KEYS[2] == nil then return false end
+  local cap = tonumber(ARGV[3])
+  if redis.call('ZCARD', KEYS[2]) < cap then return false end
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', string.format('%d', now_ms))
-  return redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3])
+  return redis.call('ZCARD', KEYS[2]) >= cap
 end
 local function inflight_add(now_ms)
   if KEYS[2] == nil then return end

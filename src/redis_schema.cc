@@ -155,10 +155,22 @@ return {'recorded', ts}
 // shared by every script that fills one, so the set has one definition. It
 // expects the locals hot_key, hot_index_key, bound and first (the ARGV index
 // of the first (message id, ts, packed record) triple) to be set.
+//
+// Each redis.call costs Redis a fixed overhead beyond the command's own work,
+// so the records go in one HSET and one ZADD, not two calls per record; in
+// slices, because unpack is bounded by Lua's C stack (8,000 values).
 const char kHotSetAddLua[] = R"lua(
-for i = first, #ARGV, 3 do
-  redis.call('HSET', hot_key, ARGV[i], ARGV[i + 2])
-  redis.call('ZADD', hot_index_key, ARGV[i + 1], ARGV[i])
+local records_per_call = 1000
+for from = first, #ARGV, 3 * records_per_call do
+  local fields, members = {}, {}
+  for i = from, math.min(#ARGV, from + 3 * records_per_call - 1), 3 do
+    fields[#fields + 1] = ARGV[i]
+    fields[#fields + 1] = ARGV[i + 2]
+    members[#members + 1] = ARGV[i + 1]
+    members[#members + 1] = ARGV[i]
+  end
+  redis.call('HSET', hot_key, unpack(fields))
+  redis.call('ZADD', hot_index_key, unpack(members))
 end
 local over = redis.call('ZCARD', hot_index_key) - bound
 if over > 0 then

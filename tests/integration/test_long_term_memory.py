@@ -320,6 +320,35 @@ def test_chroma_down_for_everyone_dead_letters_nothing(own_redis, tmp_path, new_
     assert stream_users(own_redis).count(user) == 3
 
 
+# Larger than the hot-set script's slice of 1,000 records per HSET/ZADD, and
+# within one indexer batch (CHATD_INDEX_BATCH at its maximum).
+BIG_BATCH_TURNS = 600
+BIG_HOT_SET = 1000
+
+
+def test_one_users_batch_larger_than_a_script_slice_fills_the_hot_set_with_its_newest(
+        own_redis, stack, new_pool, unique):
+    user = unique("prolific")
+    stream = rkeys.index_stream_of(user)
+    own_redis.command("XGROUP", "CREATE", stream, INDEX_GROUP, "0", "MKSTREAM")
+    base_ts = 1700000000000
+    for i in range(BIG_BATCH_TURNS):
+        own_redis.command("XADD", stream, "*", "user", user, "turn", f"{i:032x}", "ts", str(base_ts + i),
+                          "u", f"question {i}", "a", f"answer {i}")
+    front = new_pool(pool_env(own_redis, stack.chroma_url, CHATD_INDEX_BATCH="1000",
+                              CHATD_RECALL_HOT_MESSAGES=str(BIG_HOT_SET)), workers=1, threads=1)
+    records = wait_indexed(own_redis, stack.chroma_url, user, 2 * BIG_BATCH_TURNS)
+    assert len(records) == 2 * BIG_BATCH_TURNS
+    # One batch held every turn (all were queued before the pool started), so
+    # one script call added 1,200 records in two slices and trimmed to 1,000.
+    newest = sorted(r["id"] for r in sorted(records, key=lambda r: r["metadata"]["ts"])[-BIG_HOT_SET:])
+    assert sorted(k.decode() for k in hot_set(own_redis, user)) == newest
+    index = own_redis.command("ZRANGE", rkeys.user_key(user, "hotidx"), 0, -1)
+    assert sorted(m.decode() for m in index) == newest
+    assert rkeys.pending_total(own_redis) == 0
+    assert scrape_metrics(front.url)["chatd_index_dead_lettered_total"] == 0
+
+
 def test_an_indexer_lingering_longer_than_its_usual_redis_timeout_still_indexes(own_redis, stack, new_pool, unique):
     # While turns arrive, the indexer's read blocks for up to the linger; the
     # configuration allows 10 s. Its Redis connection must wait longer than
