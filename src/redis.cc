@@ -18,10 +18,67 @@ namespace chatd {
 
 namespace {
 
-struct ReplyDeleter {
-  void operator()(void* reply) const { freeReplyObject(reply); }
-};
-using ReplyPtr = std::unique_ptr<void, ReplyDeleter>;
+// hiredis builds every reply straight into RedisValues (RedisReplyFunctions):
+// its own reply structs would cost a second allocation and copy per element,
+// and a pass to free them, on every round trip. A child is built in place in
+// its parent's elements, which are sized once when the array header is read,
+// so the addresses hiredis keeps for nested arrays stay valid. hiredis frees
+// only the root (on a protocol error, or a reply nobody asked for), and the
+// root owns its children. Nothing may throw through hiredis's C frames: an
+// allocation failure returns null, which hiredis reports as out of memory.
+RedisValue* NewReplyValue(const redisReadTask* task) {
+  if (task->parent == nullptr) return new RedisValue;
+  auto* parent = static_cast<RedisValue*>(task->parent->obj);
+  return &parent->elements[static_cast<size_t>(task->idx)];
+}
+
+void* CreateStringValue(const redisReadTask* task, char* str, size_t len) noexcept {
+  try {
+    RedisValue* v = NewReplyValue(task);
+    v->type = task->type == REDIS_REPLY_ERROR    ? RedisValue::Type::kError
+              : task->type == REDIS_REPLY_STATUS ? RedisValue::Type::kStatus
+                                                 : RedisValue::Type::kString;
+    v->str.assign(str, len);
+    return v;
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+void* CreateArrayValue(const redisReadTask* task, int elements) noexcept {
+  try {
+    RedisValue* v = NewReplyValue(task);
+    v->type = RedisValue::Type::kArray;
+    v->elements.resize(static_cast<size_t>(std::max(elements, 0)));
+    return v;
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+void* CreateIntegerValue(const redisReadTask* task, long long value) noexcept {
+  try {
+    RedisValue* v = NewReplyValue(task);
+    v->type = RedisValue::Type::kInteger;
+    v->integer = value;
+    return v;
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+void* CreateNilValue(const redisReadTask* task) noexcept {
+  try {
+    return NewReplyValue(task);  // a new RedisValue is nil
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+void FreeValue(void* value) noexcept { delete static_cast<RedisValue*>(value); }
+
+redisReplyObjectFunctions reply_functions = {CreateStringValue, CreateArrayValue, CreateIntegerValue, CreateNilValue,
+                                             FreeValue};
 
 // SO_RCVTIMEO makes a blocking read fail with EAGAIN; hiredis reports it as this
 // strerror text, which would puzzle whoever reads the log.
@@ -103,42 +160,7 @@ Status RedisReplyError(std::string_view error_reply, std::string_view what) {
   return Unavailable("redis_error", std::move(message));
 }
 
-RedisValue RedisValueFromReply(const redisReply& reply) {
-  RedisValue v;
-  switch (reply.type) {
-    case REDIS_REPLY_NIL:
-      v.type = RedisValue::Type::kNil;
-      break;
-    case REDIS_REPLY_INTEGER:
-      v.type = RedisValue::Type::kInteger;
-      v.integer = reply.integer;
-      break;
-    case REDIS_REPLY_STRING:
-      v.type = RedisValue::Type::kString;
-      v.str.assign(reply.str, reply.len);
-      break;
-    case REDIS_REPLY_STATUS:
-      v.type = RedisValue::Type::kStatus;
-      v.str.assign(reply.str, reply.len);
-      break;
-    case REDIS_REPLY_ERROR:
-      v.type = RedisValue::Type::kError;
-      v.str.assign(reply.str, reply.len);
-      break;
-    case REDIS_REPLY_ARRAY:
-      v.type = RedisValue::Type::kArray;
-      v.elements.reserve(reply.elements);
-      for (size_t i = 0; i < reply.elements; ++i) v.elements.push_back(RedisValueFromReply(*reply.element[i]));
-      break;
-    default:
-      // hiredis 0.14 has no other types; a newer one (RESP3) must not be
-      // mistaken for a nil.
-      v.type = RedisValue::Type::kError;
-      v.str = "ERR unsupported reply type " + std::to_string(reply.type);
-      break;
-  }
-  return v;
-}
+redisReplyObjectFunctions* RedisReplyFunctions() { return &reply_functions; }
 
 RedisScript::RedisScript(std::string source) : source_(std::move(source)) {
   unsigned char digest[SHA_DIGEST_LENGTH];
@@ -221,6 +243,7 @@ Result<RedisClient::Context> RedisClient::Connect() const {
   Context c(raw);
   if (!c) return TransportError(nullptr, "connect");
   if (c->err) return TransportError(c.get(), "connect");
+  c->reader->fn = RedisReplyFunctions();  // before the first reply: every reply is a RedisValue
   // The connect timeout does not cover commands: without this a hung Redis
   // would hold the request thread forever.
   if (redisSetTimeout(c.get(), tv) != REDIS_OK) return TransportError(c.get(), "set timeout");
@@ -283,9 +306,9 @@ Result<std::vector<RedisValue>> RedisClient::RoundTrip(
   for (size_t i = 0; i < commands.size(); ++i) {
     void* raw = nullptr;
     const int rc = redisGetReply(c, &raw);
-    ReplyPtr reply(raw);
+    std::unique_ptr<RedisValue> reply(static_cast<RedisValue*>(raw));
     if (rc != REDIS_OK || !reply) return TransportError(c, "reply");
-    values.push_back(RedisValueFromReply(*static_cast<const redisReply*>(reply.get())));
+    values.push_back(std::move(*reply));
   }
   return values;
 }

@@ -20,11 +20,12 @@
 #include "chatd/status.h"
 
 struct redisContext;
-struct redisReply;
+struct redisReplyObjectFunctions;
 
 namespace chatd {
 
-// A reply, copied out of hiredis so callers never touch its structs.
+// A reply, as hiredis builds it for chatd (RedisReplyFunctions): callers
+// never touch hiredis structs.
 struct RedisValue {
   enum class Type { kNil, kInteger, kString, kStatus, kArray, kError };
   Type type = Type::kNil;
@@ -36,8 +37,10 @@ struct RedisValue {
   bool is_error() const { return type == Type::kError; }
 };
 
-// Deep copy of a hiredis reply. Exposed for tests.
-RedisValue RedisValueFromReply(const redisReply& reply);
+// hiredis reader functions that build each reply as a RedisValue (the
+// reader's reply is then a RedisValue* that the caller deletes). Every
+// connection of RedisClient reads with them; exposed for tests.
+redisReplyObjectFunctions* RedisReplyFunctions();
 
 // Error replies that mean "Redis cannot serve right now, the command did not
 // run" (LOADING after a restart, BUSY while a script runs, MASTERDOWN,
