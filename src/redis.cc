@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <array>
+#include <charconv>
 #include <chrono>
 #include <cstring>
 #include <thread>
@@ -76,6 +77,38 @@ void* CreateNilValue(const redisReadTask* task) noexcept {
 }
 
 void FreeValue(void* value) noexcept { delete static_cast<RedisValue*>(value); }
+
+// The commands in Redis's protocol, in one buffer sized up front. hiredis's
+// own formatting (redisAppendCommandArgv) builds each command with a
+// printf-style call per argument and then copies it again into its output
+// buffer; a chat's record carries its embedding and both texts, and an
+// indexer batch the hot set's records.
+void AppendResp(std::string& out, char kind, size_t n) {
+  char digits[24];
+  const auto end = std::to_chars(digits, digits + sizeof(digits), n).ptr;
+  out.push_back(kind);
+  out.append(digits, end);
+  out.append("\r\n");
+}
+
+std::string EncodeCommands(const std::vector<std::vector<std::string_view>>& commands) {
+  constexpr size_t kHeaderBytes = 1 + 20 + 2;  // a kind, up to 20 digits, CRLF
+  size_t size = 0;
+  for (const auto& argv : commands) {
+    size += kHeaderBytes;
+    for (std::string_view arg : argv) size += kHeaderBytes + arg.size() + 2;
+  }
+  std::string out;
+  out.reserve(size);
+  for (const auto& argv : commands) {
+    AppendResp(out, '*', argv.size());
+    for (std::string_view arg : argv) {
+      AppendResp(out, '$', arg.size());
+      out.append(arg).append("\r\n");
+    }
+  }
+  return out;
+}
 
 redisReplyObjectFunctions reply_functions = {CreateStringValue, CreateArrayValue, CreateIntegerValue, CreateNilValue,
                                              FreeValue};
@@ -288,19 +321,8 @@ void RedisClient::Return(Context c) {
 Result<std::vector<RedisValue>> RedisClient::RoundTrip(
     redisContext* c, const std::vector<std::vector<std::string_view>>& commands) const {
   if (options_.round_trips != nullptr) options_.round_trips->fetch_add(1, std::memory_order_relaxed);
-  std::vector<const char*> ptrs;
-  std::vector<size_t> lens;
-  for (const auto& argv : commands) {
-    ptrs.clear();
-    lens.clear();
-    for (std::string_view arg : argv) {
-      ptrs.push_back(arg.data());
-      lens.push_back(arg.size());
-    }
-    if (redisAppendCommandArgv(c, static_cast<int>(argv.size()), ptrs.data(), lens.data()) != REDIS_OK) {
-      return TransportError(c, "send");
-    }
-  }
+  const std::string wire = EncodeCommands(commands);
+  if (redisAppendFormattedCommand(c, wire.data(), wire.size()) != REDIS_OK) return TransportError(c, "send");
   std::vector<RedisValue> values;
   values.reserve(commands.size());
   for (size_t i = 0; i < commands.size(); ++i) {
