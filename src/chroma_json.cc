@@ -39,29 +39,11 @@ constexpr char kMetaTurn[] = "turn";
 constexpr char kMetaText[] = "text";
 constexpr char kRoleUser[] = "user";
 constexpr char kRoleAssistant[] = "assistant";
-// A message's id is its turn's id and the role's suffix (the indexer's
-// "<turn>:u" and "<turn>:a"), so role and turn are not written as metadata
-// for such a message: ReadRecord takes them from the id. Every metadata key
-// is one more row, and index entries, in Chroma's SQLite for every record;
-// leaving these two out made a write about 10% cheaper (docs/memory.md).
-// Records written before carry them, and readers prefer them.
-constexpr std::string_view kUserIdSuffix = ":u";
-constexpr std::string_view kAssistantIdSuffix = ":a";
-
-struct TurnAndRole {
-  std::string_view turn;
-  Role role = Role::kUser;
-};
-
-std::optional<TurnAndRole> SplitMessageId(std::string_view id) {
-  const size_t n = kUserIdSuffix.size();
-  if (id.size() <= n) return std::nullopt;
-  const std::string_view suffix = id.substr(id.size() - n);
-  if (suffix != kUserIdSuffix && suffix != kAssistantIdSuffix) return std::nullopt;
-  return TurnAndRole{id.substr(0, id.size() - n), suffix == kUserIdSuffix ? Role::kUser : Role::kAssistant};
-}
-
-// Whether the message's id says its turn and role, so neither is stored.
+// A message's id says its turn and role (MessageId), so neither is written as
+// metadata for such a message: ReadRecord takes them from the id. Every
+// metadata key is one more row, and index entries, in Chroma's SQLite for
+// every record; leaving these two out made a write about 10% cheaper
+// (docs/memory.md). Records written before carry them, and readers prefer them.
 bool IdSaysTurnAndRole(const StoredMessage& m) {
   const std::optional<TurnAndRole> parts = SplitMessageId(m.id);
   return parts && parts->turn == m.turn_id && parts->role == m.role;

@@ -460,8 +460,8 @@ Result<int64_t> Cleanup::EraseLocked(const UserId& user, bool keep_rate_limits) 
   // (recent list, stream, hot set, Chroma, an archive) counts once.
   std::set<std::string> erased;
   auto add_turn = [&erased](const std::string& turn) {
-    erased.insert(turn + ":u");
-    erased.insert(turn + ":a");
+    erased.insert(MessageId(turn, Role::kUser));
+    erased.insert(MessageId(turn, Role::kAssistant));
   };
   auto paths = ListArchives(options_.archive_dir, user);
   if (!paths.ok()) return paths.status();

@@ -92,7 +92,7 @@ Result<StoredMessage> UnpackHotRecord(std::string_view bytes) {
   m.turn_id.assign(view.turn_id);
   m.content.assign(view.content);
   UnpackEmbedding(view.embedding, m.embedding);  // a multiple of 4: checked by the view
-  m.id = m.turn_id + (m.role == Role::kUser ? ":u" : ":a");
+  m.id = MessageId(m.turn_id, m.role);
   return m;
 }
 

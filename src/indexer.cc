@@ -61,9 +61,9 @@ Result<std::vector<StoredMessage>> BuildStoredMessages(const std::vector<IndexEn
   out.reserve(2 * entries.size());
   size_t next = 0;
   for (const IndexEntry& e : entries) {
-    StoredMessage u{e.turn + ":u", e.user, e.turn, Role::kUser, e.user_text, e.ts, {}};
+    StoredMessage u{MessageId(e.turn, Role::kUser), e.user, e.turn, Role::kUser, e.user_text, e.ts, {}};
     u.embedding = e.user_embedding.size() == embedder.dimensions() ? e.user_embedding : std::move((*vectors)[next++]);
-    StoredMessage a{e.turn + ":a", e.user, e.turn, Role::kAssistant, e.assistant_text, e.ts,
+    StoredMessage a{MessageId(e.turn, Role::kAssistant), e.user, e.turn, Role::kAssistant, e.assistant_text, e.ts,
                     std::move((*vectors)[next++])};
     out.push_back(std::move(u));
     out.push_back(std::move(a));

@@ -26,10 +26,10 @@ bool NearerMessage(const RecalledMessage& x, const RecalledMessage& y) {
   return Nearer(x.distance, x.message.ts_ms, y.distance, y.message.ts_ms);
 }
 
-// Whether the record's message id (turn id + ":u" or ":a") is one of `ids`,
-// without building it: a handful of recent ids, compared for every record.
+// Whether the record's message id (MessageId) is one of `ids`, without
+// building it: a handful of recent ids, compared for every record.
 bool IsExcluded(const HotRecordView& record, const std::vector<std::string>& ids) {
-  const std::string_view suffix = record.role == Role::kUser ? ":u" : ":a";
+  const std::string_view suffix = MessageIdSuffix(record.role);
   for (const std::string& id : ids) {
     std::string_view v(id);
     if (v.size() == record.turn_id.size() + suffix.size() && v.starts_with(record.turn_id) &&

@@ -14,8 +14,6 @@
 
 namespace chatd {
 
-std::string_view RoleName(Role role) { return role == Role::kUser ? "user" : "assistant"; }
-
 Result<Message> ParseRecentEntry(std::string_view json) {
   auto bad = [] { return Internal("bad_memory_entry", "A stored message is malformed"); };
   LocalJsonDocument doc;
@@ -115,17 +113,14 @@ void RedisShortTermStore::ListOlder(const RedisValue& turns, UserMemory& out) co
   HotRecordView view;
   for (const std::string& record : out.hot) {
     if (!ViewHotRecord(record, view)) return;  // cannot tell which are hot: search instead
-    std::string id(view.turn_id);
-    id.append(view.role == Role::kUser ? ":u" : ":a");
-    hot_ids.insert(std::move(id));
+    hot_ids.insert(MessageId(view.turn_id, view.role));
   }
   std::vector<std::string> ids;
   for (const RedisValue& member : turns.elements) {
     const std::string_view turn_id = TurnOfIndexMember(member.str);
     if (member.type != RedisValue::Type::kString || turn_id.empty()) return;
-    for (const char* half : {":a", ":u"}) {  // newest first: the answer follows the question
-      std::string id(turn_id);
-      id.append(half);
+    for (Role half : {Role::kAssistant, Role::kUser}) {  // newest first: the answer follows the question
+      std::string id = MessageId(turn_id, half);
       if (hot_ids.count(id) == 0) ids.push_back(std::move(id));
     }
   }

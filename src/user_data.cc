@@ -36,10 +36,6 @@ int64_t MemberTs(std::string_view member) {
   return ts ? *ts : 0;
 }
 
-std::string MessageId(std::string_view turn, Role role) {
-  return std::string(turn) + (role == Role::kUser ? ":u" : ":a");
-}
-
 // RFC 3339 in UTC with milliseconds: "2026-11-28T15:04:05.123Z".
 std::string Rfc3339(int64_t ms) {
   std::time_t secs = static_cast<std::time_t>(ms / 1000);
@@ -69,7 +65,7 @@ Status RedisError(const RedisValue& r, std::string_view what) {
 }  // namespace
 
 std::string FormatCursor(const HistoryCursor& cursor) {
-  return cursor.member + (cursor.role == Role::kUser ? ":u" : ":a");
+  return MessageId(cursor.member, cursor.role);
 }
 
 std::optional<HistoryCursor> ParseCursor(std::string_view text) {
@@ -78,16 +74,17 @@ std::optional<HistoryCursor> ParseCursor(std::string_view text) {
   for (size_t i = 0; i < kTurnIndexTsDigits; ++i) {
     if (text[i] < '0' || text[i] > '9') return std::nullopt;
   }
-  const char half = text.back();
-  if (text[text.size() - 2] != ':' || (half != 'u' && half != 'a')) return std::nullopt;
-  std::string_view turn = text.substr(kTurnIndexTsDigits + 1, text.size() - kTurnIndexTsDigits - 3);
+  // The turn index's member and the message's half, as a message id is made.
+  const std::optional<TurnAndRole> parts = SplitMessageId(text);
+  if (!parts) return std::nullopt;
+  std::string_view turn = parts->turn.substr(kTurnIndexTsDigits + 1);
   if (turn.empty() || turn.size() > kMaxCursorTurnId) return std::nullopt;
   for (char c : turn) {
     if (!IsCursorTurnChar(c)) return std::nullopt;
   }
   HistoryCursor c;
-  c.member.assign(text.substr(0, text.size() - 2));
-  c.role = half == 'u' ? Role::kUser : Role::kAssistant;
+  c.member.assign(parts->turn);
+  c.role = parts->role;
   return c;
 }
 
@@ -165,8 +162,8 @@ Result<std::vector<HistoryMessage>> UserData::Fetch(const UserId& user_id,
       if (r.is_error()) continue;  // indexed meanwhile and gone: Chroma has it
       for (const IndexEntry& e : ParseIndexEntries(r)) {
         if (e.user != user_id) continue;  // never another user's, whatever the hash said
-        found.emplace(e.turn + ":u", e.user_text);
-        found.emplace(e.turn + ":a", e.assistant_text);
+        found.emplace(MessageId(e.turn, Role::kUser), e.user_text);
+        found.emplace(MessageId(e.turn, Role::kAssistant), e.assistant_text);
       }
     }
   }

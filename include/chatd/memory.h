@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -17,6 +18,20 @@ namespace chatd {
 
 enum class Role { kUser, kAssistant };
 std::string_view RoleName(Role role);  // "user" / "assistant"
+
+// A message's id: its turn's id and its half of the turn, "<turn id>:u" for
+// the user's message and "<turn id>:a" for the answer. The same everywhere a
+// message is kept (the recent list, the hot set, Chroma, archives), so one
+// message is one id; the record-turn script writes it too (redis_schema.cc).
+std::string_view MessageIdSuffix(Role role);  // ":u" / ":a"
+std::string MessageId(std::string_view turn_id, Role role);
+struct TurnAndRole {
+  std::string_view turn;
+  Role role = Role::kUser;
+};
+// What an id says (its turn views into `id`); nullopt when it does not end
+// with a half's suffix.
+std::optional<TurnAndRole> SplitMessageId(std::string_view id);
 
 struct Message {
   Role role = Role::kUser;

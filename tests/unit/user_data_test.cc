@@ -97,6 +97,19 @@ BOOST_AUTO_TEST_CASE(turn_index_members_sort_by_time_as_strings) {
   BOOST_TEST(TurnIndexMember(999, "z") < TurnIndexMember(1000, "a"));
 }
 
+BOOST_AUTO_TEST_CASE(message_ids_name_the_turn_and_its_half_and_split_back) {
+  BOOST_TEST(MessageId("9f1e0a", Role::kUser) == "9f1e0a:u");
+  BOOST_TEST(MessageId("9f1e0a", Role::kAssistant) == "9f1e0a:a");
+  for (Role role : {Role::kUser, Role::kAssistant}) {
+    const std::string id = MessageId("t-1", role);
+    auto parts = SplitMessageId(id);
+    BOOST_REQUIRE(parts.has_value());
+    BOOST_TEST(parts->turn == "t-1");
+    BOOST_TEST((parts->role == role));
+  }
+  for (const char* bad : {"", ":u", "t", "t:x", "t:U", "tu"}) BOOST_TEST(!SplitMessageId(bad).has_value(), bad);
+}
+
 BOOST_AUTO_TEST_CASE(cursors_round_trip_and_nothing_else_parses) {
   HistoryCursor c{TurnIndexMember(1795879061480, "9f1e0a"), Role::kAssistant};
   auto parsed = ParseCursor(FormatCursor(c));
