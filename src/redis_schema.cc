@@ -157,8 +157,9 @@ return {'recorded', ts}
 // of the first (message id, ts, packed record) triple) to be set.
 //
 // Each redis.call costs Redis a fixed overhead beyond the command's own work,
-// so the records go in one HSET and one ZADD, not two calls per record; in
-// slices, because unpack is bounded by Lua's C stack (8,000 values).
+// so the records go in one HSET and one ZADD, and the trimmed ones in one HDEL,
+// not a call per record; in slices, because unpack is bounded by Lua's C
+// stack (8,000 values).
 const char kHotSetAddLua[] = R"lua(
 local records_per_call = 1000
 for from = first, #ARGV, 3 * records_per_call do
@@ -175,7 +176,15 @@ end
 local over = redis.call('ZCARD', hot_index_key) - bound
 if over > 0 then
   local oldest = redis.call('ZPOPMIN', hot_index_key, over)
-  for i = 1, #oldest, 2 do redis.call('HDEL', hot_key, oldest[i]) end
+  local ids = {}
+  for i = 1, #oldest, 2 do
+    ids[#ids + 1] = oldest[i]
+    if #ids == records_per_call then
+      redis.call('HDEL', hot_key, unpack(ids))
+      ids = {}
+    end
+  end
+  if #ids > 0 then redis.call('HDEL', hot_key, unpack(ids)) end
 end
 )lua";
 
