@@ -33,47 +33,44 @@ RedisValue* NewReplyValue(const redisReadTask* task) {
   return &parent->elements[static_cast<size_t>(task->idx)];
 }
 
-void* CreateStringValue(const redisReadTask* task, char* str, size_t len) noexcept {
+// Builds the task's value with `fill`; null, hiredis's out of memory, when
+// anything throws.
+template <typename Fill>
+void* BuildValue(const redisReadTask* task, Fill&& fill) noexcept {
   try {
     RedisValue* v = NewReplyValue(task);
-    v->type = task->type == REDIS_REPLY_ERROR    ? RedisValue::Type::kError
-              : task->type == REDIS_REPLY_STATUS ? RedisValue::Type::kStatus
-                                                 : RedisValue::Type::kString;
-    v->str.assign(str, len);
+    fill(*v);
     return v;
   } catch (...) {
     return nullptr;
   }
+}
+
+void* CreateStringValue(const redisReadTask* task, char* str, size_t len) noexcept {
+  return BuildValue(task, [&](RedisValue& v) {
+    v.type = task->type == REDIS_REPLY_ERROR    ? RedisValue::Type::kError
+             : task->type == REDIS_REPLY_STATUS ? RedisValue::Type::kStatus
+                                                : RedisValue::Type::kString;
+    v.str.assign(str, len);
+  });
 }
 
 void* CreateArrayValue(const redisReadTask* task, int elements) noexcept {
-  try {
-    RedisValue* v = NewReplyValue(task);
-    v->type = RedisValue::Type::kArray;
-    v->elements.resize(static_cast<size_t>(std::max(elements, 0)));
-    return v;
-  } catch (...) {
-    return nullptr;
-  }
+  return BuildValue(task, [&](RedisValue& v) {
+    v.type = RedisValue::Type::kArray;
+    v.elements.resize(static_cast<size_t>(std::max(elements, 0)));
+  });
 }
 
 void* CreateIntegerValue(const redisReadTask* task, long long value) noexcept {
-  try {
-    RedisValue* v = NewReplyValue(task);
-    v->type = RedisValue::Type::kInteger;
-    v->integer = value;
-    return v;
-  } catch (...) {
-    return nullptr;
-  }
+  return BuildValue(task, [&](RedisValue& v) {
+    v.type = RedisValue::Type::kInteger;
+    v.integer = value;
+  });
 }
 
 void* CreateNilValue(const redisReadTask* task) noexcept {
-  try {
-    return NewReplyValue(task);  // a new RedisValue is nil
-  } catch (...) {
-    return nullptr;
-  }
+  return BuildValue(task, [](RedisValue&) {});  // a new RedisValue is nil
 }
 
 void FreeValue(void* value) noexcept { delete static_cast<RedisValue*>(value); }

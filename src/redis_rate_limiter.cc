@@ -19,9 +19,9 @@ namespace {
 // a full set is pruned: below the cap an expired lease changes no answer, and
 // admissions stop at the cap, so the common admission saves Redis the prune.
 // Every lease expires within the TTL, so re-arming the key's TTL on each
-// admission keeps the key alive exactly as long as a lease may be in it. The scripts below ask only
-// after the rate check has passed and before anything is counted: a request
-// over the cap consumes no quota.
+// admission keeps the key alive exactly as long as a lease may be in it. The
+// scripts below ask only after the rate check has passed and before anything
+// is counted: a request over the cap consumes no quota.
 constexpr char kInflightLua[] = R"lua(
 local function inflight_full(now_ms)
   if KEYS[2] == nil then return false end
